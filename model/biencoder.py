@@ -1,0 +1,424 @@
+"""The bi-encoder: text -> tokens -> encoder -> pooling -> projection -> normalisation.
+
+    model = BiEncoder.from_pretrained(folder, pooling="mean", normalize=True)
+    q = model.encode(queries, kind="query")   # [len(queries), dim]
+    d = model.encode(docs, kind="doc")
+    model.save_pretrained(out)                 # loads here and in SentenceTransformer(out)
+
+Queries and documents share one tower by default; ``shared=False`` gives each its own
+copy of the encoder (asymmetric towers), initialised from the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from model.bert import Encoder
+from model.config import EncoderConfig
+from model.pooling import AttentionPooling, build_pooling
+from model.weights import find_weights, load_hf_weights, save_hf_weights
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["query", "doc"]
+CONFIG_NAME = "biencoder.json"
+DOC_TOWER_DIR = "doc_tower"
+POOLING_DIR, DENSE_DIR, NORMALIZE_DIR = "1_Pooling", "2_Dense", "3_Normalize"
+# Our pooling names -> sentence-transformers' legacy flags (read by every ST version).
+_ST_POOLING_FLAGS = {
+    "cls": "pooling_mode_cls_token",
+    "mean": "pooling_mode_mean_tokens",
+    "max": "pooling_mode_max_tokens",
+    "weighted_mean": "pooling_mode_weightedmean_tokens",
+    "last_token": "pooling_mode_lasttoken",
+}
+_ST_FLAG_TO_POOLING = {flag: name for name, flag in _ST_POOLING_FLAGS.items()}
+# sentence-transformers >= 6 names its modes with one string.
+_ST_POOLING_MODES = {
+    "cls": "cls",
+    "mean": "mean",
+    "max": "max",
+    "weightedmean": "weighted_mean",
+    "lasttoken": "last_token",
+}
+
+
+@dataclass
+class BiEncoderConfig:
+    """How token states become an embedding; saved as ``biencoder.json``."""
+
+    pooling: str = "mean"
+    normalize: bool = True
+    projection_dim: int | None = None
+    max_length: int = 512
+    query_prefix: str = ""
+    doc_prefix: str = ""
+    shared: bool = True
+    num_layers: int | None = None  # pool this layer's output; None = the last layer
+
+
+class Tower(nn.Module):
+    """One encoder with its pooling head and optional projection: tokens -> [B, dim]."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        pooling: str,
+        projection_dim: int | None,
+        num_layers: int | None = None,
+    ):
+        super().__init__()
+        H = encoder.config.hidden_size
+        self.encoder = encoder
+        self.pooling = build_pooling(pooling, H)
+        self.projection = nn.Linear(H, projection_dim) if projection_dim else None
+        self.num_layers = num_layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, self.num_layers)
+        pooled = self.pooling(hidden, attention_mask)  # [B, H]
+        return self.projection(pooled) if self.projection is not None else pooled
+
+    @property
+    def dim(self) -> int:
+        if self.projection is not None:
+            return self.projection.out_features
+        return self.encoder.config.hidden_size
+
+
+def truncate_embeddings(emb: torch.Tensor, dim: int | None, normalize: bool) -> torch.Tensor:
+    """Matryoshka truncation: keep the first ``dim`` coordinates, re-normalising if asked."""
+    if dim is None or dim == emb.shape[-1]:
+        return emb
+    if not 0 < dim <= emb.shape[-1]:
+        raise ValueError(f"truncation dim {dim} outside (0, {emb.shape[-1]}]")
+    emb = emb[..., :dim]
+    return F.normalize(emb, dim=-1) if normalize else emb
+
+
+class BiEncoder(nn.Module):
+    def __init__(
+        self,
+        config: BiEncoderConfig,
+        query_tower: Tower,
+        tokenizer: PreTrainedTokenizerBase,
+        doc_tower: Tower | None = None,
+    ):
+        super().__init__()
+        if config.shared != (doc_tower is None):
+            raise ValueError("pass a doc_tower exactly when config.shared is False")
+        self.config = config
+        self.query_tower = query_tower
+        self.doc_tower = doc_tower
+        self.tokenizer = tokenizer
+
+    # ----------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        projection_dim: int | None = None,
+        max_length: int | None = None,
+        query_prefix: str | None = None,
+        doc_prefix: str | None = None,
+        shared: bool | None = None,
+        num_layers: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> BiEncoder:
+        """Load a folder written by ``save_pretrained``, by sentence-transformers, or a
+        plain HF BERT checkpoint. Arguments left as None come from the folder's own
+        configuration (``biencoder.json``, else sentence-transformers' module files, else
+        mean pooling, normalised); given ones override it. Like ``transformers``, the
+        model comes back in eval mode: call ``.train()`` to enable dropout."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder {path} does not exist")
+        saved = _read_saved_config(path)
+        overrides = {
+            "pooling": pooling,
+            "normalize": normalize,
+            "projection_dim": projection_dim,
+            "max_length": max_length,
+            "query_prefix": query_prefix,
+            "doc_prefix": doc_prefix,
+            "shared": shared,
+            "num_layers": num_layers,
+        }
+        config = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        heads_match = (
+            config.pooling == saved.pooling and config.projection_dim == saved.projection_dim
+        )
+        query_tower = _load_tower(path, config, load_heads=heads_match)
+        doc_tower = None
+        if not config.shared:
+            doc_path = path / DOC_TOWER_DIR
+            if doc_path.is_dir():
+                doc_tower = _load_tower(doc_path, config, load_heads=heads_match)
+            else:
+                doc_tower = copy.deepcopy(query_tower)
+        model = cls(config, query_tower, tokenizer, doc_tower).eval()
+        return model.to(device) if device is not None else model
+
+    # ------------------------------------------------------------------------------ saving
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a folder that ``BiEncoder.from_pretrained`` and
+        ``sentence_transformers.SentenceTransformer`` both load to the same embeddings."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        # A tower pooled from an intermediate layer is saved cut at that layer, so the
+        # checkpoint means the same thing to loaders that always use the last layer.
+        config = dataclasses.replace(self.config, num_layers=None)
+        (path / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        self.tokenizer.save_pretrained(str(path))
+        _save_tower(self.query_tower, path, self.config)
+        if self.doc_tower is not None:
+            _save_tower(self.doc_tower, path / DOC_TOWER_DIR, self.config)
+            log.warning(
+                "%s: separate towers; sentence-transformers will load the query tower "
+                "only; use BiEncoder.from_pretrained for documents",
+                path,
+            )
+
+    # ---------------------------------------------------------------------------- encoding
+
+    @property
+    def dim(self) -> int:
+        return self.query_tower.dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def tower(self, kind: Kind) -> Tower:
+        if kind not in ("query", "doc"):
+            raise ValueError(f"kind must be 'query' or 'doc', got {kind!r}")
+        return self.doc_tower if kind == "doc" and self.doc_tower is not None else self.query_tower
+
+    def _with_prefix(self, texts: list[str], kind: Kind) -> list[str]:
+        prefix = self.config.query_prefix if kind == "query" else self.config.doc_prefix
+        return [prefix + t for t in texts] if prefix else list(texts)
+
+    def tokenize(self, texts: list[str], kind: Kind) -> dict[str, torch.Tensor]:
+        """Prefix, truncate to ``max_length`` and pad to the longest text in the batch."""
+        return dict(
+            self.tokenizer(
+                self._with_prefix(texts, kind),
+                padding=True,
+                truncation=True,
+                max_length=self.config.max_length,
+                return_tensors="pt",
+            )
+        )
+
+    def forward(self, features: dict[str, torch.Tensor], kind: Kind) -> torch.Tensor:
+        """Embeddings [B, dim] for a tokenized batch; differentiable (training path)."""
+        emb = self.tower(kind)(
+            features["input_ids"], features["attention_mask"], features.get("token_type_ids")
+        )
+        return F.normalize(emb, dim=-1) if self.config.normalize else emb
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: list[str],
+        kind: Kind = "query",
+        batch_size: int = 64,
+        dim: int | None = None,
+        show_progress: bool | None = None,
+    ) -> torch.Tensor:
+        """Embed ``texts`` -> float tensor [len(texts), dim] on the CPU, in input order.
+
+        Texts are tokenized once and batched longest-first, so each batch pads to similar
+        lengths and the first batch shows the peak memory at once. ``dim`` truncates
+        (Matryoshka) and re-normalises. The progress bar shows for more than 10 batches
+        unless ``show_progress`` says otherwise.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts, not a single string")
+        was_training = self.training
+        self.eval()
+        tokens = self.tokenizer(
+            self._with_prefix(texts, kind), truncation=True, max_length=self.config.max_length
+        )
+        order = sorted(range(len(texts)), key=lambda i: -len(tokens["input_ids"][i]))
+        out = torch.empty(len(texts), dim or self.dim)
+        starts = range(0, len(texts), batch_size)
+        if show_progress is None:
+            show_progress = len(starts) > 10
+        for start in tqdm(starts, desc=f"encode {kind}s", unit="batch", disable=not show_progress):
+            idx = order[start : start + batch_size]
+            batch = self.tokenizer.pad(
+                {k: [tokens[k][i] for i in idx] for k in tokens}, return_tensors="pt"
+            )
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            emb = truncate_embeddings(self(batch, kind), dim, self.config.normalize)
+            out[idx] = emb.float().cpu()
+        self.train(was_training)
+        return out
+
+
+# -------------------------------------------------------------------- folder layout helpers
+
+
+def _read_saved_config(path: Path) -> BiEncoderConfig:
+    """Our ``biencoder.json`` if present, else what sentence-transformers' files say."""
+    if (path / CONFIG_NAME).is_file():
+        raw = json.loads((path / CONFIG_NAME).read_text())
+        known = {f.name for f in dataclasses.fields(BiEncoderConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path / CONFIG_NAME}: unknown fields {', '.join(unknown)}")
+        return BiEncoderConfig(**raw)
+    config = BiEncoderConfig()
+    encoder_config = EncoderConfig.from_json(path / "config.json")
+    config.max_length = encoder_config.max_position_embeddings
+    st_bert = path / "sentence_bert_config.json"
+    if st_bert.is_file():
+        config.max_length = json.loads(st_bert.read_text()).get("max_seq_length", config.max_length)
+    modules = path / "modules.json"
+    if modules.is_file():
+        types = [m["type"].rsplit(".", 1)[-1] for m in json.loads(modules.read_text())]
+        config.normalize = "Normalize" in types
+        config.pooling = _st_pooling_mode(path / POOLING_DIR / "config.json")
+        if (path / DENSE_DIR / "config.json").is_file():
+            dense = json.loads((path / DENSE_DIR / "config.json").read_text())
+            config.projection_dim = dense["out_features"]
+    prompts = path / "config_sentence_transformers.json"
+    if prompts.is_file():
+        saved_prompts = json.loads(prompts.read_text()).get("prompts") or {}
+        config.query_prefix = saved_prompts.get("query", "")
+        config.doc_prefix = saved_prompts.get("document", "")
+    return config
+
+
+def _st_pooling_mode(pooling_config: Path) -> str:
+    raw = json.loads(pooling_config.read_text()) if pooling_config.is_file() else {}
+    if isinstance(raw.get("pooling_mode"), str):
+        mode = raw["pooling_mode"]
+        if mode not in _ST_POOLING_MODES:
+            raise ValueError(f"{pooling_config}: pooling mode {mode!r} has no BiEncoder equivalent")
+        return _ST_POOLING_MODES[mode]
+    modes = [name for flag, name in _ST_FLAG_TO_POOLING.items() if raw.get(flag)]
+    if len(modes) > 1:
+        raise ValueError(
+            f"{pooling_config}: several pooling modes {modes}; BiEncoder pools with exactly one"
+        )
+    return modes[0] if modes else "mean"
+
+
+def _load_tower(path: Path, config: BiEncoderConfig, load_heads: bool) -> Tower:
+    encoder = Encoder(EncoderConfig.from_json(path / "config.json"))
+    load_hf_weights(encoder, find_weights(path))
+    tower = Tower(encoder, config.pooling, config.projection_dim, config.num_layers)
+    # Head weights saved for a different pooling/projection do not apply; fresh ones do.
+    if load_heads and isinstance(tower.pooling, AttentionPooling):
+        tower.pooling.load_state_dict(load_file(path / POOLING_DIR / "model.safetensors"))
+    if load_heads and tower.projection is not None:
+        dense = load_file(path / DENSE_DIR / "model.safetensors")
+        tower.projection.load_state_dict({k.removeprefix("linear."): v for k, v in dense.items()})
+    return tower
+
+
+def _save_tower(tower: Tower, path: Path, config: BiEncoderConfig) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    encoder = tower.encoder
+    if tower.num_layers is not None and tower.num_layers < len(encoder.layers):
+        kept = dataclasses.replace(encoder.config, num_hidden_layers=tower.num_layers)
+        encoder = Encoder(kept)
+        encoder.load_state_dict(tower.encoder.state_dict(), strict=False)
+    (path / "config.json").write_text(json.dumps(encoder.config.to_hf_dict(), indent=2) + "\n")
+    save_hf_weights(encoder, path / "model.safetensors")
+
+    hidden = encoder.config.hidden_size
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}
+    ]
+    (path / POOLING_DIR).mkdir(exist_ok=True)
+    pooling_config = {"word_embedding_dimension": hidden}
+    if isinstance(tower.pooling, AttentionPooling):
+        save_file(
+            {k: v.detach().cpu() for k, v in tower.pooling.state_dict().items()},
+            path / POOLING_DIR / "model.safetensors",
+        )
+        log.warning(
+            "%s: attention pooling has no sentence-transformers equivalent; this folder "
+            "embeds correctly with BiEncoder.from_pretrained only",
+            path,
+        )
+    else:
+        pooling_config |= {
+            flag: flag == _ST_POOLING_FLAGS[config.pooling] for flag in _ST_POOLING_FLAGS.values()
+        }
+        modules.append(
+            {
+                "idx": 1,
+                "name": "1",
+                "path": POOLING_DIR,
+                "type": "sentence_transformers.models.Pooling",
+            }
+        )
+    (path / POOLING_DIR / "config.json").write_text(json.dumps(pooling_config, indent=2) + "\n")
+    if tower.projection is not None:
+        (path / DENSE_DIR).mkdir(exist_ok=True)
+        dense_config = {
+            "in_features": hidden,
+            "out_features": tower.projection.out_features,
+            "bias": True,
+            "activation_function": "torch.nn.modules.linear.Identity",
+        }
+        (path / DENSE_DIR / "config.json").write_text(json.dumps(dense_config, indent=2) + "\n")
+        save_file(
+            {
+                f"linear.{k}": v.detach().cpu().contiguous()
+                for k, v in tower.projection.state_dict().items()
+            },
+            path / DENSE_DIR / "model.safetensors",
+        )
+        modules.append(
+            {
+                "idx": len(modules),
+                "name": str(len(modules)),
+                "path": DENSE_DIR,
+                "type": "sentence_transformers.models.Dense",
+            }
+        )
+    if config.normalize:
+        modules.append(
+            {
+                "idx": len(modules),
+                "name": str(len(modules)),
+                "path": NORMALIZE_DIR,
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
+    (path / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    st_config = {"max_seq_length": config.max_length, "do_lower_case": False}
+    (path / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2) + "\n")
+    prompts = {"query": config.query_prefix, "document": config.doc_prefix}
+    (path / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": prompts, "default_prompt_name": None}, indent=2) + "\n"
+    )

@@ -1,0 +1,78 @@
+"""Encoder hyper-parameters, read from a Hugging Face ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("bert",)
+SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The fields of an HF BERT ``config.json`` that shape the network."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    model_type: str = "bert"
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> EncoderConfig:
+        """Read the fields we use from ``config.json``; HF-only keys are ignored."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"{path}: field 'position_embedding_type': only 'absolute' is supported, "
+                f"got {raw['position_embedding_type']!r}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in names})
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    def to_hf_dict(self) -> dict:
+        """The ``config.json`` that ``transformers.AutoModel`` reads back."""
+        return {
+            "architectures": ["BertModel"],
+            "position_embedding_type": "absolute",
+            **dataclasses.asdict(self),
+        }

@@ -1,0 +1,120 @@
+"""Moving weights between our module names and Hugging Face BERT checkpoints.
+
+HF names (``encoder.layer.3.attention.self.query.weight``) are translated to ours
+(``layers.3.attn.query.weight``) by the rename table below, applied in order; the
+same table read backwards writes checkpoints that ``transformers`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# (HF fragment, our fragment); order matters where one fragment contains another.
+_RENAMES = (
+    ("encoder.layer.", "layers."),
+    ("attention.self.", "attn."),
+    ("attention.output.dense.", "attn.out."),
+    ("attention.output.LayerNorm.", "attn_norm."),
+    ("intermediate.dense.", "mlp.up."),
+    ("output.dense.", "mlp.down."),
+    ("output.LayerNorm.", "mlp_norm."),
+    ("embeddings.word_embeddings.", "embeddings.word."),
+    ("embeddings.position_embeddings.", "embeddings.position."),
+    ("embeddings.token_type_embeddings.", "embeddings.token_type."),
+    ("embeddings.LayerNorm.", "embeddings.norm."),
+)
+# Task heads and buffers a bi-encoder never uses: BERT's NSP pooler, MLM/NSP heads,
+# and the position-id buffer that HF stores in checkpoints.
+_IGNORED = re.compile(r"^(pooler\.|cls\.|embeddings\.position_ids$)")
+# Wrapper prefixes of task models (BertForMaskedLM stores the encoder under "bert.").
+_PREFIXES = ("bert.", "model.")
+# Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
+_LEGACY_SUFFIXES = ((".gamma", ".weight"), (".beta", ".bias"))
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class WeightLoadingError(ValueError):
+    """Raised when a checkpoint does not fit the model; lists every offending key."""
+
+
+def hf_to_ours(name: str) -> str:
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    for old, new in _LEGACY_SUFFIXES:
+        if name.endswith(old) and "LayerNorm" in name:
+            name = name[: -len(old)] + new
+    for hf, ours in _RENAMES:
+        name = name.replace(hf, ours)
+    return name
+
+
+def ours_to_hf(name: str) -> str:
+    for hf, ours in reversed(_RENAMES):
+        name = name.replace(ours, hf)
+    return name
+
+
+def find_weights(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    expected = ", ".join(WEIGHT_FILES)
+    raise FileNotFoundError(f"{folder}: no weights found; expected one of {expected}")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, a sharded safetensors index, or a pickled ``.bin``."""
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(path.parent / shard))
+        return state
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    # weights_only refuses arbitrary pickled code from untrusted checkpoints.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_hf_weights(module: nn.Module, path: Path) -> None:
+    """Copy an HF checkpoint into ``module``; raise listing all missing, unexpected or
+    mis-shaped tensors rather than the first one."""
+    theirs = {
+        hf_to_ours(name): tensor
+        for name, tensor in read_state_dict(path).items()
+        if not _IGNORED.match(hf_to_ours(name))
+    }
+    ours = module.state_dict()
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    mismatched = [
+        f"{ours_to_hf(k)}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(ours[k].shape)}"
+        for k in sorted(set(ours) & set(theirs))
+        if theirs[k].shape != ours[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append("missing keys: " + ", ".join(ours_to_hf(k) for k in missing))
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(ours_to_hf(k) for k in unexpected))
+    if mismatched:
+        problems.append("shape mismatches: " + "; ".join(mismatched))
+    if problems:
+        listing = "\n  ".join(problems)
+        raise WeightLoadingError(f"{path}: checkpoint does not fit the model\n  {listing}")
+    module.load_state_dict(theirs)
+
+
+def save_hf_weights(module: nn.Module, path: Path) -> None:
+    """Write ``module`` as an HF-named safetensors file."""
+    state = {ours_to_hf(k): v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, path, metadata={"format": "pt"})

@@ -1,0 +1,144 @@
+"""BiEncoder against sentence-transformers, and save -> load through both loaders."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sentence_transformers import SentenceTransformer
+
+from model import BiEncoder, truncate_embeddings
+
+TEXTS = [
+    "What causes antibiotic resistance in bacteria?",
+    "0-dimensional biomaterials show inductive properties.",
+    "A",
+    "Mitochondrial dysfunction " * 150,  # truncated at max_length
+    "The 1,000 genomes project sequenced diverse human populations.",
+]
+
+
+def st_encode(folder, texts, **kwargs) -> torch.Tensor:
+    model = SentenceTransformer(str(folder), device="cpu")
+    return torch.as_tensor(model.encode(texts, convert_to_numpy=True, **kwargs))
+
+
+def test_encode_matches_sentence_transformers(minilm, minilm_path):
+    ours = minilm.encode(TEXTS, kind="doc", batch_size=2)
+    torch.testing.assert_close(ours, st_encode(minilm_path, TEXTS), atol=1e-5, rtol=0)
+    assert ours.shape == (len(TEXTS), 384)
+
+
+def test_encode_keeps_input_order_whatever_the_batching(minilm):
+    one_batch = minilm.encode(TEXTS, batch_size=64)
+    per_text = torch.cat([minilm.encode([t]) for t in TEXTS])
+    torch.testing.assert_close(one_batch, per_text, atol=1e-5, rtol=0)
+
+
+def test_encode_refuses_a_bare_string(minilm):
+    with pytest.raises(TypeError, match="list of texts"):
+        minilm.encode("just one")
+
+
+def test_matryoshka_truncation_renormalises(minilm):
+    full = minilm.encode(TEXTS)
+    small = minilm.encode(TEXTS, dim=64)
+    torch.testing.assert_close(small, F.normalize(full[:, :64], dim=-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(small.norm(dim=-1), torch.ones(len(TEXTS)))
+    with pytest.raises(ValueError, match="truncation dim 500"):
+        truncate_embeddings(full, 500, normalize=True)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(pooling="cls", normalize=False),
+        dict(pooling="max"),
+        dict(pooling="weighted_mean", projection_dim=32),
+        dict(pooling="last_token", normalize=False, query_prefix="query: ", doc_prefix="passage: "),
+    ],
+    ids=["cls-raw", "max", "weighted_mean-dense", "last_token-prefixes"],
+)
+def test_save_load_round_trip_through_both_loaders(minilm_path, tmp_path, options, seed):
+    model = BiEncoder.from_pretrained(minilm_path, max_length=64, **options)
+    expected_q = model.encode(TEXTS, kind="query")
+    expected_d = model.encode(TEXTS, kind="doc")
+    model.save_pretrained(tmp_path)
+
+    reloaded = BiEncoder.from_pretrained(tmp_path)
+    assert reloaded.config == model.config
+    torch.testing.assert_close(reloaded.encode(TEXTS, kind="query"), expected_q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reloaded.encode(TEXTS, kind="doc"), expected_d, atol=1e-5, rtol=0)
+
+    prompt = {"prompt_name": "query"} if options.get("query_prefix") else {}
+    torch.testing.assert_close(st_encode(tmp_path, TEXTS, **prompt), expected_q, atol=1e-5, rtol=0)
+
+
+def test_prefixes_are_prepended(minilm_path):
+    prefixed = BiEncoder.from_pretrained(minilm_path, query_prefix="query: ")
+    plain = BiEncoder.from_pretrained(minilm_path)
+    torch.testing.assert_close(
+        prefixed.encode(TEXTS, kind="query"),
+        plain.encode(["query: " + t for t in TEXTS]),
+        atol=1e-6,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        prefixed.encode(TEXTS, kind="doc"), plain.encode(TEXTS), atol=1e-6, rtol=0
+    )
+
+
+def test_attention_pooling_round_trips_through_our_loader(minilm_path, tmp_path, seed):
+    model = BiEncoder.from_pretrained(minilm_path, pooling="attention")
+    with torch.no_grad():
+        model.query_tower.pooling.query.normal_()
+    expected = model.encode(TEXTS)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(
+        BiEncoder.from_pretrained(tmp_path).encode(TEXTS), expected, atol=1e-5, rtol=0
+    )
+
+
+def test_intermediate_layer_model_saves_cut_at_that_layer(minilm_path, tmp_path):
+    model = BiEncoder.from_pretrained(minilm_path, num_layers=3)
+    expected = model.encode(TEXTS)
+    assert not torch.allclose(expected, BiEncoder.from_pretrained(minilm_path).encode(TEXTS))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 3
+    torch.testing.assert_close(
+        BiEncoder.from_pretrained(tmp_path).encode(TEXTS), expected, atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(st_encode(tmp_path, TEXTS), expected, atol=1e-5, rtol=0)
+
+
+def test_separate_towers_save_and_load_both(minilm_path, tmp_path):
+    model = BiEncoder.from_pretrained(minilm_path, shared=False)
+    torch.testing.assert_close(model.encode(TEXTS, kind="doc"), model.encode(TEXTS, kind="query"))
+    with torch.no_grad():
+        model.doc_tower.encoder.layers[0].mlp.up.bias.add_(0.1)
+    expected_q, expected_d = model.encode(TEXTS, kind="query"), model.encode(TEXTS, kind="doc")
+    assert not torch.allclose(expected_q, expected_d, atol=1e-3)
+    model.save_pretrained(tmp_path)
+    reloaded = BiEncoder.from_pretrained(tmp_path)
+    assert reloaded.doc_tower is not None
+    torch.testing.assert_close(reloaded.encode(TEXTS, kind="query"), expected_q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reloaded.encode(TEXTS, kind="doc"), expected_d, atol=1e-5, rtol=0)
+
+
+def test_missing_folder_and_unknown_config_fields_are_named(tmp_path, minilm):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        BiEncoder.from_pretrained(tmp_path / "nope")
+    minilm.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "biencoder.json").read_text())
+    (tmp_path / "biencoder.json").write_text(json.dumps(raw | {"pooler": "cls"}))
+    with pytest.raises(ValueError, match=r"biencoder\.json: unknown fields pooler"):
+        BiEncoder.from_pretrained(tmp_path)
+
+
+def test_forward_is_differentiable_and_encode_restores_training_mode(minilm_path):
+    model = BiEncoder.from_pretrained(minilm_path).train()
+    batch = model.tokenize(TEXTS[:2], "query")
+    model(batch, "query").sum().backward()
+    assert model.query_tower.encoder.layers[0].attn.query.weight.grad is not None
+    model.encode(TEXTS[:1])
+    assert model.training

@@ -1,0 +1,151 @@
+"""Our BERT encoder against transformers.BertModel on the packaged all-MiniLM-L6-v2."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+from model import Encoder, EncoderConfig, WeightLoadingError
+from model.weights import hf_to_ours, load_hf_weights, ours_to_hf, save_hf_weights
+
+TEXTS = [
+    "hello",
+    "Scientific claims need evidence from abstracts that support or refute them.",
+    "A much longer passage, " * 20 + "that pads the others in the batch.",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_path):
+    return AutoModel.from_pretrained(minilm_path).eval()
+
+
+@pytest.mark.parametrize("texts", [TEXTS[1:2], TEXTS], ids=["no_padding", "padded"])
+def test_last_hidden_state_matches_transformers(minilm, reference, texts):
+    batch = minilm.tokenize(texts, "query")
+    with torch.no_grad():
+        ours = minilm.query_tower.encoder(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+        )
+        theirs = reference(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert ours.shape == theirs.shape
+    assert (ours - theirs)[real].abs().max() <= 1e-5
+
+
+def test_intermediate_layers_match_hidden_states(minilm, reference):
+    batch = minilm.tokenize(TEXTS, "doc")
+    with torch.no_grad():
+        theirs = reference(**batch, output_hidden_states=True).hidden_states
+        for k in range(len(theirs)):
+            ours = minilm.query_tower.encoder(
+                batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], k
+            )
+            real = batch["attention_mask"].bool()
+            assert (ours - theirs[k])[real].abs().max() <= 1e-5, f"layer {k}"
+
+
+def test_rejects_too_many_layers_and_too_long_inputs(minilm):
+    encoder = minilm.query_tower.encoder
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="num_layers=7"):
+        encoder(ids, torch.ones_like(ids), num_layers=7)
+    long_ids = torch.ones(1, 513, dtype=torch.long)
+    with pytest.raises(ValueError, match="513 tokens"):
+        encoder(long_ids, torch.ones_like(long_ids))
+
+
+def tiny_config(**overrides) -> EncoderConfig:
+    fields = dict(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=24,
+    )
+    return EncoderConfig(**fields | overrides)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(seed):
+    encoder = Encoder(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ids = torch.randint(1, 50, (3, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        encoder.zero_grad()
+        encoder.gradient_checkpointing = checkpointing
+        encoder.train()
+        (encoder(ids, mask) ** 2).sum().backward()
+        return [p.grad.clone() for p in encoder.parameters()]
+
+    for plain, checkpointed in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(plain, checkpointed)
+
+
+def test_key_renames_round_trip(minilm_path):
+    names = load_file(f"{minilm_path}/model.safetensors").keys()
+    ours = Encoder(tiny_config()).state_dict().keys()
+    assert {ours_to_hf(hf_to_ours(n)) for n in names} == set(names)
+    assert {hf_to_ours(ours_to_hf(n)) for n in ours} == set(ours)
+
+
+def test_task_model_prefix_and_legacy_layernorm_names_load(tmp_path, seed):
+    source = Encoder(tiny_config())
+    save_hf_weights(source, tmp_path / "plain.safetensors")
+    state = load_file(tmp_path / "plain.safetensors")
+    legacy = {}
+    for name, tensor in state.items():
+        name = "bert." + name
+        if "LayerNorm" in name:
+            name = name.replace(".weight", ".gamma").replace(".bias", ".beta")
+        legacy[name] = tensor
+    legacy["cls.predictions.bias"] = torch.zeros(50)
+    save_file(legacy, tmp_path / "model.safetensors")
+    target = Encoder(tiny_config())
+    load_hf_weights(target, tmp_path / "model.safetensors")
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_pytorch_bin_loads_with_weights_only(tmp_path, seed):
+    source = Encoder(tiny_config())
+    torch.save(
+        {ours_to_hf(k): v for k, v in source.state_dict().items()}, tmp_path / "pytorch_model.bin"
+    )
+    target = Encoder(tiny_config())
+    load_hf_weights(target, tmp_path / "pytorch_model.bin")
+    assert torch.equal(source.layers[1].mlp.up.weight, target.layers[1].mlp.up.weight)
+
+
+def test_weight_errors_name_every_bad_key(tmp_path, seed):
+    save_hf_weights(Encoder(tiny_config()), tmp_path / "w.safetensors")
+    state = load_file(tmp_path / "w.safetensors")
+    del state["encoder.layer.1.output.dense.bias"]
+    del state["embeddings.LayerNorm.weight"]
+    state["encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(2)
+    state["encoder.layer.0.intermediate.dense.weight"] = torch.zeros(33, 16)
+    save_file(state, tmp_path / "w.safetensors")
+    with pytest.raises(WeightLoadingError) as err:
+        load_hf_weights(Encoder(tiny_config()), tmp_path / "w.safetensors")
+    message = str(err.value)
+    assert str(tmp_path / "w.safetensors") in message
+    assert "missing keys: embeddings.LayerNorm.weight, encoder.layer.1.output.dense.bias" in message
+    assert "unexpected keys: encoder.layer.0.attention.self.rotary.weight" in message
+    shape = "encoder.layer.0.intermediate.dense.weight: checkpoint (33, 16) vs model (32, 16)"
+    assert shape in message
+
+
+def test_config_errors_name_the_file_and_field(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"model_type": "bert",\n "hidden_size": }')
+    with pytest.raises(ValueError, match=r"config.json:2: invalid JSON"):
+        EncoderConfig.from_json(path)
+    path.write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"config.json: model_type 'gpt2' is not supported"):
+        EncoderConfig.from_json(path)
+    path.write_text(json.dumps({"position_embedding_type": "relative_key"}))
+    with pytest.raises(ValueError, match="field 'position_embedding_type'"):
+        EncoderConfig.from_json(path)
