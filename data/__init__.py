@@ -1,0 +1,50 @@
+"""Data loading and validation: BEIR retrieval sets, STS Benchmark, training files.
+
+``BUNDLED_DIR`` holds compressed copies of SciFact (BEIR layout) and the STS Benchmark, so a
+fresh clone can train and evaluate without downloads; see ``bundled/README.md`` for sources
+and licences.
+"""
+
+from pathlib import Path
+
+from .beir import BeirDataset, Document, load_beir
+from .errors import DataError
+from .io import iter_jsonl, open_text, resolve
+from .sts import ScoredPair, load_sts
+from .training import (
+    LabelledText,
+    Pair,
+    Triplet,
+    load_labelled,
+    load_pairs,
+    load_scored_pairs,
+    load_triplets,
+    pairs_from_beir,
+)
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+SCIFACT_DIR = BUNDLED_DIR / "scifact"
+STSB_DIR = BUNDLED_DIR / "stsbenchmark"
+
+__all__ = [
+    "BUNDLED_DIR",
+    "SCIFACT_DIR",
+    "STSB_DIR",
+    "BeirDataset",
+    "DataError",
+    "Document",
+    "LabelledText",
+    "Pair",
+    "ScoredPair",
+    "Triplet",
+    "iter_jsonl",
+    "load_beir",
+    "load_labelled",
+    "load_pairs",
+    "load_scored_pairs",
+    "load_sts",
+    "load_triplets",
+    "open_text",
+    "pairs_from_beir",
+    "resolve",
+]
