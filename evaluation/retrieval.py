@@ -1,0 +1,132 @@
+"""Embedding-model evaluation: BEIR retrieval through FAISS, and STS correlation.
+
+Both evaluators embed once at the model's full dimension and score every requested
+Matryoshka dimension from truncations of the same embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import BeirDataset, ScoredPair
+from evaluation.metrics import Run, retrieval_metrics
+from evaluation.search import build_index, search, to_run
+from evaluation.sts import sts_metrics
+from model import BiEncoder, truncate_embeddings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexSpec:
+    """Which FAISS index to search with; ``factory`` is an ``index_factory`` string."""
+
+    factory: str = "Flat"
+    metric: str = "ip"
+    use_gpu: bool | None = None
+    nprobe: int | None = None
+    ef_search: int | None = None
+    train_size: int | None = None
+
+
+@dataclass
+class RetrievalResult:
+    metrics: dict[str, float]
+    run: Run
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def metric_key(name: str, dim: int | None, full_dim: int) -> str:
+    """``ndcg@10`` at full dimension, ``dim64/ndcg@10`` at a Matryoshka truncation."""
+    return name if dim is None or dim == full_dim else f"dim{dim}/{name}"
+
+
+def evaluate_retrieval(
+    model: BiEncoder,
+    dataset: BeirDataset,
+    *,
+    ks: Sequence[int] = (1, 3, 5, 10, 100),
+    index: IndexSpec | None = None,
+    matryoshka_dims: Sequence[int] = (),
+    batch_size: int = 64,
+    ignore_identical_ids: bool = False,
+) -> RetrievalResult:
+    """Embed corpus and queries, search the top ``max(ks)`` documents per query and score
+    the run against the qrels. Returns metrics at full dimension plus ``dim{d}/``-prefixed
+    metrics per Matryoshka dimension, and the full-dimension run.
+
+    ``ignore_identical_ids`` drops a retrieved document whose id equals the query id
+    (BEIR's convention for corpora that contain the queries, e.g. Quora, ArguAna).
+    """
+    index = index or IndexSpec()
+    doc_ids = list(dataset.corpus)
+    query_ids = list(dataset.queries)
+    timings = {}
+
+    start = time.perf_counter()
+    docs = model.encode([dataset.corpus[i].full_text for i in doc_ids], kind="doc",
+                        batch_size=batch_size, show_progress=True)
+    timings["encode_corpus_s"] = time.perf_counter() - start
+    timings["docs_per_s"] = len(doc_ids) / timings["encode_corpus_s"]
+    start = time.perf_counter()
+    queries = model.encode([dataset.queries[i] for i in query_ids], kind="query",
+                           batch_size=batch_size)
+    timings["encode_queries_s"] = time.perf_counter() - start
+
+    depth = max(ks) + (1 if ignore_identical_ids else 0)
+    metrics: dict[str, float] = {}
+    full_run: Run = {}
+    for dim in [None, *matryoshka_dims]:
+        start = time.perf_counter()
+        run = _search_run(docs, queries, dim, model.config.normalize, index, depth,
+                          query_ids, doc_ids)
+        if ignore_identical_ids:
+            run = {q: {d: s for d, s in hits.items() if d != q} for q, hits in run.items()}
+        timings[metric_key("search_s", dim, model.dim)] = time.perf_counter() - start
+        for name, value in retrieval_metrics(run, dataset.qrels, ks).items():
+            metrics[metric_key(name, dim, model.dim)] = value
+        if dim is None:
+            full_run = run
+    return RetrievalResult(metrics, full_run, timings)
+
+
+def _search_run(docs: torch.Tensor, queries: torch.Tensor, dim: int | None, normalize: bool,
+                spec: IndexSpec, depth: int, query_ids: list[str], doc_ids: list[str]) -> Run:
+    doc_vectors = truncate_embeddings(docs, dim, normalize).numpy()
+    query_vectors = truncate_embeddings(queries, dim, normalize).numpy()
+    faiss_index = build_index(np.ascontiguousarray(doc_vectors), spec.factory, metric=spec.metric,
+                              use_gpu=spec.use_gpu, train_size=spec.train_size)
+    scores, ids = search(faiss_index, np.ascontiguousarray(query_vectors), depth,
+                         nprobe=spec.nprobe, ef_search=spec.ef_search)
+    return to_run(scores, ids, query_ids, doc_ids)
+
+
+def evaluate_sts(
+    model: BiEncoder,
+    pairs: Sequence[ScoredPair],
+    *,
+    matryoshka_dims: Sequence[int] = (),
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Spearman and Pearson correlation between cosine similarity and gold scores.
+
+    Both sentences are embedded with the query tower: STS pairs are symmetric.
+    """
+    left = model.encode([p.text1 for p in pairs], kind="query", batch_size=batch_size)
+    right = model.encode([p.text2 for p in pairs], kind="query", batch_size=batch_size)
+    gold = np.array([p.score for p in pairs])
+    metrics = {}
+    for dim in [None, *matryoshka_dims]:
+        a = truncate_embeddings(left, dim, normalize=False)
+        b = truncate_embeddings(right, dim, normalize=False)
+        cosine = F.cosine_similarity(a, b, dim=-1).numpy()
+        for name, value in sts_metrics(cosine, gold).items():
+            metrics[metric_key(name, dim, model.dim)] = value
+    return metrics
