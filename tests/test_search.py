@@ -8,7 +8,6 @@ import faiss
 import numpy as np
 import pytest
 
-from evaluation import search as search_module
 from evaluation.search import build_index, search, to_run
 
 DIM = 32
@@ -159,10 +158,8 @@ def test_to_run_from_search_ranks_like_search(data):
 def test_gpu_routing_without_a_gpu(data, monkeypatch, caplog):
     docs, _ = data
     moved = []
-    monkeypatch.setattr(search_module.faiss, "get_num_gpus", lambda: 1)
-    monkeypatch.setattr(
-        search_module.faiss, "index_cpu_to_all_gpus", lambda index: moved.append(index) or index
-    )
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: moved.append(index) or index)
     build_index(docs, "Flat")
     assert len(moved) == 1
     build_index(docs, "Flat", use_gpu=False)
@@ -172,7 +169,7 @@ def test_gpu_routing_without_a_gpu(data, monkeypatch, caplog):
     assert len(moved) == 1
     assert "no GPU implementation of HNSW" in caplog.text
 
-    monkeypatch.setattr(search_module.faiss, "get_num_gpus", lambda: 0)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
     with pytest.raises(RuntimeError, match="no GPU"):
         build_index(docs, "Flat", use_gpu=True)
 
