@@ -6,7 +6,6 @@ comparable with published BEIR tables; ``tests/test_metrics.py`` checks this aga
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -37,11 +36,20 @@ def trec_order(
     Returns:
         ``(doc_id, score)`` pairs, best first, scores as Python floats.
     """
-    items = ((doc, float(score)) for doc, score in doc_scores.items())
-    key = lambda item: (item[1], item[0])
-    if depth is None or depth >= len(doc_scores):
-        return sorted(items, key=key, reverse=True)
-    return heapq.nlargest(depth, items, key=key)
+    if depth is not None and depth < 1:
+        raise ValueError(f"depth must be a positive integer or None, got {depth}")
+    docs = list(doc_scores)
+    scores = np.fromiter(doc_scores.values(), dtype=np.float64, count=len(docs))
+    if depth is not None and depth < len(docs):
+        # Only documents scoring at least the depth-th best score can make the cut (ties
+        # included); selecting them in numpy first avoids sorting long runs in Python.
+        kth = np.partition(scores, len(docs) - depth)[len(docs) - depth]
+        keep = np.flatnonzero(scores >= kth).tolist()
+        pairs = zip(scores[keep].tolist(), [docs[i] for i in keep], strict=True)
+    else:
+        pairs = zip(scores.tolist(), docs, strict=True)
+    # Sorting (score, doc) tuples in reverse is exactly trec_eval's order.
+    return [(doc, score) for score, doc in sorted(pairs, reverse=True)[:depth]]
 
 
 def _check_ks(ks: Sequence[int]) -> list[int]:

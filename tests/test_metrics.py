@@ -24,6 +24,11 @@ TREC_NAMES = {
 }
 
 
+def _reference_top(docs, k):
+    """Top k in trec_eval order, written independently of ``trec_order``."""
+    return dict(sorted(docs.items(), key=lambda item: (item[1], item[0]), reverse=True)[:k])
+
+
 def _oracle(run, qrels, ks, relevance_threshold=1):
     """Per-query metrics from pytrec_eval under our key names; mrr@k via a truncated run."""
     cuts = ",".join(str(k) for k in sorted(set(ks)))
@@ -33,7 +38,7 @@ def _oracle(run, qrels, ks, relevance_threshold=1):
     full = evaluator.evaluate(run)
     out = {qid: {} for qid in full}
     for k in ks:
-        truncated = {qid: dict(trec_order(docs, depth=k)) for qid, docs in run.items()}
+        truncated = {qid: _reference_top(docs, k) for qid, docs in run.items()}
         rr_k = rr.evaluate(truncated)
         assert rr_k.keys() == full.keys()
         for qid, values in full.items():
@@ -102,6 +107,16 @@ def test_trec_order_sorts_score_then_doc_id_descending():
     ranked = trec_order({"a": 1.0, "b": 2.0, "c": 1.0, "10": 1.0, "9": 1.0})
     assert [doc for doc, _ in ranked] == ["b", "c", "a", "9", "10"]
     assert [doc for doc, _ in trec_order({"a": 1.0, "b": 2.0, "c": 1.0}, depth=2)] == ["b", "c"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_trec_order_depth_is_a_prefix_of_the_full_order(seed):
+    rng = random.Random(seed)
+    docs = {f"d{i}": rng.randrange(5) / 4 for i in range(rng.randint(1, 60))}
+    full = trec_order(docs)
+    assert full == list(_reference_top(docs, len(docs)).items())
+    for depth in (1, 2, 5, 30, 100):
+        assert trec_order(docs, depth=depth) == full[:depth]
 
 
 def test_hand_computed_graded_case():
