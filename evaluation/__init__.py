@@ -1,0 +1,36 @@
+"""Evaluation: trec_eval-exact retrieval metrics, TREC files, FAISS search, STS correlations."""
+
+from evaluation.metrics import (
+    DEFAULT_KS,
+    METRIC_FAMILIES,
+    Qrels,
+    Run,
+    per_query_metrics,
+    retrieval_metrics,
+    trec_order,
+)
+from evaluation.search import build_index, search, to_run
+from evaluation.sts import pearson, spearman, sts_metrics
+from evaluation.table import format_table
+from evaluation.trec import read_trec_qrels, read_trec_run, write_trec_qrels, write_trec_run
+
+__all__ = [
+    "DEFAULT_KS",
+    "METRIC_FAMILIES",
+    "Qrels",
+    "Run",
+    "build_index",
+    "format_table",
+    "pearson",
+    "per_query_metrics",
+    "read_trec_qrels",
+    "read_trec_run",
+    "retrieval_metrics",
+    "search",
+    "spearman",
+    "sts_metrics",
+    "to_run",
+    "trec_order",
+    "write_trec_qrels",
+    "write_trec_run",
+]
