@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import BUNDLED_DIR, BeirDataset
 from evaluation import evaluate_retrieval, evaluate_sts, format_table, write_trec_run
-from model import BiEncoder, packaged_model_path
+from model import POOLING_HEADS, BiEncoder, packaged_model_path
 
 log = logging.getLogger("eval")
 
@@ -49,12 +49,17 @@ def resolve_device(name: str) -> torch.device:
 
 def check_eval_config(cfg: DictConfig) -> None:
     """Fail before loading anything, naming the offending key."""
+    if cfg.model.pooling is not None and cfg.model.pooling not in POOLING_HEADS:
+        raise ValueError(
+            f"model.pooling: unknown pooling {cfg.model.pooling!r}; "
+            f"choose one of {', '.join(POOLING_HEADS)}"
+        )
     if not cfg.ks or any(k <= 0 for k in cfg.ks):
-        raise ValueError(f"ks must be positive cut-offs, got {list(cfg.ks)}")
+        raise ValueError(f"ks: cut-offs must be positive, got {list(cfg.ks)}")
     if any(d <= 0 for d in cfg.matryoshka_dims):
-        raise ValueError(f"matryoshka_dims must be positive, got {list(cfg.matryoshka_dims)}")
+        raise ValueError(f"matryoshka_dims: must be positive, got {list(cfg.matryoshka_dims)}")
     if cfg.batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
+        raise ValueError(f"batch_size: must be positive, got {cfg.batch_size}")
 
 
 def evaluate(model: BiEncoder, dataset, cfg: DictConfig, out_dir: Path) -> dict[str, float]:
@@ -65,14 +70,22 @@ def evaluate(model: BiEncoder, dataset, cfg: DictConfig, out_dir: Path) -> dict[
     start = time.perf_counter()
     if isinstance(dataset, BeirDataset):
         result = evaluate_retrieval(
-            model, dataset, ks=list(cfg.ks), index=instantiate(cfg.index),
-            matryoshka_dims=dims, batch_size=cfg.batch_size,
+            model,
+            dataset,
+            ks=list(cfg.ks),
+            index=instantiate(cfg.index),
+            matryoshka_dims=dims,
+            batch_size=cfg.batch_size,
             ignore_identical_ids=cfg.ignore_identical_ids,
         )
         metrics = result.metrics | result.timings
         write_trec_run(result.run, out_dir / "run.trec")
-        log.info("%d queries over %d documents (%s split)", len(dataset.queries),
-                 len(dataset.corpus), dataset.split)
+        log.info(
+            "%d queries over %d documents (%s split)",
+            len(dataset.queries),
+            len(dataset.corpus),
+            dataset.split,
+        )
     else:
         metrics = evaluate_sts(model, dataset, matryoshka_dims=dims, batch_size=cfg.batch_size)
         log.info("%d sentence pairs", len(dataset))
@@ -90,8 +103,14 @@ def main(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg.device)
     model = instantiate(cfg.model).to(device)
-    log.info("model %s: %s pooling, dim %d, max %d tokens, on %s", cfg.model.path,
-             model.config.pooling, model.dim, model.config.max_length, device)
+    log.info(
+        "model %s: %s pooling, dim %d, max %d tokens, on %s",
+        cfg.model.path,
+        model.config.pooling,
+        model.dim,
+        model.config.max_length,
+        device,
+    )
     dataset = instantiate(cfg.data)
     return evaluate(model, dataset, cfg, out_dir)
 

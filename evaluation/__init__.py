@@ -1,4 +1,5 @@
-"""Evaluation: trec_eval-exact retrieval metrics, TREC files, FAISS search, STS correlations."""
+"""Evaluation: trec_eval-exact IR metrics, FAISS search, STS correlation, TREC files, and
+the evaluators that embed a dataset with a BiEncoder and score it."""
 
 from evaluation.metrics import (
     DEFAULT_KS,
@@ -9,6 +10,12 @@ from evaluation.metrics import (
     retrieval_metrics,
     trec_order,
 )
+from evaluation.retrieval import (
+    IndexSpec,
+    RetrievalResult,
+    evaluate_retrieval,
+    evaluate_sts,
+)
 from evaluation.search import build_index, search, to_run
 from evaluation.sts import pearson, spearman, sts_metrics
 from evaluation.table import format_table
@@ -17,9 +24,13 @@ from evaluation.trec import read_trec_qrels, read_trec_run, write_trec_qrels, wr
 __all__ = [
     "DEFAULT_KS",
     "METRIC_FAMILIES",
+    "IndexSpec",
     "Qrels",
+    "RetrievalResult",
     "Run",
     "build_index",
+    "evaluate_retrieval",
+    "evaluate_sts",
     "format_table",
     "pearson",
     "per_query_metrics",

@@ -71,13 +71,18 @@ def evaluate_retrieval(
     timings = {}
 
     start = time.perf_counter()
-    docs = model.encode([dataset.corpus[i].full_text for i in doc_ids], kind="doc",
-                        batch_size=batch_size, show_progress=True)
+    docs = model.encode(
+        [dataset.corpus[i].full_text for i in doc_ids],
+        kind="doc",
+        batch_size=batch_size,
+        show_progress=True,
+    )
     timings["encode_corpus_s"] = time.perf_counter() - start
     timings["docs_per_s"] = len(doc_ids) / timings["encode_corpus_s"]
     start = time.perf_counter()
-    queries = model.encode([dataset.queries[i] for i in query_ids], kind="query",
-                           batch_size=batch_size)
+    queries = model.encode(
+        [dataset.queries[i] for i in query_ids], kind="query", batch_size=batch_size
+    )
     timings["encode_queries_s"] = time.perf_counter() - start
 
     depth = max(ks) + (1 if ignore_identical_ids else 0)
@@ -85,8 +90,9 @@ def evaluate_retrieval(
     full_run: Run = {}
     for dim in [None, *matryoshka_dims]:
         start = time.perf_counter()
-        run = _search_run(docs, queries, dim, model.config.normalize, index, depth,
-                          query_ids, doc_ids)
+        run = _search_run(
+            docs, queries, dim, model.config.normalize, index, depth, query_ids, doc_ids
+        )
         if ignore_identical_ids:
             run = {q: {d: s for d, s in hits.items() if d != q} for q, hits in run.items()}
         timings[metric_key("search_s", dim, model.dim)] = time.perf_counter() - start
@@ -97,14 +103,32 @@ def evaluate_retrieval(
     return RetrievalResult(metrics, full_run, timings)
 
 
-def _search_run(docs: torch.Tensor, queries: torch.Tensor, dim: int | None, normalize: bool,
-                spec: IndexSpec, depth: int, query_ids: list[str], doc_ids: list[str]) -> Run:
+def _search_run(
+    docs: torch.Tensor,
+    queries: torch.Tensor,
+    dim: int | None,
+    normalize: bool,
+    spec: IndexSpec,
+    depth: int,
+    query_ids: list[str],
+    doc_ids: list[str],
+) -> Run:
     doc_vectors = truncate_embeddings(docs, dim, normalize).numpy()
     query_vectors = truncate_embeddings(queries, dim, normalize).numpy()
-    faiss_index = build_index(np.ascontiguousarray(doc_vectors), spec.factory, metric=spec.metric,
-                              use_gpu=spec.use_gpu, train_size=spec.train_size)
-    scores, ids = search(faiss_index, np.ascontiguousarray(query_vectors), depth,
-                         nprobe=spec.nprobe, ef_search=spec.ef_search)
+    faiss_index = build_index(
+        np.ascontiguousarray(doc_vectors),
+        spec.factory,
+        metric=spec.metric,
+        use_gpu=spec.use_gpu,
+        train_size=spec.train_size,
+    )
+    scores, ids = search(
+        faiss_index,
+        np.ascontiguousarray(query_vectors),
+        depth,
+        nprobe=spec.nprobe,
+        ef_search=spec.ef_search,
+    )
     return to_run(scores, ids, query_ids, doc_ids)
 
 

@@ -1,4 +1,8 @@
-"""eval.py end to end on small real data, checked against independent oracles."""
+"""eval.py on small real data, checked against independent oracles.
+
+One test runs the real command line; the others compose the same config in-process,
+which skips re-importing torch for every case.
+"""
 
 import gzip
 import json
@@ -8,18 +12,21 @@ from pathlib import Path
 
 import pytest
 import pytrec_eval
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
 from scipy import stats
 
+import eval as eval_cli
 from data import SCIFACT_DIR, STSB_DIR, load_beir, load_sts
 from evaluation import read_trec_run
-from model import BiEncoder, packaged_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_eval(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "eval.py", *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+def compose_eval(*overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("eval", overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +52,22 @@ def small_beir(tmp_path_factory) -> Path:
     return folder
 
 
-def test_retrieval_metrics_and_run_file_agree_with_pytrec_eval(small_beir, tmp_path):
+def test_command_line_metrics_and_run_file_agree_with_pytrec_eval(small_beir, tmp_path):
     out = tmp_path / "run"
-    proc = run_eval(f"data.path={small_beir}", f"hydra.run.dir={out}", "matryoshka_dims=[128]")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            f"data.path={small_beir}",
+            f"hydra.run.dir={out}",
+            "matryoshka_dims=[128]",
+            "model.max_length=128",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     run = read_trec_run(out / "run.trec")
@@ -56,8 +76,12 @@ def test_retrieval_metrics_and_run_file_agree_with_pytrec_eval(small_beir, tmp_p
 
     measures = {"ndcg_cut.10", "recall.100", "map_cut.100", "P.10"}
     per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
-    for ours, theirs in [("ndcg@10", "ndcg_cut_10"), ("recall@100", "recall_100"),
-                         ("map@100", "map_cut_100"), ("precision@10", "P_10")]:
+    for ours, theirs in [
+        ("ndcg@10", "ndcg_cut_10"),
+        ("recall@100", "recall_100"),
+        ("map@100", "map_cut_100"),
+        ("precision@10", "P_10"),
+    ]:
         expected = sum(q[theirs] for q in per_query.values()) / len(per_query)
         assert metrics[ours] == pytest.approx(expected, abs=1e-6), ours
     assert metrics["ndcg@10"] > 0.5  # a real model on an easy subset, not noise
@@ -66,33 +90,45 @@ def test_retrieval_metrics_and_run_file_agree_with_pytrec_eval(small_beir, tmp_p
     assert "ndcg" in proc.stdout
 
 
-def test_sts_metrics_agree_with_scipy(tmp_path):
-    pairs_file = tmp_path / "sts" / "sts-test.csv"
-    pairs_file.parent.mkdir()
+def test_sts_metrics_agree_with_scipy(tmp_path, minilm):
+    folder = tmp_path / "sts"
+    folder.mkdir()
     with gzip.open(STSB_DIR / "sts-test.csv.gz", "rt", encoding="utf-8") as f:
         rows = f.read().splitlines()[:120]
-    pairs_file.write_text("\n".join(rows) + "\n")
-    out = tmp_path / "run"
-    proc = run_eval("data=sts", f"data.path={pairs_file.parent}", f"hydra.run.dir={out}")
-    assert proc.returncode == 0, proc.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
+    (folder / "sts-test.csv").write_text("\n".join(rows) + "\n")
+    cfg = compose_eval("data=sts", f"data.path={folder}")
+    metrics = eval_cli.evaluate(minilm, instantiate(cfg.data), cfg, tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
 
-    pairs = load_sts(pairs_file.parent, "test")
-    model = BiEncoder.from_pretrained(packaged_model_path())
-    a = model.encode([p.text1 for p in pairs])
-    b = model.encode([p.text2 for p in pairs])
-    cosine = (a * b).sum(-1).numpy()
+    pairs = load_sts(folder, "test")
+    cosine = minilm.encode([p.text1 for p in pairs]) * minilm.encode([p.text2 for p in pairs])
+    cosine = cosine.sum(-1).numpy()
     gold = [p.score for p in pairs]
     assert metrics["spearman"] == pytest.approx(stats.spearmanr(cosine, gold)[0], abs=1e-6)
     assert metrics["pearson"] == pytest.approx(stats.pearsonr(cosine, gold)[0], abs=1e-6)
 
 
+def test_default_config_is_minilm_on_bundled_scifact_test():
+    cfg = compose_eval()
+    assert Path(cfg.model.path, "model.safetensors").is_file()
+    assert Path(cfg.data.path) == SCIFACT_DIR and cfg.data.split == "test"
+    assert cfg.index.factory == "Flat" and list(cfg.ks) == [1, 3, 5, 10, 100]
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("ks=[0,10]", "ks must be positive"), ("batch_size=0", "batch_size must be positive"),
-     ("model.pooling=avg", "unknown pooling 'avg'"), ("nonsense_key=1", "nonsense_key")],
+    [
+        ("ks=[0,10]", "ks: cut-offs must be positive"),
+        ("batch_size=0", "batch_size: must be positive"),
+        ("matryoshka_dims=[-4]", "matryoshka_dims: must be positive"),
+        ("model.pooling=avg", "model.pooling: unknown pooling 'avg'"),
+    ],
 )
-def test_bad_values_fail_naming_the_key(override, message, tmp_path):
-    proc = run_eval(override, f"hydra.run.dir={tmp_path}")
-    assert proc.returncode != 0
-    assert message in proc.stderr
+def test_bad_values_fail_before_any_work_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        eval_cli.check_eval_config(compose_eval(override))
+
+
+def test_unknown_keys_fail_at_composition():
+    with pytest.raises(ConfigCompositionException, match="nonsense_key"):
+        compose_eval("nonsense_key=1")
