@@ -35,7 +35,10 @@ from triton import knobs
 #   p_ij       = exp(logits_ij − lse_i)          (recomputed per tile, 0 where excluded)
 #   dlogits_ij = g_i·(p_ij − [i == j])
 #   ∂/∂q_i     = s·Σ_j dlogits_ij·d_j            (_infonce_bwd_dq_kernel, rows own dq)
-#   ∂/∂d_j     = s·Σ_i dlogits_ij·q_i            (_infonce_bwd_dd_kernel, columns own dd)
+#   ∂/∂d_j     = s·Σ_i dlogits_ij·q_i            (_infonce_bwd_dd_kernel, columns own dd;
+#                                               or, with deterministic=False, atomic adds
+#                                               from the dq kernel: one recomputation of
+#                                               the logits instead of two)
 #   ∂/∂s       = Σ_ij dlogits_ij·(q_i·d_j) = Σ_ij dlogits_ij·logits_ij / s
 #              = Σ_i q_i·(Σ_j dlogits_ij·d_j)
 # The last form is the dq accumulator before its factor s, so the kernels write the
@@ -57,8 +60,9 @@ _RUNNING_MAX_INIT = tl.constexpr(-1e30)
 
 @triton.jit
 def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    # Triton 3.9's interpreter multiplies bf16 operands as their raw uint16 storage; products
-    # of bf16 values are exact in fp32, so upcasting there gives the GPU result bit for bit.
+    # Triton 3.9's interpreter multiplies bf16 operands as their raw uint16 storage. Products
+    # of bf16 values are exact in fp32, so upcasting first yields the same products that
+    # bf16 tensor cores accumulate in fp32.
     if UPCAST_DOT:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -313,7 +317,8 @@ def default_block_sizes(dim: int, dtype: torch.dtype) -> BlockSizes:
     most a few times while the fp32 accumulators still fit in registers."""
     padded_dim = max(16, triton.next_power_of_2(dim))
     if _INTERPRETED:
-        # The interpreter runs each program in Python: fewer, numpy-sized tiles are faster.
+        # The interpreter pays per tile operation in Python; 32-row tiles keep it quick while
+        # the tests' small odd shapes still span several tiles.
         return BlockSizes(m=32, n=32, d=min(padded_dim, 128), d_out=min(padded_dim, 128))
     half = dtype in (torch.float16, torch.bfloat16)
     d_out = min(padded_dim, 256 if half else 128)
