@@ -91,12 +91,16 @@ def _tile_view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return buffer[: rows * cols].view(rows, cols)
 
 
-def _tiles(num_rows: int, num_cols: int, chunk_size: int):
-    """(rows, col_start, col_stop) of chunk_size × chunk_size tiles, columns outermost."""
-    for col_start in range(0, num_cols, chunk_size):
-        col_stop = min(col_start + chunk_size, num_cols)
-        for row_start in range(0, num_rows, chunk_size):
-            yield slice(row_start, min(row_start + chunk_size, num_rows)), col_start, col_stop
+def _column_chunks(docs: torch.Tensor, scale: torch.Tensor, chunk_size: int):
+    """(col_start, col_stop, scale·docs[col_start:col_stop]) per chunk of document rows."""
+    for col_start in range(0, docs.shape[0], chunk_size):
+        col_stop = min(col_start + chunk_size, docs.shape[0])
+        yield col_start, col_stop, docs[col_start:col_stop] * scale
+
+
+def _row_chunks(num_rows: int, chunk_size: int):
+    for row_start in range(0, num_rows, chunk_size):
+        yield slice(row_start, min(row_start + chunk_size, num_rows))
 
 
 def _chunked_logsumexp(
@@ -109,20 +113,17 @@ def _chunked_logsumexp(
 ) -> torch.Tensor:
     """Row logsumexp of scale·queries·docsᵀ (false negatives excluded), tile by tile."""
     lse = queries.new_full((queries.shape[0],), -math.inf)
-    scaled_docs = None
-    for rows, col_start, col_stop in _tiles(queries.shape[0], docs.shape[0], chunk_size):
-        if rows.start == 0:
-            scaled_docs = docs[col_start:col_stop] * scale
-        logits = torch.mm(
-            queries[rows], scaled_docs.T, out=_tile_view(buffer, rows.stop - rows.start,
-                                                          col_stop - col_start)
-        )
-        if doc_ids is not None:
-            logits.masked_fill_(_false_negatives(doc_ids, rows, col_start, col_stop), -math.inf)
-        # Clamped so that a row whose whole tile is excluded gives exp(−inf) = 0, not nan.
-        tile_max = logits.amax(dim=1, keepdim=True).clamp_min_(torch.finfo(logits.dtype).min)
-        tile_lse = logits.sub_(tile_max).exp_().sum(dim=1).log_().add_(tile_max[:, 0])
-        lse[rows] = torch.logaddexp(lse[rows], tile_lse)
+    for col_start, col_stop, scaled_docs in _column_chunks(docs, scale, chunk_size):
+        for rows in _row_chunks(queries.shape[0], chunk_size):
+            tile = _tile_view(buffer, rows.stop - rows.start, col_stop - col_start)
+            logits = torch.mm(queries[rows], scaled_docs.T, out=tile)
+            if doc_ids is not None:
+                excluded = _false_negatives(doc_ids, rows, col_start, col_stop)
+                logits.masked_fill_(excluded, -math.inf)
+            # Clamped so that a row whose whole tile is excluded gives exp(−inf) = 0, not nan.
+            tile_max = logits.amax(dim=1, keepdim=True).clamp_min_(torch.finfo(logits.dtype).min)
+            tile_lse = logits.sub_(tile_max).exp_().sum(dim=1).log_().add_(tile_max[:, 0])
+            lse[rows] = torch.logaddexp(lse[rows], tile_lse)
     return lse
 
 
@@ -138,19 +139,15 @@ def _chunked_softmax_products(
     """(P @ docs, Pᵀ @ queries) for the softmax rows P, recomputing P tile by tile."""
     p_docs = torch.zeros_like(queries)
     pt_queries = torch.zeros_like(docs)
-    scaled_docs = None
-    for rows, col_start, col_stop in _tiles(queries.shape[0], docs.shape[0], chunk_size):
-        if rows.start == 0:
-            scaled_docs = docs[col_start:col_stop] * scale
-        probs = torch.mm(
-            queries[rows], scaled_docs.T, out=_tile_view(buffer, rows.stop - rows.start,
-                                                          col_stop - col_start)
-        )
-        probs.sub_(lse[rows, None]).exp_()
-        if doc_ids is not None:
-            probs.masked_fill_(_false_negatives(doc_ids, rows, col_start, col_stop), 0.0)
-        p_docs[rows].addmm_(probs, docs[col_start:col_stop])
-        pt_queries[col_start:col_stop].addmm_(probs.T, queries[rows])
+    for col_start, col_stop, scaled_docs in _column_chunks(docs, scale, chunk_size):
+        for rows in _row_chunks(queries.shape[0], chunk_size):
+            tile = _tile_view(buffer, rows.stop - rows.start, col_stop - col_start)
+            probs = torch.mm(queries[rows], scaled_docs.T, out=tile)
+            probs.sub_(lse[rows, None]).exp_()
+            if doc_ids is not None:
+                probs.masked_fill_(_false_negatives(doc_ids, rows, col_start, col_stop), 0.0)
+            p_docs[rows].addmm_(probs, docs[col_start:col_stop])
+            pt_queries[col_start:col_stop].addmm_(probs.T, queries[rows])
     return p_docs, pt_queries
 
 
