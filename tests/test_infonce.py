@@ -268,6 +268,17 @@ def test_block_sizes_must_suit_tl_dot():
         BlockSizes(m=16, n=48, d=16, d_out=16)
 
 
+@pytest.mark.slow
+@needs_triton
+def test_triton_larger_odd_shape_matches_naive(seed):
+    q, d = make_embeddings(129, 515, 200)
+    doc_ids = torch.randint(0, 300, (515,), device=DEVICE)
+    results = loss_and_grads(
+        lambda q, d, t: info_nce(q, d, t, True, doc_ids, impl="triton"), q, d
+    )
+    assert_matches_reference(results, reference(q, d, True, doc_ids), 1e-5, 1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize(
@@ -342,6 +353,16 @@ def test_torch_gradcheck_float64(seed, symmetric):
         lambda q, d, t: info_nce(q, d, t, symmetric, doc_ids, impl="torch", chunk_size=4),
         (q.requires_grad_(), d.requires_grad_(), temperature),
     )
+
+
+@pytest.mark.slow
+def test_torch_larger_odd_shape_matches_naive(seed):
+    q, d = make_embeddings(3000, 5000, 384, device="cpu")
+    doc_ids = torch.randint(0, 4000, (5000,))
+    results = loss_and_grads(
+        lambda q, d, t: info_nce(q, d, t, True, doc_ids, impl="torch", chunk_size=1024), q, d
+    )
+    assert_matches_reference(results, reference(q, d, True, doc_ids), 1e-5, 1e-5)
 
 
 def test_torch_saves_only_linear_state(seed):
