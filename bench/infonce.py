@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -200,7 +201,14 @@ def _device_name(device: str) -> str:
 
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU {model}, {os.cpu_count()} cores"
 
 
 def _format_row(config: dict, result: dict, naive: dict | None, on_gpu: bool) -> str:
@@ -246,6 +254,10 @@ def _run_driver(args: argparse.Namespace) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = device == "cuda"
     impls = [impl for impl in args.impls if on_gpu or impl not in GPU_ONLY_IMPLS]
+    if importlib.util.find_spec("inf_cl") is None and "inf_cl" in impls:
+        impls.remove("inf_cl")
+    # Other processes on the machine skew the timings; the header records how busy it was.
+    load_at_start = os.getloadavg()[0]
     # naive first, so the other impls' ratios refer to a measurement from the same run.
     impls.sort(key=lambda impl: impl != "naive")
     rows = _table_header(on_gpu)
@@ -273,6 +285,7 @@ def _run_driver(args: argparse.Namespace) -> str:
         f"- device: {_device_name(device)}",
         f"- date: {datetime.date.today().isoformat()}",
         f"- torch {torch.__version__}, triton {_package_version('triton')}",
+        f"- 1-minute load average at start: {load_at_start:.1f}",
         f"- command: `{command}`",
         f"- fwd+bwd ms: median of {args.repeats} runs after a first run that measures memory;"
         f" temperature 0.05, symmetric={args.symmetric}, chunk_size={args.chunk_size}",
