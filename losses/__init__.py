@@ -1,0 +1,21 @@
+"""Training losses for bi-encoders: InfoNCE (fused, chunked and naive), pair and triplet
+losses, and Matryoshka truncation of any of them."""
+
+from losses.infonce import InfoNCELoss, info_nce
+from losses.pairwise import (
+    ContrastiveLoss,
+    CoSENTLoss,
+    CosineSimilarityLoss,
+    MatryoshkaLoss,
+    TripletLoss,
+)
+
+__all__ = [
+    "CoSENTLoss",
+    "ContrastiveLoss",
+    "CosineSimilarityLoss",
+    "InfoNCELoss",
+    "MatryoshkaLoss",
+    "TripletLoss",
+    "info_nce",
+]

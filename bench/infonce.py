@@ -1,0 +1,309 @@
+"""Benchmark InfoNCE implementations: forward+backward time and peak extra memory.
+
+Compares ``naive`` (matmul + cross-entropy), ``torch`` (chunked online logsumexp),
+``triton`` (the fused kernel, CUDA only) and ``inf_cl`` (Inf-CL's single-GPU
+``cal_flash_loss``, CUDA only, when the ``inf-cl`` package is importable) for B = N
+documents (no extra hard negatives), each configuration in a fresh subprocess so that its
+peak memory is not polluted by the previous one. Peak extra memory is what the loss
+allocates beyond its inputs: on CPU the growth of the resident set size, on GPU
+``torch.cuda.max_memory_allocated`` minus what was allocated before the call. On GPU the
+table also reports achieved TFLOP/s, counting 8·B·N·D flops per direction (forward logits,
+backward recomputation, and the two gradient products). An allocation failure is recorded
+as ``OOM``.
+
+Example (the CPU table committed in bench/results/infonce_cpu.md)::
+
+    python bench/infonce.py --sizes 4096 8192 16384 --dims 384 --dtypes fp32 \\
+        --out bench/results/infonce_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SIZES = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+DIMS = (128, 384, 768)
+DTYPES = ("fp32", "bf16")
+IMPLS = ("naive", "torch", "triton", "inf_cl")
+GPU_ONLY_IMPLS = ("triton", "inf_cl")
+KIB = 1024
+MIB = 1024 * 1024
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
+                        help="batch sizes B (= N) to measure")
+    parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS),
+                        help="embedding dimensions D")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
+                        help="implementations; triton and inf_cl are skipped without CUDA")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--symmetric", action="store_true", help="add the doc→query term")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="chunk of impl=torch")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs after the first (memory) run; the median is kept")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds before a configuration is recorded as a timeout")
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------
+# Worker: one configuration, in its own process.
+# ------------------------------------------------------------------------------------------
+
+
+def _reset_peak_rss() -> bool:
+    # Writing 5 to clear_refs resets the kernel's high-water RSS mark (Linux >= 4.0), so
+    # the peak is measured from here and not from import time.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * KIB
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _loss_fn(impl: str, config: dict):
+    import torch
+
+    temperature = 0.05
+    if impl == "inf_cl":
+        from inf_cl import cal_flash_loss
+
+        dim = config["dim"]
+        head_dim = next(h for h in (256, 128, 64, 32, 16) if dim % h == 0)
+        return lambda q, d: cal_flash_loss(q, d, scale=1 / temperature, head_dim=head_dim).mean()
+
+    from losses.infonce import info_nce
+
+    def loss(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return info_nce(
+            q, d, temperature, symmetric=config["symmetric"], impl=impl,
+            chunk_size=config["chunk_size"],
+        )
+
+    return loss
+
+
+def _is_oom(error: BaseException) -> bool:
+    import torch
+
+    message = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError)
+        and ("out of memory" in message or "can't allocate memory" in message)
+    )
+
+
+def _run_worker(config: dict) -> dict:
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT))
+    device = torch.device(config["device"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[config["dtype"]]
+    size, dim = config["size"], config["dim"]
+    loss_fn = _loss_fn(config["impl"], config)
+    on_gpu = device.type == "cuda"
+
+    def synchronize() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def step(q: torch.Tensor, d: torch.Tensor) -> float:
+        q.grad = d.grad = None
+        synchronize()
+        start = time.perf_counter()
+        loss_fn(q, d).backward()
+        synchronize()
+        return time.perf_counter() - start
+
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def embeddings(rows: int) -> torch.Tensor:
+        x = torch.randn(rows, dim, device=device, generator=generator)
+        return torch.nn.functional.normalize(x, dim=1).to(dtype).requires_grad_()
+
+    # A tiny warm-up loads kernels and thread pools before the baseline is taken.
+    step(embeddings(64), embeddings(64))
+    q, d = embeddings(size), embeddings(size)
+    try:
+        if on_gpu:
+            baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            first = step(q, d)
+            peak_extra = torch.cuda.max_memory_allocated() - baseline
+        else:
+            baseline = _rss_bytes("VmRSS")
+            if _reset_peak_rss():
+                first = step(q, d)
+                peak_extra = _rss_bytes("VmHWM") - baseline
+            else:
+                first = step(q, d)
+                peak_extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB - baseline
+        times = [step(q, d) for _ in range(config["repeats"])] or [first]
+    except (RuntimeError, MemoryError) as error:
+        if isinstance(error, MemoryError) or _is_oom(error):
+            return {"status": "OOM"}
+        raise
+    return {"status": "ok", "seconds": statistics.median(times), "peak_extra_bytes": peak_extra}
+
+
+# ------------------------------------------------------------------------------------------
+# Driver: spawn workers, build the table.
+# ------------------------------------------------------------------------------------------
+
+
+def _measure(config: dict, timeout: float) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout"}
+    if completed.returncode == -9:
+        # SIGKILL during a big allocation is the Linux OOM killer.
+        return {"status": "OOM"}
+    if completed.returncode != 0:
+        last_line = (completed.stderr.strip().splitlines() or ["?"])[-1]
+        return {"status": f"error: {last_line[:80]}"}
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU {model}, {os.cpu_count()} cores"
+
+
+def _format_row(config: dict, result: dict, naive: dict | None, on_gpu: bool) -> str:
+    cells = [config["impl"], str(config["size"]), str(config["dim"]), config["dtype"]]
+    if result["status"] != "ok":
+        cells += [result["status"]] + ["–"] * (4 + on_gpu)
+        return "| " + " | ".join(cells) + " |"
+    seconds, peak = result["seconds"], result["peak_extra_bytes"]
+    naive_ok = naive is not None and naive["status"] == "ok"
+    cells += [
+        f"{seconds * 1e3:.1f}",
+        f"{seconds / naive['seconds']:.2f}×" if naive_ok else "–",
+        f"{peak / MIB:.1f}",
+        f"{naive['peak_extra_bytes'] / max(peak, 1):.1f}×" if naive_ok else "–",
+    ]
+    if on_gpu:
+        directions = 2 if config["symmetric"] else 1
+        flops = 8 * directions * config["size"] ** 2 * config["dim"]
+        cells.append(f"{flops / seconds / 1e12:.1f}")
+    return "| " + " | ".join(cells) + " |"
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _table_header(on_gpu: bool) -> list[str]:
+    columns = ["impl", "B = N", "D", "dtype", "fwd+bwd ms", "time / naive",
+               "peak extra MiB", "naive mem / mem"]
+    if on_gpu:
+        columns.append("TFLOP/s")
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def _run_driver(args: argparse.Namespace) -> str:
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = device == "cuda"
+    impls = [impl for impl in args.impls if on_gpu or impl not in GPU_ONLY_IMPLS]
+    if importlib.util.find_spec("inf_cl") is None and "inf_cl" in impls:
+        impls.remove("inf_cl")
+    # Other processes on the machine skew the timings; the header records how busy it was.
+    load_at_start = os.getloadavg()[0]
+    # naive first, so the other impls' ratios refer to a measurement from the same run.
+    impls.sort(key=lambda impl: impl != "naive")
+    rows = _table_header(on_gpu)
+    print("\n".join(rows), flush=True)
+    for dtype in args.dtypes:
+        for dim in args.dims:
+            for size in args.sizes:
+                naive = None
+                for impl in impls:
+                    config = {
+                        "impl": impl, "size": size, "dim": dim, "dtype": dtype,
+                        "device": device, "symmetric": args.symmetric,
+                        "chunk_size": args.chunk_size, "repeats": args.repeats,
+                    }
+                    result = _measure(config, args.timeout)
+                    if impl == "naive":
+                        naive = result
+                    rows.append(_format_row(config, result, naive, on_gpu))
+                    print(rows[-1], flush=True)
+
+    command = " ".join(shlex.quote(part) for part in ["python", *sys.argv])
+    header = [
+        "# InfoNCE benchmark",
+        "",
+        f"- device: {_device_name(device)}",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- torch {torch.__version__}, triton {_package_version('triton')}",
+        f"- 1-minute load average at start: {load_at_start:.1f}",
+        f"- command: `{command}`",
+        f"- fwd+bwd ms: median of {args.repeats} runs after a first run that measures memory;"
+        f" temperature 0.05, symmetric={args.symmetric}, chunk_size={args.chunk_size}",
+        "",
+    ]
+    return "\n".join(header + rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    if args.worker:
+        print(json.dumps(_run_worker(json.loads(args.worker))))
+        return
+    table = _run_driver(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()

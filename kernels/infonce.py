@@ -1,0 +1,591 @@
+"""Fused InfoNCE (in-batch negatives + shared hard negatives) as Triton kernels.
+
+The B×N logit matrix is never materialised: the forward pass keeps only the per-row
+logsumexp, the backward pass recomputes each logit tile from q and d. Memory is O(B + N)
+beyond the inputs and their gradients.
+
+On a machine without CUDA the kernels run under Triton's interpreter on CPU tensors; set
+``TRITON_INTERPRET=1`` before this module is imported (Triton reads it when the kernels are
+decorated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+# ------------------------------------------------------------------------------------------
+# Math. q: [B, D] queries, d: [N, D] documents, N >= B; d[i] is the positive of q[i] and
+# d[B:] are hard negatives shared by every query. s = 1/τ.
+#
+#   logits_ij = s·q_i·d_j                       excluded (−inf) when j >= N, or when
+#                                               j != i and doc_ids[j] == doc_ids[i]
+#   loss_i    = lse_i − logits_ii,   lse_i = logsumexp_j logits_ij,   L = mean_i loss_i
+#
+# Forward (one program per BLOCK_M rows): walk the column tiles keeping an online softmax
+# state in fp32, running max m_i and running sum l_i of exp(logits − m_i):
+#   m' = max(m, max_j logits_ij);  l = l·exp(m − m') + Σ_j exp(logits_ij − m');  m = m'
+# and finally lse_i = m_i + log l_i. Only lse[B] (and loss[B]) are written: O(B).
+#
+# Backward, with upstream gradient g_i = ∂L_total/∂loss_i (G/B for the mean):
+#   p_ij       = exp(logits_ij − lse_i)          (recomputed per tile, 0 where excluded)
+#   dlogits_ij = g_i·(p_ij − [i == j])
+#   ∂/∂q_i     = s·Σ_j dlogits_ij·d_j            (_infonce_bwd_dq_kernel, rows own dq)
+#   ∂/∂d_j     = s·Σ_i dlogits_ij·q_i            (_infonce_bwd_dd_kernel, columns own dd;
+#                                               or, with deterministic=False, atomic adds
+#                                               from the dq kernel: one recomputation of
+#                                               the logits instead of two)
+#   ∂/∂s       = Σ_ij dlogits_ij·(q_i·d_j) = Σ_ij dlogits_ij·logits_ij / s
+#              = Σ_i q_i·(Σ_j dlogits_ij·d_j)
+# The last form is the dq accumulator before its factor s, so the kernels write the
+# unscaled accumulators (dlogits·d and dlogitsᵀ·q) in fp32 and the host gets ∂/∂s from an
+# O(B·D) dot product instead of a third reduction over the B×N tiles.
+#
+# The symmetric (document→query) term over the B positives is the same problem with the
+# roles swapped, (d[:B], q, doc_ids[:B]), so it reuses these kernels.
+#
+# Every tile product accumulates in fp32 whatever the input dtype; dlogits is cast to the
+# input dtype before the backward products, as FlashAttention does with P, so fp16/bf16
+# use tensor cores.
+# ------------------------------------------------------------------------------------------
+
+# Finite stand-in for −inf as the initial running max: a row whose first column tiles are
+# all excluded then gives exp(−inf − (−1e30)) = 0 instead of exp(−inf + inf) = nan.
+_RUNNING_MAX_INIT = tl.constexpr(-1e30)
+
+
+@triton.jit
+def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # Triton 3.9's interpreter multiplies bf16 operands as their raw uint16 storage. Products
+    # of bf16 values are exact in fp32, so upcasting first yields the same products that
+    # bf16 tensor cores accumulate in fp32.
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _raw_dot_tile(
+    q_ptr, d_ptr,
+    rows, cols, B, N, D,
+    stride_q, stride_d,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """q[rows]·d[cols]ᵀ in fp32, looping over D in BLOCK_D slices (zeros outside B, N, D)."""
+    # int64 so that row·stride cannot overflow for B, N up to 65,536 and D up to 4096.
+    q_row_offsets = rows.to(tl.int64)[:, None] * stride_q
+    d_row_offsets = cols.to(tl.int64)[:, None] * stride_d
+    row_in = rows[:, None] < B
+    col_in = cols[:, None] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, D, BLOCK_D):
+        ks = k_start + tl.arange(0, BLOCK_D)
+        k_in = ks[None, :] < D
+        q_tile = tl.load(q_ptr + q_row_offsets + ks[None, :], mask=row_in & k_in, other=0.0)
+        d_tile = tl.load(d_ptr + d_row_offsets + ks[None, :], mask=col_in & k_in, other=0.0)
+        acc = _dot(q_tile, tl.trans(d_tile), acc, INPUT_PRECISION, UPCAST_DOT)
+    return acc
+
+
+@triton.jit
+def _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS: tl.constexpr):
+    if HAS_DOC_IDS:
+        return tl.load(doc_ids_ptr + rows, mask=rows < B, other=-1)
+    # Without doc ids the value is never read; Triton needs a tensor either way.
+    return rows
+
+
+@triton.jit
+def _excluded_columns(
+    doc_ids_ptr, rows, cols, row_doc_ids, N,
+    HAS_DOC_IDS: tl.constexpr,
+):
+    """Mask of logits that leave the logsumexp: padding columns and false negatives."""
+    excluded = cols[None, :] >= N
+    if HAS_DOC_IDS:
+        col_doc_ids = tl.load(doc_ids_ptr + cols, mask=cols < N, other=-1)
+        same_doc = row_doc_ids[:, None] == col_doc_ids[None, :]
+        excluded = excluded | (same_doc & (rows[:, None] != cols[None, :]))
+    return excluded
+
+
+@triton.jit
+def _dlogits_tile(
+    q_ptr, d_ptr, doc_ids_ptr,
+    rows, cols, row_lse, row_doc_ids, scale, row_grad,
+    B, N, D,
+    stride_q, stride_d,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DOC_IDS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """g·(softmax − onehot) for one tile, recomputed from q and d; 0 outside the problem."""
+    raw = _raw_dot_tile(
+        q_ptr, d_ptr, rows, cols, B, N, D, stride_q, stride_d,
+        BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST_DOT,
+    )
+    excluded = _excluded_columns(doc_ids_ptr, rows, cols, row_doc_ids, N, HAS_DOC_IDS)
+    # Padding rows have lse 0, where exp(logits) may overflow; they must contribute exactly 0.
+    excluded = excluded | (rows[:, None] >= B)
+    probs = tl.where(excluded, 0.0, tl.exp(raw * scale - row_lse[:, None]))
+    is_positive = (rows[:, None] == cols[None, :]) & (rows[:, None] < B)
+    return row_grad * (probs - is_positive.to(tl.float32))
+
+
+@triton.jit
+def _infonce_fwd_kernel(
+    q_ptr, d_ptr, doc_ids_ptr, scale_ptr, lse_ptr, loss_ptr,
+    B, N, D,
+    stride_q, stride_d,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DOC_IDS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < B
+    # The scale is read on the device so that a learnable temperature needs no host sync.
+    scale = tl.load(scale_ptr).to(tl.float32)
+    row_doc_ids = _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS)
+
+    running_max = tl.full((BLOCK_M,), _RUNNING_MAX_INIT, dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    positive_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for col_start in range(0, N, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        logits = scale * _raw_dot_tile(
+            q_ptr, d_ptr, rows, cols, B, N, D, stride_q, stride_d,
+            BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST_DOT,
+        )
+        is_positive = rows[:, None] == cols[None, :]
+        positive_logit += tl.sum(tl.where(is_positive, logits, 0.0), axis=1)
+        excluded = _excluded_columns(doc_ids_ptr, rows, cols, row_doc_ids, N, HAS_DOC_IDS)
+        logits = tl.where(excluded, float("-inf"), logits)
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
+            tl.exp(logits - new_max[:, None]), axis=1
+        )
+        running_max = new_max
+
+    lse = running_max + tl.log(running_sum)
+    tl.store(lse_ptr + rows, lse, mask=row_in)
+    tl.store(loss_ptr + rows, lse - positive_logit, mask=row_in)
+
+
+@triton.jit
+def _infonce_bwd_dq_kernel(
+    q_ptr, d_ptr, doc_ids_ptr, scale_ptr, lse_ptr, row_grad_ptr, dq_ptr, dd_ptr,
+    B, N, D,
+    stride_q, stride_d, stride_dq, stride_dd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DOUT: tl.constexpr,
+    HAS_DOC_IDS: tl.constexpr, ATOMIC_DD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """dq_unscaled[rows, k-slice] = Σ_j dlogits·d; with ATOMIC_DD also adds dlogitsᵀ·q to dd.
+
+    The second grid axis splits D into BLOCK_DOUT slices: an fp32 [BLOCK_M, D] accumulator
+    would not fit in registers for large D, and for D <= BLOCK_DOUT there is a single slice
+    and no logit is recomputed twice.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
+    row_in = rows < B
+    k_in = ks < D
+    scale = tl.load(scale_ptr).to(tl.float32)
+    row_grad = tl.load(row_grad_ptr).to(tl.float32)
+    row_lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+    row_doc_ids = _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS)
+    q_out = tl.load(
+        q_ptr + rows.to(tl.int64)[:, None] * stride_q + ks[None, :],
+        mask=row_in[:, None] & k_in[None, :], other=0.0,
+    )
+
+    dq_acc = tl.zeros((BLOCK_M, BLOCK_DOUT), dtype=tl.float32)
+    for col_start in range(0, N, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        col_in = cols < N
+        dlogits = _dlogits_tile(
+            q_ptr, d_ptr, doc_ids_ptr, rows, cols, row_lse, row_doc_ids, scale, row_grad,
+            B, N, D, stride_q, stride_d,
+            BLOCK_M, BLOCK_N, BLOCK_D, HAS_DOC_IDS, INPUT_PRECISION, UPCAST_DOT,
+        )
+        d_out = tl.load(
+            d_ptr + cols.to(tl.int64)[:, None] * stride_d + ks[None, :],
+            mask=col_in[:, None] & k_in[None, :], other=0.0,
+        )
+        dq_acc = _dot(dlogits.to(d_out.dtype), d_out, dq_acc, INPUT_PRECISION, UPCAST_DOT)
+        if ATOMIC_DD:
+            dd_part = _dot(
+                tl.trans(dlogits).to(q_out.dtype), q_out,
+                tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32),
+                INPUT_PRECISION, UPCAST_DOT,
+            )
+            tl.atomic_add(
+                dd_ptr + cols.to(tl.int64)[:, None] * stride_dd + ks[None, :],
+                dd_part, mask=col_in[:, None] & k_in[None, :],
+            )
+
+    tl.store(
+        dq_ptr + rows.to(tl.int64)[:, None] * stride_dq + ks[None, :],
+        dq_acc, mask=row_in[:, None] & k_in[None, :],
+    )
+
+
+@triton.jit
+def _infonce_bwd_dd_kernel(
+    q_ptr, d_ptr, doc_ids_ptr, scale_ptr, lse_ptr, row_grad_ptr, dd_ptr,
+    B, N, D,
+    stride_q, stride_d, stride_dd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DOUT: tl.constexpr,
+    HAS_DOC_IDS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """dd_unscaled[cols, k-slice] = Σ_i dlogitsᵀ·q, each column tile owned by one program.
+
+    Owning the column tile (instead of atomically adding into it from the row programs)
+    fixes the summation order, so the result is bitwise reproducible.
+    """
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
+    col_in = cols < N
+    k_in = ks < D
+    scale = tl.load(scale_ptr).to(tl.float32)
+    row_grad = tl.load(row_grad_ptr).to(tl.float32)
+
+    dd_acc = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
+    for row_start in range(0, B, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_in = rows < B
+        row_lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+        row_doc_ids = _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS)
+        dlogits = _dlogits_tile(
+            q_ptr, d_ptr, doc_ids_ptr, rows, cols, row_lse, row_doc_ids, scale, row_grad,
+            B, N, D, stride_q, stride_d,
+            BLOCK_M, BLOCK_N, BLOCK_D, HAS_DOC_IDS, INPUT_PRECISION, UPCAST_DOT,
+        )
+        q_out = tl.load(
+            q_ptr + rows.to(tl.int64)[:, None] * stride_q + ks[None, :],
+            mask=row_in[:, None] & k_in[None, :], other=0.0,
+        )
+        dd_acc = _dot(
+            tl.trans(dlogits).to(q_out.dtype), q_out, dd_acc, INPUT_PRECISION, UPCAST_DOT
+        )
+
+    tl.store(
+        dd_ptr + cols.to(tl.int64)[:, None] * stride_dd + ks[None, :],
+        dd_acc, mask=col_in[:, None] & k_in[None, :],
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Host side.
+# ------------------------------------------------------------------------------------------
+
+# Decided when the kernels above were decorated, so it must be read at import, not per call.
+_INTERPRETED = knobs.runtime.interpret
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """Tile shape of the kernels; powers of two >= 16, the smallest tile tl.dot accepts.
+
+    ``m`` rows of q and ``n`` rows of d per tile, ``d`` the embedding slice of one logit
+    product, ``d_out`` the embedding slice of one gradient accumulator.
+    """
+
+    m: int
+    n: int
+    d: int
+    d_out: int
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("m", "n", "d", "d_out"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"block size {name}={value} must be a power of two >= 16")
+
+
+def default_block_sizes(dim: int, dtype: torch.dtype) -> BlockSizes:
+    """Tile shape for embedding dimension ``dim``: one gradient slice up to 128 (fp32) or
+    256 (fp16/bf16) dims, so the usual 128–768-dim embeddings recompute each logit tile at
+    most a few times while the fp32 accumulators still fit in registers."""
+    padded_dim = max(16, triton.next_power_of_2(dim))
+    if _INTERPRETED:
+        # The interpreter pays per tile operation in Python; 32-row tiles keep it quick while
+        # the tests' small odd shapes still span several tiles.
+        return BlockSizes(m=32, n=32, d=min(padded_dim, 128), d_out=min(padded_dim, 128))
+    half = dtype in (torch.float16, torch.bfloat16)
+    d_out = min(padded_dim, 256 if half else 128)
+    return BlockSizes(
+        m=64, n=64, d=64 if half else 32, d_out=d_out, num_warps=8 if d_out >= 128 else 4
+    )
+
+
+@dataclass(frozen=True)
+class InfoNCEForward:
+    """Result of :func:`infonce_forward`: the mean loss and the O(B) softmax statistics."""
+
+    loss: torch.Tensor
+    row_lse: torch.Tensor
+    col_lse: torch.Tensor | None
+
+
+def _validated(
+    q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Checks shapes, dtypes and devices; returns contiguous q, d and int64 doc ids."""
+    if q.dim() != 2 or d.dim() != 2:
+        raise ValueError(f"q and d must be 2-D, got {tuple(q.shape)} and {tuple(d.shape)}")
+    if q.shape[1] != d.shape[1]:
+        raise ValueError(f"q and d must share the embedding dim, got {q.shape[1]} != {d.shape[1]}")
+    batch, num_docs = q.shape[0], d.shape[0]
+    if batch == 0 or q.shape[1] == 0:
+        raise ValueError("q must have at least one row and one column")
+    if num_docs < batch:
+        raise ValueError(f"d needs one positive per query: N={num_docs} < B={batch}")
+    if q.device != d.device:
+        raise ValueError(f"q is on {q.device} but d is on {d.device}")
+    if q.dtype != d.dtype:
+        raise ValueError(f"q is {q.dtype} but d is {d.dtype}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {q.dtype} not supported; use one of {_SUPPORTED_DTYPES}")
+    if not (q.is_cuda or (_INTERPRETED and q.device.type == "cpu")):
+        raise RuntimeError(
+            "the Triton InfoNCE kernels need CUDA tensors; for CPU tensors set "
+            "TRITON_INTERPRET=1 before kernels.infonce is first imported"
+        )
+    if doc_ids is not None:
+        if doc_ids.shape != (num_docs,):
+            raise ValueError(f"doc_ids must have shape ({num_docs},), got {tuple(doc_ids.shape)}")
+        if doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex or (
+            doc_ids.dtype == torch.bool
+        ):
+            raise TypeError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
+        if doc_ids.device != q.device:
+            raise ValueError(f"doc_ids is on {doc_ids.device} but q is on {q.device}")
+        doc_ids = doc_ids.to(torch.int64).contiguous()
+    return q.contiguous(), d.contiguous(), doc_ids
+
+
+def _scale_tensor(scale: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a scalar, got shape {tuple(scale.shape)}")
+        return scale.detach().to(device=device, dtype=torch.float32).reshape(())
+    return torch.tensor(float(scale), device=device, dtype=torch.float32)
+
+
+def _kernel_flags(dtype: torch.dtype) -> dict[str, object]:
+    # fp32 inputs follow torch's own matmul setting, so the fused loss matches a plain
+    # `q @ d.T` reference unless the user opted into TF32 there too.
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    return {
+        "INPUT_PRECISION": "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32",
+        "UPCAST_DOT": _INTERPRETED and dtype == torch.bfloat16,
+    }
+
+
+def _launch_forward(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    scale: torch.Tensor,
+    blocks: BlockSizes,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One direction: per-row (lse, loss) in fp32 for queries q against documents d."""
+    batch, dim = q.shape
+    num_docs = d.shape[0]
+    lse = torch.empty(batch, device=q.device, dtype=torch.float32)
+    row_loss = torch.empty_like(lse)
+    grid = (triton.cdiv(batch, blocks.m),)
+    _infonce_fwd_kernel[grid](
+        q, d, doc_ids if doc_ids is not None else lse, scale, lse, row_loss,
+        batch, num_docs, dim,
+        q.stride(0), d.stride(0),
+        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d,
+        HAS_DOC_IDS=doc_ids is not None, **_kernel_flags(q.dtype),
+        num_warps=blocks.num_warps,
+    )
+    return lse, row_loss
+
+
+def _launch_backward(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    row_grad: torch.Tensor,
+    deterministic: bool,
+    blocks: BlockSizes,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One direction: fp32 (Σ_j dlogits·d, Σ_i dlogitsᵀ·q), i.e. the gradients over s."""
+    batch, dim = q.shape
+    num_docs = d.shape[0]
+    dq = torch.empty(batch, dim, device=q.device, dtype=torch.float32)
+    dd = (torch.empty if deterministic else torch.zeros)(
+        num_docs, dim, device=q.device, dtype=torch.float32
+    )
+    doc_ids_arg = doc_ids if doc_ids is not None else lse
+    flags = _kernel_flags(q.dtype)
+    k_slices = triton.cdiv(dim, blocks.d_out)
+    _infonce_bwd_dq_kernel[(triton.cdiv(batch, blocks.m), k_slices)](
+        q, d, doc_ids_arg, scale, lse, row_grad, dq, dd,
+        batch, num_docs, dim,
+        q.stride(0), d.stride(0), dq.stride(0), dd.stride(0),
+        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, BLOCK_DOUT=blocks.d_out,
+        HAS_DOC_IDS=doc_ids is not None, ATOMIC_DD=not deterministic, **flags,
+        num_warps=blocks.num_warps,
+    )
+    if deterministic:
+        _infonce_bwd_dd_kernel[(triton.cdiv(num_docs, blocks.n), k_slices)](
+            q, d, doc_ids_arg, scale, lse, row_grad, dd,
+            batch, num_docs, dim,
+            q.stride(0), d.stride(0), dd.stride(0),
+            BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, BLOCK_DOUT=blocks.d_out,
+            HAS_DOC_IDS=doc_ids is not None, **flags,
+            num_warps=blocks.num_warps,
+        )
+    return dq, dd
+
+
+def infonce_forward(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: float | torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+    symmetric: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> InfoNCEForward:
+    """Mean InfoNCE loss (fp32 scalar) plus the per-row logsumexp needed by the backward.
+
+    ``col_lse`` is the document→query logsumexp over the B positives when ``symmetric``.
+    Non-contiguous inputs are copied to contiguous ones.
+    """
+    q, d, doc_ids = _validated(q, d, doc_ids)
+    scale = _scale_tensor(scale, q.device)
+    blocks = block_sizes or default_block_sizes(q.shape[1], q.dtype)
+    row_lse, row_loss = _launch_forward(q, d, doc_ids, scale, blocks)
+    if not symmetric:
+        return InfoNCEForward(loss=row_loss.mean(), row_lse=row_lse, col_lse=None)
+    batch = q.shape[0]
+    positive_ids = doc_ids[:batch] if doc_ids is not None else None
+    col_lse, col_loss = _launch_forward(d[:batch], q, positive_ids, scale, blocks)
+    return InfoNCEForward(
+        loss=(row_loss.mean() + col_loss.mean()) / 2, row_lse=row_lse, col_lse=col_lse
+    )
+
+
+def infonce_backward(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: float | torch.Tensor,
+    grad_loss: torch.Tensor,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    deterministic: bool = True,
+    block_sizes: BlockSizes | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dd, dscale) of the mean loss scaled by the upstream ``grad_loss``.
+
+    The symmetric term is included when ``col_lse`` is given. ``deterministic=False``
+    accumulates dd with atomic adds from the dq pass: one logit recomputation instead of
+    two, but the fp32 summation order (hence the last bits) varies between runs on a GPU.
+    """
+    q, d, doc_ids = _validated(q, d, doc_ids)
+    scale = _scale_tensor(scale, q.device)
+    blocks = block_sizes or default_block_sizes(q.shape[1], q.dtype)
+    batch = q.shape[0]
+    directions = 1 if col_lse is None else 2
+    row_grad = (grad_loss.detach().to(device=q.device, dtype=torch.float32) / (
+        batch * directions
+    )).reshape(1)
+
+    dq, dd = _launch_backward(q, d, doc_ids, scale, row_lse, row_grad, deterministic, blocks)
+    dscale = torch.dot(q.float().flatten(), dq.flatten())
+    if col_lse is not None:
+        positives = d[:batch]
+        positive_ids = doc_ids[:batch] if doc_ids is not None else None
+        d_positives, dq_from_columns = _launch_backward(
+            positives, q, positive_ids, scale, col_lse, row_grad, deterministic, blocks
+        )
+        dscale = dscale + torch.dot(positives.float().flatten(), d_positives.flatten())
+        dq += dq_from_columns
+        dd[:batch] += d_positives
+    return (dq * scale).to(q.dtype), (dd * scale).to(d.dtype), dscale
+
+
+class InfoNCEFunction(torch.autograd.Function):
+    """Autograd wrapper: saves q, d, doc ids, the scale and the O(B) logsumexps only."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        d: torch.Tensor,
+        scale: torch.Tensor,
+        doc_ids: torch.Tensor | None,
+        symmetric: bool,
+        deterministic: bool,
+        block_sizes: BlockSizes | None,
+    ) -> torch.Tensor:
+        q, d, doc_ids = _validated(q, d, doc_ids)
+        result = infonce_forward(q, d, scale, doc_ids, symmetric, block_sizes)
+        ctx.save_for_backward(q, d, scale, doc_ids, result.row_lse, result.col_lse)
+        ctx.deterministic = deterministic
+        ctx.block_sizes = block_sizes
+        return result.loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        q, d, scale, doc_ids, row_lse, col_lse = ctx.saved_tensors
+        dq, dd, dscale = infonce_backward(
+            q, d, scale, grad_loss, row_lse, col_lse, doc_ids,
+            ctx.deterministic, ctx.block_sizes,
+        )
+        needs_q, needs_d, needs_scale = ctx.needs_input_grad[:3]
+        return (
+            dq if needs_q else None,
+            dd if needs_d else None,
+            dscale.reshape(scale.shape) if needs_scale else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fused_info_nce(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: float | torch.Tensor,
+    symmetric: bool = False,
+    doc_ids: torch.Tensor | None = None,
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """Mean InfoNCE loss of queries ``q`` [B, D] against documents ``d`` [N, D], fused.
+
+    ``d[i]`` is the positive of ``q[i]`` and ``d[B:]`` are hard negatives shared by all
+    queries; logits are ``scale · q · dᵀ`` (scale = 1/temperature, a float or a 0-dim tensor
+    that may require grad). ``symmetric`` averages in the document→query loss over the B
+    positives. ``doc_ids`` [N] removes false negatives: column j != i leaves row i's softmax
+    when ``doc_ids[j] == doc_ids[i]``. ``deterministic=False`` trades bitwise
+    reproducibility of dd for one fewer logit recomputation (atomic adds). Returns an fp32
+    scalar whatever the input dtype (fp32, fp16 or bf16); memory beyond the inputs and
+    their gradients is O(B + N).
+    """
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a scalar, got shape {tuple(scale.shape)}")
+        # Kept differentiable: the .to() and reshape carry the gradient back to `scale`.
+        scale_tensor = scale.to(device=q.device, dtype=torch.float32).reshape(())
+    else:
+        scale_tensor = torch.tensor(float(scale), device=q.device, dtype=torch.float32)
+    return InfoNCEFunction.apply(q, d, scale_tensor, doc_ids, symmetric, deterministic, None)
