@@ -50,20 +50,35 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
-                        help="batch sizes B (= N) to measure")
-    parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS),
-                        help="embedding dimensions D")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=list(SIZES), help="batch sizes B (= N) to measure"
+    )
+    parser.add_argument(
+        "--dims", type=int, nargs="+", default=list(DIMS), help="embedding dimensions D"
+    )
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
-                        help="implementations; triton and inf_cl are skipped without CUDA")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=list(IMPLS),
+        help="implementations; triton and inf_cl are skipped without CUDA",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--symmetric", action="store_true", help="add the doc→query term")
     parser.add_argument("--chunk-size", type=int, default=4096, help="chunk of impl=torch")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs after the first (memory) run; the median is kept")
-    parser.add_argument("--timeout", type=float, default=1800.0,
-                        help="seconds before a configuration is recorded as a timeout")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs after the first (memory) run; the median is kept",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds before a configuration is recorded as a timeout",
+    )
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -106,7 +121,11 @@ def _loss_fn(impl: str, config: dict):
 
     def loss(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         return info_nce(
-            q, d, temperature, symmetric=config["symmetric"], impl=impl,
+            q,
+            d,
+            temperature,
+            symmetric=config["symmetric"],
+            impl=impl,
             chunk_size=config["chunk_size"],
         )
 
@@ -239,8 +258,16 @@ def _package_version(name: str) -> str:
 
 
 def _table_header(on_gpu: bool) -> list[str]:
-    columns = ["impl", "B = N", "D", "dtype", "fwd+bwd ms", "time / naive",
-               "peak extra MiB", "naive mem / mem"]
+    columns = [
+        "impl",
+        "B = N",
+        "D",
+        "dtype",
+        "fwd+bwd ms",
+        "time / naive",
+        "peak extra MiB",
+        "naive mem / mem",
+    ]
     if on_gpu:
         columns.append("TFLOP/s")
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -268,9 +295,14 @@ def _run_driver(args: argparse.Namespace) -> str:
                 naive = None
                 for impl in impls:
                     config = {
-                        "impl": impl, "size": size, "dim": dim, "dtype": dtype,
-                        "device": device, "symmetric": args.symmetric,
-                        "chunk_size": args.chunk_size, "repeats": args.repeats,
+                        "impl": impl,
+                        "size": size,
+                        "dim": dim,
+                        "dtype": dtype,
+                        "device": device,
+                        "symmetric": args.symmetric,
+                        "chunk_size": args.chunk_size,
+                        "repeats": args.repeats,
                     }
                     result = _measure(config, args.timeout)
                     if impl == "naive":

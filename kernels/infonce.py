@@ -71,11 +71,20 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 @triton.jit
 def _raw_dot_tile(
-    q_ptr, d_ptr,
-    rows, cols, B, N, D,
-    stride_q, stride_d,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    q_ptr,
+    d_ptr,
+    rows,
+    cols,
+    B,
+    N,
+    D,
+    stride_q,
+    stride_d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """q[rows]·d[cols]ᵀ in fp32, looping over D in BLOCK_D slices (zeros outside B, N, D)."""
     # int64 so that row·stride cannot overflow for B, N up to 65,536 and D up to 4096.
@@ -103,7 +112,11 @@ def _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS: tl.constexpr):
 
 @triton.jit
 def _excluded_columns(
-    doc_ids_ptr, rows, cols, row_doc_ids, N,
+    doc_ids_ptr,
+    rows,
+    cols,
+    row_doc_ids,
+    N,
     HAS_DOC_IDS: tl.constexpr,
 ):
     """Mask of logits that leave the logsumexp: padding columns and false negatives."""
@@ -117,17 +130,43 @@ def _excluded_columns(
 
 @triton.jit
 def _dlogits_tile(
-    q_ptr, d_ptr, doc_ids_ptr,
-    rows, cols, row_lse, row_doc_ids, scale, row_grad,
-    B, N, D,
-    stride_q, stride_d,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_DOC_IDS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    q_ptr,
+    d_ptr,
+    doc_ids_ptr,
+    rows,
+    cols,
+    row_lse,
+    row_doc_ids,
+    scale,
+    row_grad,
+    B,
+    N,
+    D,
+    stride_q,
+    stride_d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DOC_IDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """g·(softmax − onehot) for one tile, recomputed from q and d; 0 outside the problem."""
     raw = _raw_dot_tile(
-        q_ptr, d_ptr, rows, cols, B, N, D, stride_q, stride_d,
-        BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST_DOT,
+        q_ptr,
+        d_ptr,
+        rows,
+        cols,
+        B,
+        N,
+        D,
+        stride_q,
+        stride_d,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+        INPUT_PRECISION,
+        UPCAST_DOT,
     )
     excluded = _excluded_columns(doc_ids_ptr, rows, cols, row_doc_ids, N, HAS_DOC_IDS)
     # Padding rows have lse 0, where exp(logits) may overflow; they must contribute exactly 0.
@@ -139,11 +178,23 @@ def _dlogits_tile(
 
 @triton.jit
 def _infonce_fwd_kernel(
-    q_ptr, d_ptr, doc_ids_ptr, scale_ptr, lse_ptr, loss_ptr,
-    B, N, D,
-    stride_q, stride_d,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_DOC_IDS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    q_ptr,
+    d_ptr,
+    doc_ids_ptr,
+    scale_ptr,
+    lse_ptr,
+    loss_ptr,
+    B,
+    N,
+    D,
+    stride_q,
+    stride_d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DOC_IDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < B
@@ -157,8 +208,20 @@ def _infonce_fwd_kernel(
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         logits = scale * _raw_dot_tile(
-            q_ptr, d_ptr, rows, cols, B, N, D, stride_q, stride_d,
-            BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, UPCAST_DOT,
+            q_ptr,
+            d_ptr,
+            rows,
+            cols,
+            B,
+            N,
+            D,
+            stride_q,
+            stride_d,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            INPUT_PRECISION,
+            UPCAST_DOT,
         )
         is_positive = rows[:, None] == cols[None, :]
         positive_logit += tl.sum(tl.where(is_positive, logits, 0.0), axis=1)
@@ -177,13 +240,29 @@ def _infonce_fwd_kernel(
 
 @triton.jit
 def _infonce_bwd_dq_kernel(
-    q_ptr, d_ptr, doc_ids_ptr, scale_ptr, lse_ptr, row_grad_ptr, dq_ptr, dd_ptr,
-    B, N, D,
-    stride_q, stride_d, stride_dq, stride_dd,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    d_ptr,
+    doc_ids_ptr,
+    scale_ptr,
+    lse_ptr,
+    row_grad_ptr,
+    dq_ptr,
+    dd_ptr,
+    B,
+    N,
+    D,
+    stride_q,
+    stride_d,
+    stride_dq,
+    stride_dd,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_DOUT: tl.constexpr,
-    HAS_DOC_IDS: tl.constexpr, ATOMIC_DD: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_DOC_IDS: tl.constexpr,
+    ATOMIC_DD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """dq_unscaled[rows, k-slice] = Σ_j dlogits·d; with ATOMIC_DD also adds dlogitsᵀ·q to dd.
 
@@ -201,7 +280,8 @@ def _infonce_bwd_dq_kernel(
     row_doc_ids = _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS)
     q_out = tl.load(
         q_ptr + rows.to(tl.int64)[:, None] * stride_q + ks[None, :],
-        mask=row_in[:, None] & k_in[None, :], other=0.0,
+        mask=row_in[:, None] & k_in[None, :],
+        other=0.0,
     )
 
     dq_acc = tl.zeros((BLOCK_M, BLOCK_DOUT), dtype=tl.float32)
@@ -209,40 +289,76 @@ def _infonce_bwd_dq_kernel(
         cols = col_start + tl.arange(0, BLOCK_N)
         col_in = cols < N
         dlogits = _dlogits_tile(
-            q_ptr, d_ptr, doc_ids_ptr, rows, cols, row_lse, row_doc_ids, scale, row_grad,
-            B, N, D, stride_q, stride_d,
-            BLOCK_M, BLOCK_N, BLOCK_D, HAS_DOC_IDS, INPUT_PRECISION, UPCAST_DOT,
+            q_ptr,
+            d_ptr,
+            doc_ids_ptr,
+            rows,
+            cols,
+            row_lse,
+            row_doc_ids,
+            scale,
+            row_grad,
+            B,
+            N,
+            D,
+            stride_q,
+            stride_d,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            HAS_DOC_IDS,
+            INPUT_PRECISION,
+            UPCAST_DOT,
         )
         d_out = tl.load(
             d_ptr + cols.to(tl.int64)[:, None] * stride_d + ks[None, :],
-            mask=col_in[:, None] & k_in[None, :], other=0.0,
+            mask=col_in[:, None] & k_in[None, :],
+            other=0.0,
         )
         dq_acc = _dot(dlogits.to(d_out.dtype), d_out, dq_acc, INPUT_PRECISION, UPCAST_DOT)
         if ATOMIC_DD:
             dd_part = _dot(
-                tl.trans(dlogits).to(q_out.dtype), q_out,
+                tl.trans(dlogits).to(q_out.dtype),
+                q_out,
                 tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32),
-                INPUT_PRECISION, UPCAST_DOT,
+                INPUT_PRECISION,
+                UPCAST_DOT,
             )
             tl.atomic_add(
                 dd_ptr + cols.to(tl.int64)[:, None] * stride_dd + ks[None, :],
-                dd_part, mask=col_in[:, None] & k_in[None, :],
+                dd_part,
+                mask=col_in[:, None] & k_in[None, :],
             )
 
     tl.store(
         dq_ptr + rows.to(tl.int64)[:, None] * stride_dq + ks[None, :],
-        dq_acc, mask=row_in[:, None] & k_in[None, :],
+        dq_acc,
+        mask=row_in[:, None] & k_in[None, :],
     )
 
 
 @triton.jit
 def _infonce_bwd_dd_kernel(
-    q_ptr, d_ptr, doc_ids_ptr, scale_ptr, lse_ptr, row_grad_ptr, dd_ptr,
-    B, N, D,
-    stride_q, stride_d, stride_dd,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    d_ptr,
+    doc_ids_ptr,
+    scale_ptr,
+    lse_ptr,
+    row_grad_ptr,
+    dd_ptr,
+    B,
+    N,
+    D,
+    stride_q,
+    stride_d,
+    stride_dd,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_DOUT: tl.constexpr,
-    HAS_DOC_IDS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_DOC_IDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """dd_unscaled[cols, k-slice] = Σ_i dlogitsᵀ·q, each column tile owned by one program.
 
@@ -263,21 +379,38 @@ def _infonce_bwd_dd_kernel(
         row_lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
         row_doc_ids = _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS)
         dlogits = _dlogits_tile(
-            q_ptr, d_ptr, doc_ids_ptr, rows, cols, row_lse, row_doc_ids, scale, row_grad,
-            B, N, D, stride_q, stride_d,
-            BLOCK_M, BLOCK_N, BLOCK_D, HAS_DOC_IDS, INPUT_PRECISION, UPCAST_DOT,
+            q_ptr,
+            d_ptr,
+            doc_ids_ptr,
+            rows,
+            cols,
+            row_lse,
+            row_doc_ids,
+            scale,
+            row_grad,
+            B,
+            N,
+            D,
+            stride_q,
+            stride_d,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            HAS_DOC_IDS,
+            INPUT_PRECISION,
+            UPCAST_DOT,
         )
         q_out = tl.load(
             q_ptr + rows.to(tl.int64)[:, None] * stride_q + ks[None, :],
-            mask=row_in[:, None] & k_in[None, :], other=0.0,
+            mask=row_in[:, None] & k_in[None, :],
+            other=0.0,
         )
-        dd_acc = _dot(
-            tl.trans(dlogits).to(q_out.dtype), q_out, dd_acc, INPUT_PRECISION, UPCAST_DOT
-        )
+        dd_acc = _dot(tl.trans(dlogits).to(q_out.dtype), q_out, dd_acc, INPUT_PRECISION, UPCAST_DOT)
 
     tl.store(
         dd_ptr + cols.to(tl.int64)[:, None] * stride_dd + ks[None, :],
-        dd_acc, mask=col_in[:, None] & k_in[None, :],
+        dd_acc,
+        mask=col_in[:, None] & k_in[None, :],
     )
 
 
@@ -363,8 +496,10 @@ def _validated(
     if doc_ids is not None:
         if doc_ids.shape != (num_docs,):
             raise ValueError(f"doc_ids must have shape ({num_docs},), got {tuple(doc_ids.shape)}")
-        if doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex or (
-            doc_ids.dtype == torch.bool
+        if (
+            doc_ids.dtype.is_floating_point
+            or doc_ids.dtype.is_complex
+            or (doc_ids.dtype == torch.bool)
         ):
             raise TypeError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
         if doc_ids.device != q.device:
@@ -405,11 +540,22 @@ def _launch_forward(
     row_loss = torch.empty_like(lse)
     grid = (triton.cdiv(batch, blocks.m),)
     _infonce_fwd_kernel[grid](
-        q, d, doc_ids if doc_ids is not None else lse, scale, lse, row_loss,
-        batch, num_docs, dim,
-        q.stride(0), d.stride(0),
-        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d,
-        HAS_DOC_IDS=doc_ids is not None, **_kernel_flags(q.dtype),
+        q,
+        d,
+        doc_ids if doc_ids is not None else lse,
+        scale,
+        lse,
+        row_loss,
+        batch,
+        num_docs,
+        dim,
+        q.stride(0),
+        d.stride(0),
+        BLOCK_M=blocks.m,
+        BLOCK_N=blocks.n,
+        BLOCK_D=blocks.d,
+        HAS_DOC_IDS=doc_ids is not None,
+        **_kernel_flags(q.dtype),
         num_warps=blocks.num_warps,
     )
     return lse, row_loss
@@ -436,20 +582,51 @@ def _launch_backward(
     flags = _kernel_flags(q.dtype)
     k_slices = triton.cdiv(dim, blocks.d_out)
     _infonce_bwd_dq_kernel[(triton.cdiv(batch, blocks.m), k_slices)](
-        q, d, doc_ids_arg, scale, lse, row_grad, dq, dd,
-        batch, num_docs, dim,
-        q.stride(0), d.stride(0), dq.stride(0), dd.stride(0),
-        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, BLOCK_DOUT=blocks.d_out,
-        HAS_DOC_IDS=doc_ids is not None, ATOMIC_DD=not deterministic, **flags,
+        q,
+        d,
+        doc_ids_arg,
+        scale,
+        lse,
+        row_grad,
+        dq,
+        dd,
+        batch,
+        num_docs,
+        dim,
+        q.stride(0),
+        d.stride(0),
+        dq.stride(0),
+        dd.stride(0),
+        BLOCK_M=blocks.m,
+        BLOCK_N=blocks.n,
+        BLOCK_D=blocks.d,
+        BLOCK_DOUT=blocks.d_out,
+        HAS_DOC_IDS=doc_ids is not None,
+        ATOMIC_DD=not deterministic,
+        **flags,
         num_warps=blocks.num_warps,
     )
     if deterministic:
         _infonce_bwd_dd_kernel[(triton.cdiv(num_docs, blocks.n), k_slices)](
-            q, d, doc_ids_arg, scale, lse, row_grad, dd,
-            batch, num_docs, dim,
-            q.stride(0), d.stride(0), dd.stride(0),
-            BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, BLOCK_DOUT=blocks.d_out,
-            HAS_DOC_IDS=doc_ids is not None, **flags,
+            q,
+            d,
+            doc_ids_arg,
+            scale,
+            lse,
+            row_grad,
+            dd,
+            batch,
+            num_docs,
+            dim,
+            q.stride(0),
+            d.stride(0),
+            dd.stride(0),
+            BLOCK_M=blocks.m,
+            BLOCK_N=blocks.n,
+            BLOCK_D=blocks.d,
+            BLOCK_DOUT=blocks.d_out,
+            HAS_DOC_IDS=doc_ids is not None,
+            **flags,
             num_warps=blocks.num_warps,
         )
     return dq, dd
@@ -504,9 +681,9 @@ def infonce_backward(
     blocks = block_sizes or default_block_sizes(q.shape[1], q.dtype)
     batch = q.shape[0]
     directions = 1 if col_lse is None else 2
-    row_grad = (grad_loss.detach().to(device=q.device, dtype=torch.float32) / (
-        batch * directions
-    )).reshape(1)
+    row_grad = (
+        grad_loss.detach().to(device=q.device, dtype=torch.float32) / (batch * directions)
+    ).reshape(1)
 
     dq, dd = _launch_backward(q, d, doc_ids, scale, row_lse, row_grad, deterministic, blocks)
     dscale = torch.dot(q.float().flatten(), dq.flatten())
@@ -547,8 +724,15 @@ class InfoNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         q, d, scale, doc_ids, row_lse, col_lse = ctx.saved_tensors
         dq, dd, dscale = infonce_backward(
-            q, d, scale, grad_loss, row_lse, col_lse, doc_ids,
-            ctx.deterministic, ctx.block_sizes,
+            q,
+            d,
+            scale,
+            grad_loss,
+            row_lse,
+            col_lse,
+            doc_ids,
+            ctx.deterministic,
+            ctx.block_sizes,
         )
         needs_q, needs_d, needs_scale = ctx.needs_input_grad[:3]
         return (

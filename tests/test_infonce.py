@@ -97,8 +97,9 @@ def assert_close(actual, expected, atol, rtol):
 
 
 def assert_matches_reference(results, expected, atol, rtol):
-    for name, actual, wanted in zip(("loss", "dq", "dd", "dtemperature"), results, expected,
-                                    strict=True):
+    for name, actual, wanted in zip(
+        ("loss", "dq", "dd", "dtemperature"), results, expected, strict=True
+    ):
         try:
             assert_close(actual, wanted, atol, rtol)
         except AssertionError as error:
@@ -124,16 +125,12 @@ def test_triton_fp32_matches_naive(seed, shape, symmetric, with_doc_ids):
 
 
 @needs_triton
-@pytest.mark.parametrize(
-    ("dtype", "atol", "rtol"), DTYPE_TOLERANCES, ids=["fp32", "fp16", "bf16"]
-)
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPE_TOLERANCES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=[SHAPE_IDS[0], SHAPE_IDS[3]])
 def test_triton_dtypes_match_naive(seed, shape, dtype, atol, rtol):
     q, d = make_embeddings(*shape, dtype=dtype)
     doc_ids = doc_ids_with_duplicates(shape[0], shape[1])
-    results = loss_and_grads(
-        lambda q, d, t: info_nce(q, d, t, True, doc_ids, impl="triton"), q, d
-    )
+    results = loss_and_grads(lambda q, d, t: info_nce(q, d, t, True, doc_ids, impl="triton"), q, d)
     assert results[0].dtype == torch.float32
     assert results[1].dtype == dtype and results[2].dtype == dtype
     # The reference sees the same rounded inputs, so only the kernel's own rounding counts.
@@ -150,7 +147,8 @@ def test_triton_small_tiles_loop_over_d_and_tiles(seed, deterministic):
     blocks = BlockSizes(m=16, n=16, d=16, d_out=16)
     results = loss_and_grads(
         lambda q, d, t: InfoNCEFunction.apply(q, d, 1 / t, doc_ids, True, deterministic, blocks),
-        q, d,
+        q,
+        d,
     )
     assert_matches_reference(results, reference(q, d, True, doc_ids), 1e-5, 1e-5)
 
@@ -267,9 +265,7 @@ def test_block_sizes_must_suit_tl_dot():
 def test_triton_larger_odd_shape_matches_naive(seed):
     q, d = make_embeddings(129, 515, 200)
     doc_ids = torch.randint(0, 300, (515,), device=DEVICE)
-    results = loss_and_grads(
-        lambda q, d, t: info_nce(q, d, t, True, doc_ids, impl="triton"), q, d
-    )
+    results = loss_and_grads(lambda q, d, t: info_nce(q, d, t, True, doc_ids, impl="triton"), q, d)
     assert_matches_reference(results, reference(q, d, True, doc_ids), 1e-5, 1e-5)
 
 
@@ -289,7 +285,8 @@ def test_gpu_triton_matches_naive(seed, shape, dtype, atol, rtol):
             lambda q, d, t, deterministic=deterministic: fused_info_nce(
                 q, d, 1 / t, True, doc_ids, deterministic
             ),
-            q, d,
+            q,
+            d,
         )
         assert_matches_reference(results, reference(q, d, True, doc_ids), atol, rtol)
 
@@ -318,16 +315,14 @@ def test_torch_fp32_matches_naive(seed, shape, symmetric, with_doc_ids, chunk_si
     q, d = make_embeddings(*shape, device="cpu")
     doc_ids = doc_ids_with_duplicates(shape[0], shape[1], "cpu") if with_doc_ids else None
     results = loss_and_grads(
-        lambda q, d, t: info_nce(q, d, t, symmetric, doc_ids, impl="torch",
-                                 chunk_size=chunk_size),
-        q, d,
+        lambda q, d, t: info_nce(q, d, t, symmetric, doc_ids, impl="torch", chunk_size=chunk_size),
+        q,
+        d,
     )
     assert_matches_reference(results, reference(q, d, symmetric, doc_ids), 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize(
-    ("dtype", "atol", "rtol"), DTYPE_TOLERANCES, ids=["fp32", "fp16", "bf16"]
-)
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPE_TOLERANCES, ids=["fp32", "fp16", "bf16"])
 def test_torch_dtypes_match_naive(seed, dtype, atol, rtol):
     q, d = make_embeddings(37, 111, 48, dtype=dtype, device="cpu")
     doc_ids = doc_ids_with_duplicates(37, 111, "cpu")

@@ -47,8 +47,12 @@ def test_triplet_loss_matches_loops(seed, distance_kind, num_negatives):
 
     negatives = negative.detach().reshape(BATCH, -1, DIM)
     terms = [
-        max(0.0, distance(anchor[i].detach(), positive[i].detach(), distance_kind)
-            - distance(anchor[i].detach(), negatives[i, k], distance_kind) + margin)
+        max(
+            0.0,
+            distance(anchor[i].detach(), positive[i].detach(), distance_kind)
+            - distance(anchor[i].detach(), negatives[i, k], distance_kind)
+            + margin,
+        )
         for i in range(BATCH)
         for k in range(negatives.shape[1])
     ]
@@ -79,9 +83,10 @@ def test_cosine_similarity_loss_matches_loops(seed):
     a, b = embeddings(BATCH), embeddings(BATCH)
     scores = torch.rand(BATCH, dtype=torch.float64) * 2 - 1
     loss = CosineSimilarityLoss()(a, b, scores)
-    expected = sum(
-        (cosine(a[i].detach(), b[i].detach()) - scores[i].item()) ** 2 for i in range(BATCH)
-    ) / BATCH
+    expected = (
+        sum((cosine(a[i].detach(), b[i].detach()) - scores[i].item()) ** 2 for i in range(BATCH))
+        / BATCH
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert torch.autograd.gradcheck(lambda a, b: CosineSimilarityLoss()(a, b, scores), (a, b))
 
@@ -153,8 +158,9 @@ def test_matryoshka_renormalises_for_infonce(seed):
     doc_ids = torch.arange(2 * BATCH)
     inner = InfoNCELoss(temperature=0.05, impl="naive")
     loss = MatryoshkaLoss(inner, [6, DIM])(q, d, doc_ids=doc_ids)
-    expected = info_nce(F.normalize(q[:, :6], dim=1), F.normalize(d[:, :6], dim=1), 0.05,
-                        impl="naive") + info_nce(q, d, 0.05, impl="naive")
+    expected = info_nce(
+        F.normalize(q[:, :6], dim=1), F.normalize(d[:, :6], dim=1), 0.05, impl="naive"
+    ) + info_nce(q, d, 0.05, impl="naive")
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
@@ -169,7 +175,8 @@ def test_matryoshka_normalize_flag_overrides_the_default(seed):
 
 
 @pytest.mark.parametrize(
-    ("dims", "weights"), [([], None), ([0, 4], None), ([4, 8], [1.0])],
+    ("dims", "weights"),
+    [([], None), ([0, 4], None), ([4, 8], [1.0])],
     ids=["empty", "zero-dim", "weights-length"],
 )
 def test_matryoshka_validates_dims_and_weights(dims, weights):
