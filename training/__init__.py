@@ -1,5 +1,7 @@
-"""The training-step layer: tasks (examples -> text columns, embeddings -> loss)."""
+"""The training-step layer: tasks (examples -> text columns, embeddings -> loss) and one
+optimisation step's forward and backward, plainly or with gradient caching."""
 
+from training.step import embed_columns, train_step
 from training.tasks import (
     ContrastiveTask,
     InfoNCETask,
@@ -16,4 +18,6 @@ __all__ = [
     "Task",
     "TextBatch",
     "TripletTask",
+    "embed_columns",
+    "train_step",
 ]
