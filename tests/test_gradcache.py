@@ -1,0 +1,187 @@
+"""GradCache gives the plain step's gradients, dropout included, for every chunk size."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from data.sts import ScoredPair
+from data.training import Pair, Triplet
+from losses import CoSENTLoss, InfoNCELoss
+from model import BiEncoder, BiEncoderConfig, Encoder, EncoderConfig, Tower
+from training import InfoNCETask, ScoredPairTask, embed_columns, train_step
+from training.step import RandomState
+
+TINY = EncoderConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=30522,
+    hidden_dropout_prob=0.2,
+    attention_probs_dropout_prob=0.2,
+)
+TOLERANCE = 1e-5
+
+TRIPLETS = [
+    Triplet("what causes scurvy", "a lack of vitamin C", ("iron deficiency", "too much sun")),
+    Triplet("capital of france", "Paris is the capital", ("Lyon", "a lack of vitamin C")),
+    Triplet("tallest mountain", "Mount Everest, 8849 m", ("K2", "the Alps are old")),
+    Triplet("speed of light", "about 300000 km/s in vacuum", ("sound is slower", "K2")),
+    Triplet("who wrote hamlet", "Shakespeare", ("Marlowe wrote plays too", "Paris")),
+    Triplet("boiling point of water", "100 degrees Celsius at sea level", ("ice", "steam")),
+]
+PAIRS = [Pair(t.query, t.positive) for t in TRIPLETS]
+SCORED = [
+    ScoredPair("a man plays guitar", "a person plays an instrument", 4.2),
+    ScoredPair("a cat sleeps", "a dog barks loudly at night", 0.8),
+    ScoredPair("the sun is hot", "the sun is very hot", 4.9),
+    ScoredPair("kids play football", "children are playing soccer outside", 4.0),
+    ScoredPair("it rains", "stock markets fell", 0.0),
+    ScoredPair("a woman cooks", "a woman is cooking dinner", 3.1),
+]
+# Larger than every column, so that each column is one chunk.
+WHOLE = 100
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # A tiny model's ops are far too small to split across threads: on shared cores,
+    # intra-op threads cost more in waiting than they gain (tens of times slower here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def tiny_model(tokenizer, shared: bool = True) -> BiEncoder:
+    torch.manual_seed(0)
+    config = BiEncoderConfig(max_length=32, shared=shared)
+    doc_tower = None if shared else Tower(Encoder(TINY), "mean", None)
+    return BiEncoder(config, Tower(Encoder(TINY), "mean", None), tokenizer, doc_tower).train()
+
+
+def infonce(symmetric: bool = False, **kwargs) -> InfoNCETask:
+    return InfoNCETask(
+        InfoNCELoss(temperature=0.1, learnable_temperature=True, symmetric=symmetric), **kwargs
+    )
+
+
+def gradients(model, task) -> dict[str, torch.Tensor]:
+    named = [*model.named_parameters(), *(("task." + n, p) for n, p in task.named_parameters())]
+    return {name: p.grad.clone() for name, p in named if p.grad is not None}
+
+
+def step(model, task, batch, *, cache=None, reference_chunk=None):
+    """Gradients and loss of one step from the same random state.
+
+    ``reference_chunk`` is the plain step embedding that many texts per forward pass:
+    with dropout, it draws the same masks as GradCache with that chunk size.
+    """
+    model.zero_grad(set_to_none=True)
+    task.zero_grad(set_to_none=True)
+    torch.manual_seed(1234)
+    if reference_chunk is None:
+        loss, _ = train_step(model, task, batch, cache_chunk_size=cache)
+    else:
+        loss_tensor, _ = task(embed_columns(model, batch, chunk_size=reference_chunk), batch)
+        loss_tensor.backward()
+        loss = loss_tensor.item()
+    return loss, gradients(model, task)
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+CASES = {
+    "infonce-triplets": (infonce, TRIPLETS, True),
+    "infonce-pairs": (infonce, PAIRS, True),
+    "infonce-symmetric-triplets": (lambda: infonce(symmetric=True), TRIPLETS, True),
+    "infonce-symmetric-pairs": (lambda: infonce(symmetric=True), PAIRS, True),
+    "infonce-separate-towers": (infonce, TRIPLETS, False),
+    "matryoshka-infonce": (lambda: infonce(matryoshka_dims=[8, 16, 32]), TRIPLETS, True),
+    "cosent": (lambda: ScoredPairTask(CoSENTLoss()), SCORED, True),
+}
+
+
+@pytest.mark.parametrize("chunk", [1, 4, WHOLE])
+@pytest.mark.parametrize("case", CASES)
+def test_grad_cache_matches_the_plain_step_with_dropout(tokenizer, case, chunk):
+    make_task, examples, shared = CASES[case]
+    model, task = tiny_model(tokenizer, shared), make_task()
+    batch = task.make_batch(examples)
+
+    cached_loss, cached = step(model, task, batch, cache=chunk)
+    reference_chunk = None if chunk == WHOLE else chunk
+    plain_loss, plain = step(model, task, batch, reference_chunk=reference_chunk)
+
+    assert cached_loss == pytest.approx(plain_loss, abs=1e-6)
+    assert max_difference(cached, plain) <= TOLERANCE
+    if isinstance(task.base_loss, InfoNCELoss):
+        temperature_grad = next(v for k, v in cached.items() if k.endswith("log_scale"))
+        assert temperature_grad.abs() > 0
+    if not shared:
+        assert any(k.startswith("doc_tower") for k in cached)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_without_rng_replay_dropout_masks_differ(tokenizer, monkeypatch, chunk):
+    model, task = tiny_model(tokenizer), infonce()
+    batch = task.make_batch(TRIPLETS)
+    _, plain = step(model, task, batch, reference_chunk=chunk)
+    monkeypatch.setattr(RandomState, "restore", lambda self: None)
+    _, unreplayed = step(model, task, batch, cache=chunk)
+    assert max_difference(unreplayed, plain) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_chunk_padding_does_not_change_gradients_without_dropout(tokenizer, chunk):
+    model, task = tiny_model(tokenizer).eval(), infonce(symmetric=True)
+    batch = task.make_batch(TRIPLETS)
+    _, cached = step(model, task, batch, cache=chunk)
+    _, plain = step(model, task, batch)
+    assert max_difference(cached, plain) <= TOLERANCE
+
+
+def test_grad_cache_under_bfloat16_autocast(tokenizer):
+    model, task = tiny_model(tokenizer), infonce()
+    batch = task.make_batch(TRIPLETS)
+    torch.manual_seed(1234)
+    embeddings = embed_columns(model, batch, chunk_size=4, autocast=torch.bfloat16)
+    assert all(e.dtype == torch.float32 for e in embeddings)
+    loss, _ = task(embeddings, batch)
+    loss.backward()
+    plain = gradients(model, task)
+
+    model.zero_grad(set_to_none=True)
+    task.zero_grad(set_to_none=True)
+    torch.manual_seed(1234)
+    cached_loss, _ = train_step(model, task, batch, cache_chunk_size=4, autocast=torch.bfloat16)
+    assert cached_loss == pytest.approx(loss.item(), abs=1e-6)
+    assert max_difference(gradients(model, task), plain) <= TOLERANCE
+
+
+def test_replay_leaves_the_random_stream_where_the_first_pass_left_it(tokenizer):
+    model, task = tiny_model(tokenizer), infonce()
+    batch = task.make_batch(PAIRS)
+    torch.manual_seed(7)
+    embed_columns(model, batch, chunk_size=4)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    train_step(model, task, batch, cache_chunk_size=4)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_chunk_sizes_must_be_positive(tokenizer):
+    model, task = tiny_model(tokenizer), infonce()
+    batch = task.make_batch(PAIRS)
+    with pytest.raises(ValueError, match="cache_chunk_size must be a positive"):
+        train_step(model, task, batch, cache_chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+        embed_columns(model, batch, chunk_size=0)

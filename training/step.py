@@ -1,0 +1,187 @@
+"""One optimisation step's forward and backward, plainly or with gradient caching.
+
+GradCache (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup") makes a contrastive loss over a large batch fit in the memory of a small
+one. The loss depends on the model only through the embeddings, so
+
+1. every column is embedded chunk by chunk without building a graph;
+2. the loss is computed on those embeddings (as leaves) and backpropagated, which gives
+   d loss / d embedding for every text (and the loss's own parameter gradients);
+3. each chunk is embedded again, now with a graph, and backpropagated with its cached
+   embedding gradient; its activations are freed before the next chunk.
+
+The parameter gradients equal those of the plain step, while activation memory is that
+of one chunk. The re-embedding must reproduce the first pass exactly, so the random
+state (dropout) before each chunk is recorded and replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from model.biencoder import BiEncoder, Kind
+from training.tasks import Task, TextBatch
+
+
+class RandomState:
+    """A snapshot of torch's CPU generator and, for a CUDA device, of the CUDA generators.
+
+    ``with state.replay():`` runs its body from the snapshot's state, then puts back the
+    state from before the block, so that replaying leaves the random stream untouched.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        outer = RandomState(self.device)
+        self.restore()
+        try:
+            yield
+        finally:
+            outer.restore()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _chunks(texts: list[str], chunk_size: int | None) -> Iterator[list[str]]:
+    step = chunk_size or max(len(texts), 1)
+    for start in range(0, len(texts), step):
+        yield texts[start : start + step]
+
+
+def _tokenize(model: BiEncoder, texts: list[str], kind: Kind) -> dict[str, torch.Tensor]:
+    return {name: t.to(model.device) for name, t in model.tokenize(texts, kind).items()}
+
+
+def _embed(
+    model: BiEncoder,
+    features: dict[str, torch.Tensor],
+    kind: Kind,
+    autocast: torch.dtype | None,
+) -> torch.Tensor:
+    with _autocast(model.device, autocast):
+        embeddings = model(features, kind)
+    # Losses are computed in at least fp32: half-precision logits lose the small
+    # differences that a softmax or a ranking is made of.
+    return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+
+
+def _check_chunk_size(name: str, chunk_size: int | None) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{name} must be a positive number of texts, got {chunk_size}")
+
+
+def embed_columns(
+    model: BiEncoder,
+    batch: TextBatch,
+    *,
+    chunk_size: int | None = None,
+    autocast: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """Embed every column of ``batch`` with its tower: one ``[len(column), dim]`` tensor
+    each, in at least fp32.
+
+    Differentiable when grad mode is on. ``chunk_size`` embeds at most that many texts per
+    forward pass (each chunk padded on its own); with gradients, all chunks' activations
+    are kept until the backward, so it bounds the peak of one pass only. ``autocast`` runs
+    the forward passes under ``torch.autocast`` with that dtype.
+    """
+    _check_chunk_size("chunk_size", chunk_size)
+    return [
+        torch.cat(
+            [
+                _embed(model, _tokenize(model, texts, kind), kind, autocast)
+                for texts in _chunks(column, chunk_size)
+            ]
+        )
+        for column, kind in zip(batch.columns, batch.kinds, strict=True)
+    ]
+
+
+def train_step(
+    model: BiEncoder,
+    task: Task,
+    batch: TextBatch,
+    *,
+    cache_chunk_size: int | None = None,
+    autocast: torch.dtype | None = None,
+) -> tuple[float, dict[str, float]]:
+    """Compute ``task``'s loss on ``batch`` and backpropagate it; return (loss, stats).
+
+    Gradients accumulate into the model's and the task's parameters; the caller steps the
+    optimiser and zeroes them. Without ``cache_chunk_size`` every column is embedded with
+    its graph at once. With it, GradCache embeds ``cache_chunk_size`` texts at a time (see
+    the module docstring): the same gradients, with activation memory bounded by one
+    chunk whatever the batch size. ``autocast`` is a dtype for ``torch.autocast`` around
+    the encoder's forward passes; the loss itself is computed in fp32.
+    """
+    _check_chunk_size("cache_chunk_size", cache_chunk_size)
+    if cache_chunk_size is None:
+        loss, stats = task(embed_columns(model, batch, autocast=autocast), batch)
+        loss.backward()
+        return loss.item(), stats
+    return _grad_cache_step(model, task, batch, cache_chunk_size, autocast)
+
+
+@dataclass
+class _Chunk:
+    """What the second GradCache pass needs to embed a chunk again, identically."""
+
+    column: int
+    rows: slice
+    features: dict[str, torch.Tensor]
+    kind: Kind
+    random_state: RandomState
+
+
+def _grad_cache_step(
+    model: BiEncoder,
+    task: Task,
+    batch: TextBatch,
+    chunk_size: int,
+    autocast: torch.dtype | None,
+) -> tuple[float, dict[str, float]]:
+    chunks: list[_Chunk] = []
+    columns: list[torch.Tensor] = []
+    with torch.no_grad():
+        for index, (column, kind) in enumerate(zip(batch.columns, batch.kinds, strict=True)):
+            parts = []
+            start = 0
+            for texts in _chunks(column, chunk_size):
+                features = _tokenize(model, texts, kind)
+                rows = slice(start, start + len(texts))
+                chunks.append(_Chunk(index, rows, features, kind, RandomState(model.device)))
+                parts.append(_embed(model, features, kind, autocast))
+                start += len(texts)
+            columns.append(torch.cat(parts))
+
+    leaves = [embeddings.requires_grad_() for embeddings in columns]
+    loss, stats = task(leaves, batch)
+    loss.backward()
+
+    for chunk in chunks:
+        grad = leaves[chunk.column].grad
+        # A column the loss ignores has no gradient to pass on, and needs no second pass.
+        if grad is None:
+            continue
+        with chunk.random_state.replay():
+            embeddings = _embed(model, chunk.features, chunk.kind, autocast)
+        embeddings.backward(grad[chunk.rows])
+    return loss.item(), stats

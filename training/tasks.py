@@ -1,0 +1,417 @@
+"""Training tasks: how a batch of examples becomes text columns, and embeddings a loss.
+
+A task's ``make_batch`` turns examples into a :class:`TextBatch`, columns of texts that are
+each embedded by one tower; its ``forward`` takes one embedding tensor per column and
+returns the loss and a few monitoring statistics. Keeping the two apart lets the training
+step embed the columns however it likes: all at once, or chunk by chunk under GradCache.
+
+A task is an ``nn.Module`` holding its loss, so that a loss with parameters (InfoNCE's
+learnable temperature) trains and checkpoints with the task.
+
+Every batch holds examples of one type. Statistics are plain floats computed without
+gradients; a statistic with nothing to measure in a batch (a margin without negatives)
+is left out rather than reported as nan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.sts import ScoredPair
+from data.training import Pair, Triplet
+from losses import (
+    ContrastiveLoss,
+    CoSENTLoss,
+    CosineSimilarityLoss,
+    InfoNCELoss,
+    MatryoshkaLoss,
+    TripletLoss,
+)
+from losses.pairwise import pair_distance
+from model.biencoder import Kind
+
+Example = Pair | Triplet | ScoredPair
+
+_RETRIEVAL_DATA = "query/positive data, e.g. data=scifact"
+
+
+@dataclass
+class TextBatch:
+    """The texts of one batch, grouped into columns that are embedded separately.
+
+    ``columns[c]`` is embedded by the tower ``kinds[c]`` into a ``[len(columns[c]), dim]``
+    tensor. ``targets`` holds a task's float scores or 0/1 labels, ``doc_ids`` the ids of
+    InfoNCE's documents (equal ids mark equal texts), ``size`` the number of examples.
+    """
+
+    columns: list[list[str]]
+    kinds: list[Kind]
+    targets: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
+    size: int = 0
+
+
+def _join(names: Sequence[str], conjunction: str = "or") -> str:
+    if len(names) == 1:
+        return names[0]
+    return f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
+
+
+class Task(nn.Module):
+    """Base of the training tasks: holds the loss, optionally wrapped in Matryoshka.
+
+    ``matryoshka_dims`` trains the loss on the embeddings truncated to each of these
+    dimensions, weighted by ``matryoshka_weights`` (1 each by default). ``base_loss`` is
+    the loss without the Matryoshka wrapper.
+    """
+
+    # The example types a task accepts, and data that provides them, for its TypeError.
+    accepts: tuple[type, ...] = ()
+    data_hint: str = ""
+
+    def __init__(
+        self,
+        loss: nn.Module,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if matryoshka_weights is not None and not matryoshka_dims:
+            raise ValueError("matryoshka_weights given without matryoshka_dims")
+        self.loss = (
+            MatryoshkaLoss(loss, matryoshka_dims, matryoshka_weights) if matryoshka_dims else loss
+        )
+
+    @property
+    def base_loss(self) -> nn.Module:
+        return self.loss.loss if isinstance(self.loss, MatryoshkaLoss) else self.loss
+
+    def make_batch(self, examples: Sequence[Example]) -> TextBatch:
+        """Columns, tower kinds and targets for ``examples``."""
+        raise NotImplementedError
+
+    def forward(
+        self, embeddings: list[torch.Tensor], batch: TextBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one embedding tensor per column of ``batch``, and statistics."""
+        raise NotImplementedError
+
+    def _example_type(self, examples: Sequence[Example]) -> type:
+        """The one type of ``examples``; a TypeError names the task and what it got."""
+        task = type(self).__name__
+        if not examples:
+            raise ValueError(f"{task} got an empty batch")
+        for example in examples:
+            if not isinstance(example, self.accepts):
+                accepted = _join([t.__name__ for t in self.accepts])
+                raise TypeError(
+                    f"{task} needs {accepted} examples ({self.data_hint}); "
+                    f"got {type(example).__name__}"
+                )
+        types = sorted({type(example).__name__ for example in examples})
+        if len(types) > 1:
+            raise TypeError(f"{task} needs one example type per batch; got {_join(types, 'and')}")
+        return type(examples[0])
+
+    def _temperature_stats(self) -> dict[str, float]:
+        temperature = getattr(self.base_loss, "temperature", None)
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.detach().item()
+        return {} if temperature is None else {"temperature": float(temperature)}
+
+
+def _negatives(examples: Sequence[Triplet]) -> list[str]:
+    """Every example's negatives, flattened row-major (example by example)."""
+    return [negative for example in examples for negative in example.negatives]
+
+
+def _text_ids(texts: Sequence[str]) -> torch.Tensor:
+    """One id per text, equal exactly for equal texts (numbered in order of appearance)."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(text, len(ids)) for text in texts], dtype=torch.long)
+
+
+def _shifted(rows: list[str]) -> list[str]:
+    """Row i gets row (i + 1) mod B: every row's in-batch negative is its neighbour's."""
+    return rows[1:] + rows[:1]
+
+
+def _check_in_batch_negatives(task: Task, size: int) -> None:
+    if size < 2:
+        raise ValueError(
+            f"{type(task).__name__} takes in-batch negatives from Pair batches, "
+            f"which needs at least 2 examples; got {size}"
+        )
+
+
+class InfoNCETask(Task):
+    """InfoNCE over in-batch negatives, plus the hard negatives of Triplet examples.
+
+    Columns: queries (query tower), positives (doc tower) and, for Triplets, every
+    negative flattened row-major (doc tower). The loss sees q = queries and d = positives
+    followed by negatives, so ``d[i]`` is the positive of ``q[i]``. Documents with equal
+    text share a ``doc_id`` and so mask each other as false negatives: a negative that is
+    another query's positive, or a document repeated in the batch, is not pushed away.
+    Queries repeated with different positives are not masked: batches should not repeat
+    a query.
+
+    Statistics: ``accuracy`` (top-1 of each query over d, masked columns excluded),
+    ``margin`` (mean of the positive's score minus the best unmasked other score),
+    ``false_negative_fraction`` (masked pairs out of B·(N − 1)) and ``temperature``.
+    """
+
+    accepts = (Pair, Triplet)
+    data_hint = _RETRIEVAL_DATA
+
+    def __init__(
+        self,
+        loss: InfoNCELoss,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
+    ) -> None:
+        super().__init__(loss, matryoshka_dims, matryoshka_weights)
+
+    def make_batch(self, examples: Sequence[Pair | Triplet]) -> TextBatch:
+        example_type = self._example_type(examples)
+        columns = [[e.query for e in examples], [e.positive for e in examples]]
+        negatives = _negatives(examples) if example_type is Triplet else []
+        if negatives:
+            columns.append(negatives)
+        return TextBatch(
+            columns=columns,
+            kinds=["query"] + ["doc"] * (len(columns) - 1),
+            doc_ids=_text_ids(columns[1] + negatives),
+            size=len(examples),
+        )
+
+    def forward(
+        self, embeddings: list[torch.Tensor], batch: TextBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        q, d = embeddings[0], torch.cat(embeddings[1:])
+        doc_ids = batch.doc_ids.to(q.device) if batch.doc_ids is not None else None
+        loss = self.loss(q, d, doc_ids)
+        return loss, {**_ranking_stats(q, d, doc_ids), **self._temperature_stats()}
+
+
+@torch.no_grad()
+def _ranking_stats(
+    q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor | None
+) -> dict[str, float]:
+    batch, num_docs = q.shape[0], d.shape[0]
+    scores = q.float() @ d.float().T
+    rows = torch.arange(batch, device=q.device)
+    if doc_ids is None:
+        masked = torch.zeros_like(scores, dtype=torch.bool)
+    else:
+        # The loss's own rule: another column with the positive's id leaves row i's softmax.
+        masked = doc_ids[:batch, None] == doc_ids[None, :]
+        masked[rows, rows] = False
+    scores = scores.masked_fill(masked, float("-inf"))
+    positives = scores[rows, rows]
+    stats = {
+        "accuracy": (scores.argmax(dim=1) == rows).float().mean().item(),
+        "false_negative_fraction": (
+            masked.sum().item() / (batch * (num_docs - 1)) if num_docs > 1 else 0.0
+        ),
+    }
+    others = scores.clone()
+    others[rows, rows] = float("-inf")
+    best_other = others.amax(dim=1)
+    measured = best_other > float("-inf")
+    if measured.any():
+        stats["margin"] = (positives - best_other)[measured].mean().item()
+    return stats
+
+
+class TripletTask(Task):
+    """Triplet loss: each query against its positive and each of its K negatives.
+
+    Triplet examples must all have the same number of negatives K (the loss sees them as
+    ``[B, K, D]``). Pair examples have no negatives of their own: row i uses the positive
+    of row (i + 1) mod B as its one in-batch negative.
+
+    Columns: queries (query tower), positives (doc tower), and for Triplets the negatives
+    flattened row-major (doc tower). Statistic: ``accuracy``, the fraction of triplets in
+    which the positive is closer to the query than the negative.
+    """
+
+    accepts = (Pair, Triplet)
+    data_hint = _RETRIEVAL_DATA
+
+    def __init__(
+        self,
+        loss: TripletLoss,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
+    ) -> None:
+        super().__init__(loss, matryoshka_dims, matryoshka_weights)
+
+    def make_batch(self, examples: Sequence[Pair | Triplet]) -> TextBatch:
+        example_type = self._example_type(examples)
+        columns = [[e.query for e in examples], [e.positive for e in examples]]
+        if example_type is Triplet:
+            counts = sorted({len(e.negatives) for e in examples})
+            if len(counts) > 1 or counts[0] == 0:
+                raise ValueError(
+                    f"TripletTask needs the same, nonzero number of negatives in every "
+                    f"Triplet of a batch; got {_join([str(c) for c in counts], 'and')}"
+                )
+            columns.append(_negatives(examples))
+        else:
+            _check_in_batch_negatives(self, len(examples))
+        return TextBatch(
+            columns=columns, kinds=["query"] + ["doc"] * (len(columns) - 1), size=len(examples)
+        )
+
+    def forward(
+        self, embeddings: list[torch.Tensor], batch: TextBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        anchor, positive = embeddings[0], embeddings[1]
+        if len(embeddings) == 3:
+            negative = embeddings[2].reshape(anchor.shape[0], -1, anchor.shape[-1])
+        else:
+            negative = positive.roll(-1, dims=0).unsqueeze(1)
+        loss = self.loss(anchor, positive, negative)
+        with torch.no_grad():
+            distance = self.base_loss.distance
+            positive_distance = pair_distance(anchor, positive, distance)
+            negative_distance = pair_distance(anchor.unsqueeze(1), negative, distance)
+            correct = positive_distance.unsqueeze(1) < negative_distance
+        return loss, {"accuracy": correct.float().mean().item()}
+
+
+class ContrastiveTask(Task):
+    """Contrastive loss on text pairs labelled similar (1) or dissimilar (0).
+
+    Pair rows: a Triplet gives (query, positive, 1) and (query, negative, 0) for each of
+    its negatives; a Pair gives (query, positive, 1) and (query, positive of the next row,
+    0) (an in-batch negative); a ScoredPair gives (text1, text2, score >= ``threshold``).
+    ``threshold`` is on the data's own scale, whose top is ``score_scale`` (STS-B: 0 to
+    5); a score outside [0, ``score_scale``] raises, since the threshold would then not
+    mean what it was set for.
+
+    Columns: left texts, right texts, one entry per pair row; targets: the labels. Left
+    texts go through the query tower, right ones through the doc tower, except for
+    ScoredPairs, whose texts are interchangeable and both go through the query tower.
+
+    Statistics: ``positive_distance`` and ``negative_distance``, the mean distance of the
+    pairs labelled 1 and 0.
+    """
+
+    accepts = (Pair, Triplet, ScoredPair)
+    data_hint = "retrieval data, e.g. data=scifact, or data with scores, e.g. data=sts"
+
+    def __init__(
+        self,
+        loss: ContrastiveLoss,
+        threshold: float = 4.0,
+        score_scale: float = 5.0,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
+    ) -> None:
+        super().__init__(loss, matryoshka_dims, matryoshka_weights)
+        if not 0 < threshold <= score_scale:
+            raise ValueError(
+                f"threshold must be in (0, score_scale={score_scale}], got {threshold}"
+            )
+        self.threshold = threshold
+        self.score_scale = score_scale
+
+    def make_batch(self, examples: Sequence[Example]) -> TextBatch:
+        example_type = self._example_type(examples)
+        if example_type is ScoredPair:
+            scores = [e.score for e in examples]
+            outside = [s for s in scores if not 0 <= s <= self.score_scale]
+            if outside:
+                raise ValueError(
+                    f"ContrastiveTask: score {outside[0]} outside [0, {self.score_scale}]; "
+                    f"set score_scale (and threshold) to the data's scale"
+                )
+            return TextBatch(
+                columns=[[e.text1 for e in examples], [e.text2 for e in examples]],
+                kinds=["query", "query"],
+                targets=torch.tensor([float(s >= self.threshold) for s in scores]),
+                size=len(examples),
+            )
+        queries = [e.query for e in examples]
+        positives = [e.positive for e in examples]
+        if example_type is Triplet:
+            left = queries + [e.query for e in examples for _ in e.negatives]
+            right = positives + _negatives(examples)
+        else:
+            _check_in_batch_negatives(self, len(examples))
+            left, right = queries + queries, positives + _shifted(positives)
+        labels = [1.0] * len(examples) + [0.0] * (len(left) - len(examples))
+        return TextBatch(
+            columns=[left, right],
+            kinds=["query", "doc"],
+            targets=torch.tensor(labels),
+            size=len(examples),
+        )
+
+    def forward(
+        self, embeddings: list[torch.Tensor], batch: TextBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        left, right = embeddings
+        labels = batch.targets.to(left.device)
+        loss = self.loss(left, right, labels)
+        stats: dict[str, float] = {}
+        with torch.no_grad():
+            distance = pair_distance(left, right, self.base_loss.distance)
+            for name, selected in (("positive", labels == 1), ("negative", labels == 0)):
+                if selected.any():
+                    stats[f"{name}_distance"] = distance[selected].mean().item()
+        return loss, stats
+
+
+class ScoredPairTask(Task):
+    """Regression (CosineSimilarityLoss) or ranking (CoSENTLoss) on gold-scored pairs.
+
+    Targets are ``score / score_scale`` (STS-B scores 0 to 5 become 0 to 1). Both columns
+    (text1, text2) go through the query tower, since the two texts of an STS pair play
+    the same role. Statistics: ``mean_cosine`` and, for batches where it is defined,
+    ``pearson`` between the cosines and the targets.
+    """
+
+    accepts = (ScoredPair,)
+    data_hint = "data with scores, e.g. data=sts"
+
+    def __init__(
+        self,
+        loss: CosineSimilarityLoss | CoSENTLoss,
+        score_scale: float = 5.0,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
+    ) -> None:
+        super().__init__(loss, matryoshka_dims, matryoshka_weights)
+        if score_scale <= 0:
+            raise ValueError(f"score_scale must be positive, got {score_scale}")
+        self.score_scale = score_scale
+
+    def make_batch(self, examples: Sequence[ScoredPair]) -> TextBatch:
+        self._example_type(examples)
+        return TextBatch(
+            columns=[[e.text1 for e in examples], [e.text2 for e in examples]],
+            kinds=["query", "query"],
+            targets=torch.tensor([e.score / self.score_scale for e in examples]),
+            size=len(examples),
+        )
+
+    def forward(
+        self, embeddings: list[torch.Tensor], batch: TextBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        a, b = embeddings
+        targets = batch.targets.to(a.device)
+        loss = self.loss(a, b, targets)
+        with torch.no_grad():
+            cosine = F.cosine_similarity(a.float(), b.float(), dim=-1)
+            stats = {"mean_cosine": cosine.mean().item()}
+            if cosine.numel() > 1 and cosine.std() > 0 and targets.std() > 0:
+                pairs = torch.stack([cosine, targets.float()])
+                stats["pearson"] = torch.corrcoef(pairs)[0, 1].item()
+        return loss, stats
