@@ -1,0 +1,139 @@
+"""Batches without duplicate texts, in an order that depends on the seed only, resumable.
+
+In-batch negatives assume every other text in the batch is irrelevant to a query; the same
+text twice in a batch (one query with two positives, a popular document) breaks that and
+teaches the model to push a text away from itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
+
+
+class NoDuplicateBatchSampler(Sampler[list[int]]):
+    """Yields lists of example indices such that no text occurs twice in a batch.
+
+    ``example_texts[i]`` holds the texts of example ``i`` (query, positive, negatives);
+    texts are compared exactly, and only across examples, so an example whose own texts
+    repeat is kept as is. Epoch ``e`` walks ``torch.randperm`` drawn from a generator seeded
+    with ``seed + e``, filling each batch greedily: an example with a text already in the
+    batch waits in a queue, and each new batch takes from the queue first. With
+    ``drop_last`` the last incomplete batch is dropped, and so are the examples still
+    waiting (``dropped`` counts them); without it the remaining examples form smaller
+    batches until none is left. Each example appears at most once per epoch.
+
+    Iterating yields the rest of the current epoch, then moves to the next one, so one
+    ``for`` loop per epoch works, resumed or not. ``state_dict()`` counts the batches
+    yielded; a multi-worker DataLoader draws batches ahead of use, so a trainer behind one
+    should save ``{"epoch": ..., "batches_done": <batches it trained on>}`` instead.
+    """
+
+    def __init__(
+        self,
+        example_texts: Sequence[Sequence[str]],
+        batch_size: int,
+        seed: int,
+        drop_last: bool = True,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        ids: dict[str, int] = {}
+        # Texts as ints: equal texts are usually distinct string objects, which every set hit
+        # would compare character by character, epoch after epoch.
+        self._texts = [
+            frozenset(ids.setdefault(text, len(ids)) for text in texts) for texts in example_texts
+        ]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.batches_done = 0
+        self._plan: list[list[int]] | None = None
+        self._plan_epoch = -1
+        self._dropped = 0
+
+    def __len__(self) -> int:
+        """Batches in the current epoch. Exact for it; other epochs can differ by a few
+        batches when duplicates force drops (``drop_last``) or extra small batches."""
+        return len(self._epoch_plan())
+
+    @property
+    def dropped(self) -> int:
+        """Examples left out of the current epoch because no batch could take them."""
+        self._epoch_plan()
+        return self._dropped
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan = self._epoch_plan()
+        while self.batches_done < len(plan):
+            batch = plan[self.batches_done]
+            self.batches_done += 1
+            yield list(batch)
+        self.set_epoch(self.epoch + 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch; the current epoch's position is kept, so a
+        loop calling ``set_epoch(epoch)`` at the top of each epoch still resumes mid-way."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.batches_done = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = state["epoch"]
+        self.batches_done = state["batches_done"]
+
+    def _epoch_plan(self) -> list[list[int]]:
+        if self._plan is None or self._plan_epoch != self.epoch:
+            self._plan, self._dropped = self._plan_for(self.epoch)
+            self._plan_epoch = self.epoch
+            if self._dropped:
+                log.info(
+                    "epoch %d: %d of %d examples left out, their texts duplicating others",
+                    self.epoch,
+                    self._dropped,
+                    len(self._texts),
+                )
+        return self._plan
+
+    def _plan_for(self, epoch: int) -> tuple[list[list[int]], int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self._texts), generator=generator).tolist()
+        batches: list[list[int]] = []
+        waiting: list[int] = []
+        pos = 0
+        while True:
+            batch: list[int] = []
+            seen: set[int] = set()
+            still_waiting = []
+            for index in waiting:
+                if len(batch) < self.batch_size and seen.isdisjoint(self._texts[index]):
+                    batch.append(index)
+                    seen |= self._texts[index]
+                else:
+                    still_waiting.append(index)
+            waiting = still_waiting
+            while len(batch) < self.batch_size and pos < len(order):
+                index = order[pos]
+                pos += 1
+                if seen.isdisjoint(self._texts[index]):
+                    batch.append(index)
+                    seen |= self._texts[index]
+                else:
+                    waiting.append(index)
+            if len(batch) == self.batch_size:
+                batches.append(batch)
+            elif self.drop_last or not batch:
+                return batches, len(batch) + len(waiting)
+            else:
+                batches.append(batch)
+                if not waiting:
+                    return batches, 0
