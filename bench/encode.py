@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import SCIFACT_DIR, load_beir  # noqa: E402
-from model import BiEncoder, packaged_model_path  # noqa: E402
+from data import SCIFACT_DIR, load_beir
+from model import BiEncoder, packaged_model_path
 
 
 def main() -> None:
@@ -61,27 +61,31 @@ def main() -> None:
     rows = []
     for name, times in seconds.items():
         median = statistics.median(times)
-        rows.append(f"| {name} | {len(texts) / median:.2f} | {median:.1f} | "
-                    f"{baseline / median:.2f}× |")
-    max_diff = (outputs["ours (BiEncoder.encode)"]
-                - outputs["sentence-transformers"]).abs().max().item()
-    report = "\n".join([
-        "# Encoding throughput: BiEncoder vs sentence-transformers",
-        "",
-        f"- device: CPU {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- load average at start: {os.getloadavg()[0]:.1f}",
-        f"- command: `python bench/encode.py {' '.join(sys.argv[1:])}`",
-        f"- {len(texts)} SciFact docs, max 256 tokens, batch {args.batch_size}, "
-        f"median of {args.repeats} runs after a warm-up",
-        f"- max |ours − sentence-transformers| over all embeddings: {max_diff:.2e}",
-        "",
-        "| encoder | docs/s | seconds | speed vs sentence-transformers |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-    ])
+        rows.append(
+            f"| {name} | {len(texts) / median:.2f} | {median:.1f} | {baseline / median:.2f}× |"
+        )
+    max_diff = (
+        (outputs["ours (BiEncoder.encode)"] - outputs["sentence-transformers"]).abs().max().item()
+    )
+    report = "\n".join(
+        [
+            "# Encoding throughput: BiEncoder vs sentence-transformers",
+            "",
+            f"- device: CPU {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+            f"- date: {datetime.date.today().isoformat()}",
+            f"- load average at start: {os.getloadavg()[0]:.1f}",
+            f"- command: `python bench/encode.py {' '.join(sys.argv[1:])}`",
+            f"- {len(texts)} SciFact docs, max 256 tokens, batch {args.batch_size}, "
+            f"median of {args.repeats} runs after a warm-up",
+            f"- max |ours − sentence-transformers| over all embeddings: {max_diff:.2e}",
+            "",
+            "| encoder | docs/s | seconds | speed vs sentence-transformers |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     print(report)
     if args.out:
         args.out.write_text(report)

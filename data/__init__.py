@@ -10,6 +10,8 @@ from pathlib import Path
 from .beir import BeirDataset, Document, load_beir
 from .errors import DataError
 from .io import iter_jsonl, open_text, resolve
+from .mining import BM25, mine_hard_negatives, triplets_from_beir
+from .sampler import NoDuplicateBatchSampler
 from .sts import ScoredPair, load_sts
 from .training import (
     LabelledText,
@@ -21,21 +23,28 @@ from .training import (
     load_triplets,
     pairs_from_beir,
 )
+from .training_sets import BeirTrainingSet, JsonlTrainingSet, StsTrainingSet, TrainingSet
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 SCIFACT_DIR = BUNDLED_DIR / "scifact"
 STSB_DIR = BUNDLED_DIR / "stsbenchmark"
 
 __all__ = [
+    "BM25",
     "BUNDLED_DIR",
     "SCIFACT_DIR",
     "STSB_DIR",
     "BeirDataset",
+    "BeirTrainingSet",
     "DataError",
     "Document",
+    "JsonlTrainingSet",
     "LabelledText",
+    "NoDuplicateBatchSampler",
     "Pair",
     "ScoredPair",
+    "StsTrainingSet",
+    "TrainingSet",
     "Triplet",
     "iter_jsonl",
     "load_beir",
@@ -44,7 +53,9 @@ __all__ = [
     "load_scored_pairs",
     "load_sts",
     "load_triplets",
+    "mine_hard_negatives",
     "open_text",
     "pairs_from_beir",
     "resolve",
+    "triplets_from_beir",
 ]

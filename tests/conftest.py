@@ -32,3 +32,75 @@ def minilm(minilm_path):
     from model import BiEncoder
 
     return BiEncoder.from_pretrained(minilm_path)
+
+
+TINY_ENCODER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, minilm_path) -> str:
+    """A randomly initialised 2-layer BERT folder with the MiniLM tokenizer: trains in ms."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from model import Encoder, EncoderConfig
+    from model.weights import save_hf_weights
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    encoder = Encoder(EncoderConfig(**TINY_ENCODER))
+    save_hf_weights(encoder, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(encoder.config.to_hf_dict()))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(minilm_path) / name, folder / name)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_beir_path(tmp_path_factory) -> str:
+    """20 SciFact train and 8 test queries, their judged abstracts and 40 distractors."""
+    import json
+
+    from data import SCIFACT_DIR, load_beir
+
+    train, test = load_beir(SCIFACT_DIR, "train"), load_beir(SCIFACT_DIR, "test")
+    splits = {"train": (train, sorted(train.qrels)[:20]), "test": (test, sorted(test.qrels)[:8])}
+    docs = {d for ds, qids in splits.values() for q in qids for d in ds.qrels[q]}
+    docs |= set(sorted(train.corpus)[:40])
+    folder = tmp_path_factory.mktemp("tiny-beir")
+    (folder / "qrels").mkdir()
+    with open(folder / "corpus.jsonl", "w") as f:
+        for doc_id in sorted(docs):
+            doc = train.corpus[doc_id]
+            f.write(json.dumps({"_id": doc_id, "title": doc.title, "text": doc.text}) + "\n")
+    with open(folder / "queries.jsonl", "w") as f:
+        for ds, qids in splits.values():
+            for q in qids:
+                f.write(json.dumps({"_id": q, "text": ds.queries[q]}) + "\n")
+    for split, (ds, qids) in splits.items():
+        lines = ["query-id\tcorpus-id\tscore"]
+        lines += [f"{q}\t{d}\t{r}" for q in qids for d, r in ds.qrels[q].items()]
+        (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sts_path(tmp_path_factory) -> str:
+    """The first 40 rows of each STS-B split."""
+    import gzip
+
+    from data import STSB_DIR
+
+    folder = tmp_path_factory.mktemp("tiny-sts")
+    for split in ("train", "dev", "test"):
+        with gzip.open(STSB_DIR / f"sts-{split}.csv.gz", "rt", encoding="utf-8") as f:
+            rows = f.read().splitlines()[:40]
+        (folder / f"sts-{split}.csv").write_text("\n".join(rows) + "\n")
+    return str(folder)

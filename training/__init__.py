@@ -1,6 +1,8 @@
-"""The training-step layer: tasks (examples -> text columns, embeddings -> loss) and one
-optimisation step's forward and backward, plainly or with gradient caching."""
+"""What train.py is built from: tasks (examples -> text columns, embeddings -> loss), one
+optimisation step's forward and backward (plainly or with gradient caching), learning-rate
+schedules, checkpoints that survive a crash, and metric loggers."""
 
+from training.schedules import warmup_schedule
 from training.step import embed_columns, train_step
 from training.tasks import (
     ContrastiveTask,
@@ -20,4 +22,5 @@ __all__ = [
     "TripletTask",
     "embed_columns",
     "train_step",
+    "warmup_schedule",
 ]

@@ -1,0 +1,242 @@
+"""train.py end to end on a tiny random BERT and small real data.
+
+Most runs compose the config in-process (the same composition as the command line);
+the command-line contract and the crash/resume test run real subprocesses.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+from wandb_file import run_contents
+
+import train as train_cli
+from model import POOLING_HEADS, BiEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture
+def tiny_run(tiny_model_path, tiny_beir_path, tiny_sts_path):
+    """Overrides that point train.py at the tiny model and data, 2 steps, 4 examples each."""
+
+    def overrides(data: str = "beir", *extra: str) -> list[str]:
+        common = [
+            f"model.path={tiny_model_path}",
+            "model.max_length=32",
+            "trainer.max_steps=2",
+            "trainer.batch_size=4",
+            "batch_size=32",
+            "trainer.save_every=1",
+        ]
+        if data == "beir":
+            common += [
+                "train_data=beir",
+                f"train_data.path={tiny_beir_path}",
+                "train_data.dev_queries=4",
+                "train_data.dev_corpus_size=30",
+                f"data.path={tiny_beir_path}",
+            ]
+        else:
+            common += [
+                "experiment=sts",
+                f"train_data.path={tiny_sts_path}",
+                f"data.path={tiny_sts_path}",
+            ]
+        return [*common, *extra]
+
+    return overrides
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_run_folder(run_dir: Path, steps: int = 2) -> list[dict]:
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    train_lines = [line for line in lines if "train/loss" in line]
+    assert [line["step"] for line in train_lines] == list(range(1, steps + 1))
+    assert all(math.isfinite(line["train/loss"]) for line in train_lines)
+    assert (run_dir / "checkpoints" / "last" / "model.safetensors").is_file()
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("loss", "data"),
+    [
+        ("infonce", "beir"),
+        ("triplet", "beir"),
+        ("contrastive", "beir"),
+        ("matryoshka", "beir"),
+        ("cosent", "sts"),
+        ("cosine", "sts"),
+        ("contrastive", "sts"),
+    ],
+)
+def test_two_steps_with_each_loss(loss, data, tiny_run, tmp_path):
+    extra = ["loss.matryoshka_dims=[32,16]"] if loss == "matryoshka" else []
+    metrics = train_cli.train(compose_train(*tiny_run(data, f"loss={loss}", *extra)), tmp_path)
+    lines = check_run_folder(tmp_path)
+    assert any(key.startswith("dev/") for line in lines for key in line)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    assert ("ndcg@10" if data == "beir" else "spearman") in saved
+
+
+@pytest.mark.parametrize("pooling", sorted(POOLING_HEADS))
+def test_two_steps_with_each_pooling(pooling, tiny_run, tmp_path):
+    train_cli.train(
+        compose_train(*tiny_run("beir", f"pooling={pooling}", "trainer.eval=false")), tmp_path
+    )
+    check_run_folder(tmp_path)
+    assert BiEncoder.from_pretrained(tmp_path / "checkpoints" / "last").config.pooling == pooling
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_gradcache_and_hard_negatives_run(tiny_run, tmp_path):
+    overrides = tiny_run(
+        "beir",
+        "trainer.cache_chunk_size=3",
+        "train_data.hard_negatives=2",
+        "trainer.eval=false",
+        "loss.loss.learnable_temperature=true",
+    )
+    train_cli.train(compose_train(*overrides), tmp_path)
+    lines = check_run_folder(tmp_path)
+    assert all("train/temperature" in line for line in lines if "train/loss" in line)
+
+
+def test_command_line_contract(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", *tiny_run("beir"), f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_run_folder(run_dir)
+    assert "ndcg@10" in json.loads((run_dir / "metrics.json").read_text())
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tiny_run, tmp_path):
+    overrides = tiny_run(
+        "beir",
+        "trainer.max_steps=40",
+        "trainer.save_every=4",
+        "trainer.deterministic=true",
+        "trainer.eval=false",
+        "train_data.dev_queries=0",
+    )
+    command = [sys.executable, "train.py", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    whole = tmp_path / "whole"
+    subprocess.run(
+        [*command, f"hydra.run.dir={whole}"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*command, f"hydra.run.dir={killed}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "step-00000012").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "last").exists(), "killed after it had finished"
+
+    subprocess.run(
+        [*command, f"hydra.run.dir={killed}", "trainer.resume=true"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    expected, resumed = last_weights(whole), last_weights(killed)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+    steps = [line["step"] for line in read_jsonl(killed / "metrics.jsonl") if "train/loss" in line]
+    assert steps == list(range(1, 41))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=-1e-5", "optim.lr: must be positive"),
+        ("model.pooling=avg", "model.pooling: unknown pooling 'avg'"),
+        ("trainer.batch_size=1", "trainer.batch_size: must be >= 2"),
+        ("trainer.precision=fp16", "trainer.precision: must be one of auto, fp32, bf16"),
+        ("trainer.save_every=0", "trainer.save_every: must be positive"),
+    ],
+)
+def test_bad_values_fail_before_any_work_naming_the_key(override, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        train_cli.train(compose_train(override), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_keys_and_options_fail_at_composition():
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    with pytest.raises(ConfigCompositionException, match=r"trainer\.nonsense"):
+        compose_train("trainer.nonsense=1")
+    with pytest.raises(MissingConfigException, match="pooling"):
+        compose_train("pooling=avg")
+
+
+def test_wandb_offline_run_folder_holds_the_logged_keys(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train_cli.train(
+        compose_train(*tiny_run("beir", "logger=wandb", "trainer.eval=false")), tmp_path
+    )
+    (run_folder,) = (tmp_path / "wandb").glob("offline-run-*")
+    run = run_contents(run_folder)
+    logged = {key for row in run["history"] for key in row}
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/temperature",
+        "train/grad_norm",
+        "train/accuracy",
+        "train/margin",
+        "train/examples_per_s",
+        "dev/ndcg@10",
+    ):
+        assert key in logged, key
+    assert run["config"]["trainer"]["batch_size"] == 4

@@ -1,0 +1,310 @@
+"""Fine-tune a bi-encoder, select it on a dev set, then evaluate it.
+
+    python train.py                                      # MiniLM on SciFact train -> test
+    python train.py experiment=sts                       # CoSENT on STS-B -> STS-B test
+    python train.py pooling=cls loss=triplet trainer.batch_size=64 optim.lr=3e-5
+    python train.py logger=wandb                         # also log to Weights & Biases
+    python train.py trainer.max_steps=N hydra.run.dir=DIR
+    python train.py hydra.run.dir=DIR trainer.resume=true   # continue a stopped run
+
+The run folder holds ``metrics.jsonl`` (a line per step and per dev evaluation),
+``checkpoints/`` (``step-*``, ``best/`` and ``last/``, each a ``save_pretrained`` folder
+plus trainer state, written atomically), ``metrics.json`` (the final evaluation of the
+dev-selected model on ``data``; of ``last`` when there is no dev set) and ``.hydra/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+import eval as eval_cli
+from data import BeirDataset
+from data.sampler import NoDuplicateBatchSampler
+from data.training_sets import TrainingSet
+from evaluation import evaluate_retrieval, evaluate_sts
+from model import BiEncoder
+from training import Task, train_step
+from training.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from training.loggers import JsonlLogger, MultiLogger
+
+log = logging.getLogger("train")
+
+PRECISIONS = ("auto", "fp32", "bf16")
+SELECTION_METRIC = {"retrieval": "ndcg@10", "sts": "spearman"}
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Fail before any work, naming the offending key."""
+    eval_cli.check_eval_config(cfg)
+    trainer, optim = cfg.trainer, cfg.optim
+    checks = [
+        (optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}"),
+        (
+            optim.get("weight_decay", 0) >= 0,
+            "optim.weight_decay",
+            f"must be >= 0, got {optim.get('weight_decay')}",
+        ),
+        (
+            trainer.batch_size >= 2,
+            "trainer.batch_size",
+            f"must be >= 2 for in-batch negatives, got {trainer.batch_size}",
+        ),
+        (
+            trainer.max_steps is None or trainer.max_steps > 0,
+            "trainer.max_steps",
+            f"must be positive or null, got {trainer.max_steps}",
+        ),
+        (trainer.epochs > 0, "trainer.epochs", f"must be positive, got {trainer.epochs}"),
+        (
+            trainer.cache_chunk_size is None or trainer.cache_chunk_size > 0,
+            "trainer.cache_chunk_size",
+            f"must be positive or null, got {trainer.cache_chunk_size}",
+        ),
+        (
+            trainer.grad_clip is None or trainer.grad_clip > 0,
+            "trainer.grad_clip",
+            f"must be positive or null, got {trainer.grad_clip}",
+        ),
+        (
+            trainer.precision in PRECISIONS,
+            "trainer.precision",
+            f"must be one of {', '.join(PRECISIONS)}, got {trainer.precision!r}",
+        ),
+        (
+            trainer.save_every > 0,
+            "trainer.save_every",
+            f"must be positive, got {trainer.save_every}",
+        ),
+        (trainer.eval_every >= 0, "trainer.eval_every", f"must be >= 0, got {trainer.eval_every}"),
+        (trainer.log_every > 0, "trainer.log_every", f"must be positive, got {trainer.log_every}"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ValueError(f"{key}: {message}")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    # bf16 autocast on a CPU without bf16 units is slower than fp32, so auto means CUDA only.
+    if precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ):
+        return torch.bfloat16
+    return None
+
+
+def resume_checkpoint(resume: bool | str, checkpoints: Path) -> Path | None:
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        found = latest_checkpoint(checkpoints)
+        if found is None:
+            raise FileNotFoundError(
+                f"trainer.resume=true but {checkpoints} holds no complete "
+                "checkpoint; pass hydra.run.dir of the run to continue, "
+                "or trainer.resume=PATH"
+            )
+        return found
+    path = Path(resume)
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"trainer.resume: {path} is not a checkpoint (no trainer_state.pt)")
+    return path
+
+
+def endless_batches(sampler: NoDuplicateBatchSampler) -> Iterator[list[int]]:
+    """Batches across epochs; the sampler's own state says where a resumed run continues."""
+    while True:
+        yield from sampler
+        sampler.set_epoch(sampler.epoch + 1)
+
+
+def example_texts(example) -> tuple[str, ...]:
+    if hasattr(example, "query"):
+        return (example.query, example.positive, *getattr(example, "negatives", ()))
+    return (example.text1, example.text2)
+
+
+def dev_metrics(model: BiEncoder, dev, cfg: DictConfig) -> dict[str, float]:
+    if isinstance(dev, BeirDataset):
+        result = evaluate_retrieval(
+            model, dev, ks=list(cfg.ks), index=instantiate(cfg.index), batch_size=cfg.batch_size
+        )
+        return result.metrics
+    return evaluate_sts(model, dev, batch_size=cfg.batch_size)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Train as ``cfg`` says, writing everything into ``run_dir``; returns the final
+    evaluation metrics (empty with ``trainer.eval=false``)."""
+    check_train_config(cfg)
+    trainer = cfg.trainer
+    checkpoints = run_dir / "checkpoints"
+    device = eval_cli.resolve_device(cfg.device)
+    seed_everything(cfg.seed, trainer.deterministic)
+
+    # Loss and data settings are checked by their constructors before the model loads.
+    task: Task = instantiate(cfg.loss)
+    resume_from = resume_checkpoint(trainer.resume, checkpoints)
+    model = BiEncoder.from_pretrained(resume_from) if resume_from else instantiate(cfg.model)
+    model.to(device).train()
+    task.to(device)
+    for tower in {id(t): t for t in (model.query_tower, model.tower("doc"))}.values():
+        tower.encoder.gradient_checkpointing = trainer.gradient_checkpointing
+    train_set: TrainingSet = instantiate(cfg.train_data).load(model)
+
+    sampler = NoDuplicateBatchSampler(
+        [example_texts(e) for e in train_set.examples], trainer.batch_size, seed=cfg.seed
+    )
+    total_steps = trainer.max_steps or trainer.epochs * len(sampler)
+    params = [p for p in (*model.parameters(), *task.parameters()) if p.requires_grad]
+    optimizer = instantiate(cfg.optim)(params)
+    scheduler = instantiate(cfg.sched)(optimizer, num_training_steps=total_steps)
+    dev_kind = "retrieval" if isinstance(train_set.dev, BeirDataset) else "sts"
+    selection = SELECTION_METRIC[dev_kind]
+
+    step, best, wandb_run_id = 0, None, None
+    if resume_from:
+        state = load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        task.load_state_dict(state["task"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        step, best, wandb_run_id = state["step"], state["best"], state.get("wandb_run_id")
+        log.info("resumed from %s at step %d", resume_from, step)
+
+    loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=step if resume_from else None)]
+    if cfg.get("logger"):
+        loggers.append(
+            instantiate(cfg.logger)(
+                run_dir=run_dir,
+                config=OmegaConf.to_container(cfg, resolve=True),
+                name=run_dir.name,
+                run_id=wandb_run_id,
+            )
+        )
+    logger = MultiLogger(loggers)
+    wandb_run_id = next((lg.run_id for lg in loggers if hasattr(lg, "run_id")), None)
+
+    def checkpoint(name: str) -> Path:
+        state = {
+            "step": step,
+            "best": best,
+            "wandb_run_id": wandb_run_id,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "task": task.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": rng_state(),
+        }
+        return save_checkpoint(checkpoints, name, model, state)
+
+    def evaluate_dev() -> None:
+        nonlocal best
+        metrics = dev_metrics(model, train_set.dev, cfg)
+        model.train()
+        logger.log({f"dev/{k}": v for k, v in metrics.items()}, step)
+        if best is None or metrics[selection] > best["value"]:
+            best = {"step": step, "value": metrics[selection]}
+            checkpoint("best")
+        log.info(
+            "step %d: dev %s %.4f (best %.4f at step %d)",
+            step,
+            selection,
+            metrics[selection],
+            best["value"],
+            best["step"],
+        )
+
+    autocast = autocast_dtype(trainer.precision, device)
+    batches = endless_batches(sampler)
+    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step")
+    try:
+        while step < total_steps:
+            start = time.perf_counter()
+            batch = task.make_batch([train_set.examples[i] for i in next(batches)])
+            loss, stats = train_step(
+                model, task, batch, autocast=autocast, cache_chunk_size=trainer.cache_chunk_size
+            )
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, trainer.grad_clip or math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - start
+            progress.update()
+            progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{batch.size / elapsed:.1f}")
+            if step % trainer.log_every == 0:
+                logger.log(
+                    {
+                        "train/loss": loss,
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/grad_norm": float(grad_norm),
+                        "train/examples_per_s": batch.size / elapsed,
+                        "train/epoch": sampler.epoch,
+                        **{f"train/{k}": v for k, v in stats.items()},
+                    },
+                    step,
+                )
+            if train_set.dev is not None and trainer.eval_every and step % trainer.eval_every == 0:
+                evaluate_dev()
+            if step % trainer.save_every == 0:
+                checkpoint(f"step-{step:08d}")
+                prune_checkpoints(checkpoints, keep=trainer.keep_checkpoints)
+    except KeyboardInterrupt:
+        log.warning("interrupted at step %d: saving checkpoints/last before exiting", step)
+        checkpoint("last")
+        raise
+    progress.close()
+    if train_set.dev is not None and (not trainer.eval_every or step % trainer.eval_every):
+        evaluate_dev()
+    checkpoint("last")
+    log.info("final model: %s", checkpoints / "last")
+
+    final: dict[str, float] = {}
+    if trainer.eval:
+        selected = checkpoints / ("best" if best else "last")
+        log.info("evaluating %s on %s (%s split)", selected, cfg.data.path, cfg.data.split)
+        selected_model = BiEncoder.from_pretrained(selected, device=device)
+        final = eval_cli.evaluate(selected_model, instantiate(cfg.data), cfg, run_dir)
+        logger.summary({f"test/{k}": v for k, v in final.items()})
+    logger.finish()
+    return final
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, float]:
+    return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+eval_cli.register_resolvers()
+
+if __name__ == "__main__":
+    main()
