@@ -97,6 +97,8 @@ def check_train_config(cfg: DictConfig) -> None:
         ),
         (trainer.eval_every >= 0, "trainer.eval_every", f"must be >= 0, got {trainer.eval_every}"),
         (trainer.log_every > 0, "trainer.log_every", f"must be positive, got {trainer.log_every}"),
+        (trainer.max_length is None or trainer.max_length > 0, "trainer.max_length",
+         f"must be positive or null, got {trainer.max_length}"),
     ]
     for ok, key, message in checks:
         if not ok:

@@ -222,14 +222,17 @@ class BiEncoder(nn.Module):
         prefix = self.config.query_prefix if kind == "query" else self.config.doc_prefix
         return [prefix + t for t in texts] if prefix else list(texts)
 
-    def tokenize(self, texts: list[str], kind: Kind) -> dict[str, torch.Tensor]:
-        """Prefix, truncate to ``max_length`` and pad to the longest text in the batch."""
+    def tokenize(
+        self, texts: list[str], kind: Kind, max_length: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Prefix, truncate to ``max_length`` (the config's unless given) and pad to the
+        longest text in the batch."""
         return dict(
             self.tokenizer(
                 self._with_prefix(texts, kind),
                 padding=True,
                 truncation=True,
-                max_length=self.config.max_length,
+                max_length=max_length or self.config.max_length,
                 return_tensors="pt",
             )
         )

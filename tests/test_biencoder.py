@@ -74,6 +74,14 @@ def test_save_load_round_trip_through_both_loaders(minilm_path, tmp_path, option
     torch.testing.assert_close(st_encode(tmp_path, TEXTS, **prompt), expected_q, atol=1e-5, rtol=0)
 
 
+def test_tokenize_max_length_overrides_the_config_limit(minilm):
+    long_texts = [TEXTS[3], TEXTS[0]]
+    assert minilm.tokenize(long_texts, "doc")["input_ids"].shape[1] == 256
+    short = minilm.tokenize(long_texts, "doc", max_length=16)
+    assert short["input_ids"].shape == (2, 16)
+    assert short["input_ids"][0, -1] == minilm.tokenizer.sep_token_id
+
+
 def test_prefixes_are_prepended(minilm_path):
     prefixed = BiEncoder.from_pretrained(minilm_path, query_prefix="query: ")
     plain = BiEncoder.from_pretrained(minilm_path)

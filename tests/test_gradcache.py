@@ -149,6 +149,23 @@ def test_chunk_padding_does_not_change_gradients_without_dropout(tokenizer, chun
     assert max_difference(cached, plain) <= TOLERANCE
 
 
+@pytest.mark.parametrize("cache", [None, 2])
+def test_max_length_truncates_like_a_model_with_that_limit(tokenizer, cache):
+    task = infonce()
+    batch = task.make_batch(TRIPLETS)
+    model = tiny_model(tokenizer).eval()
+    model.zero_grad(set_to_none=True)
+    train_step(model, task, batch, cache_chunk_size=cache, max_length=6)
+    truncated = gradients(model, task)
+
+    limited = tiny_model(tokenizer).eval()
+    limited.config.max_length = 6
+    _, expected = step(limited, infonce(), batch, cache=cache)
+    _, untruncated = step(tiny_model(tokenizer).eval(), infonce(), batch, cache=cache)
+    assert max_difference(truncated, expected) <= TOLERANCE
+    assert max_difference(truncated, untruncated) > 100 * TOLERANCE
+
+
 def test_grad_cache_under_bfloat16_autocast(tokenizer):
     model, task = tiny_model(tokenizer), infonce()
     batch = task.make_batch(TRIPLETS)

@@ -66,8 +66,11 @@ def _chunks(texts: list[str], chunk_size: int | None) -> Iterator[list[str]]:
         yield texts[start : start + step]
 
 
-def _tokenize(model: BiEncoder, texts: list[str], kind: Kind) -> dict[str, torch.Tensor]:
-    return {name: t.to(model.device) for name, t in model.tokenize(texts, kind).items()}
+def _tokenize(
+    model: BiEncoder, texts: list[str], kind: Kind, max_length: int | None
+) -> dict[str, torch.Tensor]:
+    features = model.tokenize(texts, kind, max_length)
+    return {name: t.to(model.device) for name, t in features.items()}
 
 
 def _embed(
@@ -94,6 +97,7 @@ def embed_columns(
     *,
     chunk_size: int | None = None,
     autocast: torch.dtype | None = None,
+    max_length: int | None = None,
 ) -> list[torch.Tensor]:
     """Embed every column of ``batch`` with its tower: one ``[len(column), dim]`` tensor
     each, in at least fp32.
@@ -101,13 +105,14 @@ def embed_columns(
     Differentiable when grad mode is on. ``chunk_size`` embeds at most that many texts per
     forward pass (each chunk padded on its own); with gradients, all chunks' activations
     are kept until the backward, so it bounds the peak of one pass only. ``autocast`` runs
-    the forward passes under ``torch.autocast`` with that dtype.
+    the forward passes under ``torch.autocast`` with that dtype. ``max_length`` truncates
+    the texts shorter than the model's own limit (cheaper training steps).
     """
     _check_chunk_size("chunk_size", chunk_size)
     return [
         torch.cat(
             [
-                _embed(model, _tokenize(model, texts, kind), kind, autocast)
+                _embed(model, _tokenize(model, texts, kind, max_length), kind, autocast)
                 for texts in _chunks(column, chunk_size)
             ]
         )
@@ -122,6 +127,7 @@ def train_step(
     *,
     cache_chunk_size: int | None = None,
     autocast: torch.dtype | None = None,
+    max_length: int | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Compute ``task``'s loss on ``batch`` and backpropagate it; return (loss, stats).
 
@@ -130,14 +136,16 @@ def train_step(
     its graph at once. With it, GradCache embeds ``cache_chunk_size`` texts at a time (see
     the module docstring): the same gradients, with activation memory bounded by one
     chunk whatever the batch size. ``autocast`` is a dtype for ``torch.autocast`` around
-    the encoder's forward passes; the loss itself is computed in fp32.
+    the encoder's forward passes; the loss itself is computed in fp32. ``max_length``
+    truncates the texts for this step only (the model's saved limit is unchanged).
     """
     _check_chunk_size("cache_chunk_size", cache_chunk_size)
     if cache_chunk_size is None:
-        loss, stats = task(embed_columns(model, batch, autocast=autocast), batch)
+        embeddings = embed_columns(model, batch, autocast=autocast, max_length=max_length)
+        loss, stats = task(embeddings, batch)
         loss.backward()
         return loss.item(), stats
-    return _grad_cache_step(model, task, batch, cache_chunk_size, autocast)
+    return _grad_cache_step(model, task, batch, cache_chunk_size, autocast, max_length)
 
 
 @dataclass
@@ -157,6 +165,7 @@ def _grad_cache_step(
     batch: TextBatch,
     chunk_size: int,
     autocast: torch.dtype | None,
+    max_length: int | None,
 ) -> tuple[float, dict[str, float]]:
     chunks: list[_Chunk] = []
     columns: list[torch.Tensor] = []
@@ -165,7 +174,7 @@ def _grad_cache_step(
             parts = []
             start = 0
             for texts in _chunks(column, chunk_size):
-                features = _tokenize(model, texts, kind)
+                features = _tokenize(model, texts, kind, max_length)
                 rows = slice(start, start + len(texts))
                 chunks.append(_Chunk(index, rows, features, kind, RandomState(model.device)))
                 parts.append(_embed(model, features, kind, autocast))
