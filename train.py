@@ -97,8 +97,18 @@ def check_train_config(cfg: DictConfig) -> None:
         ),
         (trainer.eval_every >= 0, "trainer.eval_every", f"must be >= 0, got {trainer.eval_every}"),
         (trainer.log_every > 0, "trainer.log_every", f"must be positive, got {trainer.log_every}"),
-        (trainer.max_length is None or trainer.max_length > 0, "trainer.max_length",
-         f"must be positive or null, got {trainer.max_length}"),
+        (
+            trainer.max_length is None or trainer.max_length > 0,
+            "trainer.max_length",
+            f"must be positive or null, got {trainer.max_length}",
+        ),
+        *(
+            (rate is None or 0 <= rate < 1, f"trainer.{key}", f"must be in [0, 1), got {rate}")
+            for key, rate in (
+                ("hidden_dropout", trainer.hidden_dropout),
+                ("attention_dropout", trainer.attention_dropout),
+            )
+        ),
     ]
     for ok, key, message in checks:
         if not ok:
@@ -179,6 +189,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     task.to(device)
     for tower in {id(t): t for t in (model.query_tower, model.tower("doc"))}.values():
         tower.encoder.gradient_checkpointing = trainer.gradient_checkpointing
+        tower.encoder.set_dropout(trainer.hidden_dropout, trainer.attention_dropout)
     train_set: TrainingSet = instantiate(cfg.train_data).load(model)
 
     sampler = NoDuplicateBatchSampler(

@@ -108,6 +108,17 @@ class Encoder(nn.Module):
             if module.padding_idx is not None:
                 nn.init.zeros_(module.weight[module.padding_idx])
 
+    def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> None:
+        """Change the dropout rates for training; None keeps the checkpoint's. Attention
+        dropout is the costly one on CPU: it takes SDPA off its fused kernel."""
+        if hidden is not None:
+            for module in self.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = hidden
+        if attention is not None:
+            for layer in self.layers:
+                layer.attn.attn_dropout = attention
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -149,3 +149,16 @@ def test_config_errors_name_the_file_and_field(tmp_path):
     path.write_text(json.dumps({"position_embedding_type": "relative_key"}))
     with pytest.raises(ValueError, match="field 'position_embedding_type'"):
         EncoderConfig.from_json(path)
+
+
+def test_set_dropout_changes_the_rates_used_in_training(seed):
+    encoder = Encoder(tiny_config())
+    ids = torch.randint(1, 50, (2, 6))
+    mask = torch.ones_like(ids)
+    expected = encoder.eval()(ids, mask)
+    encoder.train()
+    encoder.set_dropout(hidden=0.0, attention=0.0)
+    torch.testing.assert_close(encoder(ids, mask), expected)
+    encoder.set_dropout(attention=0.5)
+    assert not torch.allclose(encoder(ids, mask), expected)
+    assert all(m.p == 0.0 for m in encoder.modules() if isinstance(m, torch.nn.Dropout))
