@@ -147,25 +147,26 @@ def test_scored_pair_batch():
         (
             ScoredPairTask(CoSENTLoss()),
             PAIRS,
-            "ScoredPairTask needs ScoredPair examples (data with scores, e.g. data=sts); got Pair",
+            "ScoredPairTask needs ScoredPair examples (data with scores, "
+            "e.g. train_data=sts); got Pair",
         ),
         (
             InfoNCETask(InfoNCELoss()),
             SCORED,
             "InfoNCETask needs Pair or Triplet examples (query/positive data, e.g. "
-            "data=scifact); got ScoredPair",
+            "train_data=scifact); got ScoredPair",
         ),
         (
             TripletTask(TripletLoss()),
             SCORED,
             "TripletTask needs Pair or Triplet examples (query/positive data, e.g. "
-            "data=scifact); got ScoredPair",
+            "train_data=scifact); got ScoredPair",
         ),
         (
             ContrastiveTask(ContrastiveLoss()),
             [LabelledText("t", 1)],
             "ContrastiveTask needs Pair, Triplet or ScoredPair examples (retrieval data, e.g. "
-            "data=scifact, or data with scores, e.g. data=sts); got LabelledText",
+            "train_data=scifact, or data with scores, e.g. train_data=sts); got LabelledText",
         ),
         (
             InfoNCETask(InfoNCELoss()),

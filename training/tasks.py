@@ -37,7 +37,7 @@ from model.biencoder import Kind
 
 Example = Pair | Triplet | ScoredPair
 
-_RETRIEVAL_DATA = "query/positive data, e.g. data=scifact"
+_RETRIEVAL_DATA = "query/positive data, e.g. train_data=scifact"
 
 
 @dataclass
@@ -304,7 +304,7 @@ class ContrastiveTask(Task):
     """
 
     accepts = (Pair, Triplet, ScoredPair)
-    data_hint = "retrieval data, e.g. data=scifact, or data with scores, e.g. data=sts"
+    data_hint = "retrieval data, e.g. train_data=scifact, or data with scores, e.g. train_data=sts"
 
     def __init__(
         self,
@@ -379,7 +379,7 @@ class ScoredPairTask(Task):
     """
 
     accepts = (ScoredPair,)
-    data_hint = "data with scores, e.g. data=sts"
+    data_hint = "data with scores, e.g. train_data=sts"
 
     def __init__(
         self,
