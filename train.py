@@ -151,10 +151,10 @@ def resume_checkpoint(resume: bool | str, checkpoints: Path) -> Path | None:
 
 
 def endless_batches(sampler: NoDuplicateBatchSampler) -> Iterator[list[int]]:
-    """Batches across epochs; the sampler's own state says where a resumed run continues."""
+    """Batches across epochs: each pass over the sampler ends by moving it to its next
+    epoch, and its state says where a resumed run continues."""
     while True:
         yield from sampler
-        sampler.set_epoch(sampler.epoch + 1)
 
 
 def example_texts(example) -> tuple[str, ...]:

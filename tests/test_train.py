@@ -4,6 +4,7 @@ Most runs compose the config in-process (the same composition as the command lin
 the command-line contract and the crash/resume test run real subprocesses.
 """
 
+import itertools
 import json
 import math
 import os
@@ -118,6 +119,24 @@ def test_gradcache_and_hard_negatives_run(tiny_run, tmp_path):
     train_cli.train(compose_train(*overrides), tmp_path)
     lines = check_run_folder(tmp_path)
     assert all("train/temperature" in line for line in lines if "train/loss" in line)
+
+
+def test_epochs_follow_one_another(tiny_run, tmp_path):
+    train_cli.train(
+        compose_train(
+            *tiny_run(
+                "beir", "trainer.max_steps=10", "trainer.eval=false", "train_data.dev_queries=0"
+            )
+        ),
+        tmp_path,
+    )
+    epochs = [
+        line["train/epoch"]
+        for line in read_jsonl(tmp_path / "metrics.jsonl")
+        if "train/loss" in line
+    ]
+    assert epochs[0] == 0 and epochs[-1] >= 1
+    assert all(b - a in (0, 1) for a, b in itertools.pairwise(epochs))
 
 
 def test_command_line_contract(tiny_run, tmp_path):
