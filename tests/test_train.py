@@ -18,6 +18,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
 from wandb_file import run_contents
 
 import train as train_cli
@@ -152,6 +153,12 @@ def test_command_line_contract(tiny_run, tmp_path):
     check_run_folder(run_dir)
     assert "ndcg@10" in json.loads((run_dir / "metrics.json").read_text())
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+    last = run_dir / "checkpoints" / "last"
+    texts = ["a claim about proteins", "an abstract on cell biology and its methods"]
+    ours = BiEncoder.from_pretrained(last).encode(texts, kind="doc")
+    theirs = torch.as_tensor(SentenceTransformer(str(last), device="cpu").encode(texts))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
 def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
