@@ -62,24 +62,35 @@ def check_eval_config(cfg: DictConfig) -> None:
         raise ValueError(f"batch_size: must be positive, got {cfg.batch_size}")
 
 
-def evaluate(model: BiEncoder, dataset, cfg: DictConfig, out_dir: Path) -> dict[str, float]:
-    """Score ``model`` on ``dataset`` as ``cfg`` says; write metrics.json (and run.trec)."""
-    dims = [d for d in cfg.matryoshka_dims if d != model.dim]
-    if any(d > model.dim for d in dims):
-        raise ValueError(f"matryoshka_dims {dims} exceed the model's dimension {model.dim}")
-    start = time.perf_counter()
+def score(model: BiEncoder, dataset, cfg: DictConfig, matryoshka_dims: list[int] = ()):
+    """Metrics, timings and (for retrieval) the run of ``model`` on a BEIR or STS dataset."""
     if isinstance(dataset, BeirDataset):
         result = evaluate_retrieval(
             model,
             dataset,
             ks=list(cfg.ks),
             index=instantiate(cfg.index),
-            matryoshka_dims=dims,
+            matryoshka_dims=matryoshka_dims,
             batch_size=cfg.batch_size,
             ignore_identical_ids=cfg.ignore_identical_ids,
         )
-        metrics = result.metrics | result.timings
-        write_trec_run(result.run, out_dir / "run.trec")
+        return result.metrics, result.timings, result.run
+    metrics = evaluate_sts(
+        model, dataset, matryoshka_dims=matryoshka_dims, batch_size=cfg.batch_size
+    )
+    return metrics, {}, None
+
+
+def evaluate(model: BiEncoder, dataset, cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    """Score ``model`` on ``dataset`` as ``cfg`` says; write metrics.json (and run.trec)."""
+    dims = [d for d in cfg.matryoshka_dims if d != model.dim]
+    if any(d > model.dim for d in dims):
+        raise ValueError(f"matryoshka_dims {dims} exceed the model's dimension {model.dim}")
+    start = time.perf_counter()
+    metrics, timings, run = score(model, dataset, cfg, dims)
+    metrics |= timings
+    if run is not None:
+        write_trec_run(run, out_dir / "run.trec")
         log.info(
             "%d queries over %d documents (%s split)",
             len(dataset.queries),
@@ -87,7 +98,6 @@ def evaluate(model: BiEncoder, dataset, cfg: DictConfig, out_dir: Path) -> dict[
             dataset.split,
         )
     else:
-        metrics = evaluate_sts(model, dataset, matryoshka_dims=dims, batch_size=cfg.batch_size)
         log.info("%d sentence pairs", len(dataset))
     metrics["eval_wall_s"] = time.perf_counter() - start
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

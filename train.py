@@ -34,7 +34,6 @@ import eval as eval_cli
 from data import BeirDataset
 from data.sampler import NoDuplicateBatchSampler
 from data.training_sets import TrainingSet
-from evaluation import evaluate_retrieval, evaluate_sts
 from model import BiEncoder
 from training import Task, train_step
 from training.checkpoint import (
@@ -163,15 +162,6 @@ def example_texts(example) -> tuple[str, ...]:
     return (example.text1, example.text2)
 
 
-def dev_metrics(model: BiEncoder, dev, cfg: DictConfig) -> dict[str, float]:
-    if isinstance(dev, BeirDataset):
-        result = evaluate_retrieval(
-            model, dev, ks=list(cfg.ks), index=instantiate(cfg.index), batch_size=cfg.batch_size
-        )
-        return result.metrics
-    return evaluate_sts(model, dev, batch_size=cfg.batch_size)
-
-
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """Train as ``cfg`` says, writing everything into ``run_dir``; returns the final
     evaluation metrics (empty with ``trainer.eval=false``)."""
@@ -241,7 +231,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def evaluate_dev() -> None:
         nonlocal best
-        metrics = dev_metrics(model, train_set.dev, cfg)
+        metrics, _, _ = eval_cli.score(model, train_set.dev, cfg)
         model.train()
         logger.log({f"dev/{k}": v for k, v in metrics.items()}, step)
         if best is None or metrics[selection] > best["value"]:
