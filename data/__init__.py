@@ -7,7 +7,7 @@ and licences.
 
 from pathlib import Path
 
-from .beir import BeirDataset, Document, load_beir
+from .beir import BeirDataset, Document, load_beir, subsample_corpus
 from .errors import DataError
 from .io import iter_jsonl, open_text, resolve
 from .mining import BM25, mine_hard_negatives, triplets_from_beir
@@ -57,5 +57,6 @@ __all__ = [
     "open_text",
     "pairs_from_beir",
     "resolve",
+    "subsample_corpus",
     "triplets_from_beir",
 ]

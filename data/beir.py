@@ -7,8 +7,10 @@ each plain or gzip-compressed (``.gz``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +61,12 @@ class BeirDataset:
 
 
 def load_beir(
-    path: str | os.PathLike[str], split: str = "test", *, strict: bool = False
+    path: str | os.PathLike[str],
+    split: str = "test",
+    *,
+    strict: bool = False,
+    corpus_size: int | None = None,
+    seed: int = 0,
 ) -> BeirDataset:
     """Load the BEIR data set in folder ``path`` with the qrels of ``split``.
 
@@ -67,19 +74,40 @@ def load_beir(
     ``BeirDataset.missing`` and logged as a warning; with ``strict=True`` the first one raises
     DataError instead. Raises DataError for any malformed file or an unknown split, and
     FileNotFoundError for a missing file.
+
+    ``corpus_size`` keeps every judged document plus seeded random distractors up to that
+    many (see :func:`subsample_corpus`): a cheap proxy for ablations, whose scores are not
+    comparable with published full-corpus numbers.
     """
     folder = Path(path)
     qrels_path = _qrels_path(folder, split)
     corpus = _read_corpus(resolve(folder, "corpus.jsonl"))
     queries = _read_queries(resolve(folder, "queries.jsonl"))
     qrels, missing = _read_qrels(qrels_path, corpus, queries, strict=strict)
-    return BeirDataset(
+    dataset = BeirDataset(
         corpus=corpus,
         queries={query_id: queries[query_id] for query_id in qrels},
         qrels=qrels,
         split=split,
         path=folder,
         missing=missing,
+    )
+    if corpus_size is not None:
+        dataset = subsample_corpus(dataset, corpus_size, random.Random(seed))
+    return dataset
+
+
+def subsample_corpus(dataset: BeirDataset, size: int, rng: random.Random) -> BeirDataset:
+    """``dataset`` with its corpus cut to the judged documents of its queries plus random
+    distractors drawn with ``rng``, ``size`` documents in all (more if more are judged)."""
+    if size <= 0:
+        raise ValueError(f"corpus_size must be positive, got {size}")
+    judged = {d for hits in dataset.qrels.values() for d in hits}
+    others = sorted(set(dataset.corpus) - judged)
+    distractors = rng.sample(others, max(0, min(len(others), size - len(judged))))
+    keep = judged | set(distractors)
+    return dataclasses.replace(
+        dataset, corpus={d: doc for d, doc in dataset.corpus.items() if d in keep}
     )
 
 

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from .beir import BeirDataset, load_beir
+from .beir import BeirDataset, load_beir, subsample_corpus
 from .mining import mine_hard_negatives, triplets_from_beir
 from .sts import ScoredPair, load_sts
 from .training import (
@@ -91,14 +91,8 @@ class BeirTrainingSet:
         return TrainingSet(examples, dev)
 
     def _dev_set(self, full: BeirDataset, dev_ids: list[str], rng: random.Random) -> BeirDataset:
-        dev = _restrict(full, dev_ids)
-        judged = {d for q in dev_ids for d in full.qrels[q]}
-        size = self.dev_corpus_size or len(full.corpus)
-        others = sorted(set(full.corpus) - judged)
-        distractors = rng.sample(others, max(0, min(len(others), size - len(judged))))
-        keep = judged | set(distractors)
-        return dataclasses.replace(
-            dev, corpus={d: doc for d, doc in full.corpus.items() if d in keep}
+        return subsample_corpus(
+            _restrict(full, dev_ids), self.dev_corpus_size or len(full.corpus), rng
         )
 
 

@@ -194,6 +194,22 @@ def test_document_full_text_joins_title_and_text() -> None:
     assert Document("d", "Only a title", "").full_text == "Only a title"
 
 
+def test_load_beir_corpus_size_keeps_judged_docs_plus_seeded_distractors() -> None:
+    full = load_beir(SCIFACT_DIR, "test")
+    judged = {d for hits in full.qrels.values() for d in hits}
+    small = load_beir(SCIFACT_DIR, "test", corpus_size=500, seed=3)
+    assert len(small.corpus) == 500
+    assert judged <= set(small.corpus) <= set(full.corpus)
+    assert small.queries == full.queries and small.qrels == full.qrels
+    assert all(small.corpus[d] == full.corpus[d] for d in small.corpus)
+    assert set(load_beir(SCIFACT_DIR, "test", corpus_size=500, seed=3).corpus) == set(small.corpus)
+    assert set(load_beir(SCIFACT_DIR, "test", corpus_size=500, seed=4).corpus) != set(small.corpus)
+    # Fewer slots than judged documents: every judged document stays, no distractor joins.
+    assert set(load_beir(SCIFACT_DIR, "test", corpus_size=10).corpus) == judged
+    with pytest.raises(ValueError, match="corpus_size must be positive"):
+        load_beir(SCIFACT_DIR, "test", corpus_size=0)
+
+
 def test_pairs_from_beir_keeps_positive_judgements_sorted(tmp_path: Path) -> None:
     ds = load_beir(make_beir(tmp_path))
     assert pairs_from_beir(ds) == [
