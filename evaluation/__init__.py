@@ -1,6 +1,7 @@
-"""Evaluation: trec_eval-exact IR metrics, FAISS search, STS correlation, TREC files, and
-the evaluators that embed a dataset with a BiEncoder and score it."""
+"""Evaluation: trec_eval-exact IR metrics, FAISS search, STS correlation, embedding geometry,
+TREC files, and the evaluators that embed a dataset with a BiEncoder and score it."""
 
+from evaluation.geometry import alignment, geometry_metrics, norm_stats, uniformity
 from evaluation.metrics import (
     DEFAULT_KS,
     METRIC_FAMILIES,
@@ -28,10 +29,13 @@ __all__ = [
     "Qrels",
     "RetrievalResult",
     "Run",
+    "alignment",
     "build_index",
     "evaluate_retrieval",
     "evaluate_sts",
     "format_table",
+    "geometry_metrics",
+    "norm_stats",
     "pearson",
     "per_query_metrics",
     "read_trec_qrels",
@@ -42,6 +46,7 @@ __all__ = [
     "sts_metrics",
     "to_run",
     "trec_order",
+    "uniformity",
     "write_trec_qrels",
     "write_trec_run",
 ]

@@ -1,7 +1,10 @@
 """Embedding-model evaluation: BEIR retrieval through FAISS, and STS correlation.
 
 Both evaluators embed once at the model's full dimension and score every requested
-Matryoshka dimension from truncations of the same embeddings.
+Matryoshka dimension from truncations of the same embeddings. Both also report the
+embedding geometry at full dimension (``evaluation.geometry``): ``alignment`` of positive
+pairs, ``uniformity``, and ``norm_mean`` / ``norm_std`` / ``norm_min`` / ``norm_max`` of the
+embeddings before normalisation.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from data import BeirDataset, ScoredPair
+from evaluation.geometry import geometry_metrics
 from evaluation.metrics import Run, retrieval_metrics
 from evaluation.search import build_index, search, to_run
 from evaluation.sts import sts_metrics
@@ -62,6 +66,9 @@ def evaluate_retrieval(
     the run against the qrels. Returns metrics at full dimension plus ``dim{d}/``-prefixed
     metrics per Matryoshka dimension, and the full-dimension run.
 
+    Geometry metrics: ``alignment`` over every judged relevant (query, document) pair,
+    ``uniformity`` over the corpus, norms over corpus and queries together.
+
     ``ignore_identical_ids`` drops a retrieved document whose id equals the query id
     (BEIR's convention for corpora that contain the queries, e.g. Quora, ArguAna).
     """
@@ -76,14 +83,21 @@ def evaluate_retrieval(
         kind="doc",
         batch_size=batch_size,
         show_progress=True,
+        normalize=False,
     )
     timings["encode_corpus_s"] = time.perf_counter() - start
     timings["docs_per_s"] = len(doc_ids) / timings["encode_corpus_s"]
     start = time.perf_counter()
     queries = model.encode(
-        [dataset.queries[i] for i in query_ids], kind="query", batch_size=batch_size
+        [dataset.queries[i] for i in query_ids],
+        kind="query",
+        batch_size=batch_size,
+        normalize=False,
     )
     timings["encode_queries_s"] = time.perf_counter() - start
+    geometry = _retrieval_geometry(docs, queries, dataset, doc_ids, query_ids)
+    if model.config.normalize:
+        docs, queries = F.normalize(docs, dim=-1), F.normalize(queries, dim=-1)
 
     depth = max(ks) + (1 if ignore_identical_ids else 0)
     metrics: dict[str, float] = {}
@@ -100,7 +114,31 @@ def evaluate_retrieval(
             metrics[metric_key(name, dim, model.dim)] = value
         if dim is None:
             full_run = run
+            metrics |= geometry
     return RetrievalResult(metrics, full_run, timings)
+
+
+def _retrieval_geometry(
+    docs: torch.Tensor,
+    queries: torch.Tensor,
+    dataset: BeirDataset,
+    doc_ids: list[str],
+    query_ids: list[str],
+) -> dict[str, float]:
+    doc_row = {d: i for i, d in enumerate(doc_ids)}
+    query_row = {q: i for i, q in enumerate(query_ids)}
+    pairs = [
+        (query_row[q], doc_row[d])
+        for q, judged in dataset.qrels.items()
+        if q in query_row
+        for d, relevance in judged.items()
+        if relevance > 0 and d in doc_row
+    ]
+    q_rows = torch.tensor([q for q, _ in pairs], dtype=torch.long)
+    d_rows = torch.tensor([d for _, d in pairs], dtype=torch.long)
+    return geometry_metrics(
+        queries[q_rows], docs[d_rows], docs, norm_embeddings=torch.cat([docs, queries])
+    )
 
 
 def _search_run(
@@ -138,14 +176,26 @@ def evaluate_sts(
     *,
     matryoshka_dims: Sequence[int] = (),
     batch_size: int = 64,
+    positive_threshold: float = 4.0,
 ) -> dict[str, float]:
     """Spearman and Pearson correlation between cosine similarity and gold scores.
 
-    Both sentences are embedded with the query tower: STS pairs are symmetric.
+    Both sentences are embedded with the query tower: STS pairs are symmetric. Geometry
+    metrics: ``alignment`` over the pairs whose gold score is at least
+    ``positive_threshold`` (4 of STS-B's 0-5: paraphrases), ``uniformity`` and norms over
+    the sentences of both columns.
     """
-    left = model.encode([p.text1 for p in pairs], kind="query", batch_size=batch_size)
-    right = model.encode([p.text2 for p in pairs], kind="query", batch_size=batch_size)
+    left = model.encode(
+        [p.text1 for p in pairs], kind="query", batch_size=batch_size, normalize=False
+    )
+    right = model.encode(
+        [p.text2 for p in pairs], kind="query", batch_size=batch_size, normalize=False
+    )
     gold = np.array([p.score for p in pairs])
+    positive = torch.as_tensor(gold >= positive_threshold)
+    geometry = geometry_metrics(left[positive], right[positive], torch.cat([left, right]))
+    if model.config.normalize:
+        left, right = F.normalize(left, dim=-1), F.normalize(right, dim=-1)
     metrics = {}
     for dim in [None, *matryoshka_dims]:
         a = truncate_embeddings(left, dim, normalize=False)
@@ -153,4 +203,4 @@ def evaluate_sts(
         cosine = F.cosine_similarity(a, b, dim=-1).numpy()
         for name, value in sts_metrics(cosine, gold).items():
             metrics[metric_key(name, dim, model.dim)] = value
-    return metrics
+    return metrics | geometry

@@ -239,10 +239,15 @@ class BiEncoder(nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor], kind: Kind) -> torch.Tensor:
         """Embeddings [B, dim] for a tokenized batch; differentiable (training path)."""
+        return self._embed(features, kind, self.config.normalize)
+
+    def _embed(
+        self, features: dict[str, torch.Tensor], kind: Kind, normalize: bool
+    ) -> torch.Tensor:
         emb = self.tower(kind)(
             features["input_ids"], features["attention_mask"], features.get("token_type_ids")
         )
-        return F.normalize(emb, dim=-1) if self.config.normalize else emb
+        return F.normalize(emb, dim=-1) if normalize else emb
 
     @torch.inference_mode()
     def encode(
@@ -252,16 +257,21 @@ class BiEncoder(nn.Module):
         batch_size: int = 64,
         dim: int | None = None,
         show_progress: bool | None = None,
+        normalize: bool | None = None,
     ) -> torch.Tensor:
         """Embed ``texts`` -> float tensor [len(texts), dim] on the CPU, in input order.
 
         Texts are tokenized once and batched longest-first, so each batch pads to similar
         lengths and the first batch shows the peak memory at once. ``dim`` truncates
-        (Matryoshka) and re-normalises. The progress bar shows for more than 10 batches
-        unless ``show_progress`` says otherwise.
+        (Matryoshka) and re-normalises when normalising. ``normalize`` overrides the
+        config's ``normalize`` for this call: ``False`` gives the raw pooled (and projected)
+        embeddings, e.g. to measure their norms. The progress bar shows for more than 10
+        batches unless ``show_progress`` says otherwise.
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts, not a single string")
+        if normalize is None:
+            normalize = self.config.normalize
         was_training = self.training
         self.eval()
         tokens = self.tokenizer(
@@ -278,7 +288,7 @@ class BiEncoder(nn.Module):
                 {k: [tokens[k][i] for i in idx] for k in tokens}, return_tensors="pt"
             )
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            emb = truncate_embeddings(self(batch, kind), dim, self.config.normalize)
+            emb = truncate_embeddings(self._embed(batch, kind, normalize), dim, normalize)
             out[idx] = emb.float().cpu()
         self.train(was_training)
         return out
