@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -81,9 +82,19 @@ def score(model: BiEncoder, dataset, cfg: DictConfig, matryoshka_dims: list[int]
     return metrics, {}, None
 
 
-def evaluate(model: BiEncoder, dataset, cfg: DictConfig, out_dir: Path) -> dict[str, float]:
-    """Score ``model`` on ``dataset`` as ``cfg`` says; write metrics.json (and run.trec)."""
-    dims = [d for d in cfg.matryoshka_dims if d != model.dim]
+def evaluate(
+    model: BiEncoder,
+    dataset,
+    cfg: DictConfig,
+    out_dir: Path,
+    matryoshka_dims: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Score ``model`` on ``dataset`` as ``cfg`` says; write metrics.json (and run.trec).
+
+    ``matryoshka_dims`` replaces ``cfg.matryoshka_dims`` (train.py passes its loss's dims).
+    """
+    requested = cfg.matryoshka_dims if matryoshka_dims is None else matryoshka_dims
+    dims = [d for d in requested if d != model.dim]
     if any(d > model.dim for d in dims):
         raise ValueError(f"matryoshka_dims {dims} exceed the model's dimension {model.dim}")
     start = time.perf_counter()

@@ -19,13 +19,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -50,6 +51,7 @@ log = logging.getLogger("train")
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SELECTION_METRIC = {"retrieval": "ndcg@10", "sts": "spearman"}
+WANDB_TAG_LIMIT = 64
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -162,9 +164,15 @@ def example_texts(example) -> tuple[str, ...]:
     return (example.text1, example.text2)
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Train as ``cfg`` says, writing everything into ``run_dir``; returns the final
-    evaluation metrics (empty with ``trainer.eval=false``)."""
+def train(
+    cfg: DictConfig, run_dir: Path, group: str | None = None, tags: Sequence[str] = ()
+) -> dict[str, float]:
+    """Train as ``cfg`` says, writing everything into ``run_dir``.
+
+    Returns the final evaluation metrics (none with ``trainer.eval=false``) plus
+    ``dev/<metric>``, the best dev value of the selection metric when there is a dev set.
+    ``group`` and ``tags`` go to the logger (W&B) unless its config sets a group.
+    """
     check_train_config(cfg)
     trainer = cfg.trainer
     checkpoints = run_dir / "checkpoints"
@@ -191,6 +199,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     scheduler = instantiate(cfg.sched)(optimizer, num_training_steps=total_steps)
     dev_kind = "retrieval" if isinstance(train_set.dev, BeirDataset) else "sts"
     selection = SELECTION_METRIC[dev_kind]
+    # A Matryoshka loss's dims are scored at every evaluation unless the config names others.
+    eval_dims = list(cfg.matryoshka_dims) or getattr(task.loss, "dims", [])
 
     step, best, wandb_run_id = 0, None, None
     if resume_from:
@@ -211,6 +221,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 config=OmegaConf.to_container(cfg, resolve=True),
                 name=run_dir.name,
                 run_id=wandb_run_id,
+                group=cfg.logger.get("group") or group or cfg.task_name,
+                tags=[*cfg.logger.get("tags", []), *tags],
             )
         )
     logger = MultiLogger(loggers)
@@ -231,7 +243,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def evaluate_dev() -> None:
         nonlocal best
-        metrics, _, _ = eval_cli.score(model, train_set.dev, cfg)
+        dims = [d for d in eval_dims if d != model.dim]
+        metrics, _, _ = eval_cli.score(model, train_set.dev, cfg, dims)
         model.train()
         logger.log({f"dev/{k}": v for k, v in metrics.items()}, step)
         if best is None or metrics[selection] > best["value"]:
@@ -296,15 +309,44 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         selected = checkpoints / ("best" if best else "last")
         log.info("evaluating %s on %s (%s split)", selected, cfg.data.path, cfg.data.split)
         selected_model = BiEncoder.from_pretrained(selected, device=device)
-        final = eval_cli.evaluate(selected_model, instantiate(cfg.data), cfg, run_dir)
+        final = eval_cli.evaluate(
+            selected_model, instantiate(cfg.data), cfg, run_dir, matryoshka_dims=eval_dims
+        )
         logger.summary({f"test/{k}": v for k, v in final.items()})
+    if best is not None:
+        final = {**final, f"dev/{selection}": best["value"]}
+        logger.summary({f"dev/best_{selection}": best["value"]})
     logger.finish()
     return final
 
 
+def sweep_identity(hydra_config, task_name: str) -> tuple[str | None, list[str]]:
+    """W&B group and tags of a multirun job: every job of one sweep shares the group
+    ``task_name/<sweep folder>`` and is tagged with its overrides (``pooling=cls``, ...),
+    so the W&B UI groups and filters a sweep as ``compare.py`` does. (None, []) otherwise."""
+    if hydra_config.mode != RunMode.MULTIRUN:
+        return None, []
+    group = f"{task_name}/{Path(hydra_config.sweep.dir).name}"
+    # W&B refuses tags over 64 characters (paths in overrides, mostly): those stay out.
+    tags = [o for o in hydra_config.overrides.task if len(o) <= WANDB_TAG_LIMIT]
+    return group, tags
+
+
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> dict[str, float]:
-    return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+def main(cfg: DictConfig) -> dict[str, float] | float:
+    hydra_config = HydraConfig.get()
+    group, tags = sweep_identity(hydra_config, cfg.task_name)
+    metrics = train(cfg, Path(hydra_config.runtime.output_dir), group, tags)
+    # A hyperparameter sweeper (Optuna) optimises the one number main returns.
+    name = cfg.get("optimized_metric")
+    if name is None:
+        return metrics
+    if name not in metrics:
+        raise KeyError(
+            f"optimized_metric: {name!r} is not among this run's metrics "
+            f"({', '.join(sorted(metrics))})"
+        )
+    return metrics[name]
 
 
 eval_cli.register_resolvers()

@@ -104,3 +104,35 @@ def tiny_sts_path(tmp_path_factory) -> str:
             rows = f.read().splitlines()[:40]
         (folder / f"sts-{split}.csv").write_text("\n".join(rows) + "\n")
     return str(folder)
+
+
+@pytest.fixture
+def tiny_run(tiny_model_path, tiny_beir_path, tiny_sts_path):
+    """Overrides that point train.py at the tiny model and data, 2 steps, 4 examples each."""
+
+    def overrides(data: str = "beir", *extra: str) -> list[str]:
+        common = [
+            f"model.path={tiny_model_path}",
+            "model.max_length=32",
+            "trainer.max_steps=2",
+            "trainer.batch_size=4",
+            "batch_size=32",
+            "trainer.save_every=1",
+        ]
+        if data == "beir":
+            common += [
+                "train_data=beir",
+                f"train_data.path={tiny_beir_path}",
+                "train_data.dev_queries=4",
+                "train_data.dev_corpus_size=30",
+                f"data.path={tiny_beir_path}",
+            ]
+        else:
+            common += [
+                "experiment=sts",
+                f"train_data.path={tiny_sts_path}",
+                f"data.path={tiny_sts_path}",
+            ]
+        return [*common, *extra]
+
+    return overrides

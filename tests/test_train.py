@@ -32,38 +32,6 @@ def compose_train(*overrides: str):
         return compose("train", overrides=list(overrides))
 
 
-@pytest.fixture
-def tiny_run(tiny_model_path, tiny_beir_path, tiny_sts_path):
-    """Overrides that point train.py at the tiny model and data, 2 steps, 4 examples each."""
-
-    def overrides(data: str = "beir", *extra: str) -> list[str]:
-        common = [
-            f"model.path={tiny_model_path}",
-            "model.max_length=32",
-            "trainer.max_steps=2",
-            "trainer.batch_size=4",
-            "batch_size=32",
-            "trainer.save_every=1",
-        ]
-        if data == "beir":
-            common += [
-                "train_data=beir",
-                f"train_data.path={tiny_beir_path}",
-                "train_data.dev_queries=4",
-                "train_data.dev_corpus_size=30",
-                f"data.path={tiny_beir_path}",
-            ]
-        else:
-            common += [
-                "experiment=sts",
-                f"train_data.path={tiny_sts_path}",
-                f"data.path={tiny_sts_path}",
-            ]
-        return [*common, *extra]
-
-    return overrides
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -93,10 +61,17 @@ def test_two_steps_with_each_loss(loss, data, tiny_run, tmp_path):
     extra = ["loss.matryoshka_dims=[32,16]"] if loss == "matryoshka" else []
     metrics = train_cli.train(compose_train(*tiny_run(data, f"loss={loss}", *extra)), tmp_path)
     lines = check_run_folder(tmp_path)
-    assert any(key.startswith("dev/") for line in lines for key in line)
+    selection = "ndcg@10" if data == "beir" else "spearman"
+    dev_values = [line[f"dev/{selection}"] for line in lines if f"dev/{selection}" in line]
     saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert selection in saved
+    # train() returns the final evaluation plus the best dev value of the selection metric.
+    assert metrics.pop(f"dev/{selection}") == max(dev_values)
     assert saved == pytest.approx(metrics)
-    assert ("ndcg@10" if data == "beir" else "spearman") in saved
+    if loss == "matryoshka":
+        # The loss's dims are scored at every evaluation without naming them again.
+        assert "dim16/ndcg@10" in saved
+        assert any("dev/dim16/ndcg@10" in line for line in lines)
 
 
 @pytest.mark.parametrize("pooling", sorted(POOLING_HEADS))
@@ -138,6 +113,40 @@ def test_epochs_follow_one_another(tiny_run, tmp_path):
     ]
     assert epochs[0] == 0 and epochs[-1] >= 1
     assert all(b - a in (0, 1) for a, b in itertools.pairwise(epochs))
+
+
+def test_main_returns_the_optimized_metric_for_sweepers(tiny_run, tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def run_main(metric: str, run_dir: Path):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(
+                "train",
+                overrides=[
+                    *tiny_run("beir", f"optimized_metric={metric}"),
+                    f"hydra.run.dir={run_dir}",
+                ],
+                return_hydra_config=True,
+            )
+        with open_dict(cfg):
+            # What Hydra's run_job fills in before it calls main.
+            cfg.hydra.runtime.output_dir = str(run_dir)
+            HydraConfig.instance().set_config(cfg)
+            del cfg["hydra"]
+        return train_cli.main.__wrapped__(cfg)
+
+    value = run_main("ndcg@10", tmp_path / "a")
+    assert value == json.loads((tmp_path / "a" / "metrics.json").read_text())["ndcg@10"]
+    best_dev = run_main("dev/ndcg@10", tmp_path / "b")
+    dev = [
+        line["dev/ndcg@10"]
+        for line in read_jsonl(tmp_path / "b" / "metrics.jsonl")
+        if "dev/ndcg@10" in line
+    ]
+    assert best_dev == max(dev)
+    with pytest.raises(KeyError, match=r"optimized_metric: 'ndcg@11' is not among"):
+        run_main("ndcg@11", tmp_path / "c")
 
 
 def test_command_line_contract(tiny_run, tmp_path):

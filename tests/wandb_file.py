@@ -33,13 +33,15 @@ def wandb_records(path: Path) -> list:
 
 
 def run_contents(run_folder: Path) -> dict:
-    """History rows, summary, defined metrics, config and id of one offline run."""
+    """History rows, summary, defined metrics, config, id, group and tags of one offline run."""
     (wandb_file,) = run_folder.glob("run-*.wandb")
     found: dict = {"history": [], "summary": {}, "metrics": {}, "config": {}}
     for record in wandb_records(wandb_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             found["id"] = record.run.run_id
+            found["group"] = record.run.run_group
+            found["tags"] = list(record.run.tags)
             found["config"] |= {i.key: json.loads(i.value_json) for i in record.run.config.update}
         elif kind == "history":
             row = {
