@@ -27,8 +27,10 @@ from scipy import stats as scipy_stats
 
 log = logging.getLogger(__name__)
 
-# Metrics where lower is better; every other metric is bolded at its maximum.
-LOWER_IS_BETTER = {"train/loss", "alignment", "uniformity", "train/false_negative_fraction"}
+# Metrics where lower is better, and descriptive ones with no better direction; every
+# other metric is bolded at its maximum.
+LOWER_IS_BETTER = {"train/loss", "alignment", "uniformity"}
+DESCRIPTIVE = {"norm_mean", "norm_std", "norm_min", "norm_max", "train/false_negative_fraction"}
 # Shown in the Markdown table when present, in this order; Matryoshka dims follow the
 # full-dimension metric they truncate. The CSV holds every metric.
 PREFERRED_METRICS = (
@@ -103,6 +105,8 @@ class Comparison:
     metrics: list[str]
     seed_key: str
     unfinished: list[Path]
+    # Each axis's values in sweep order (numeric order for numbers), for plots.
+    axis_values: dict[str, list[str]] = field(default_factory=dict)
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -210,7 +214,8 @@ def compare_runs(
         sign = 1 if primary in LOWER_IS_BETTER else -1
         groups.sort(key=lambda g: sign * g.stats[primary].mean if primary in g.stats else math.inf)
     unfinished = [run.path for run in runs if not run.finished]
-    return Comparison(axes, groups, shown, seed_key, unfinished)
+    axis_values = {a: _in_order(run.overrides.get(a, "") for run in runs) for a in axes}
+    return Comparison(axes, groups, shown, seed_key, unfinished, axis_values)
 
 
 def default_metrics(available: Sequence[str]) -> list[str]:
@@ -229,8 +234,9 @@ def default_metrics(available: Sequence[str]) -> list[str]:
 
 
 def markdown_table(comparison: Comparison) -> str:
-    """Rows of groups, a ``mean ± std`` column per shown metric (the best group's in bold)
-    and the primary metric's 95% interval."""
+    """Rows of groups, a ``mean ± std`` column per shown metric (the best group's in bold;
+    ``(n=k)`` when only k of the group's runs report it) and the primary metric's 95%
+    interval."""
     axes, metrics, groups = comparison.axes, comparison.metrics, comparison.groups
     primary = metrics[0] if metrics else None
     header = [*(axes or ["runs"]), "n", *metrics]
@@ -245,6 +251,8 @@ def markdown_table(comparison: Comparison) -> str:
             cell = "—" if summary is None else f"{summary.mean:.4f} ± {summary.std:.4f}"
             if summary is not None and len(groups) > 1 and summary.mean == best[metric]:
                 cell = f"**{cell}**"
+            if summary is not None and summary.n < len(group.runs):
+                cell += f" (n={summary.n})"
             cells.append(cell)
         if primary:
             summary = group.stats.get(primary)
@@ -292,7 +300,7 @@ def plot_metric(comparison: Comparison, metric: str, path: Path) -> None:
     axes = comparison.axes or ["runs"]
     fig, panels = plt.subplots(1, len(axes), figsize=(5.5 * len(axes), 4.2), squeeze=False)
     for panel, axis in zip(panels[0], axes, strict=True):
-        positions = _axis_values(comparison, axis)
+        positions = comparison.axis_values.get(axis, ["all"])
         others = [a for a in comparison.axes if a != axis]
         series: dict[str, list[Group]] = {}
         for group in comparison.groups:
@@ -387,7 +395,8 @@ def write_report(comparison: Comparison, out_dir: Path, command: str) -> list[Pa
         f"Swept: {', '.join(comparison.axes) or 'nothing'}; "
         f"each row aggregates {_seed_phrase(seeds, comparison.seed_key)} "
         "(mean ± sample std; the interval is the 95% Student-t interval of the mean). "
-        "Bold: best mean per column.",
+        "Bold: best mean per column (none for norms and the false-negative fraction, which "
+        "describe rather than score).",
         "",
         markdown_table(comparison),
     ]
@@ -404,17 +413,17 @@ def write_report(comparison: Comparison, out_dir: Path, command: str) -> list[Pa
 
 def _best_mean(groups: Sequence[Group], metric: str) -> float | None:
     means = [g.stats[metric].mean for g in groups if metric in g.stats]
-    if not means:
+    if not means or metric in DESCRIPTIVE:
         return None
     return min(means) if metric in LOWER_IS_BETTER else max(means)
 
 
-def _axis_values(comparison: Comparison, axis: str) -> list[str]:
-    values = list(dict.fromkeys(g.values.get(axis, "all") for g in comparison.groups))
+def _in_order(values: Iterable[str]) -> list[str]:
+    unique = list(dict.fromkeys(values))
     try:
-        return sorted(values, key=float)
+        return sorted(unique, key=float)
     except ValueError:
-        return sorted(values)
+        return unique
 
 
 def _seed_phrase(counts: Sequence[int], seed_key: str) -> str:

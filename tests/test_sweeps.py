@@ -13,7 +13,7 @@ import pytest
 from wandb_file import run_contents
 
 import compare as compare_cli
-from evaluation.sweeps import compare_runs, find_runs, read_run, summarize
+from evaluation.sweeps import compare_runs, find_runs, markdown_table, read_run, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -204,3 +204,17 @@ def test_compare_names_what_is_missing(tmp_path):
     write_run(tmp_path / "a", ["seed=0"], {"ndcg@10": 0.5})
     with pytest.raises(KeyError, match=r"spearman.*available: ndcg@10"):
         compare_runs([read_run(tmp_path / "a")], metrics=["spearman"])
+
+
+def test_table_marks_metrics_that_only_some_runs_report(tmp_path):
+    write_run(tmp_path / "a", ["pooling=cls", "seed=0"], {"ndcg@10": 0.5})
+    crashed = write_run(
+        tmp_path / "b", ["pooling=cls", "seed=1"], None, [{"step": 1, "train/loss": 1.0}]
+    )
+    write_run(tmp_path / "c", ["pooling=mean", "seed=0"], {"ndcg@10": 0.6})
+    comparison = compare_runs([read_run(p) for p in find_runs([tmp_path])])
+    table = markdown_table(comparison)
+    assert "| mean | 1 | **0.6000 ± 0.0000** |" in table
+    assert "| cls | 2 | 0.5000 ± 0.0000 (n=1) |" in table
+    assert comparison.unfinished == [crashed]
+    assert comparison.axis_values == {"pooling": ["cls", "mean"]}
