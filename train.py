@@ -15,6 +15,8 @@ dev-selected model on ``data``; of ``last`` when there is no dev set) and ``.hyd
 
 from __future__ import annotations
 
+import copyreg
+import importlib
 import logging
 import math
 import random
@@ -25,6 +27,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+import torch.utils.deterministic
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -48,6 +51,13 @@ from training.checkpoint import (
 from training.loggers import JsonlLogger, MultiLogger
 
 log = logging.getLogger("train")
+
+# The joblib and submitit launchers cloudpickle main() by value, with the torch modules its
+# code reaches; this one is a ModuleType subclass cloudpickle cannot pickle
+# (cloudpipe/cloudpickle#405), so it travels by name and is re-imported in the worker.
+copyreg.pickle(
+    type(torch.utils.deterministic), lambda module: (importlib.import_module, (module.__name__,))
+)
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SELECTION_METRIC = {"retrieval": "ndcg@10", "sts": "spearman"}
@@ -193,6 +203,11 @@ def train(
     sampler = NoDuplicateBatchSampler(
         [example_texts(e) for e in train_set.examples], trainer.batch_size, seed=cfg.seed
     )
+    if len(sampler) == 0:
+        raise ValueError(
+            f"trainer.batch_size: {trainer.batch_size} is more than the "
+            f"{len(train_set.examples)} training examples can fill without repeating a text"
+        )
     total_steps = trainer.max_steps or trainer.epochs * len(sampler)
     params = [p for p in (*model.parameters(), *task.parameters()) if p.requires_grad]
     optimizer = instantiate(cfg.optim)(params)

@@ -25,21 +25,12 @@ def compose_train(*overrides: str, hydra_config: bool = False) -> DictConfig:
         return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
-def search(name: str) -> str:
-    # A group missing from train.yaml's defaults list can only be appended (+group=...).
-    listed = any(
-        isinstance(entry, DictConfig) and "hparams_search" in entry
-        for entry in OmegaConf.load(CONF / "train.yaml").defaults
-    )
-    return f"{'' if listed else '+'}hparams_search={name}"
-
-
 def test_infonce_optuna_search_space_and_objective():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
     from optuna.distributions import CategoricalDistribution, LogUniformDistribution
 
-    cfg = compose_train(search("infonce_optuna"), hydra_config=True)
+    cfg = compose_train("hparams_search=infonce_optuna", hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("optuna_sweeper.OptunaSweeper")
     assert sweeper.direction == "maximize"
@@ -67,7 +58,7 @@ def test_infonce_optuna_search_space_and_objective():
 
 def test_infonce_optuna_objective_is_a_key_train_returns(tiny_run, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    cfg = compose_train(*tiny_run("beir", search("infonce_optuna")))
+    cfg = compose_train(*tiny_run("beir", "hparams_search=infonce_optuna"))
     metrics = train_cli.train(cfg, tmp_path)
     assert cfg.optimized_metric in metrics
     assert not (tmp_path / "metrics.json").exists()
@@ -111,12 +102,6 @@ def test_local_multirun_runs_two_jobs_in_parallel(tiny_run, tmp_path):
         text=True,
         timeout=600,
     )
-    # joblib (and submitit) cloudpickle train.py's main() by value, with every loaded torch
-    # submodule its code names; torch.utils.deterministic is a ModuleType subclass that
-    # cloudpickle cannot pickle (cloudpipe/cloudpickle#405) until train.py registers a
-    # by-name reducer for it. Any other failure fails the test.
-    if "cannot pickle '_Deterministic' object" in proc.stderr:
-        pytest.xfail("train.py's task cannot be pickled for the joblib workers")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     seeds = set()

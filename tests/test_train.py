@@ -245,6 +245,12 @@ def test_bad_values_fail_before_any_work_naming_the_key(override, message, tmp_p
     assert not any(tmp_path.iterdir())
 
 
+def test_batch_larger_than_the_data_fails_instead_of_waiting_forever(tiny_run, tmp_path):
+    # An epoch with no full batch would leave the trainer asking for batches forever.
+    with pytest.raises(ValueError, match=r"trainer.batch_size: 1000 is more than the \d+"):
+        train_cli.train(compose_train(*tiny_run("beir", "trainer.batch_size=1000")), tmp_path)
+
+
 def test_unknown_keys_and_options_fail_at_composition():
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
