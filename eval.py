@@ -63,8 +63,12 @@ def check_eval_config(cfg: DictConfig) -> None:
         raise ValueError(f"batch_size: must be positive, got {cfg.batch_size}")
 
 
-def score(model: BiEncoder, dataset, cfg: DictConfig, matryoshka_dims: list[int] = ()):
-    """Metrics, timings and (for retrieval) the run of ``model`` on a BEIR or STS dataset."""
+def score(model: BiEncoder, dataset, cfg: DictConfig, matryoshka_dims: Sequence[int] = ()):
+    """Metrics, timings and (for retrieval) the run of ``model`` on a BEIR or STS dataset.
+
+    Full-dimension metrics are always there, so a Matryoshka dim equal to the model's is
+    not scored twice."""
+    matryoshka_dims = [d for d in matryoshka_dims if d != model.dim]
     if isinstance(dataset, BeirDataset):
         result = evaluate_retrieval(
             model,
@@ -93,8 +97,7 @@ def evaluate(
 
     ``matryoshka_dims`` replaces ``cfg.matryoshka_dims`` (train.py passes its loss's dims).
     """
-    requested = cfg.matryoshka_dims if matryoshka_dims is None else matryoshka_dims
-    dims = [d for d in requested if d != model.dim]
+    dims = list(cfg.matryoshka_dims if matryoshka_dims is None else matryoshka_dims)
     if any(d > model.dim for d in dims):
         raise ValueError(f"matryoshka_dims {dims} exceed the model's dimension {model.dim}")
     start = time.perf_counter()

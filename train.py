@@ -258,8 +258,7 @@ def train(
 
     def evaluate_dev() -> None:
         nonlocal best
-        dims = [d for d in eval_dims if d != model.dim]
-        metrics, _, _ = eval_cli.score(model, train_set.dev, cfg, dims)
+        metrics, _, _ = eval_cli.score(model, train_set.dev, cfg, eval_dims)
         model.train()
         logger.log({f"dev/{k}": v for k, v in metrics.items()}, step)
         if best is None or metrics[selection] > best["value"]:

@@ -114,8 +114,7 @@ def evaluate_retrieval(
             metrics[metric_key(name, dim, model.dim)] = value
         if dim is None:
             full_run = run
-            metrics |= geometry
-    return RetrievalResult(metrics, full_run, timings)
+    return RetrievalResult(metrics | geometry, full_run, timings)
 
 
 def _retrieval_geometry(

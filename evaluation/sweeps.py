@@ -25,6 +25,8 @@ import numpy as np
 import yaml
 from scipy import stats as scipy_stats
 
+from data import DataError, iter_jsonl
+
 log = logging.getLogger(__name__)
 
 # Metrics where lower is better, and descriptive ones with no better direction; every
@@ -49,7 +51,7 @@ PREFERRED_METRICS = (
 )
 DEV_SELECTION = ("dev/ndcg@10", "dev/spearman")
 # Timings describe the machine, not the model: CSV only.
-_TIMING = re.compile(r"(_s|_per_s)$")
+_TIMING = re.compile(r"_s$")
 _DIM_METRIC = re.compile(r"^dim(\d+)/(.+)$")
 # Training statistics are averaged over the last tenth of logged steps: one step is noisy.
 _TRAIN_TAIL = 0.1
@@ -152,9 +154,10 @@ def read_run(path: Path) -> RunRecord:
     train_lines = [line for line in lines if "train/loss" in line]
     if train_lines:
         tail = train_lines[-max(1, math.ceil(len(train_lines) * _TRAIN_TAIL)) :]
-        for key in sorted({k for line in tail for k in line if k.startswith("train/")}):
+        keys = {k for line in tail for k in line if k.startswith("train/")}
+        for key in sorted(k for k in keys if not _TIMING.search(k)):
             values = [line[key] for line in tail if isinstance(line.get(key), (int, float))]
-            if values and not _TIMING.search(key):
+            if values:
                 metrics[key] = float(np.mean(values))
     dev_lines = [line for line in lines if any(k.startswith("dev/") for k in line)]
     if dev_lines:
@@ -460,17 +463,12 @@ def _numbers(mapping: dict) -> dict[str, float]:
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    texts = path.read_text().splitlines()
-    lines = []
-    for number, text in enumerate(texts, 1):
-        if not text.strip():
-            continue
-        try:
-            lines.append(json.loads(text))
-        except json.JSONDecodeError as err:
-            # A run killed mid-write leaves a torn last line; anything else is corruption.
-            if number == len(texts):
-                log.warning("%s:%d: torn last line ignored", path, number)
-                continue
-            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from err
-    return lines
+    records = []
+    try:
+        records.extend(record for _, record in iter_jsonl(path))
+    except DataError as err:
+        # A run killed mid-write leaves a torn last line; anything else is corruption.
+        if err.line != len(path.read_text().splitlines()):
+            raise
+        log.warning("%s: torn last line ignored", err)
+    return records

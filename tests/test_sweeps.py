@@ -194,7 +194,7 @@ def test_read_run_ignores_a_torn_last_line_but_not_corruption(tmp_path):
         f.write('{"step": 2, "train/lo')
     assert read_run(folder).loss_curve == [(1, 2.0)]
     (folder / "metrics.jsonl").write_text('{"step": 1\n{"step": 2, "train/loss": 1.0}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not JSON"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: malformed JSON"):
         read_run(folder)
 
 
