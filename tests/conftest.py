@@ -1,7 +1,9 @@
+import functools
 import os
 
 import pytest
 import torch
+from configs import tiny_overrides
 
 # Tests never reach a model hub; everything loads from local folders.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -108,31 +110,5 @@ def tiny_sts_path(tmp_path_factory) -> str:
 
 @pytest.fixture
 def tiny_run(tiny_model_path, tiny_beir_path, tiny_sts_path):
-    """Overrides that point train.py at the tiny model and data, 2 steps, 4 examples each."""
-
-    def overrides(data: str = "beir", *extra: str) -> list[str]:
-        common = [
-            f"model.path={tiny_model_path}",
-            "model.max_length=32",
-            "trainer.max_steps=2",
-            "trainer.batch_size=4",
-            "batch_size=32",
-            "trainer.save_every=1",
-        ]
-        if data == "beir":
-            common += [
-                "train_data=beir",
-                f"train_data.path={tiny_beir_path}",
-                "train_data.dev_queries=4",
-                "train_data.dev_corpus_size=30",
-                f"data.path={tiny_beir_path}",
-            ]
-        else:
-            common += [
-                "experiment=sts",
-                f"train_data.path={tiny_sts_path}",
-                f"data.path={tiny_sts_path}",
-            ]
-        return [*common, *extra]
-
-    return overrides
+    """``tiny_run(data, *extra)``: configs.tiny_overrides with the tiny model and data."""
+    return functools.partial(tiny_overrides, tiny_model_path, tiny_beir_path, tiny_sts_path)

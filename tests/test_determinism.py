@@ -7,18 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from configs import ROOT, compose_train
 
 import train as train_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 # Wall-clock measurements differ between any two runs; everything else must not.
 CLOCK_KEYS = {"time", "train/examples_per_s"}
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def without_clocks(metrics: dict) -> dict:

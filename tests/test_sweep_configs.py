@@ -7,22 +7,13 @@ extra (also submitit); a test whose plugin is missing is skipped.
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from configs import CONF, ROOT, compose_train
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 import train as train_cli
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
-
-def compose_train(*overrides: str, hydra_config: bool = False) -> DictConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
 def test_infonce_optuna_search_space_and_objective():

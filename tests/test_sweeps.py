@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from configs import ROOT, tiny_overrides
 from wandb_file import run_contents
 
 import compare as compare_cli
 from evaluation.sweeps import compare_runs, find_runs, markdown_table, read_run, summarize
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -34,23 +34,17 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, tiny_model_path, tiny_beir_path):
+def sweep(tmp_path_factory, tiny_model_path, tiny_beir_path, tiny_sts_path):
     """A 2x2 multirun (pooling x loss) of 2-step runs, logged to W&B offline too."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    overrides = [
-        f"model.path={tiny_model_path}",
-        "model.max_length=32",
-        "trainer.max_steps=2",
-        "trainer.batch_size=4",
-        "batch_size=32",
-        "train_data=beir",
-        f"train_data.path={tiny_beir_path}",
-        "train_data.dev_queries=4",
-        "train_data.dev_corpus_size=30",
-        f"data.path={tiny_beir_path}",
+    overrides = tiny_overrides(
+        tiny_model_path,
+        tiny_beir_path,
+        tiny_sts_path,
+        "beir",
         "logger=wandb",
         f"hydra.sweep.dir={sweep_dir}",
-    ]
+    )
     proc = subprocess.run(
         [sys.executable, "train.py", "-m", "pooling=cls,mean", "loss=infonce,triplet", *overrides],
         cwd=ROOT,

@@ -16,20 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from configs import ROOT, compose_train
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from wandb_file import run_contents
 
 import train as train_cli
 from model import POOLING_HEADS, BiEncoder
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -120,15 +113,11 @@ def test_main_returns_the_optimized_metric_for_sweepers(tiny_run, tmp_path):
     from omegaconf import open_dict
 
     def run_main(metric: str, run_dir: Path):
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(
-                "train",
-                overrides=[
-                    *tiny_run("beir", f"optimized_metric={metric}"),
-                    f"hydra.run.dir={run_dir}",
-                ],
-                return_hydra_config=True,
-            )
+        cfg = compose_train(
+            *tiny_run("beir", f"optimized_metric={metric}"),
+            f"hydra.run.dir={run_dir}",
+            hydra_config=True,
+        )
         with open_dict(cfg):
             # What Hydra's run_job fills in before it calls main.
             cfg.hydra.runtime.output_dir = str(run_dir)
