@@ -2,8 +2,8 @@
 
     python eval.py                                    # packaged MiniLM, SciFact test
     python eval.py model.path=outputs/train/.../checkpoints/last
-    python eval.py data.path=/beir/nfcorpus data.split=test index=hnsw
-    python eval.py data=sts matryoshka_dims=[64,128]
+    python eval.py eval_data.path=/beir/nfcorpus eval_data.split=test evaluation/index=hnsw
+    python eval.py eval_data=sts evaluation.matryoshka_dims=[64,128]
     python eval.py hydra.run.dir=DIR                  # DIR/metrics.json, DIR/run.trec
 
 Writes ``metrics.json`` (``ndcg@10``, ``mrr@10``, ``recall@100``, ...) and, for retrieval,
@@ -21,22 +21,22 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from data import BUNDLED_DIR, BeirDataset
-from evaluation import evaluate_retrieval, evaluate_sts, format_table, write_trec_run
-from model import POOLING_HEADS, BiEncoder, packaged_model_path
+from data import BeirDataset
+from evaluation import EvalConfig, evaluate_retrieval, evaluate_sts, format_table, write_trec_run
+from model import BiEncoder
+from training.hydra_config import (
+    ConfigError,
+    build,
+    check_dims,
+    model_width,
+    naming,
+    register,
+    settings,
+)
 
 log = logging.getLogger("eval")
-
-
-def register_resolvers() -> None:
-    """``${packaged_model:}`` and ``${bundled:name}`` in configs; safe to call twice."""
-    if not OmegaConf.has_resolver("packaged_model"):
-        OmegaConf.register_new_resolver("packaged_model", packaged_model_path)
-    if not OmegaConf.has_resolver("bundled"):
-        OmegaConf.register_new_resolver("bundled", lambda name: str(BUNDLED_DIR / name))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,26 +44,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+        raise ConfigError(f"device: {name!r} but CUDA is not available; use device=cpu or auto")
     return device
 
 
-def check_eval_config(cfg: DictConfig) -> None:
-    """Fail before loading anything, naming the offending key."""
-    if cfg.model.pooling is not None and cfg.model.pooling not in POOLING_HEADS:
-        raise ValueError(
-            f"model.pooling: unknown pooling {cfg.model.pooling!r}; "
-            f"choose one of {', '.join(POOLING_HEADS)}"
-        )
-    if not cfg.ks or any(k <= 0 for k in cfg.ks):
-        raise ValueError(f"ks: cut-offs must be positive, got {list(cfg.ks)}")
-    if any(d <= 0 for d in cfg.matryoshka_dims):
-        raise ValueError(f"matryoshka_dims: must be positive, got {list(cfg.matryoshka_dims)}")
-    if cfg.batch_size <= 0:
-        raise ValueError(f"batch_size: must be positive, got {cfg.batch_size}")
-
-
-def score(model: BiEncoder, dataset, cfg: DictConfig, matryoshka_dims: Sequence[int] = ()):
+def score(model: BiEncoder, dataset, evaluation: EvalConfig, matryoshka_dims: Sequence[int] = ()):
     """Metrics, timings and (for retrieval) the run of ``model`` on a BEIR or STS dataset.
 
     Full-dimension metrics are always there, so a Matryoshka dim equal to the model's is
@@ -73,15 +58,15 @@ def score(model: BiEncoder, dataset, cfg: DictConfig, matryoshka_dims: Sequence[
         result = evaluate_retrieval(
             model,
             dataset,
-            ks=list(cfg.ks),
-            index=instantiate(cfg.index),
+            ks=list(evaluation.ks),
+            index=evaluation.index,
             matryoshka_dims=matryoshka_dims,
-            batch_size=cfg.batch_size,
-            ignore_identical_ids=cfg.ignore_identical_ids,
+            batch_size=evaluation.batch_size,
+            ignore_identical_ids=evaluation.ignore_identical_ids,
         )
         return result.metrics, result.timings, result.run
     metrics = evaluate_sts(
-        model, dataset, matryoshka_dims=matryoshka_dims, batch_size=cfg.batch_size
+        model, dataset, matryoshka_dims=matryoshka_dims, batch_size=evaluation.batch_size
     )
     return metrics, {}, None
 
@@ -89,19 +74,16 @@ def score(model: BiEncoder, dataset, cfg: DictConfig, matryoshka_dims: Sequence[
 def evaluate(
     model: BiEncoder,
     dataset,
-    cfg: DictConfig,
+    evaluation: EvalConfig,
     out_dir: Path,
     matryoshka_dims: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """Score ``model`` on ``dataset`` as ``cfg`` says; write metrics.json (and run.trec).
-
-    ``matryoshka_dims`` replaces ``cfg.matryoshka_dims`` (train.py passes its loss's dims).
-    """
-    dims = list(cfg.matryoshka_dims if matryoshka_dims is None else matryoshka_dims)
-    if any(d > model.dim for d in dims):
-        raise ValueError(f"matryoshka_dims {dims} exceed the model's dimension {model.dim}")
+    """Score ``model`` on ``dataset`` as ``evaluation`` says; write metrics.json (and
+    run.trec). ``matryoshka_dims`` replaces ``evaluation.matryoshka_dims`` when given."""
+    dims = list(evaluation.matryoshka_dims if matryoshka_dims is None else matryoshka_dims)
+    check_dims("evaluation.matryoshka_dims", dims, model.dim)
     start = time.perf_counter()
-    metrics, timings, run = score(model, dataset, cfg, dims)
+    metrics, timings, run = score(model, dataset, evaluation, dims)
     metrics |= timings
     if run is not None:
         write_trec_run(run, out_dir / "run.trec")
@@ -120,13 +102,15 @@ def evaluate(
     return metrics
 
 
-@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> dict[str, float]:
-    check_eval_config(cfg)
-    torch.manual_seed(cfg.seed)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    """What ``python eval.py`` does with ``cfg``, writing into ``out_dir``. Every setting is
+    checked, naming its key, before the model or the data is loaded."""
+    evaluation = settings(cfg.evaluation, "evaluation", EvalConfig)
+    eval_data = build(cfg.eval_data, "eval_data")
+    check_dims("evaluation.matryoshka_dims", evaluation.matryoshka_dims, model_width(cfg.model))
     device = resolve_device(cfg.device)
-    model = instantiate(cfg.model).to(device)
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.model, "model").to(device)
     log.info(
         "model %s: %s pooling, dim %d, max %d tokens, on %s",
         cfg.model.path,
@@ -135,11 +119,17 @@ def main(cfg: DictConfig) -> dict[str, float]:
         model.config.max_length,
         device,
     )
-    dataset = instantiate(cfg.data)
-    return evaluate(model, dataset, cfg, out_dir)
+    with naming("eval_data", eval_data):
+        dataset = eval_data.load()
+    return evaluate(model, dataset, evaluation, out_dir)
 
 
-register_resolvers()
+@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, float]:
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+register()
 
 if __name__ == "__main__":
     main()

@@ -4,24 +4,29 @@
     python train.py experiment=sts                       # CoSENT on STS-B -> STS-B test
     python train.py pooling=cls loss=triplet trainer.batch_size=64 optim.lr=3e-5
     python train.py logger=wandb                         # also log to Weights & Biases
+    python train.py debug=tiny                           # two steps on tiny data, in seconds
     python train.py trainer.max_steps=N hydra.run.dir=DIR
     python train.py hydra.run.dir=DIR trainer.resume=true   # continue a stopped run
 
 The run folder holds ``metrics.jsonl`` (a line per step and per dev evaluation),
-``checkpoints/`` (``step-*``, ``best/`` and ``last/``, each a ``save_pretrained`` folder
-plus trainer state, written atomically), ``metrics.json`` (the final evaluation of the
-dev-selected model on ``data``; of ``last`` when there is no dev set) and ``.hydra/``.
+``metrics.summary.json`` (the final test and best dev values), ``checkpoints/``
+(``step-*``, ``best/`` and ``last/``, each a ``save_pretrained`` folder plus trainer state,
+written atomically), ``hard_negatives.json`` (when negatives were mined), ``metrics.json``
+(the final evaluation of the dev-selected model on ``eval_data``; of ``last`` when there is
+no dev set) and ``.hydra/``.
 """
 
 from __future__ import annotations
 
 import copyreg
 import importlib
+import json
 import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -30,14 +35,22 @@ import torch
 import torch.utils.deterministic
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import eval as eval_cli
-from data import BeirDataset
+from data import (
+    BeirDataset,
+    BeirEvalSet,
+    BeirTrainingSet,
+    JsonlTrainingSet,
+    StsEvalSet,
+    StsTrainingSet,
+    TrainingSet,
+)
 from data.sampler import NoDuplicateBatchSampler
-from data.training_sets import TrainingSet
+from evaluation import EvalConfig
 from model import BiEncoder
 from training import Task, train_step
 from training.checkpoint import (
@@ -47,6 +60,17 @@ from training.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_json,
+)
+from training.config import TrainerConfig
+from training.hydra_config import (
+    ConfigError,
+    build,
+    check_dims,
+    model_width,
+    naming,
+    register,
+    settings,
 )
 from training.loggers import JsonlLogger, MultiLogger
 
@@ -59,71 +83,52 @@ copyreg.pickle(
     type(torch.utils.deterministic), lambda module: (importlib.import_module, (module.__name__,))
 )
 
-PRECISIONS = ("auto", "fp32", "bf16")
 SELECTION_METRIC = {"retrieval": "ndcg@10", "sts": "spearman"}
 WANDB_TAG_LIMIT = 64
+# Hard negatives mined for this run, reused on resume: dense mining with the resumed
+# checkpoint's model would otherwise give other negatives than the run started with.
+HARD_NEGATIVES = "hard_negatives.json"
+TrainingSpec = BeirTrainingSet | StsTrainingSet | JsonlTrainingSet
 
 
-def check_train_config(cfg: DictConfig) -> None:
-    """Fail before any work, naming the offending key."""
-    eval_cli.check_eval_config(cfg)
-    trainer, optim = cfg.trainer, cfg.optim
-    checks = [
-        (optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}"),
-        (
-            optim.get("weight_decay", 0) >= 0,
-            "optim.weight_decay",
-            f"must be >= 0, got {optim.get('weight_decay')}",
-        ),
-        (
-            trainer.batch_size >= 2,
-            "trainer.batch_size",
-            f"must be >= 2 for in-batch negatives, got {trainer.batch_size}",
-        ),
-        (
-            trainer.max_steps is None or trainer.max_steps > 0,
-            "trainer.max_steps",
-            f"must be positive or null, got {trainer.max_steps}",
-        ),
-        (trainer.epochs > 0, "trainer.epochs", f"must be positive, got {trainer.epochs}"),
-        (
-            trainer.cache_chunk_size is None or trainer.cache_chunk_size > 0,
-            "trainer.cache_chunk_size",
-            f"must be positive or null, got {trainer.cache_chunk_size}",
-        ),
-        (
-            trainer.grad_clip is None or trainer.grad_clip > 0,
-            "trainer.grad_clip",
-            f"must be positive or null, got {trainer.grad_clip}",
-        ),
-        (
-            trainer.precision in PRECISIONS,
-            "trainer.precision",
-            f"must be one of {', '.join(PRECISIONS)}, got {trainer.precision!r}",
-        ),
-        (
-            trainer.save_every > 0,
-            "trainer.save_every",
-            f"must be positive, got {trainer.save_every}",
-        ),
-        (trainer.eval_every >= 0, "trainer.eval_every", f"must be >= 0, got {trainer.eval_every}"),
-        (trainer.log_every > 0, "trainer.log_every", f"must be positive, got {trainer.log_every}"),
-        (
-            trainer.max_length is None or trainer.max_length > 0,
-            "trainer.max_length",
-            f"must be positive or null, got {trainer.max_length}",
-        ),
-        *(
-            (rate is None or 0 <= rate < 1, f"trainer.{key}", f"must be in [0, 1), got {rate}")
-            for key, rate in (
-                ("hidden_dropout", trainer.hidden_dropout),
-                ("attention_dropout", trainer.attention_dropout),
-            )
-        ),
-    ]
-    for ok, key, message in checks:
-        if not ok:
-            raise ValueError(f"{key}: {message}")
+@dataclass
+class RunPlan:
+    """Everything train() needs from the config, built and checked before any file is read."""
+
+    trainer: TrainerConfig
+    evaluation: EvalConfig
+    task: Task
+    train_data: TrainingSpec
+    eval_data: BeirEvalSet | StsEvalSet | None
+    optimizer: Callable[..., torch.optim.Optimizer]
+    scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def plan_run(cfg: DictConfig) -> RunPlan:
+    """Build every cheap part of ``cfg`` and check that they fit together; a bad value
+    raises a ConfigError that names its key. Nothing is loaded."""
+    trainer = settings(cfg.trainer, "trainer", TrainerConfig)
+    evaluation = settings(cfg.evaluation, "evaluation", EvalConfig)
+    task: Task = build(cfg.loss, "loss")
+    train_data = build(cfg.train_data, "train_data")
+    eval_data = build(cfg.eval_data, "eval_data") if trainer.eval else None
+    try:
+        task.check_accepts(train_data.example_type())
+    except ValueError as err:
+        raise ConfigError(
+            f"loss: {err}; train_data ({type(train_data).__name__}) gives those"
+        ) from err
+    width = model_width(cfg.model)
+    check_dims("loss.matryoshka_dims", task.matryoshka_dims, width)
+    check_dims("evaluation.matryoshka_dims", evaluation.matryoshka_dims, width)
+    optimizer = build(cfg.optim, "optim")
+    scheduler = build(cfg.sched, "sched")
+    # Both are partials: calling them once on a stand-in parameter checks their arguments now.
+    with naming("optim", get_method(cfg.optim._target_)):
+        probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
+    with naming("sched", get_method(cfg.sched._target_)):
+        scheduler(probe, num_training_steps=1)
+    return RunPlan(trainer, evaluation, task, train_data, eval_data, optimizer, scheduler)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -174,6 +179,39 @@ def example_texts(example) -> tuple[str, ...]:
     return (example.text1, example.text2)
 
 
+def train_length(trainer_max_length: int | None, model: BiEncoder) -> int:
+    """Tokens per text while training: ``trainer.max_length`` (the model's own limit when
+    null), capped at the encoder's position limit."""
+    limit = model.query_tower.encoder.config.max_position_embeddings
+    length = trainer_max_length or model.config.max_length
+    if length > limit:
+        log.warning(
+            "trainer.max_length=%d is more than the model's %d positions: training at %d",
+            length,
+            limit,
+            limit,
+        )
+    return min(length, limit)
+
+
+def load_training_set(
+    spec: TrainingSpec, model: BiEncoder, run_dir: Path, resumed: bool
+) -> TrainingSet:
+    """The training set, with the hard negatives this run mined when it started if it is a
+    resumed run, so that a resumed run trains on the examples the interrupted one did."""
+    negatives_file = run_dir / HARD_NEGATIVES
+    saved = None
+    if resumed and negatives_file.is_file():
+        saved = json.loads(negatives_file.read_text())
+    with naming("train_data", spec):
+        train_set = spec.load(model, negatives=saved)
+    if train_set.negatives is not None and saved is None:
+        if resumed:
+            log.warning("%s has no %s: negatives were mined again", run_dir, HARD_NEGATIVES)
+        write_json(negatives_file, train_set.negatives)
+    return train_set
+
+
 def train(
     cfg: DictConfig, run_dir: Path, group: str | None = None, tags: Sequence[str] = ()
 ) -> dict[str, float]:
@@ -183,39 +221,39 @@ def train(
     ``dev/<metric>``, the best dev value of the selection metric when there is a dev set.
     ``group`` and ``tags`` go to the logger (W&B) unless its config sets a group.
     """
-    check_train_config(cfg)
-    trainer = cfg.trainer
+    plan = plan_run(cfg)
+    trainer, evaluation, task = plan.trainer, plan.evaluation, plan.task
+    run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = run_dir / "checkpoints"
     device = eval_cli.resolve_device(cfg.device)
     seed_everything(cfg.seed, trainer.deterministic)
 
-    # Loss and data settings are checked by their constructors before the model loads.
-    task: Task = instantiate(cfg.loss)
     resume_from = resume_checkpoint(trainer.resume, checkpoints)
-    model = BiEncoder.from_pretrained(resume_from) if resume_from else instantiate(cfg.model)
+    model = BiEncoder.from_pretrained(resume_from) if resume_from else build(cfg.model, "model")
     model.to(device).train()
     task.to(device)
     for tower in {id(t): t for t in (model.query_tower, model.tower("doc"))}.values():
         tower.encoder.gradient_checkpointing = trainer.gradient_checkpointing
         tower.encoder.set_dropout(trainer.hidden_dropout, trainer.attention_dropout)
-    train_set: TrainingSet = instantiate(cfg.train_data).load(model)
+    max_length = train_length(trainer.max_length, model)
+    log.info("training at up to %d tokens per text", max_length)
+    train_set = load_training_set(plan.train_data, model, run_dir, resume_from is not None)
 
     sampler = NoDuplicateBatchSampler(
         [example_texts(e) for e in train_set.examples], trainer.batch_size, seed=cfg.seed
     )
     if len(sampler) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.batch_size: {trainer.batch_size} is more than the "
             f"{len(train_set.examples)} training examples can fill without repeating a text"
         )
     total_steps = trainer.max_steps or trainer.epochs * len(sampler)
     params = [p for p in (*model.parameters(), *task.parameters()) if p.requires_grad]
-    optimizer = instantiate(cfg.optim)(params)
-    scheduler = instantiate(cfg.sched)(optimizer, num_training_steps=total_steps)
+    optimizer = plan.optimizer(params)
+    scheduler = plan.scheduler(optimizer, num_training_steps=total_steps)
     dev_kind = "retrieval" if isinstance(train_set.dev, BeirDataset) else "sts"
     selection = SELECTION_METRIC[dev_kind]
-    # A Matryoshka loss's dims are scored at every evaluation unless the config names others.
-    eval_dims = list(cfg.matryoshka_dims) or getattr(task.loss, "dims", [])
+    eval_dims = evaluation.matryoshka_dims
 
     step, best, wandb_run_id = 0, None, None
     if resume_from:
@@ -231,7 +269,7 @@ def train(
     loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=step if resume_from else None)]
     if cfg.get("logger"):
         loggers.append(
-            instantiate(cfg.logger)(
+            build(cfg.logger, "logger")(
                 run_dir=run_dir,
                 config=OmegaConf.to_container(cfg, resolve=True),
                 name=run_dir.name,
@@ -258,7 +296,7 @@ def train(
 
     def evaluate_dev() -> None:
         nonlocal best
-        metrics, _, _ = eval_cli.score(model, train_set.dev, cfg, eval_dims)
+        metrics, _, _ = eval_cli.score(model, train_set.dev, evaluation, eval_dims)
         model.train()
         logger.log({f"dev/{k}": v for k, v in metrics.items()}, step)
         if best is None or metrics[selection] > best["value"]:
@@ -280,8 +318,13 @@ def train(
         while step < total_steps:
             start = time.perf_counter()
             batch = task.make_batch([train_set.examples[i] for i in next(batches)])
-            loss, stats = train_step(
-                model, task, batch, autocast=autocast, cache_chunk_size=trainer.cache_chunk_size
+            result = train_step(
+                model,
+                task,
+                batch,
+                autocast=autocast,
+                cache_chunk_size=trainer.cache_chunk_size,
+                max_length=max_length,
             )
             grad_norm = torch.nn.utils.clip_grad_norm_(params, trainer.grad_clip or math.inf)
             optimizer.step()
@@ -290,16 +333,19 @@ def train(
             step += 1
             elapsed = time.perf_counter() - start
             progress.update()
-            progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{batch.size / elapsed:.1f}")
+            progress.set_postfix(loss=f"{result.loss:.4f}", ex_s=f"{batch.size / elapsed:.1f}")
             if step % trainer.log_every == 0:
                 logger.log(
                     {
-                        "train/loss": loss,
+                        "train/loss": result.loss,
                         "train/lr": scheduler.get_last_lr()[0],
                         "train/grad_norm": float(grad_norm),
                         "train/examples_per_s": batch.size / elapsed,
+                        "train/tokens": result.tokens,
+                        "train/tokens_per_s": result.tokens / elapsed,
+                        "train/seq_len_max": result.seq_len_max,
                         "train/epoch": sampler.epoch,
-                        **{f"train/{k}": v for k, v in stats.items()},
+                        **{f"train/{k}": v for k, v in result.stats.items()},
                     },
                     step,
                 )
@@ -319,13 +365,13 @@ def train(
     log.info("final model: %s", checkpoints / "last")
 
     final: dict[str, float] = {}
-    if trainer.eval:
+    if plan.eval_data is not None:
         selected = checkpoints / ("best" if best else "last")
-        log.info("evaluating %s on %s (%s split)", selected, cfg.data.path, cfg.data.split)
+        log.info("evaluating %s on %s", selected, plan.eval_data)
         selected_model = BiEncoder.from_pretrained(selected, device=device)
-        final = eval_cli.evaluate(
-            selected_model, instantiate(cfg.data), cfg, run_dir, matryoshka_dims=eval_dims
-        )
+        with naming("eval_data", plan.eval_data):
+            dataset = plan.eval_data.load()
+        final = eval_cli.evaluate(selected_model, dataset, evaluation, run_dir, eval_dims)
         logger.summary({f"test/{k}": v for k, v in final.items()})
     if best is not None:
         final = {**final, f"dev/{selection}": best["value"]}
@@ -346,9 +392,23 @@ def sweep_identity(hydra_config, task_name: str) -> tuple[str | None, list[str]]
     return group, tags
 
 
+def log_trainer_choice(hydra_config) -> None:
+    """Say which trainer profile runs and why: named on the command line, or picked for the
+    machine by ``${hardware:}``."""
+    choice = hydra_config.runtime.choices.get("trainer")
+    if any(o.split("=", 1)[0] == "trainer" for o in hydra_config.overrides.task):
+        log.info("trainer=%s (from the command line)", choice)
+    else:
+        reason = "CUDA is available" if torch.cuda.is_available() else "no CUDA device"
+        log.info(
+            "trainer=%s (picked for this machine: %s; trainer=cpu|gpu to choose)", choice, reason
+        )
+
+
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, float] | float:
     hydra_config = HydraConfig.get()
+    log_trainer_choice(hydra_config)
     group, tags = sweep_identity(hydra_config, cfg.task_name)
     metrics = train(cfg, Path(hydra_config.runtime.output_dir), group, tags)
     # A hyperparameter sweeper (Optuna) optimises the one number main returns.
@@ -363,7 +423,7 @@ def main(cfg: DictConfig) -> dict[str, float] | float:
     return metrics[name]
 
 
-eval_cli.register_resolvers()
+register()
 
 if __name__ == "__main__":
     main()

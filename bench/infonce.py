@@ -20,28 +20,28 @@ Example (the CPU table committed in bench/results/infonce_cpu.md)::
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
-import resource
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common import (
+    MIB,
+    REPO_ROOT,
+    is_oom,
+    measure_in_subprocess,
+    peak_extra_rss,
+    report_header,
+)
+
 SIZES = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 DIMS = (128, 384, 768)
 DTYPES = ("fp32", "bf16")
 IMPLS = ("naive", "torch", "triton", "inf_cl")
 GPU_ONLY_IMPLS = ("triton", "inf_cl")
-KIB = 1024
-MIB = 1024 * 1024
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,23 +89,6 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------
 
 
-def _reset_peak_rss() -> bool:
-    # Writing 5 to clear_refs resets the kernel's high-water RSS mark (Linux >= 4.0), so
-    # the peak is measured from here and not from import time.
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * KIB
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
 def _loss_fn(impl: str, config: dict):
     import torch
 
@@ -130,16 +113,6 @@ def _loss_fn(impl: str, config: dict):
         )
 
     return loss
-
-
-def _is_oom(error: BaseException) -> bool:
-    import torch
-
-    message = str(error).lower()
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError)
-        and ("out of memory" in message or "can't allocate memory" in message)
-    )
 
 
 def _run_worker(config: dict) -> dict:
@@ -180,16 +153,10 @@ def _run_worker(config: dict) -> dict:
             first = step(q, d)
             peak_extra = torch.cuda.max_memory_allocated() - baseline
         else:
-            baseline = _rss_bytes("VmRSS")
-            if _reset_peak_rss():
-                first = step(q, d)
-                peak_extra = _rss_bytes("VmHWM") - baseline
-            else:
-                first = step(q, d)
-                peak_extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB - baseline
+            first, peak_extra = peak_extra_rss(lambda: step(q, d))
         times = [step(q, d) for _ in range(config["repeats"])] or [first]
     except (RuntimeError, MemoryError) as error:
-        if isinstance(error, MemoryError) or _is_oom(error):
+        if isinstance(error, MemoryError) or is_oom(error):
             return {"status": "OOM"}
         raise
     return {"status": "ok", "seconds": statistics.median(times), "peak_extra_bytes": peak_extra}
@@ -198,36 +165,6 @@ def _run_worker(config: dict) -> dict:
 # ------------------------------------------------------------------------------------------
 # Driver: spawn workers, build the table.
 # ------------------------------------------------------------------------------------------
-
-
-def _measure(config: dict, timeout: float) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)]
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout"}
-    if completed.returncode == -9:
-        # SIGKILL during a big allocation is the Linux OOM killer.
-        return {"status": "OOM"}
-    if completed.returncode != 0:
-        last_line = (completed.stderr.strip().splitlines() or ["?"])[-1]
-        return {"status": f"error: {last_line[:80]}"}
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"CPU {model}, {os.cpu_count()} cores"
 
 
 def _format_row(config: dict, result: dict, naive: dict | None, on_gpu: bool) -> str:
@@ -248,13 +185,6 @@ def _format_row(config: dict, result: dict, naive: dict | None, on_gpu: bool) ->
         flops = 8 * directions * config["size"] ** 2 * config["dim"]
         cells.append(f"{flops / seconds / 1e12:.1f}")
     return "| " + " | ".join(cells) + " |"
-
-
-def _package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _table_header(on_gpu: bool) -> list[str]:
@@ -304,25 +234,21 @@ def _run_driver(args: argparse.Namespace) -> str:
                         "chunk_size": args.chunk_size,
                         "repeats": args.repeats,
                     }
-                    result = _measure(config, args.timeout)
+                    result = measure_in_subprocess(Path(__file__).resolve(), config, args.timeout)
                     if impl == "naive":
                         naive = result
                     rows.append(_format_row(config, result, naive, on_gpu))
                     print(rows[-1], flush=True)
 
-    command = " ".join(shlex.quote(part) for part in ["python", *sys.argv])
-    header = [
-        "# InfoNCE benchmark",
-        "",
-        f"- device: {_device_name(device)}",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- torch {torch.__version__}, triton {_package_version('triton')}",
-        f"- 1-minute load average at start: {load_at_start:.1f}",
-        f"- command: `{command}`",
-        f"- fwd+bwd ms: median of {args.repeats} runs after a first run that measures memory;"
-        f" temperature 0.05, symmetric={args.symmetric}, chunk_size={args.chunk_size}",
-        "",
-    ]
+    header = report_header(
+        "InfoNCE benchmark",
+        device,
+        load_at_start,
+        [
+            f"fwd+bwd ms: median of {args.repeats} runs after a first run that measures memory;"
+            f" temperature 0.05, symmetric={args.symmetric}, chunk_size={args.chunk_size}"
+        ],
+    )
     return "\n".join(header + rows) + "\n"
 
 

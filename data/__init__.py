@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .beir import BeirDataset, Document, load_beir, subsample_corpus
 from .errors import DataError
+from .eval_sets import BeirEvalSet, StsEvalSet
 from .io import iter_jsonl, open_text, resolve
 from .mining import BM25, mine_hard_negatives, triplets_from_beir
 from .sampler import NoDuplicateBatchSampler
@@ -28,13 +29,17 @@ from .training_sets import BeirTrainingSet, JsonlTrainingSet, StsTrainingSet, Tr
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 SCIFACT_DIR = BUNDLED_DIR / "scifact"
 STSB_DIR = BUNDLED_DIR / "stsbenchmark"
+# 100 SciFact train and 10 test queries with 158 abstracts, 40 STS-B pairs per split: debug=tiny.
+TINY_DIR = BUNDLED_DIR / "tiny"
 
 __all__ = [
     "BM25",
     "BUNDLED_DIR",
     "SCIFACT_DIR",
     "STSB_DIR",
+    "TINY_DIR",
     "BeirDataset",
+    "BeirEvalSet",
     "BeirTrainingSet",
     "DataError",
     "Document",
@@ -43,6 +48,7 @@ __all__ = [
     "NoDuplicateBatchSampler",
     "Pair",
     "ScoredPair",
+    "StsEvalSet",
     "StsTrainingSet",
     "TrainingSet",
     "Triplet",

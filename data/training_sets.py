@@ -1,6 +1,8 @@
 """What training reads: examples, plus the dev set that selects checkpoints.
 
-Each spec is a small dataclass that Hydra builds from ``conf/train_data/*.yaml``;
+Each spec is a small dataclass that Hydra builds from ``conf/train_data/*.yaml``; its
+settings are checked when it is built, before any file is read. ``example_type`` says what
+the examples will be (so a loss that cannot use them is refused up front), and
 ``load(model)`` reads the files (and mines hard negatives, which may need the model).
 """
 
@@ -10,7 +12,7 @@ import dataclasses
 import logging
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from .beir import BeirDataset, load_beir, subsample_corpus
 from .mining import mine_hard_negatives, triplets_from_beir
@@ -32,10 +34,18 @@ log = logging.getLogger(__name__)
 Example = Pair | Triplet | ScoredPair
 
 
+MINING_METHODS = ("bm25", "dense")
+JSONL_FORMATS = ("pairs", "triplets", "scored_pairs")
+
+
 @dataclass
 class TrainingSet:
+    """Training examples, the dev set (None without one) and, when they were mined, the hard
+    negatives as query id -> doc ids (what a resumed run reuses instead of mining again)."""
+
     examples: list[Example]
     dev: BeirDataset | list[ScoredPair] | None = None
+    negatives: dict[str, list[str]] | None = None
 
 
 @dataclass
@@ -52,16 +62,39 @@ class BeirTrainingSet:
     dev_queries: int = 0
     dev_corpus_size: int | None = None
     hard_negatives: int = 0
-    mining: Literal["bm25", "dense"] = "bm25"
+    mining: str = "bm25"
     mining_depth: int = 30
     seed: int = 0
 
-    def load(self, model: BiEncoder | None = None) -> TrainingSet:
+    def __post_init__(self) -> None:
+        if self.dev_queries < 0:
+            raise ValueError(f"dev_queries: must be >= 0, got {self.dev_queries}")
+        if self.dev_corpus_size is not None and self.dev_corpus_size < 1:
+            raise ValueError(
+                f"dev_corpus_size: must be positive or null, got {self.dev_corpus_size}"
+            )
+        if self.hard_negatives < 0:
+            raise ValueError(f"hard_negatives: must be >= 0, got {self.hard_negatives}")
+        if self.mining not in MINING_METHODS:
+            raise ValueError(f"mining: {self.mining!r} is not one of {', '.join(MINING_METHODS)}")
+        if self.mining_depth < 1:
+            raise ValueError(f"mining_depth: must be positive, got {self.mining_depth}")
+
+    def example_type(self) -> type:
+        return Triplet if self.hard_negatives > 0 else Pair
+
+    def load(
+        self,
+        model: BiEncoder | None = None,
+        negatives: dict[str, list[str]] | None = None,
+    ) -> TrainingSet:
+        """Read the split and hold out the dev queries; mine ``hard_negatives`` per pair
+        (dense mining embeds with ``model``) unless ``negatives`` gives them already."""
         full = load_beir(self.path, self.split)
         query_ids = sorted(full.qrels)
         if self.dev_queries >= len(query_ids):
             raise ValueError(
-                f"train_data.dev_queries={self.dev_queries} leaves no training "
+                f"dev_queries: {self.dev_queries} leaves no training "
                 f"queries ({len(query_ids)} in {self.split})"
             )
         rng = random.Random(self.seed)
@@ -69,16 +102,20 @@ class BeirTrainingSet:
         train = _restrict(full, [q for q in query_ids if q not in dev_ids])
         dev = self._dev_set(full, sorted(dev_ids), rng) if dev_ids else None
         if self.hard_negatives > 0:
-            negatives = mine_hard_negatives(
-                train,
-                self.hard_negatives,
-                method=self.mining,
-                depth=self.mining_depth,
-                seed=self.seed,
-                model=model,
-            )
+            if negatives is None:
+                negatives = mine_hard_negatives(
+                    train,
+                    self.hard_negatives,
+                    method=self.mining,
+                    depth=self.mining_depth,
+                    seed=self.seed,
+                    model=model,
+                )
+            else:
+                log.info("reusing the hard negatives of %d queries", len(negatives))
             examples: list[Example] = list(triplets_from_beir(train, negatives))
         else:
+            negatives = None
             examples = list(pairs_from_beir(train))
         log.info(
             "%s/%s: %d training examples from %d queries; %d dev queries",
@@ -88,7 +125,7 @@ class BeirTrainingSet:
             len(train.qrels),
             len(dev_ids),
         )
-        return TrainingSet(examples, dev)
+        return TrainingSet(examples, dev, negatives)
 
     def _dev_set(self, full: BeirDataset, dev_ids: list[str], rng: random.Random) -> BeirDataset:
         return subsample_corpus(
@@ -104,7 +141,10 @@ class StsTrainingSet:
     split: str = "train"
     dev_split: str | None = "dev"
 
-    def load(self, model: BiEncoder | None = None) -> TrainingSet:
+    def example_type(self) -> type:
+        return ScoredPair
+
+    def load(self, model: BiEncoder | None = None, negatives: None = None) -> TrainingSet:
         dev = load_sts(self.path, self.dev_split) if self.dev_split else None
         return TrainingSet(list(load_sts(self.path, self.split)), dev)
 
@@ -114,18 +154,21 @@ class JsonlTrainingSet:
     """A JSONL file of pairs, triplets or scored pairs (see data/training.py)."""
 
     path: str
-    format: Literal["pairs", "triplets", "scored_pairs"] = "pairs"
+    format: str = "pairs"
 
-    def load(self, model: BiEncoder | None = None) -> TrainingSet:
+    def __post_init__(self) -> None:
+        if self.format not in JSONL_FORMATS:
+            raise ValueError(f"format: {self.format!r} is not one of {', '.join(JSONL_FORMATS)}")
+
+    def example_type(self) -> type:
+        return {"pairs": Pair, "triplets": Triplet, "scored_pairs": ScoredPair}[self.format]
+
+    def load(self, model: BiEncoder | None = None, negatives: None = None) -> TrainingSet:
         readers = {
             "pairs": load_pairs,
             "triplets": load_triplets,
             "scored_pairs": load_scored_pairs,
         }
-        if self.format not in readers:
-            raise ValueError(
-                f"train_data.format: {self.format!r} is not one of {', '.join(readers)}"
-            )
         return TrainingSet(list(readers[self.format](self.path)))
 
 

@@ -1,6 +1,7 @@
 """Evaluation: trec_eval-exact IR metrics, FAISS search, STS correlation, embedding geometry,
 TREC files, and the evaluators that embed a dataset with a BiEncoder and score it."""
 
+from evaluation.config import EvalConfig, IndexSpec
 from evaluation.geometry import alignment, geometry_metrics, norm_stats, uniformity
 from evaluation.metrics import (
     DEFAULT_KS,
@@ -12,7 +13,6 @@ from evaluation.metrics import (
     trec_order,
 )
 from evaluation.retrieval import (
-    IndexSpec,
     RetrievalResult,
     evaluate_retrieval,
     evaluate_sts,
@@ -25,6 +25,7 @@ from evaluation.trec import read_trec_qrels, read_trec_run, write_trec_qrels, wr
 __all__ = [
     "DEFAULT_KS",
     "METRIC_FAMILIES",
+    "EvalConfig",
     "IndexSpec",
     "Qrels",
     "RetrievalResult",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from data import BeirDataset, ScoredPair
+from evaluation.config import IndexSpec
 from evaluation.geometry import geometry_metrics
 from evaluation.metrics import Run, retrieval_metrics
 from evaluation.search import build_index, search, to_run
@@ -26,18 +27,6 @@ from evaluation.sts import sts_metrics
 from model import BiEncoder, truncate_embeddings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class IndexSpec:
-    """Which FAISS index to search with; ``factory`` is an ``index_factory`` string."""
-
-    factory: str = "Flat"
-    metric: str = "ip"
-    use_gpu: bool | None = None
-    nprobe: int | None = None
-    ef_search: int | None = None
-    train_size: int | None = None
 
 
 @dataclass

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from losses.infonce import InfoNCEStats
+
 # ------------------------------------------------------------------------------------------
 # Math. q: [B, D] queries, d: [N, D] documents, N >= B; d[i] is the positive of q[i] and
 # d[B:] are hard negatives shared by every query. s = 1/τ.
@@ -47,6 +49,17 @@ from triton import knobs
 #
 # The symmetric (document→query) term over the B positives is the same problem with the
 # roles swapped, (d[:B], q, doc_ids[:B]), so it reuses these kernels.
+#
+# Ranking statistics (forward with WITH_STATS, launched for the q→d direction only), taken
+# from the same tiles in the same pass, on the unscaled products r_ij = q_i·d_j:
+#   positive_i = r_ii
+#   O_i        = {j < N : j != i, j not excluded}          (the competitors of row i)
+#   best_i     = max_{j ∈ O_i} r_ij,   index_i = the first such j;   −inf, −1 if O_i = ∅
+#   fn_i       = |{j < N : j != i, doc_ids[j] == doc_ids[i]}|
+# best/index fold over the column tiles like the running max, but a tile replaces them only
+# when its maximum is strictly larger: ties keep the first column and rows whose every
+# tile is excluded keep −1. r rather than s·r, so the values are the similarities users
+# read and their order is that of q·d whatever s is. Four more O(B) outputs, nothing saved.
 #
 # Every tile product accumulates in fp32 whatever the input dtype; dlogits is cast to the
 # input dtype before the backward products, as FlashAttention does with P, so fp16/bf16
@@ -104,10 +117,15 @@ def _raw_dot_tile(
 
 @triton.jit
 def _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS: tl.constexpr):
+    # One return of one dtype: Triton's code generator (unlike the interpreter) rejects a
+    # function whose returns differ in type, and an early return inside the constexpr `if`
+    # counts as a second return.
     if HAS_DOC_IDS:
-        return tl.load(doc_ids_ptr + rows, mask=rows < B, other=-1)
-    # Without doc ids the value is never read; Triton needs a tensor either way.
-    return rows
+        row_doc_ids = tl.load(doc_ids_ptr + rows, mask=rows < B, other=-1)
+    else:
+        # Without doc ids the value is never read; Triton needs a tensor either way.
+        row_doc_ids = rows.to(tl.int64)
+    return row_doc_ids
 
 
 @triton.jit
@@ -184,6 +202,10 @@ def _infonce_fwd_kernel(
     scale_ptr,
     lse_ptr,
     loss_ptr,
+    positive_ptr,
+    best_other_ptr,
+    best_other_index_ptr,
+    false_negatives_ptr,
     B,
     N,
     D,
@@ -193,9 +215,14 @@ def _infonce_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DOC_IDS: tl.constexpr,
+    WITH_STATS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
+    """Per-row lse and loss; with WITH_STATS also the four ranking statistics.
+
+    Without WITH_STATS the four statistics pointers are placeholders and never touched.
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < B
     # The scale is read on the device so that a learnable temperature needs no host sync.
@@ -205,9 +232,13 @@ def _infonce_fwd_kernel(
     running_max = tl.full((BLOCK_M,), _RUNNING_MAX_INIT, dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     positive_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    positive = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    best_other = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    best_other_index = tl.full((BLOCK_M,), -1, dtype=tl.int32)
+    false_negatives = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
-        logits = scale * _raw_dot_tile(
+        raw = _raw_dot_tile(
             q_ptr,
             d_ptr,
             rows,
@@ -223,9 +254,23 @@ def _infonce_fwd_kernel(
             INPUT_PRECISION,
             UPCAST_DOT,
         )
+        logits = scale * raw
         is_positive = rows[:, None] == cols[None, :]
         positive_logit += tl.sum(tl.where(is_positive, logits, 0.0), axis=1)
         excluded = _excluded_columns(doc_ids_ptr, rows, cols, row_doc_ids, N, HAS_DOC_IDS)
+        if WITH_STATS:
+            positive += tl.sum(tl.where(is_positive, raw, 0.0), axis=1)
+            others = tl.where(excluded | is_positive, float("-inf"), raw)
+            tile_best, tile_best_index = tl.max(
+                others, axis=1, return_indices=True, return_indices_tie_break_left=True
+            )
+            improved = tile_best > best_other
+            best_other = tl.where(improved, tile_best, best_other)
+            best_other_index = tl.where(improved, col_start + tile_best_index, best_other_index)
+            if HAS_DOC_IDS:
+                # `excluded` also holds the padding columns j >= N, which are not documents.
+                false_negative = excluded & (cols[None, :] < N)
+                false_negatives += tl.sum(false_negative.to(tl.int32), axis=1)
         logits = tl.where(excluded, float("-inf"), logits)
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
@@ -236,6 +281,11 @@ def _infonce_fwd_kernel(
     lse = running_max + tl.log(running_sum)
     tl.store(lse_ptr + rows, lse, mask=row_in)
     tl.store(loss_ptr + rows, lse - positive_logit, mask=row_in)
+    if WITH_STATS:
+        tl.store(positive_ptr + rows, positive, mask=row_in)
+        tl.store(best_other_ptr + rows, best_other, mask=row_in)
+        tl.store(best_other_index_ptr + rows, best_other_index.to(tl.int64), mask=row_in)
+        tl.store(false_negatives_ptr + rows, false_negatives.to(tl.int64), mask=row_in)
 
 
 @triton.jit
@@ -462,11 +512,13 @@ def default_block_sizes(dim: int, dtype: torch.dtype) -> BlockSizes:
 
 @dataclass(frozen=True)
 class InfoNCEForward:
-    """Result of :func:`infonce_forward`: the mean loss and the O(B) softmax statistics."""
+    """Result of :func:`infonce_forward`: the mean loss, the O(B) softmax statistics and,
+    when asked for, the query→document ranking statistics."""
 
     loss: torch.Tensor
     row_lse: torch.Tensor
     col_lse: torch.Tensor | None
+    stats: InfoNCEStats | None = None
 
 
 def _validated(
@@ -532,20 +584,41 @@ def _launch_forward(
     doc_ids: torch.Tensor | None,
     scale: torch.Tensor,
     blocks: BlockSizes,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One direction: per-row (lse, loss) in fp32 for queries q against documents d."""
+    with_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, InfoNCEStats | None]:
+    """One direction: per-row (lse, loss) in fp32 for queries q against documents d, and
+    the ranking statistics of that direction when ``with_stats``."""
     batch, dim = q.shape
     num_docs = d.shape[0]
     lse = torch.empty(batch, device=q.device, dtype=torch.float32)
     row_loss = torch.empty_like(lse)
+    stats = None
+    if with_stats:
+        stats = InfoNCEStats(
+            positive=torch.empty_like(lse),
+            best_other=torch.empty_like(lse),
+            best_other_index=torch.empty(batch, device=q.device, dtype=torch.int64),
+            # Zeros: without doc ids the kernel leaves the counts alone.
+            false_negatives=torch.zeros(batch, device=q.device, dtype=torch.int64),
+            num_docs=num_docs,
+        )
+    # Pointers the kernel never dereferences (doc ids without HAS_DOC_IDS, statistics
+    # without WITH_STATS) still need a tensor on the right device.
+    placeholder = lse
+    stats_outputs = (
+        (stats.positive, stats.best_other, stats.best_other_index, stats.false_negatives)
+        if stats is not None
+        else (placeholder,) * 4
+    )
     grid = (triton.cdiv(batch, blocks.m),)
     _infonce_fwd_kernel[grid](
         q,
         d,
-        doc_ids if doc_ids is not None else lse,
+        doc_ids if doc_ids is not None else placeholder,
         scale,
         lse,
         row_loss,
+        *stats_outputs,
         batch,
         num_docs,
         dim,
@@ -555,10 +628,11 @@ def _launch_forward(
         BLOCK_N=blocks.n,
         BLOCK_D=blocks.d,
         HAS_DOC_IDS=doc_ids is not None,
+        WITH_STATS=with_stats,
         **_kernel_flags(q.dtype),
         num_warps=blocks.num_warps,
     )
-    return lse, row_loss
+    return lse, row_loss, stats
 
 
 def _launch_backward(
@@ -639,23 +713,28 @@ def infonce_forward(
     doc_ids: torch.Tensor | None = None,
     symmetric: bool = False,
     block_sizes: BlockSizes | None = None,
+    return_stats: bool = False,
 ) -> InfoNCEForward:
     """Mean InfoNCE loss (fp32 scalar) plus the per-row logsumexp needed by the backward.
 
-    ``col_lse`` is the document→query logsumexp over the B positives when ``symmetric``.
-    Non-contiguous inputs are copied to contiguous ones.
+    ``col_lse`` is the document→query logsumexp over the B positives when ``symmetric``;
+    ``stats`` the query→document ranking statistics when ``return_stats``, from the same
+    kernel launch as the loss. Non-contiguous inputs are copied to contiguous ones.
     """
     q, d, doc_ids = _validated(q, d, doc_ids)
     scale = _scale_tensor(scale, q.device)
     blocks = block_sizes or default_block_sizes(q.shape[1], q.dtype)
-    row_lse, row_loss = _launch_forward(q, d, doc_ids, scale, blocks)
+    row_lse, row_loss, stats = _launch_forward(q, d, doc_ids, scale, blocks, return_stats)
     if not symmetric:
-        return InfoNCEForward(loss=row_loss.mean(), row_lse=row_lse, col_lse=None)
+        return InfoNCEForward(loss=row_loss.mean(), row_lse=row_lse, col_lse=None, stats=stats)
     batch = q.shape[0]
     positive_ids = doc_ids[:batch] if doc_ids is not None else None
-    col_lse, col_loss = _launch_forward(d[:batch], q, positive_ids, scale, blocks)
+    col_lse, col_loss, _ = _launch_forward(d[:batch], q, positive_ids, scale, blocks)
     return InfoNCEForward(
-        loss=(row_loss.mean() + col_loss.mean()) / 2, row_lse=row_lse, col_lse=col_lse
+        loss=(row_loss.mean() + col_loss.mean()) / 2,
+        row_lse=row_lse,
+        col_lse=col_lse,
+        stats=stats,
     )
 
 
@@ -700,7 +779,11 @@ def infonce_backward(
 
 
 class InfoNCEFunction(torch.autograd.Function):
-    """Autograd wrapper: saves q, d, doc ids, the scale and the O(B) logsumexps only."""
+    """Autograd wrapper: saves q, d, doc ids, the scale and the O(B) logsumexps only.
+
+    With ``return_stats`` the outputs are (loss, positive, best_other, best_other_index,
+    false_negatives), the last four non-differentiable and not saved.
+    """
 
     @staticmethod
     def forward(
@@ -712,16 +795,27 @@ class InfoNCEFunction(torch.autograd.Function):
         symmetric: bool,
         deterministic: bool,
         block_sizes: BlockSizes | None,
-    ) -> torch.Tensor:
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         q, d, doc_ids = _validated(q, d, doc_ids)
-        result = infonce_forward(q, d, scale, doc_ids, symmetric, block_sizes)
+        result = infonce_forward(q, d, scale, doc_ids, symmetric, block_sizes, return_stats)
         ctx.save_for_backward(q, d, scale, doc_ids, result.row_lse, result.col_lse)
         ctx.deterministic = deterministic
         ctx.block_sizes = block_sizes
-        return result.loss
+        if result.stats is None:
+            return result.loss
+        stats = result.stats
+        stats_tensors = (
+            stats.positive,
+            stats.best_other,
+            stats.best_other_index,
+            stats.false_negatives,
+        )
+        ctx.mark_non_differentiable(*stats_tensors)
+        return (result.loss, *stats_tensors)
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor, *_stats_grads: torch.Tensor):
         q, d, scale, doc_ids, row_lse, col_lse = ctx.saved_tensors
         dq, dd, dscale = infonce_backward(
             q,
@@ -743,6 +837,7 @@ class InfoNCEFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -753,7 +848,8 @@ def fused_info_nce(
     symmetric: bool = False,
     doc_ids: torch.Tensor | None = None,
     deterministic: bool = True,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
     """Mean InfoNCE loss of queries ``q`` [B, D] against documents ``d`` [N, D], fused.
 
     ``d[i]`` is the positive of ``q[i]`` and ``d[B:]`` are hard negatives shared by all
@@ -763,7 +859,9 @@ def fused_info_nce(
     when ``doc_ids[j] == doc_ids[i]``. ``deterministic=False`` trades bitwise
     reproducibility of dd for one fewer logit recomputation (atomic adds). Returns an fp32
     scalar whatever the input dtype (fp32, fp16 or bf16); memory beyond the inputs and
-    their gradients is O(B + N).
+    their gradients is O(B + N). ``return_stats=True`` returns ``(loss, InfoNCEStats)``, the
+    query→document ranking statistics from the same forward launch (detached; the loss and
+    gradients are those without them).
     """
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
@@ -772,4 +870,10 @@ def fused_info_nce(
         scale_tensor = scale.to(device=q.device, dtype=torch.float32).reshape(())
     else:
         scale_tensor = torch.tensor(float(scale), device=q.device, dtype=torch.float32)
-    return InfoNCEFunction.apply(q, d, scale_tensor, doc_ids, symmetric, deterministic, None)
+    outputs = InfoNCEFunction.apply(
+        q, d, scale_tensor, doc_ids, symmetric, deterministic, None, return_stats
+    )
+    if not return_stats:
+        return outputs
+    loss, *stats_tensors = outputs
+    return loss, InfoNCEStats(*stats_tensors, num_docs=d.shape[0])

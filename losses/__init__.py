@@ -1,7 +1,7 @@
 """Training losses for bi-encoders: InfoNCE (fused, chunked and naive), pair and triplet
 losses, and Matryoshka truncation of any of them."""
 
-from losses.infonce import InfoNCELoss, info_nce
+from losses.infonce import InfoNCELoss, InfoNCEStats, info_nce
 from losses.pairwise import (
     ContrastiveLoss,
     CoSENTLoss,
@@ -15,6 +15,7 @@ __all__ = [
     "ContrastiveLoss",
     "CosineSimilarityLoss",
     "InfoNCELoss",
+    "InfoNCEStats",
     "MatryoshkaLoss",
     "TripletLoss",
     "info_nce",

@@ -24,17 +24,82 @@ Implementations (``impl``):
 
 All three return the mean loss in at least fp32 (fp16/bf16 inputs are accumulated in
 fp32) and pass gradients to q, d and, when it is a tensor, the temperature.
+
+With ``return_stats=True`` each also returns :class:`InfoNCEStats`, per-query ranking
+statistics of the query→document direction taken from the same pass as the loss: O(B)
+memory in the "torch" and "triton" paths, and the same loss and gradients as without them.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 IMPLEMENTATIONS = ("auto", "triton", "torch", "naive")
+
+
+@dataclass(frozen=True)
+class InfoNCEStats:
+    """Per-query ranking statistics of the query→document direction, O(B).
+
+    "Other" columns of row i are the columns j != i that are not false negatives of q_i,
+    i.e. the competitors in row i's softmax. All tensors are detached and live on the
+    inputs' device.
+    """
+
+    positive: torch.Tensor
+    """[B] fp32: q_i·d_i, the unscaled similarity (not divided by the temperature)."""
+    best_other: torch.Tensor
+    """[B] fp32: the largest q_i·d_j over the other columns j; −inf when row i has none."""
+    best_other_index: torch.Tensor
+    """[B] int64: the column j of ``best_other`` (the first one on ties); −1 when none."""
+    false_negatives: torch.Tensor
+    """[B] int64: columns j != i with doc_ids[j] == doc_ids[i] (all 0 without doc_ids)."""
+    num_docs: int
+    """N, the number of columns."""
+
+    def summary(self) -> dict[str, float]:
+        """Batch means as plain floats, with one host synchronisation.
+
+        * ``accuracy``: fraction of rows whose positive beats every other column strictly.
+          A tie counts as wrong (the positive is not ranked first unambiguously); a row with
+          no other column counts as right.
+        * ``margin``: mean of positive − best_other over the rows that have another column;
+          omitted when no row has one.
+        * ``false_negative_fraction``: masked false negatives among the B·(N−1) off-diagonal
+          pairs; 0.0 when N == 1.
+        * ``hardest_negative_mined_fraction``: among the rows that have another column, the
+          fraction whose hardest competitor is a mined hard negative (column >= B) rather
+          than another query's positive; omitted when N == B or no row has another column.
+        """
+        batch = self.positive.shape[0]
+        has_other = self.best_other_index >= 0
+        beats_others = (self.positive > self.best_other) | ~has_other
+        margins = torch.where(has_other, self.positive - self.best_other, 0.0)
+        mined = has_other & (self.best_other_index >= batch)
+        accuracy, margin_sum, rows_with_other, false_negatives, mined_rows = torch.stack(
+            [
+                beats_others.double().mean(),
+                margins.double().sum(),
+                has_other.double().sum(),
+                self.false_negatives.double().sum(),
+                mined.double().sum(),
+            ]
+        ).tolist()
+        pairs = batch * (self.num_docs - 1)
+        summary = {
+            "accuracy": accuracy,
+            "false_negative_fraction": false_negatives / pairs if pairs else 0.0,
+        }
+        if rows_with_other:
+            summary["margin"] = margin_sum / rows_with_other
+            if self.num_docs > batch:
+                summary["hardest_negative_mined_fraction"] = mined_rows / rows_with_other
+        return summary
 
 
 def _check_inputs(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
@@ -64,17 +129,43 @@ def _false_negatives(
     return same_doc
 
 
+def _dense_stats(similarities: torch.Tensor, false_negatives: torch.Tensor | None) -> InfoNCEStats:
+    """Ranking statistics from the full B×N similarity matrix (the reference's way)."""
+    batch, num_docs = similarities.shape
+    rows = torch.arange(batch, device=similarities.device)
+    others = similarities.detach().float().clone()
+    others[rows, rows] = -math.inf
+    if false_negatives is not None:
+        others.masked_fill_(false_negatives, -math.inf)
+    best_other, best_other_index = others.max(dim=1)
+    has_other = best_other > -math.inf
+    return InfoNCEStats(
+        positive=similarities.detach()[rows, rows].float(),
+        best_other=best_other,
+        best_other_index=torch.where(has_other, best_other_index, -1),
+        false_negatives=(
+            false_negatives.sum(dim=1)
+            if false_negatives is not None
+            else torch.zeros(batch, dtype=torch.int64, device=similarities.device)
+        ),
+        num_docs=num_docs,
+    )
+
+
 def naive_info_nce(
     q: torch.Tensor,
     d: torch.Tensor,
     scale: float | torch.Tensor,
     symmetric: bool = False,
     doc_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
     """Reference InfoNCE: materialises the B×N logits and calls ``F.cross_entropy``."""
     _check_inputs(q, d, doc_ids)
     batch = q.shape[0]
-    logits = (q @ d.T).to(_compute_dtype(q.dtype)) * scale
+    similarities = (q @ d.T).to(_compute_dtype(q.dtype))
+    logits = similarities * scale
+    mask = None
     if doc_ids is not None:
         mask = _false_negatives(doc_ids, slice(0, batch), 0, d.shape[0])
         logits = logits.masked_fill(mask, -math.inf)
@@ -82,6 +173,8 @@ def naive_info_nce(
     loss = F.cross_entropy(logits, labels)
     if symmetric:
         loss = (loss + F.cross_entropy(logits[:, :batch].T, labels)) / 2
+    if return_stats:
+        return loss, _dense_stats(similarities, mask)
     return loss
 
 
@@ -103,6 +196,58 @@ def _row_chunks(num_rows: int, chunk_size: int):
         yield slice(row_start, min(row_start + chunk_size, num_rows))
 
 
+class _TileStats:
+    """Running ranking statistics of the q→d rows, updated from each scaled logit tile.
+
+    O(B) state (plus an O(N) count of the doc ids): each tile is read in place, its diagonal
+    set to −inf for the max over the other columns and restored bit for bit before the
+    logsumexp reads the tile.
+    """
+
+    def __init__(
+        self, queries: torch.Tensor, scale: torch.Tensor, doc_ids: torch.Tensor | None
+    ) -> None:
+        batch = queries.shape[0]
+        self.scale = scale
+        self.positive = queries.new_empty(batch)
+        self.best_other = queries.new_full((batch,), -math.inf)
+        self.best_other_index = torch.full((batch,), -1, dtype=torch.int64, device=queries.device)
+        # Counted from the ids rather than from the tiles: a bool row sum per tile costs
+        # about as much as the tile's matmul on a CPU.
+        if doc_ids is None:
+            self.false_negatives = torch.zeros_like(self.best_other_index)
+        else:
+            _, inverse, counts = torch.unique(doc_ids, return_inverse=True, return_counts=True)
+            self.false_negatives = counts[inverse[:batch]] - 1
+
+    def update(self, logits: torch.Tensor, rows: slice, col_start: int) -> None:
+        """Folds in one tile of logits with false negatives at −inf, rows × [col_start, …)."""
+        first, last = max(rows.start, col_start), min(rows.stop, col_start + logits.shape[1])
+        diagonal = logits.diagonal(offset=rows.start - col_start)
+        if first < last:
+            self.positive[first:last] = diagonal
+            diagonal.fill_(-math.inf)
+        tile_best, tile_index = logits.max(dim=1)
+        if first < last:
+            diagonal.copy_(self.positive[first:last])
+        # Strictly greater: a later tile only wins with a larger value, so ties keep the
+        # first column, and a row whose tiles are all −inf keeps index −1.
+        best, index = self.best_other[rows], self.best_other_index[rows]
+        improved = tile_best > best
+        best.copy_(torch.where(improved, tile_best, best))
+        index.copy_(torch.where(improved, tile_index + col_start, index))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensor fields of :class:`InfoNCEStats`, in order (autograd outputs)."""
+        # The tiles hold s·q·d; dividing by the same s keeps the order of the values.
+        return (
+            (self.positive / self.scale).float(),
+            (self.best_other / self.scale).float(),
+            self.best_other_index,
+            self.false_negatives,
+        )
+
+
 def _chunked_logsumexp(
     queries: torch.Tensor,
     docs: torch.Tensor,
@@ -110,8 +255,12 @@ def _chunked_logsumexp(
     doc_ids: torch.Tensor | None,
     chunk_size: int,
     buffer: torch.Tensor,
+    stats: _TileStats | None = None,
 ) -> torch.Tensor:
-    """Row logsumexp of scale·queries·docsᵀ (false negatives excluded), tile by tile."""
+    """Row logsumexp of scale·queries·docsᵀ (false negatives excluded), tile by tile.
+
+    ``stats``, when given, is updated from the same tiles before their logsumexp.
+    """
     lse = queries.new_full((queries.shape[0],), -math.inf)
     for col_start, col_stop, scaled_docs in _column_chunks(docs, scale, chunk_size):
         for rows in _row_chunks(queries.shape[0], chunk_size):
@@ -120,6 +269,8 @@ def _chunked_logsumexp(
             if doc_ids is not None:
                 excluded = _false_negatives(doc_ids, rows, col_start, col_stop)
                 logits.masked_fill_(excluded, -math.inf)
+            if stats is not None:
+                stats.update(logits, rows, col_start)
             # Clamped so that a row whose whole tile is excluded gives exp(−inf) = 0, not nan.
             tile_max = logits.amax(dim=1, keepdim=True).clamp_min_(torch.finfo(logits.dtype).min)
             tile_lse = logits.sub_(tile_max).exp_().sum(dim=1).log_().add_(tile_max[:, 0])
@@ -165,7 +316,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, d, scale, doc_ids, symmetric, chunk_size):
+    def forward(ctx, q, d, scale, doc_ids, symmetric, chunk_size, return_stats):
         compute_dtype = _compute_dtype(q.dtype)
         queries, docs = q.to(compute_dtype), d.to(compute_dtype)
         scale = scale.to(compute_dtype)
@@ -173,7 +324,8 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         # Before the tile buffer exists, so that this B×D temporary does not add to the peak.
         positive_logits = (queries * docs[:batch]).sum(dim=1) * scale
         buffer = _tile_buffer(queries, docs, chunk_size)
-        row_lse = _chunked_logsumexp(queries, docs, scale, doc_ids, chunk_size, buffer)
+        stats = _TileStats(queries, scale, doc_ids) if return_stats else None
+        row_lse = _chunked_logsumexp(queries, docs, scale, doc_ids, chunk_size, buffer, stats)
         loss = (row_lse - positive_logits).mean()
         col_lse = None
         if symmetric:
@@ -184,10 +336,14 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             loss = (loss + (col_lse - positive_logits).mean()) / 2
         ctx.save_for_backward(q, d, scale, doc_ids, row_lse, col_lse)
         ctx.chunk_size = chunk_size
-        return loss
+        if stats is None:
+            return loss
+        stats_tensors = stats.tensors()
+        ctx.mark_non_differentiable(*stats_tensors)
+        return (loss, *stats_tensors)
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *_stats_grads):
         q, d, scale, doc_ids, row_lse, col_lse = ctx.saved_tensors
         chunk_size = ctx.chunk_size
         compute_dtype = _compute_dtype(q.dtype)
@@ -220,6 +376,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -230,12 +387,14 @@ def chunked_info_nce(
     symmetric: bool = False,
     doc_ids: torch.Tensor | None = None,
     chunk_size: int = 4096,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
     """InfoNCE in plain PyTorch, ``chunk_size`` × ``chunk_size`` logits at a time.
 
     Peak extra memory is one such tile (plus a bool mask of that size with ``doc_ids``)
     besides the inputs and their gradients; the backward recomputes each tile's logits once
-    and takes both gradient products from it.
+    and takes both gradient products from it. ``return_stats`` adds :class:`InfoNCEStats`
+    from the forward's own tiles (O(B) more memory; loss and gradients unchanged).
     """
     _check_inputs(q, d, doc_ids)
     if chunk_size < 1:
@@ -245,7 +404,11 @@ def chunked_info_nce(
     else:
         # fp64 so that the fp64 (gradcheck) path sees 1/temperature unrounded.
         scale = torch.tensor(float(scale), device=q.device, dtype=torch.float64)
-    return _ChunkedInfoNCE.apply(q, d, scale, doc_ids, symmetric, chunk_size)
+    outputs = _ChunkedInfoNCE.apply(q, d, scale, doc_ids, symmetric, chunk_size, return_stats)
+    if not return_stats:
+        return outputs
+    loss, *stats_tensors = outputs
+    return loss, InfoNCEStats(*stats_tensors, num_docs=d.shape[0])
 
 
 def info_nce(
@@ -256,12 +419,16 @@ def info_nce(
     doc_ids: torch.Tensor | None = None,
     impl: str = "auto",
     chunk_size: int = 4096,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
     """Mean InfoNCE loss of queries ``q`` [B, D] against documents ``d`` [N, D].
 
     ``temperature`` is a float or a scalar tensor (learnable: it receives a gradient in every
     implementation). ``impl`` is one of ``"auto"``, ``"triton"``, ``"torch"``, ``"naive"``
     (see the module docstring); ``chunk_size`` only applies to ``"torch"``.
+
+    ``return_stats=True`` returns ``(loss, InfoNCEStats)``: the query→document ranking
+    statistics (also when ``symmetric``), computed in the loss's own forward pass, detached.
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
@@ -274,10 +441,12 @@ def info_nce(
         # Imported here: importing the kernels decides whether Triton runs them interpreted.
         from kernels.infonce import fused_info_nce
 
-        return fused_info_nce(q, d, scale, symmetric=symmetric, doc_ids=doc_ids)
+        return fused_info_nce(
+            q, d, scale, symmetric=symmetric, doc_ids=doc_ids, return_stats=return_stats
+        )
     if impl == "torch":
-        return chunked_info_nce(q, d, scale, symmetric, doc_ids, chunk_size)
-    return naive_info_nce(q, d, scale, symmetric, doc_ids)
+        return chunked_info_nce(q, d, scale, symmetric, doc_ids, chunk_size, return_stats)
+    return naive_info_nce(q, d, scale, symmetric, doc_ids, return_stats)
 
 
 class InfoNCELoss(nn.Module):
@@ -326,8 +495,19 @@ class InfoNCELoss(nn.Module):
         return torch.exp(-log_scale)
 
     def forward(
-        self, q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        q: torch.Tensor,
+        d: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
+        """The loss, or ``(loss, InfoNCEStats)`` with ``return_stats`` (see :func:`info_nce`)."""
         return info_nce(
-            q, d, self.temperature, symmetric=self.symmetric, doc_ids=doc_ids, impl=self.impl
+            q,
+            d,
+            self.temperature,
+            symmetric=self.symmetric,
+            doc_ids=doc_ids,
+            impl=self.impl,
+            return_stats=return_stats,
         )

@@ -42,6 +42,8 @@ class TripletLoss(nn.Module):
     def __init__(self, margin: float = 0.5, distance: str = "cosine") -> None:
         super().__init__()
         _check_distance(distance)
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
         self.margin = margin
         self.distance = distance
 
@@ -70,6 +72,8 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, margin: float = 0.5, distance: str = "cosine") -> None:
         super().__init__()
         _check_distance(distance)
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
         self.margin = margin
         self.distance = distance
 
@@ -101,6 +105,8 @@ class CoSENTLoss(nn.Module):
 
     def __init__(self, scale: float = 20.0) -> None:
         super().__init__()
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
         self.scale = scale
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -154,9 +160,17 @@ class MatryoshkaLoss(nn.Module):
         truncated = value[..., :dim]
         return F.normalize(truncated, dim=-1) if self.normalize else truncated
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        total = None
+    def forward(self, *args, **kwargs):
+        """The weighted sum of the truncated losses. An inner loss that returns
+        ``(loss, stats)`` (InfoNCE with ``return_stats=True``) gives ``(sum, stats)``, with
+        the statistics of the widest truncation."""
+        total, widest_stats = None, None
         for dim, weight in zip(self.dims, self.weights, strict=True):
-            term = weight * self.loss(*(self._truncate(arg, dim) for arg in args), **kwargs)
+            out = self.loss(*(self._truncate(arg, dim) for arg in args), **kwargs)
+            if isinstance(out, tuple):
+                out, stats = out
+                if dim == max(self.dims):
+                    widest_stats = stats
+            term = weight * out
             total = term if total is None else total + term
-        return total
+        return total if widest_stats is None else (total, widest_stats)

@@ -1,7 +1,13 @@
 """The hand-written bi-encoder: BERT encoder, pooling heads, projection, normalisation."""
 
 from model.bert import Encoder
-from model.biencoder import BiEncoder, BiEncoderConfig, Tower, truncate_embeddings
+from model.biencoder import (
+    BiEncoder,
+    BiEncoderConfig,
+    Tower,
+    embedding_dim,
+    truncate_embeddings,
+)
 from model.config import EncoderConfig
 from model.pooling import POOLING_HEADS, build_pooling
 from model.weights import WeightLoadingError
@@ -29,6 +35,7 @@ __all__ = [
     "Tower",
     "WeightLoadingError",
     "build_pooling",
+    "embedding_dim",
     "packaged_model_path",
     "truncate_embeddings",
 ]

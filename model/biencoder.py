@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from model.bert import Encoder
 from model.config import EncoderConfig
-from model.pooling import AttentionPooling, build_pooling
+from model.pooling import POOLING_HEADS, AttentionPooling, build_pooling
 from model.weights import find_weights, load_hf_weights, save_hf_weights
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ class BiEncoder(nn.Module):
         configuration (``biencoder.json``, else sentence-transformers' module files, else
         mean pooling, normalised); given ones override it. Like ``transformers``, the
         model comes back in eval mode: call ``.train()`` to enable dropout."""
+        check_load_arguments(pooling, projection_dim, max_length, num_layers)
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model folder {path} does not exist")
@@ -167,6 +168,17 @@ class BiEncoder(nn.Module):
             "num_layers": num_layers,
         }
         config = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
+        encoder_config = EncoderConfig.from_json(path / "config.json")
+        if config.max_length > encoder_config.max_position_embeddings:
+            raise ValueError(
+                f"max_length: {config.max_length} tokens exceed the "
+                f"{encoder_config.max_position_embeddings} positions of {path / 'config.json'}"
+            )
+        if config.num_layers is not None and config.num_layers > encoder_config.num_hidden_layers:
+            raise ValueError(
+                f"num_layers: {config.num_layers} is more than the model's "
+                f"{encoder_config.num_hidden_layers} layers"
+            )
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         heads_match = (
             config.pooling == saved.pooling and config.projection_dim == saved.projection_dim
@@ -292,6 +304,40 @@ class BiEncoder(nn.Module):
             out[idx] = emb.float().cpu()
         self.train(was_training)
         return out
+
+
+def embedding_dim(path: str | Path, projection_dim: int | None = None) -> int:
+    """The width of the embeddings the folder ``path`` gives (with ``projection_dim`` as
+    ``from_pretrained`` would apply it), read from its config files without loading
+    weights."""
+    if projection_dim is not None:
+        return projection_dim
+    path = Path(path)
+    saved = _read_saved_config(path)
+    if saved.projection_dim is not None:
+        return saved.projection_dim
+    return EncoderConfig.from_json(path / "config.json").hidden_size
+
+
+def check_load_arguments(
+    pooling: str | None,
+    projection_dim: int | None,
+    max_length: int | None,
+    num_layers: int | None,
+) -> None:
+    """Raise a ValueError for arguments of ``from_pretrained`` that are wrong whatever the
+    folder (it calls this before reading any file)."""
+    if pooling is not None and pooling not in POOLING_HEADS:
+        raise ValueError(
+            f"pooling: unknown pooling {pooling!r}; choose one of {', '.join(POOLING_HEADS)}"
+        )
+    for name, value in (
+        ("projection_dim", projection_dim),
+        ("max_length", max_length),
+        ("num_layers", num_layers),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}: must be positive or null, got {value}")
 
 
 # -------------------------------------------------------------------- folder layout helpers

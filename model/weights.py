@@ -118,3 +118,30 @@ def save_hf_weights(module: nn.Module, path: Path) -> None:
     """Write ``module`` as an HF-named safetensors file."""
     state = {ours_to_hf(k): v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, path, metadata={"format": "pt"})
+
+
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def save_random_bert(folder: Path, tokenizer_folder: Path, config) -> Path:
+    """Write a randomly initialised BERT with ``config`` (an ``EncoderConfig``) as an HF
+    folder, with the tokenizer files of ``tokenizer_folder``: a model that loads and trains
+    in milliseconds, for tests and benchmarks. Initialised from torch's global generator."""
+    import shutil
+
+    from model.bert import Encoder
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = Encoder(config)
+    save_hf_weights(encoder, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(encoder.config.to_hf_dict()))
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_folder) / name).is_file():
+            shutil.copy(Path(tokenizer_folder) / name, folder / name)
+    return folder

@@ -48,21 +48,12 @@ TINY_ENCODER = dict(
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory, minilm_path) -> str:
     """A randomly initialised 2-layer BERT folder with the MiniLM tokenizer: trains in ms."""
-    import json
-    import shutil
-    from pathlib import Path
+    from model import EncoderConfig
+    from model.weights import save_random_bert
 
-    from model import Encoder, EncoderConfig
-    from model.weights import save_hf_weights
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
-    encoder = Encoder(EncoderConfig(**TINY_ENCODER))
-    save_hf_weights(encoder, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(encoder.config.to_hf_dict()))
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(Path(minilm_path) / name, folder / name)
-    return str(folder)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    return str(save_random_bert(folder, minilm_path, EncoderConfig(**TINY_ENCODER)))
 
 
 @pytest.fixture(scope="session")
@@ -109,6 +100,6 @@ def tiny_sts_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def tiny_run(tiny_model_path, tiny_beir_path, tiny_sts_path):
-    """``tiny_run(data, *extra)``: configs.tiny_overrides with the tiny model and data."""
-    return functools.partial(tiny_overrides, tiny_model_path, tiny_beir_path, tiny_sts_path)
+def tiny_run(tiny_model_path):
+    """``tiny_run(data, *extra)``: configs.tiny_overrides with the tiny model."""
+    return functools.partial(tiny_overrides, tiny_model_path)

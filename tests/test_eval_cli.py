@@ -12,21 +12,19 @@ from pathlib import Path
 
 import pytest
 import pytrec_eval
-from hydra import compose, initialize_config_dir
+import torch
+from configs import ROOT, compose_config
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
 from scipy import stats
 
 import eval as eval_cli
 from data import SCIFACT_DIR, STSB_DIR, load_beir, load_sts
-from evaluation import read_trec_run
-
-ROOT = Path(__file__).resolve().parents[1]
+from evaluation import EvalConfig, read_trec_run
+from training.hydra_config import ConfigError
 
 
 def compose_eval(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("eval", overrides=list(overrides))
+    return compose_config("eval", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +56,9 @@ def test_command_line_metrics_and_run_file_agree_with_pytrec_eval(small_beir, tm
         [
             sys.executable,
             "eval.py",
-            f"data.path={small_beir}",
+            f"eval_data.path={small_beir}",
             f"hydra.run.dir={out}",
-            "matryoshka_dims=[128]",
+            "evaluation.matryoshka_dims=[128]",
             "model.max_length=128",
         ],
         cwd=ROOT,
@@ -96,8 +94,7 @@ def test_sts_metrics_agree_with_scipy(tmp_path, minilm):
     with gzip.open(STSB_DIR / "sts-test.csv.gz", "rt", encoding="utf-8") as f:
         rows = f.read().splitlines()[:120]
     (folder / "sts-test.csv").write_text("\n".join(rows) + "\n")
-    cfg = compose_eval("data=sts", f"data.path={folder}")
-    metrics = eval_cli.evaluate(minilm, instantiate(cfg.data), cfg, tmp_path)
+    metrics = eval_cli.evaluate(minilm, load_sts(folder, "test"), EvalConfig(), tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
 
     pairs = load_sts(folder, "test")
@@ -111,24 +108,37 @@ def test_sts_metrics_agree_with_scipy(tmp_path, minilm):
 def test_default_config_is_minilm_on_bundled_scifact_test():
     cfg = compose_eval()
     assert Path(cfg.model.path, "model.safetensors").is_file()
-    assert Path(cfg.data.path) == SCIFACT_DIR and cfg.data.split == "test"
-    assert cfg.index.factory == "Flat" and list(cfg.ks) == [1, 3, 5, 10, 100]
+    assert Path(cfg.eval_data.path) == SCIFACT_DIR and cfg.eval_data.split == "test"
+    assert cfg.evaluation.index.factory == "Flat"
+    assert list(cfg.evaluation.ks) == [1, 3, 5, 10, 100]
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("ks=[0,10]", "ks: cut-offs must be positive"),
-        ("batch_size=0", "batch_size: must be positive"),
-        ("matryoshka_dims=[-4]", "matryoshka_dims: must be positive"),
+        ("evaluation.ks=[0,10]", "evaluation.ks: cut-offs must be positive"),
+        ("evaluation.batch_size=0", "evaluation.batch_size: must be positive"),
+        ("evaluation.matryoshka_dims=[-4]", "evaluation.matryoshka_dims: must be positive"),
+        ("evaluation.matryoshka_dims=[512]", "evaluation.matryoshka_dims: .* exceed .* 384"),
+        ("evaluation/index=hnsw evaluation.index.ef_search=0", "evaluation.index.ef_search"),
         ("model.pooling=avg", "model.pooling: unknown pooling 'avg'"),
+        ("model.max_length=0", "model.max_length: must be positive or null"),
+        ("eval_data.corpus_size=-1", "eval_data.corpus_size: must be positive or null"),
+        pytest.param(
+            "device=cuda:3",
+            "device: 'cuda:3' but CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+        ),
     ],
 )
-def test_bad_values_fail_before_any_work_naming_the_key(override, message):
-    with pytest.raises(ValueError, match=message):
-        eval_cli.check_eval_config(compose_eval(override))
+def test_bad_values_fail_before_any_work_naming_the_key(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        eval_cli.run(compose_eval(*override.split()), tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_unknown_keys_fail_at_composition():
     with pytest.raises(ConfigCompositionException, match="nonsense_key"):
         compose_eval("nonsense_key=1")
+    with pytest.raises(ConfigCompositionException, match=r"evaluation\.batch_size"):
+        compose_eval("evaluation.batch_size=many")

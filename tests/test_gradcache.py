@@ -6,9 +6,9 @@ from transformers import AutoTokenizer
 
 from data.sts import ScoredPair
 from data.training import Pair, Triplet
-from losses import CoSENTLoss, InfoNCELoss
+from losses import InfoNCELoss
 from model import BiEncoder, BiEncoderConfig, Encoder, EncoderConfig, Tower
-from training import InfoNCETask, ScoredPairTask, embed_columns, train_step
+from training import CoSENTTask, InfoNCETask, embed_columns, train_step
 from training.step import RandomState
 
 TINY = EncoderConfig(
@@ -20,7 +20,11 @@ TINY = EncoderConfig(
     hidden_dropout_prob=0.2,
     attention_probs_dropout_prob=0.2,
 )
-TOLERANCE = 1e-5
+# GradCache reorders the same fp32 sums (chunked embedding, a separate loss backward), so
+# gradients agree to a few ulps of their own scale on any CPU; compared relative to each
+# parameter's largest gradient, 1e-4 leaves two orders of margin over what was measured
+# (<1e-6) while a missing dropout replay or a wrong chunk offset is off by >1e-1.
+TOLERANCE = 1e-4
 
 TRIPLETS = [
     Triplet("what causes scurvy", "a lack of vitamin C", ("iron deficiency", "too much sun")),
@@ -66,9 +70,7 @@ def tiny_model(tokenizer, shared: bool = True) -> BiEncoder:
 
 
 def infonce(symmetric: bool = False, **kwargs) -> InfoNCETask:
-    return InfoNCETask(
-        InfoNCELoss(temperature=0.1, learnable_temperature=True, symmetric=symmetric), **kwargs
-    )
+    return InfoNCETask(temperature=0.1, learnable_temperature=True, symmetric=symmetric, **kwargs)
 
 
 def gradients(model, task) -> dict[str, torch.Tensor]:
@@ -86,7 +88,7 @@ def step(model, task, batch, *, cache=None, reference_chunk=None):
     task.zero_grad(set_to_none=True)
     torch.manual_seed(1234)
     if reference_chunk is None:
-        loss, _ = train_step(model, task, batch, cache_chunk_size=cache)
+        loss = train_step(model, task, batch, cache_chunk_size=cache).loss
     else:
         loss_tensor, _ = task(embed_columns(model, batch, chunk_size=reference_chunk), batch)
         loss_tensor.backward()
@@ -95,8 +97,15 @@ def step(model, task, batch, *, cache=None, reference_chunk=None):
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest difference of any parameter's gradients relative to that parameter's
+    largest gradient in ``b``, floored at 1e-3 of the largest over all parameters: some
+    gradients are exactly 0 in theory (attention key biases) and hold rounding noise only."""
     assert a.keys() == b.keys()
-    return max((a[name] - b[name]).abs().max().item() for name in a)
+    floor = 1e-3 * max(grad.abs().max().item() for grad in b.values())
+    return max(
+        (a[name] - b[name]).abs().max().item() / max(b[name].abs().max().item(), floor)
+        for name in a
+    )
 
 
 CASES = {
@@ -106,7 +115,7 @@ CASES = {
     "infonce-symmetric-pairs": (lambda: infonce(symmetric=True), PAIRS, True),
     "infonce-separate-towers": (infonce, TRIPLETS, False),
     "matryoshka-infonce": (lambda: infonce(matryoshka_dims=[8, 16, 32]), TRIPLETS, True),
-    "cosent": (lambda: ScoredPairTask(CoSENTLoss()), SCORED, True),
+    "cosent": (CoSENTTask, SCORED, True),
 }
 
 
@@ -121,7 +130,7 @@ def test_grad_cache_matches_the_plain_step_with_dropout(tokenizer, case, chunk):
     reference_chunk = None if chunk == WHOLE else chunk
     plain_loss, plain = step(model, task, batch, reference_chunk=reference_chunk)
 
-    assert cached_loss == pytest.approx(plain_loss, abs=1e-6)
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
     assert max_difference(cached, plain) <= TOLERANCE
     if isinstance(task.base_loss, InfoNCELoss):
         temperature_grad = next(v for k, v in cached.items() if k.endswith("log_scale"))
@@ -179,8 +188,8 @@ def test_grad_cache_under_bfloat16_autocast(tokenizer):
     model.zero_grad(set_to_none=True)
     task.zero_grad(set_to_none=True)
     torch.manual_seed(1234)
-    cached_loss, _ = train_step(model, task, batch, cache_chunk_size=4, autocast=torch.bfloat16)
-    assert cached_loss == pytest.approx(loss.item(), abs=1e-6)
+    cached_loss = train_step(model, task, batch, cache_chunk_size=4, autocast=torch.bfloat16).loss
+    assert cached_loss == pytest.approx(loss.item(), rel=1e-5)
     assert max_difference(gradients(model, task), plain) <= TOLERANCE
 
 

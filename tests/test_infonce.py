@@ -4,8 +4,12 @@ Without CUDA the Triton kernels run under the interpreter on CPU tensors: confte
 TRITON_INTERPRET=1 before any test module imports kernels.infonce.
 """
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from kernels import infonce as kernel
 from kernels.infonce import (
@@ -16,7 +20,7 @@ from kernels.infonce import (
     infonce_forward,
 )
 from losses import InfoNCELoss, info_nce
-from losses.infonce import chunked_info_nce, naive_info_nce
+from losses.infonce import InfoNCEStats, chunked_info_nce, naive_info_nce
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -29,11 +33,22 @@ UPSTREAM = 3.7
 TEMPERATURE = 0.05
 SHAPES = [(37, 111, 48), (1, 1, 1), (16, 16, 33), (5, 70, 130)]
 SHAPE_IDS = ["B37-N111-D48", "B1-N1-D1", "B16-N16-D33", "B5-N70-D130"]
+FP32_EPS = torch.finfo(torch.float32).eps
+FP16_EPS = torch.finfo(torch.float16).eps
+BF16_EPS = torch.finfo(torch.bfloat16).eps
+# (dtype, atol, rtol) for assert_close: |a − e| <= atol·max|e| + rtol·|e|, in units of the
+# dtype's epsilon. The worst errors measured (AMD EPYC, every comparison in this file and
+# the slow ones) were 3 eps for fp32, where the order of the fp32 sums decides the last
+# bits, and 0.5 eps for fp16/bf16, the final rounding of the gradients. About 10× that
+# absorbs the other sum orders of other x86 CPUs (AVX2 vs AVX-512/AMX kernels, other BLAS
+# blockings), while a wrong mask, a missing term or a term counted twice is off by far
+# more than 32 eps.
 DTYPE_TOLERANCES = [
-    (torch.float32, 1e-5, 1e-5),
-    (torch.float16, 2e-3, 1e-2),
-    (torch.bfloat16, 1e-2, 5e-2),
+    (torch.float32, 32 * FP32_EPS, 32 * FP32_EPS),
+    (torch.float16, 2 * FP16_EPS, 4 * FP16_EPS),
+    (torch.bfloat16, 2 * BF16_EPS, 4 * BF16_EPS),
 ]
+FP32_TOLERANCE = DTYPE_TOLERANCES[0][1:]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,7 +136,7 @@ def test_triton_fp32_matches_naive(seed, shape, symmetric, with_doc_ids):
     results = loss_and_grads(
         lambda q, d, t: info_nce(q, d, t, symmetric, doc_ids, impl="triton"), q, d
     )
-    assert_matches_reference(results, reference(q, d, symmetric, doc_ids), 1e-5, 1e-5)
+    assert_matches_reference(results, reference(q, d, symmetric, doc_ids), *FP32_TOLERANCE)
 
 
 @needs_triton
@@ -150,7 +165,7 @@ def test_triton_small_tiles_loop_over_d_and_tiles(seed, deterministic):
         q,
         d,
     )
-    assert_matches_reference(results, reference(q, d, True, doc_ids), 1e-5, 1e-5)
+    assert_matches_reference(results, reference(q, d, True, doc_ids), *FP32_TOLERANCE)
 
 
 @needs_triton
@@ -168,7 +183,7 @@ def test_triton_deterministic_flag(seed):
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     expected = reference(q, d, True, doc_ids)
-    assert_matches_reference(atomic, expected, 1e-5, 1e-5)
+    assert_matches_reference(atomic, expected, *FP32_TOLERANCE)
 
 
 @needs_triton
@@ -181,7 +196,7 @@ def test_triton_non_contiguous_inputs(seed):
     results = loss_and_grads(
         lambda q, d, t: fused_info_nce(q, d, 1 / t, True), q_strided[:, ::2], d_transposed
     )
-    assert_matches_reference(results, reference(q, d, True, None), 1e-5, 1e-5)
+    assert_matches_reference(results, reference(q, d, True, None), *FP32_TOLERANCE)
 
 
 @needs_triton
@@ -196,12 +211,16 @@ def test_triton_scale_float_or_tensor(seed):
 
 
 @needs_triton
-def test_triton_saves_only_linear_state(seed):
-    """No saved tensor is B×N: D=8 keeps q and d smaller than the 37×111 logits."""
+@pytest.mark.parametrize("return_stats", [False, True], ids=["loss", "with-stats"])
+def test_triton_saves_only_linear_state(seed, return_stats):
+    """No saved tensor is B×N: D=8 keeps q and d smaller than the 37×111 logits; the
+    statistics are outputs, not saved state."""
     batch, num_docs = 37, 111
     q, d = make_embeddings(batch, num_docs, 8)
     q.requires_grad_()
-    loss = fused_info_nce(q, d, 20.0, symmetric=True, doc_ids=doc_ids_with_duplicates(37, 111))
+    doc_ids = doc_ids_with_duplicates(37, 111)
+    output = fused_info_nce(q, d, 20.0, True, doc_ids, return_stats=return_stats)
+    loss = output[0] if return_stats else output
     saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
     assert max(t.numel() for t in saved) <= num_docs * 8 < batch * num_docs
     assert sorted(t.numel() for t in saved if t.dim() == 1) == [batch, batch, num_docs]
@@ -216,11 +235,11 @@ def test_triton_host_functions_compose(seed):
         q, d, 20.0, torch.tensor(UPSTREAM, device=DEVICE), forward.row_lse, forward.col_lse
     )
     _, ref_dq, ref_dd, ref_dt = reference(q, d, True, None)
-    assert_close(forward.loss, reference(q, d, True, None)[0], 1e-5, 1e-5)
-    assert_close(dq, ref_dq, 1e-5, 1e-5)
-    assert_close(dd, ref_dd, 1e-5, 1e-5)
+    assert_close(forward.loss, reference(q, d, True, None)[0], *FP32_TOLERANCE)
+    assert_close(dq, ref_dq, *FP32_TOLERANCE)
+    assert_close(dd, ref_dd, *FP32_TOLERANCE)
     # dL/ds = dL/dτ · dτ/ds with τ = 1/s.
-    assert_close(dscale, ref_dt * -(TEMPERATURE**2), 1e-5, 1e-5)
+    assert_close(dscale, ref_dt * -(TEMPERATURE**2), *FP32_TOLERANCE)
 
 
 @needs_triton
@@ -266,7 +285,7 @@ def test_triton_larger_odd_shape_matches_naive(seed):
     q, d = make_embeddings(129, 515, 200)
     doc_ids = torch.randint(0, 300, (515,), device=DEVICE)
     results = loss_and_grads(lambda q, d, t: info_nce(q, d, t, True, doc_ids, impl="triton"), q, d)
-    assert_matches_reference(results, reference(q, d, True, doc_ids), 1e-5, 1e-5)
+    assert_matches_reference(results, reference(q, d, True, doc_ids), *FP32_TOLERANCE)
 
 
 @pytest.mark.gpu
@@ -319,7 +338,7 @@ def test_torch_fp32_matches_naive(seed, shape, symmetric, with_doc_ids, chunk_si
         q,
         d,
     )
-    assert_matches_reference(results, reference(q, d, symmetric, doc_ids), 1e-5, 1e-5)
+    assert_matches_reference(results, reference(q, d, symmetric, doc_ids), *FP32_TOLERANCE)
 
 
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPE_TOLERANCES, ids=["fp32", "fp16", "bf16"])
@@ -351,13 +370,15 @@ def test_torch_larger_odd_shape_matches_naive(seed):
     results = loss_and_grads(
         lambda q, d, t: info_nce(q, d, t, True, doc_ids, impl="torch", chunk_size=1024), q, d
     )
-    assert_matches_reference(results, reference(q, d, True, doc_ids), 1e-5, 1e-5)
+    assert_matches_reference(results, reference(q, d, True, doc_ids), *FP32_TOLERANCE)
 
 
-def test_torch_saves_only_linear_state(seed):
+@pytest.mark.parametrize("return_stats", [False, True], ids=["loss", "with-stats"])
+def test_torch_saves_only_linear_state(seed, return_stats):
     q, d = make_embeddings(37, 111, 8, device="cpu")
     q.requires_grad_()
-    loss = chunked_info_nce(q, d, 20.0, symmetric=True, chunk_size=16)
+    output = chunked_info_nce(q, d, 20.0, True, chunk_size=16, return_stats=return_stats)
+    loss = output[0] if return_stats else output
     saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
     assert max(t.numel() for t in saved) <= 111 * 8 < 37 * 111
 
@@ -402,10 +423,11 @@ def test_infonce_loss_learnable_temperature(seed):
     q, d = make_embeddings(16, 40, 24, device="cpu")
     module = InfoNCELoss(temperature=0.05, learnable_temperature=True)
     (log_scale,) = module.parameters()
-    assert torch.allclose(module.temperature, torch.tensor(0.05))
+    assert_close(module.temperature, torch.tensor(0.05, dtype=torch.float64), *FP32_TOLERANCE)
     doc_ids = doc_ids_with_duplicates(16, 40, "cpu")
     loss = module(q, d, doc_ids)
-    assert torch.allclose(loss, info_nce(q, d, 0.05, doc_ids=doc_ids, impl="naive"))
+    expected = info_nce(q, d, 0.05, doc_ids=doc_ids, impl="naive").double()
+    assert_close(loss, expected, *FP32_TOLERANCE)
     loss.backward()
     assert log_scale.grad is not None and log_scale.grad != 0
 
@@ -420,3 +442,308 @@ def test_infonce_loss_clamps_learnable_temperature():
     assert module.temperature.item() == pytest.approx(InfoNCELoss.MAX_TEMPERATURE)
     with pytest.raises(ValueError):
         InfoNCELoss(temperature=5.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Ranking statistics (return_stats)
+# ------------------------------------------------------------------------------------------
+
+STATS_IMPLS = [
+    pytest.param("naive", None, id="naive"),
+    pytest.param("torch", 3, id="torch-chunk3"),
+    pytest.param("torch", 16, id="torch-chunk16"),
+    pytest.param("torch", 4096, id="torch-chunk4096"),
+    pytest.param("triton", None, id="triton", marks=needs_triton),
+]
+DOC_ID_CASES = ["no-ids", "dup-ids", "one-id"]
+
+
+def doc_ids_for(case, batch, num_docs, device=DEVICE):
+    """None; distinct ids with duplicates; or a single id, which masks every other column."""
+    if case == "no-ids":
+        return None
+    if case == "dup-ids":
+        return doc_ids_with_duplicates(batch, num_docs, device)
+    return torch.zeros(num_docs, dtype=torch.int64, device=device)
+
+
+def make_ranking_embeddings(batch, num_docs, dim, doc_ids=None, device=DEVICE):
+    """Unit rows on which ranking mistakes show.
+
+    Positive i is pulled towards q_i by a weight rising from 0 to 0.9 over the batch, so it
+    is the row's largest similarity in some rows and not in others: a path that forgets to
+    exclude it from best_other then reports it there. Documents sharing an id are near
+    copies of the first one, as duplicate texts are, so a false negative that escaped its
+    mask would often be its row's best other.
+    """
+    q, d = make_embeddings(batch, num_docs, dim, dtype=torch.float64, device="cpu")
+    pull = torch.linspace(0, 0.9, batch, dtype=torch.float64)[:, None]
+    d[:batch] = F.normalize(pull * q + (1 - pull) * d[:batch], dim=1)
+    if doc_ids is not None:
+        ids = doc_ids.cpu()
+        for column in range(num_docs):
+            first = int((ids == ids[column]).nonzero()[0, 0])
+            if first != column:
+                noise = 0.05 * torch.randn(dim, dtype=torch.float64)
+                d[column] = F.normalize(d[first] + noise, dim=0)
+    return q.to(device, torch.float32), d.to(device, torch.float32)
+
+
+def oracle_stats(q, d, doc_ids):
+    """The statistics from the full B×N similarity matrix in float64, written without any of
+    the library's helpers: masked row maxima, their columns, and mask counts."""
+    similarities = q.detach().cpu().double() @ d.detach().cpu().double().T
+    batch, num_docs = similarities.shape
+    diagonal = torch.eye(batch, num_docs, dtype=torch.bool)
+    if doc_ids is None:
+        false_negative = torch.zeros(batch, num_docs, dtype=torch.bool)
+    else:
+        ids = doc_ids.cpu()
+        false_negative = (ids[:batch, None] == ids[None, :]) & ~diagonal
+    others = similarities.masked_fill(false_negative | diagonal, -math.inf)
+    best_other, best_other_index = others.max(dim=1)
+    has_other = (~(false_negative | diagonal)).any(dim=1)
+    return {
+        "positive": similarities.diagonal(),
+        "best_other": best_other,
+        "best_other_index": torch.where(has_other, best_other_index, -1),
+        "false_negatives": false_negative.sum(dim=1),
+        "others": others,
+    }
+
+
+def assert_stats_match(stats, oracle, atol, rtol):
+    others = oracle["others"]
+    assert stats.num_docs == others.shape[1]
+    assert stats.positive.dtype == stats.best_other.dtype == torch.float32
+    assert stats.best_other_index.dtype == stats.false_negatives.dtype == torch.int64
+    assert torch.equal(stats.false_negatives.cpu(), oracle["false_negatives"])
+    assert_close(stats.positive, oracle["positive"], atol, rtol)
+
+    index = stats.best_other_index.cpu()
+    has_other = oracle["best_other_index"] >= 0
+    assert torch.equal(index >= 0, has_other), "rows without another column must report -1"
+    assert torch.isneginf(stats.best_other.cpu()[~has_other]).all()
+    if not has_other.any():
+        return
+    rows = has_other.nonzero()[:, 0]
+    best = oracle["best_other"][rows]
+    assert_close(stats.best_other.cpu()[rows], best, atol, rtol)
+    # The reported column must itself hold the best value: a neighbouring column (offset
+    # off by one), the positive, or a masked column (−inf in `others`) would not.
+    assert_close(others[rows, index[rows]], best, atol, rtol)
+    # And it is the oracle's column unless the runner-up is within rounding of the best.
+    runner_up = others[rows].topk(min(2, others.shape[1]), dim=1).values[:, -1]
+    clear = (best - runner_up) > 1e-4
+    assert torch.equal(index[rows][clear], oracle["best_other_index"][rows][clear])
+
+
+def stats_of(impl, chunk_size, q, d, symmetric, doc_ids, temperature=TEMPERATURE):
+    extra = {"chunk_size": chunk_size} if chunk_size is not None else {}
+    loss, stats = info_nce(
+        q, d, temperature, symmetric, doc_ids, impl=impl, return_stats=True, **extra
+    )
+    assert isinstance(stats, InfoNCEStats)
+    return loss, stats
+
+
+@pytest.mark.parametrize("ids", DOC_ID_CASES)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize(("impl", "chunk_size"), STATS_IMPLS)
+def test_stats_match_float64_oracle(seed, impl, chunk_size, shape, symmetric, ids):
+    """Every path's statistics against the masked float64 matrix; one-id masks every other
+    column (best −inf, index −1), B1-N1 has no other column, B16-N16 no hard negatives."""
+    device = "cpu" if impl == "torch" else DEVICE
+    doc_ids = doc_ids_for(ids, shape[0], shape[1], device)
+    q, d = make_ranking_embeddings(*shape, doc_ids, device)
+    _, stats = stats_of(impl, chunk_size, q, d, symmetric, doc_ids)
+    assert_stats_match(stats, oracle_stats(q, d, doc_ids), *FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPE_TOLERANCES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_stats_dtypes_match_float64_oracle(seed, impl, dtype, atol, rtol):
+    """fp16/bf16 inputs: the oracle sees the same rounded inputs, the paths accumulate in
+    fp32, so the same tolerances as the loss hold."""
+    device = "cpu" if impl == "torch" else DEVICE
+    doc_ids = doc_ids_with_duplicates(37, 111, device)
+    q, d = make_ranking_embeddings(37, 111, 48, doc_ids, device)
+    q, d = q.to(dtype), d.to(dtype)
+    _, stats = stats_of(impl, 16 if impl == "torch" else None, q, d, True, doc_ids)
+    assert_stats_match(stats, oracle_stats(q, d, doc_ids), atol, rtol)
+
+
+@needs_triton
+def test_triton_stats_with_small_tiles(seed):
+    """16-wide tiles: the running best crosses many column tiles and D slices."""
+    doc_ids = doc_ids_with_duplicates(37, 111)
+    q, d = make_ranking_embeddings(37, 111, 48, doc_ids)
+    blocks = BlockSizes(m=16, n=16, d=16, d_out=16)
+    scale = torch.tensor(1 / TEMPERATURE, device=DEVICE)
+    _, *stats_tensors = InfoNCEFunction.apply(q, d, scale, doc_ids, False, True, blocks, True)
+    stats = InfoNCEStats(*stats_tensors, num_docs=111)
+    assert_stats_match(stats, oracle_stats(q, d, doc_ids), *FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize(("impl", "chunk_size"), STATS_IMPLS)
+def test_stats_are_those_of_the_query_direction(seed, impl, chunk_size):
+    """symmetric=True adds the document→query loss but must not touch the statistics."""
+    device = "cpu" if impl == "torch" else DEVICE
+    doc_ids = doc_ids_with_duplicates(37, 111, device)
+    q, d = make_ranking_embeddings(37, 111, 48, doc_ids, device)
+    _, asymmetric = stats_of(impl, chunk_size, q, d, False, doc_ids)
+    _, symmetric = stats_of(impl, chunk_size, q, d, True, doc_ids)
+    for field in ("positive", "best_other", "best_other_index", "false_negatives"):
+        assert torch.equal(getattr(asymmetric, field), getattr(symmetric, field)), field
+
+
+@pytest.mark.parametrize(("impl", "chunk_size"), [p for p in STATS_IMPLS if p.id != "naive"])
+def test_stats_ties_keep_the_first_column_and_count_as_wrong(impl, chunk_size):
+    """Exactly representable similarities, so every path ties exactly where the test says.
+
+    q_i is the unit vector e_i and d[j, i] = q_i·d_j. Row 0: its positive ties with columns
+    5 and 40 (0.5); row 1: columns 2 and 7 tie below the positive; row 2: columns 33 and 69
+    beat the positive. With 32-wide Triton tiles and 3-wide chunks, some ties fall in one
+    tile and some across tiles.
+    """
+    device = "cpu" if impl == "torch" else DEVICE
+    q = torch.eye(3, 16)
+    d = torch.zeros(70, 16)
+    d[[0, 5, 40], 0] = 0.5
+    d[1, 1], d[[2, 7], 1] = 0.75, 0.25
+    d[2, 2], d[[33, 69], 2] = 0.25, 0.5
+    q, d = q.to(device), d.to(device)
+    _, stats = stats_of(impl, chunk_size, q, d, False, None, temperature=0.25)
+    assert stats.positive.tolist() == [0.5, 0.75, 0.25]
+    assert stats.best_other.tolist() == [0.5, 0.25, 0.5]
+    assert stats.best_other_index.tolist() == [5, 2, 33]
+    summary = stats.summary()
+    assert summary["accuracy"] == pytest.approx(1 / 3)
+    assert summary["margin"] == pytest.approx((0.0 + 0.5 - 0.25) / 3)
+    assert summary["hardest_negative_mined_fraction"] == pytest.approx(2 / 3)
+
+
+def hand_stats(positive, best_other, index, false_negatives, num_docs):
+    return InfoNCEStats(
+        positive=torch.tensor(positive),
+        best_other=torch.tensor(best_other),
+        best_other_index=torch.tensor(index),
+        false_negatives=torch.tensor(false_negatives),
+        num_docs=num_docs,
+    )
+
+
+def test_stats_summary_by_hand():
+    """Row 0 wins, row 1 ties its best other (wrong), row 2 loses, row 3 has no other
+    column (right, and left out of margin and the mined fraction)."""
+    inf = math.inf
+    stats = hand_stats([0.9, 0.5, 0.2, 0.7], [0.3, 0.5, 0.6, -inf], [5, 2, 1, -1], [0, 1, 2, 3], 6)
+    summary = stats.summary()
+    assert summary == pytest.approx(
+        {
+            "accuracy": 2 / 4,
+            "margin": (0.6 + 0.0 - 0.4) / 3,
+            "false_negative_fraction": 6 / (4 * 5),
+            "hardest_negative_mined_fraction": 1 / 3,
+        }
+    )
+    assert all(type(value) is float for value in summary.values())
+
+
+def test_stats_summary_omits_undefined_keys():
+    """N == B: no mined negatives to speak of; no row with another column: no margin;
+    N == 1: no off-diagonal pairs."""
+    inf = math.inf
+    no_hard_negatives = hand_stats([0.9, 0.1], [0.3, 0.4], [1, 0], [0, 0], 2)
+    assert set(no_hard_negatives.summary()) == {"accuracy", "margin", "false_negative_fraction"}
+    single = hand_stats([0.9], [-inf], [-1], [0], 1).summary()
+    assert single == {"accuracy": 1.0, "false_negative_fraction": 0.0}
+    all_masked = hand_stats([0.9, 0.1], [-inf, -inf], [-1, -1], [3, 3], 4).summary()
+    assert all_masked == {"accuracy": 1.0, "false_negative_fraction": 1.0}
+
+
+@pytest.mark.parametrize("with_doc_ids", [False, True], ids=["no-ids", "dup-ids"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize(("impl", "chunk_size"), STATS_IMPLS)
+def test_return_stats_leaves_loss_and_gradients_bitwise_identical(
+    seed, impl, chunk_size, symmetric, with_doc_ids
+):
+    """The statistics ride along the forward pass: same loss bits, same gradient bits, and
+    the statistics themselves carry no gradient."""
+    device = "cpu" if impl == "torch" else DEVICE
+    doc_ids = doc_ids_with_duplicates(37, 111, device) if with_doc_ids else None
+    q, d = make_ranking_embeddings(37, 111, 48, doc_ids, device)
+    extra = {"chunk_size": chunk_size} if chunk_size is not None else {}
+
+    def loss_only(q, d, t):
+        return info_nce(q, d, t, symmetric, doc_ids, impl=impl, **extra)
+
+    def loss_with_stats(q, d, t):
+        loss, stats = info_nce(q, d, t, symmetric, doc_ids, impl=impl, return_stats=True, **extra)
+        assert q.requires_grad and not stats.positive.requires_grad
+        assert not stats.best_other.requires_grad
+        return loss
+
+    plain, with_stats = loss_and_grads(loss_only, q, d), loss_and_grads(loss_with_stats, q, d)
+    for name, a, b in zip(("loss", "dq", "dd", "dtemperature"), plain, with_stats, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(
+    ("dtype", "atol", "rtol"),
+    [DTYPE_TOLERANCES[0], DTYPE_TOLERANCES[2]],
+    ids=["fp32", "bf16"],
+)
+def test_gpu_triton_stats(seed, dtype, atol, rtol):
+    """The compiled kernel: statistics against the oracle, and the loss and gradient bits
+    unchanged by WITH_STATS (the interpreter cannot show what the code generator does)."""
+    doc_ids = doc_ids_with_duplicates(1000, 3001)
+    q, d = make_ranking_embeddings(1000, 3001, 384, doc_ids)
+    q, d = q.to(dtype), d.to(dtype)
+    _, stats = stats_of("triton", None, q, d, True, doc_ids)
+    assert_stats_match(stats, oracle_stats(q, d, doc_ids), atol, rtol)
+
+    def run(return_stats):
+        def fn(q, d, t):
+            output = fused_info_nce(q, d, 1 / t, True, doc_ids, return_stats=return_stats)
+            return output[0] if return_stats else output
+
+        return loss_and_grads(fn, q, d)
+
+    for name, a, b in zip(("loss", "dq", "dd", "dt"), run(False), run(True), strict=True):
+        assert torch.equal(a, b), name
+
+
+def largest_allocation(fn) -> int:
+    """Bytes of the largest CPU allocation made while fn runs, from the profiler's
+    allocator events (an op's event also counts its children's: this can only overstate)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
+def test_torch_stats_allocate_nothing_batch_by_docs(seed):
+    """B = N = 2048 with 256-wide chunks: a B×N quarter of fp32 (B·N bytes, the size of a
+    B×N bool mask) is never allocated, while the naive path's logits are seen."""
+    batch = num_docs = 2048
+    q, d = make_embeddings(batch, num_docs, 16, device="cpu")
+    doc_ids = torch.randint(0, 1500, (num_docs,))
+    limit = batch * num_docs * 4 // 4
+    naive = largest_allocation(lambda: naive_info_nce(q, d, 20.0, True, doc_ids, True))
+    assert naive >= limit, "the probe must see the reference's B×N logits"
+    chunked = largest_allocation(
+        lambda: chunked_info_nce(q, d, 20.0, True, doc_ids, chunk_size=256, return_stats=True)
+    )
+    assert chunked < limit
+
+
+def test_infonce_loss_module_returns_stats(seed):
+    q, d = make_embeddings(16, 40, 24, device="cpu")
+    doc_ids = doc_ids_with_duplicates(16, 40, "cpu")
+    module = InfoNCELoss(temperature=0.05, symmetric=True, impl="torch")
+    loss, stats = module(q, d, doc_ids, return_stats=True)
+    assert torch.equal(loss, module(q, d, doc_ids))
+    assert_stats_match(stats, oracle_stats(q, d, doc_ids), *FP32_TOLERANCE)

@@ -35,7 +35,7 @@ def test_infonce_optuna_search_space_and_objective():
     )
     assert fixed == {}
     assert distributions == {
-        "loss.loss.temperature": LogUniformDistribution(0.01, 0.1),
+        "loss.temperature": LogUniformDistribution(0.01, 0.1),
         "optim.lr": LogUniformDistribution(1e-5, 1e-4),
         "trainer.batch_size": CategoricalDistribution([16, 32, 64]),
     }

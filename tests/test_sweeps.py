@@ -34,16 +34,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, tiny_model_path, tiny_beir_path, tiny_sts_path):
+def sweep(tmp_path_factory, tiny_model_path):
     """A 2x2 multirun (pooling x loss) of 2-step runs, logged to W&B offline too."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
     overrides = tiny_overrides(
-        tiny_model_path,
-        tiny_beir_path,
-        tiny_sts_path,
-        "beir",
-        "logger=wandb",
-        f"hydra.sweep.dir={sweep_dir}",
+        tiny_model_path, "beir", "logger=wandb", f"hydra.sweep.dir={sweep_dir}"
     )
     proc = subprocess.run(
         [sys.executable, "train.py", "-m", "pooling=cls,mean", "loss=infonce,triplet", *overrides],

@@ -9,15 +9,15 @@ import torch.nn.functional as F
 
 from data.sts import ScoredPair
 from data.training import LabelledText, Pair, Triplet
-from losses import (
-    ContrastiveLoss,
-    CoSENTLoss,
-    CosineSimilarityLoss,
-    InfoNCELoss,
-    MatryoshkaLoss,
-    TripletLoss,
+from losses import CoSENTLoss, CosineSimilarityLoss, InfoNCELoss, MatryoshkaLoss
+from training import (
+    ContrastiveTask,
+    CoSENTTask,
+    CosineSimilarityTask,
+    InfoNCETask,
+    TextBatch,
+    TripletTask,
 )
-from training import ContrastiveTask, InfoNCETask, ScoredPairTask, TextBatch, TripletTask
 
 DIM = 8
 
@@ -51,7 +51,7 @@ def cosine(u: torch.Tensor, v: torch.Tensor) -> float:
 
 
 def test_infonce_batch_from_triplets_masks_equal_texts():
-    batch = InfoNCETask(InfoNCELoss()).make_batch(TRIPLETS)
+    batch = InfoNCETask().make_batch(TRIPLETS)
     assert batch.columns == [
         ["q0", "q1", "q2"],
         ["p0", "Paris", "p2"],
@@ -73,16 +73,16 @@ def test_infonce_batch_from_triplets_masks_equal_texts():
 
 
 def test_infonce_batch_from_pairs():
-    batch = InfoNCETask(InfoNCELoss()).make_batch(PAIRS)
+    batch = InfoNCETask().make_batch(PAIRS)
     assert batch.columns == [["q0", "q1", "q2"], ["p0", "p1", "p0"]]
     assert batch.kinds == ["query", "doc"]
     assert batch.doc_ids.tolist() == [0, 1, 0]
 
 
 def test_triplet_batches():
-    task = TripletTask(TripletLoss())
+    task = TripletTask()
     batch = task.make_batch(TRIPLETS)
-    assert batch.columns == InfoNCETask(InfoNCELoss()).make_batch(TRIPLETS).columns
+    assert batch.columns == InfoNCETask().make_batch(TRIPLETS).columns
     assert batch.kinds == ["query", "doc", "doc"]
     assert batch.targets is None and batch.doc_ids is None and batch.size == 3
     pairs = task.make_batch(PAIRS)
@@ -91,7 +91,7 @@ def test_triplet_batches():
 
 
 def test_triplet_batch_needs_equal_negative_counts_and_two_pairs():
-    task = TripletTask(TripletLoss())
+    task = TripletTask()
     with pytest.raises(ValueError, match=r"same, nonzero number of negatives.*got 1 and 2"):
         task.make_batch([Triplet("q", "p", ("n",)), Triplet("q", "p", ("n", "m"))])
     with pytest.raises(ValueError, match="at least 2 examples; got 1"):
@@ -99,7 +99,7 @@ def test_triplet_batch_needs_equal_negative_counts_and_two_pairs():
 
 
 def test_contrastive_batches():
-    task = ContrastiveTask(ContrastiveLoss())
+    task = ContrastiveTask()
     triplets = task.make_batch(TRIPLETS[:2])
     assert triplets.columns == [
         ["q0", "q1", "q0", "q0", "q1", "q1"],
@@ -122,20 +122,24 @@ def test_contrastive_batches():
 
 def test_contrastive_checks_the_score_scale():
     with pytest.raises(ValueError, match=r"outside \[0, 5\.0\]"):
-        ContrastiveTask(ContrastiveLoss()).make_batch([ScoredPair("a", "b", 80.0)])
-    with pytest.raises(ValueError, match="threshold must be in"):
-        ContrastiveTask(ContrastiveLoss(), threshold=4.0, score_scale=1.0)
-    low = ContrastiveTask(ContrastiveLoss(), threshold=0.5, score_scale=1.0)
+        ContrastiveTask().make_batch([ScoredPair("a", "b", 80.0)])
+    with pytest.raises(ValueError, match=r"threshold: must be in \(0, score_scale=1.0\]"):
+        ContrastiveTask(threshold=4.0, score_scale=1.0)
+    low = ContrastiveTask(threshold=0.5, score_scale=1.0)
     assert low.make_batch([ScoredPair("a", "b", 0.7)]).targets.tolist() == [1]
 
 
 def test_scored_pair_batch():
-    batch = ScoredPairTask(CoSENTLoss()).make_batch(SCORED)
+    batch = CosineSimilarityTask().make_batch(SCORED)
     assert batch.columns == [["a", "c", "e", "g"], ["b", "d", "f", "h"]]
     assert batch.kinds == ["query", "query"]
     torch.testing.assert_close(batch.targets, torch.tensor([0.9, 0.2, 0.8, 0.5]))
     assert batch.doc_ids is None and batch.size == 4
-    assert ScoredPairTask(CoSENTLoss(), score_scale=1.0).make_batch(SCORED[:1]).targets == 4.5
+    assert CosineSimilarityTask(score_scale=1.0).make_batch(SCORED[:1]).targets == 4.5
+    # CoSENT ranks by the gold scores as they are.
+    torch.testing.assert_close(
+        CoSENTTask().make_batch(SCORED).targets, torch.tensor([4.5, 1, 4, 2.5])
+    )
 
 
 # -------------------------------------------------------------------------------- errors
@@ -145,31 +149,31 @@ def test_scored_pair_batch():
     ("task", "examples", "message"),
     [
         (
-            ScoredPairTask(CoSENTLoss()),
+            CoSENTTask(),
             PAIRS,
-            "ScoredPairTask needs ScoredPair examples (data with scores, "
+            "CoSENTTask needs ScoredPair examples (data with scores, "
             "e.g. train_data=sts); got Pair",
         ),
         (
-            InfoNCETask(InfoNCELoss()),
+            InfoNCETask(),
             SCORED,
             "InfoNCETask needs Pair or Triplet examples (query/positive data, e.g. "
             "train_data=scifact); got ScoredPair",
         ),
         (
-            TripletTask(TripletLoss()),
+            TripletTask(),
             SCORED,
             "TripletTask needs Pair or Triplet examples (query/positive data, e.g. "
             "train_data=scifact); got ScoredPair",
         ),
         (
-            ContrastiveTask(ContrastiveLoss()),
+            ContrastiveTask(),
             [LabelledText("t", 1)],
             "ContrastiveTask needs Pair, Triplet or ScoredPair examples (retrieval data, e.g. "
             "train_data=scifact, or data with scores, e.g. train_data=sts); got LabelledText",
         ),
         (
-            InfoNCETask(InfoNCELoss()),
+            InfoNCETask(),
             [PAIRS[0], TRIPLETS[0]],
             "InfoNCETask needs one example type per batch; got Pair and Triplet",
         ),
@@ -184,9 +188,11 @@ def test_unsupported_examples_raise_a_type_error_naming_the_task(task, examples,
 
 def test_empty_batches_and_stray_matryoshka_weights_are_refused():
     with pytest.raises(ValueError, match="InfoNCETask got an empty batch"):
-        InfoNCETask(InfoNCELoss()).make_batch([])
-    with pytest.raises(ValueError, match="matryoshka_weights given without matryoshka_dims"):
-        InfoNCETask(InfoNCELoss(), matryoshka_weights=[1.0])
+        InfoNCETask().make_batch([])
+    with pytest.raises(ValueError, match="matryoshka_weights: 1 weights for 0 matryoshka_dims"):
+        InfoNCETask(matryoshka_weights=[1.0])
+    with pytest.raises(ValueError, match=r"matryoshka_dims: must be positive, got \[8, 0\]"):
+        InfoNCETask(matryoshka_dims=[8, 0])
 
 
 # -------------------------------------------------------------------------------- losses
@@ -195,8 +201,8 @@ def test_empty_batches_and_stray_matryoshka_weights_are_refused():
 @pytest.mark.parametrize("examples", [TRIPLETS, PAIRS], ids=["triplets", "pairs"])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_infonce_loss_is_the_loss_on_queries_and_positives_then_negatives(examples, symmetric):
-    loss = InfoNCELoss(temperature=0.1, symmetric=symmetric, impl="naive")
-    task = InfoNCETask(loss)
+    task = InfoNCETask(temperature=0.1, symmetric=symmetric, impl="naive")
+    loss = task.base_loss
     batch = task.make_batch(examples)
     embeddings = embed(batch)
     if examples is TRIPLETS:
@@ -212,8 +218,10 @@ def test_infonce_loss_is_the_loss_on_queries_and_positives_then_negatives(exampl
 
 
 def test_matryoshka_infonce_sums_the_truncated_losses():
+    task = InfoNCETask(
+        temperature=0.1, impl="naive", matryoshka_dims=[2, 4, 8], matryoshka_weights=[0.5, 1, 2]
+    )
     loss = InfoNCELoss(temperature=0.1, impl="naive")
-    task = InfoNCETask(loss, matryoshka_dims=[2, 4, 8], matryoshka_weights=[0.5, 1.0, 2.0])
     batch = task.make_batch(TRIPLETS)
     embeddings = embed(batch)
     q, d = embeddings[0], torch.cat(embeddings[1:])
@@ -223,12 +231,26 @@ def test_matryoshka_infonce_sums_the_truncated_losses():
         for (q_k, d_k), weight in zip(truncated, [0.5, 1.0, 2.0], strict=True)
     )
     torch.testing.assert_close(task(embeddings, batch)[0], expected)
-    assert isinstance(task.loss, MatryoshkaLoss) and task.base_loss is loss
+    assert isinstance(task.loss, MatryoshkaLoss) and isinstance(task.base_loss, InfoNCELoss)
+    assert task.matryoshka_dims == [2, 4, 8]
+
+
+def test_matryoshka_infonce_reports_the_stats_of_the_widest_truncation():
+    # Listed out of order, so that "the first" or "the last" dim would give other stats.
+    task = InfoNCETask(temperature=0.1, impl="naive", matryoshka_dims=[4, DIM, 2])
+    batch = task.make_batch(TRIPLETS)
+    embeddings = embed(batch, seed=6)
+    _, stats = task(embeddings, batch)
+    _, full = InfoNCETask(temperature=0.1, impl="naive")(embeddings, batch)
+    assert stats == pytest.approx(full)
+    narrow = InfoNCETask(temperature=0.1, impl="naive", matryoshka_dims=[2])
+    assert narrow(embeddings, batch)[1]["margin"] != pytest.approx(full["margin"])
 
 
 def test_triplet_loss_with_k_negatives_and_with_in_batch_negatives():
-    loss = TripletLoss(margin=0.3)
-    task = TripletTask(loss)
+    task = TripletTask(margin=0.3)
+    loss = task.base_loss
+    assert loss.margin == 0.3
     batch = task.make_batch(TRIPLETS)
     a, p, n = embed(batch)
     torch.testing.assert_close(task([a, p, n], batch)[0], loss(a, p, n.view(3, 2, DIM)))
@@ -240,24 +262,31 @@ def test_triplet_loss_with_k_negatives_and_with_in_batch_negatives():
 
 @pytest.mark.parametrize("examples", [TRIPLETS, PAIRS, SCORED], ids=["triplets", "pairs", "sts"])
 def test_contrastive_loss_is_the_loss_on_the_pair_rows(examples):
-    loss = ContrastiveLoss(margin=0.7)
-    task = ContrastiveTask(loss)
+    task = ContrastiveTask(margin=0.7)
+    loss = task.base_loss
+    assert loss.margin == 0.7
     batch = task.make_batch(examples)
     left, right = embed(batch)
     torch.testing.assert_close(task([left, right], batch)[0], loss(left, right, batch.targets))
 
 
-@pytest.mark.parametrize("loss", [CoSENTLoss(), CosineSimilarityLoss()], ids=["cosent", "cosine"])
-def test_scored_pair_loss_is_the_loss_on_scaled_scores(loss):
-    task = ScoredPairTask(loss)
+@pytest.mark.parametrize(
+    ("task", "loss", "targets"),
+    [
+        (CoSENTTask(scale=7.0), CoSENTLoss(scale=7.0), [4.5, 1.0, 4.0, 2.5]),
+        (CosineSimilarityTask(score_scale=5.0), CosineSimilarityLoss(), [0.9, 0.2, 0.8, 0.5]),
+    ],
+    ids=["cosent", "cosine"],
+)
+def test_scored_pair_loss_is_the_loss_on_the_targets(task, loss, targets):
     batch = task.make_batch(SCORED)
     a, b = embed(batch, normalize=False)
-    expected = loss(a, b, torch.tensor([0.9, 0.2, 0.8, 0.5]))
+    expected = loss(a, b, torch.tensor(targets))
     torch.testing.assert_close(task([a, b], batch)[0], expected)
 
 
 def test_learnable_temperature_trains_and_saves_with_the_task():
-    task = InfoNCETask(InfoNCELoss(learnable_temperature=True), matryoshka_dims=[4, 8])
+    task = InfoNCETask(learnable_temperature=True, matryoshka_dims=[4, 8])
     assert [name for name, _ in task.named_parameters()] == ["loss.loss.log_scale"]
     batch = task.make_batch(PAIRS)
     loss, _ = task(embed(batch), batch)
@@ -269,22 +298,30 @@ def test_learnable_temperature_trains_and_saves_with_the_task():
 
 
 def test_infonce_stats_by_hand():
-    task = InfoNCETask(InfoNCELoss(temperature=0.07))
+    task = InfoNCETask(temperature=0.07)
     batch = task.make_batch(TRIPLETS)
     embeddings = embed(batch, seed=3)
     q, d = embeddings[0], torch.cat(embeddings[1:])
     ids = batch.doc_ids.tolist()
     rows, docs = q.shape[0], d.shape[0]
-    correct, margins, masked = 0, [], 0
+    correct, margins, masked, mined = 0, [], 0, 0
     for i in range(rows):
         scores = [float(q[i] @ d[j]) for j in range(docs)]
         others = [j for j in range(docs) if j != i and ids[j] != ids[i]]
         masked += sum(1 for j in range(docs) if j != i and ids[j] == ids[i])
         correct += all(scores[i] > scores[j] for j in others)
         margins.append(scores[i] - max(scores[j] for j in others))
+        mined += max(others, key=lambda j: scores[j]) >= rows
 
     _, stats = task(embeddings, batch)
-    assert stats.keys() == {"accuracy", "margin", "false_negative_fraction", "temperature"}
+    assert stats.keys() == {
+        "accuracy",
+        "margin",
+        "false_negative_fraction",
+        "hardest_negative_mined_fraction",
+        "temperature",
+    }
+    assert stats["hardest_negative_mined_fraction"] == pytest.approx(mined / rows)
     assert stats["accuracy"] == pytest.approx(correct / rows)
     assert stats["margin"] == pytest.approx(sum(margins) / rows, abs=1e-6)
     assert masked == 1  # row 1's positive "Paris" appears again as row 0's negative
@@ -293,7 +330,7 @@ def test_infonce_stats_by_hand():
 
 
 def test_infonce_accuracy_and_margin_on_a_worked_example():
-    task = InfoNCETask(InfoNCELoss(learnable_temperature=True, temperature=0.2))
+    task = InfoNCETask(learnable_temperature=True, temperature=0.2)
     batch = task.make_batch([Pair("q0", "same"), Pair("q1", "other"), Pair("q2", "same")])
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     d = torch.tensor([[0.8, 0.6], [0.0, 1.0], [0.8, 0.6]])
@@ -313,7 +350,7 @@ def test_infonce_accuracy_and_margin_on_a_worked_example():
 
 
 def test_a_single_pair_has_no_margin():
-    task = InfoNCETask(InfoNCELoss())
+    task = InfoNCETask()
     batch = task.make_batch(PAIRS[:1])
     _, stats = task(embed(batch), batch)
     assert "margin" not in stats
@@ -322,7 +359,7 @@ def test_a_single_pair_has_no_margin():
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
 def test_triplet_accuracy_by_hand(distance):
-    task = TripletTask(TripletLoss(distance=distance))
+    task = TripletTask(distance=distance)
     batch = task.make_batch(TRIPLETS)
     a, p, n = embed(batch, seed=5, normalize=False)
 
@@ -335,7 +372,7 @@ def test_triplet_accuracy_by_hand(distance):
 
 
 def test_contrastive_stats_by_hand():
-    task = ContrastiveTask(ContrastiveLoss())
+    task = ContrastiveTask()
     batch = task.make_batch(TRIPLETS)
     left, right = embed(batch, seed=2)
     labels = batch.targets.tolist()
@@ -349,7 +386,7 @@ def test_contrastive_stats_by_hand():
 
 
 def test_scored_pair_stats_by_hand():
-    task = ScoredPairTask(CosineSimilarityLoss())
+    task = CosineSimilarityTask()
     batch = task.make_batch(SCORED)
     a, b = embed(batch, seed=4, normalize=False)
     cosines = [cosine(a[i], b[i]) for i in range(4)]

@@ -23,6 +23,7 @@ from wandb_file import run_contents
 
 import train as train_cli
 from model import POOLING_HEADS, BiEncoder
+from training.hydra_config import ConfigError
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -51,8 +52,7 @@ def check_run_folder(run_dir: Path, steps: int = 2) -> list[dict]:
     ],
 )
 def test_two_steps_with_each_loss(loss, data, tiny_run, tmp_path):
-    extra = ["loss.matryoshka_dims=[32,16]"] if loss == "matryoshka" else []
-    metrics = train_cli.train(compose_train(*tiny_run(data, f"loss={loss}", *extra)), tmp_path)
+    metrics = train_cli.train(compose_train(*tiny_run(data, f"loss={loss}")), tmp_path)
     lines = check_run_folder(tmp_path)
     selection = "ndcg@10" if data == "beir" else "spearman"
     dev_values = [line[f"dev/{selection}"] for line in lines if f"dev/{selection}" in line]
@@ -62,9 +62,10 @@ def test_two_steps_with_each_loss(loss, data, tiny_run, tmp_path):
     assert metrics.pop(f"dev/{selection}") == max(dev_values)
     assert saved == pytest.approx(metrics)
     if loss == "matryoshka":
-        # The loss's dims are scored at every evaluation without naming them again.
-        assert "dim16/ndcg@10" in saved
-        assert any("dev/dim16/ndcg@10" in line for line in lines)
+        # Its dims default to the model's width and halvings (the tiny model is 32 wide),
+        # and are scored at every evaluation without naming them again.
+        assert {k.split("/")[0] for k in saved if k.startswith("dim")} == {"dim16", "dim8", "dim4"}
+        assert any("dev/dim4/ndcg@10" in line for line in lines)
 
 
 @pytest.mark.parametrize("pooling", sorted(POOLING_HEADS))
@@ -83,7 +84,7 @@ def test_gradcache_and_hard_negatives_run(tiny_run, tmp_path):
         "trainer.cache_chunk_size=3",
         "train_data.hard_negatives=2",
         "trainer.eval=false",
-        "loss.loss.learnable_temperature=true",
+        "loss.learnable_temperature=true",
     )
     train_cli.train(compose_train(*overrides), tmp_path)
     lines = check_run_folder(tmp_path)
@@ -93,9 +94,7 @@ def test_gradcache_and_hard_negatives_run(tiny_run, tmp_path):
 def test_epochs_follow_one_another(tiny_run, tmp_path):
     train_cli.train(
         compose_train(
-            *tiny_run(
-                "beir", "trainer.max_steps=10", "trainer.eval=false", "train_data.dev_queries=0"
-            )
+            *tiny_run("beir", "trainer.max_steps=10", "trainer.eval=false", "trainer.eval_every=0")
         ),
         tmp_path,
     )
@@ -163,7 +162,10 @@ def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(tiny_run, tmp_path):
+@pytest.mark.parametrize("mining", ["bm25", "dense"])
+def test_resume_after_sigkill_equals_uninterrupted_run(mining, tiny_run, tmp_path):
+    # With dense mining, a resumed run that mined again would mine with the checkpoint's
+    # model and train on other negatives: it must reuse the run's hard_negatives.json.
     overrides = tiny_run(
         "beir",
         "trainer.max_steps=40",
@@ -171,6 +173,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_run, tmp_path):
         "trainer.deterministic=true",
         "trainer.eval=false",
         "train_data.dev_queries=0",
+        f"train_data.mining={mining}",
     )
     command = [sys.executable, "train.py", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -221,17 +224,54 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_run, tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("optim.lr=-1e-5", "optim.lr: must be positive"),
+        ("optim.lr=-1e-5", "optim: Invalid learning rate: -1e-05"),
         ("model.pooling=avg", "model.pooling: unknown pooling 'avg'"),
+        ("model.projection_dim=0", "model.projection_dim: must be positive or null, got 0"),
         ("trainer.batch_size=1", "trainer.batch_size: must be >= 2"),
         ("trainer.precision=fp16", "trainer.precision: must be one of auto, fp32, bf16"),
         ("trainer.save_every=0", "trainer.save_every: must be positive"),
+        ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints: must be >= 0, got -1"),
+        ("trainer.resume=''", "trainer.resume: must be true, false or a checkpoint path"),
+        ("loss.temperature=5", r"loss.temperature: must be in \[0.01, 1.0\], got 5"),
+        ("loss.matryoshka_dims=[64,512]", "loss.matryoshka_dims: .* exceed the model's 384"),
+        ("loss.matryoshka_weights=[1.0]", "loss.matryoshka_weights: 1 weights for 0"),
+        ("loss=triplet loss.distance=dot", "loss.distance: must be one of"),
+        ("train_data.mining=foo", "train_data.mining: 'foo' is not one of bm25, dense"),
+        ("train_data.hard_negatives=-1", "train_data.hard_negatives: must be >= 0"),
+        ("eval_data.corpus_size=0", "eval_data.corpus_size: must be positive or null"),
+        ("evaluation.ks=[0,10]", r"evaluation.ks: cut-offs must be positive"),
+        ("evaluation.matryoshka_dims=[1000]", "evaluation.matryoshka_dims: .* exceed"),
+        ("evaluation.index.nprobe=0", "evaluation.index.nprobe: must be positive or null"),
+        ("sched.warmup_ratio=1.5", r"sched.warmup_ratio: must be in \[0, 1\)"),
+        ("train_data=sts", "loss: InfoNCETask trains on Pair or Triplet examples"),
+        ("loss=cosent", "loss: CoSENTTask trains on ScoredPair examples"),
     ],
 )
 def test_bad_values_fail_before_any_work_naming_the_key(override, message, tmp_path):
-    with pytest.raises(ValueError, match=message):
-        train_cli.train(compose_train(override), tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        train_cli.train(compose_train(*override.split()), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("trainer.batch_size=2.5", "trainer.batch_size"),
+        ("optim.lr=5e-5x", "optim.lr"),
+        ("loss.temperature=warm", "loss.temperature"),
+        ("train_data.dev_queries=many", "train_data.dev_queries"),
+        ("evaluation.index.use_gpu=maybe", "evaluation.index.use_gpu"),
+        ("model.normalize=maybe", "model.normalize"),
+        ("trainer.nonsense=1", "trainer.nonsense"),
+    ],
+)
+def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(override, key):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose_train(override)
+    chain = f"{caught.value} {caught.value.__cause__}"
+    assert key in chain, chain
 
 
 def test_batch_larger_than_the_data_fails_instead_of_waiting_forever(tiny_run, tmp_path):
@@ -240,11 +280,9 @@ def test_batch_larger_than_the_data_fails_instead_of_waiting_forever(tiny_run, t
         train_cli.train(compose_train(*tiny_run("beir", "trainer.batch_size=1000")), tmp_path)
 
 
-def test_unknown_keys_and_options_fail_at_composition():
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+def test_unknown_options_fail_at_composition():
+    from hydra.errors import MissingConfigException
 
-    with pytest.raises(ConfigCompositionException, match=r"trainer\.nonsense"):
-        compose_train("trainer.nonsense=1")
     with pytest.raises(MissingConfigException, match="pooling"):
         compose_train("pooling=avg")
 
@@ -270,3 +308,95 @@ def test_wandb_offline_run_folder_holds_the_logged_keys(tiny_run, tmp_path, monk
     ):
         assert key in logged, key
     assert run["config"]["trainer"]["batch_size"] == 4
+
+
+def test_trainer_profile_follows_the_machine(monkeypatch):
+    from configs import compose_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    picked_on_gpu = compose_config("train", hydra_config=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    picked_on_cpu = compose_config("train", hydra_config=True)
+    assert picked_on_gpu.hydra.runtime.choices.trainer == "gpu"
+    assert picked_on_cpu.hydra.runtime.choices.trainer == "cpu"
+    gpu, cpu = picked_on_gpu.trainer, picked_on_cpu.trainer
+    assert (gpu.precision, cpu.precision) == ("bf16", "auto")
+    assert gpu.batch_size > cpu.batch_size and gpu.cache_chunk_size < gpu.batch_size
+    assert gpu.max_length is None and gpu.epochs > cpu.epochs
+    # Named on the command line, a profile wins over the machine's.
+    assert compose_config("train", "trainer=cpu").trainer == cpu
+
+
+def test_the_run_log_says_which_trainer_profile_runs_and_why(caplog, monkeypatch):
+    from configs import compose_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    caplog.set_level("INFO", logger="train")
+    train_cli.log_trainer_choice(compose_config("train", hydra_config=True).hydra)
+    assert "trainer=cpu (picked for this machine: no CUDA device" in caplog.text
+    caplog.clear()
+    chosen = compose_config("train", "trainer=gpu", hydra_config=True)
+    train_cli.log_trainer_choice(chosen.hydra)
+    assert "trainer=gpu (from the command line)" in caplog.text
+
+
+def test_the_gpu_profile_trains_on_a_cpu_too(tiny_run, tmp_path):
+    # bf16 autocast and GradCache chunks run on CPU as well, so the profile is exercised here.
+    train_cli.train(compose_train(*tiny_run("beir", "trainer=gpu", "trainer.eval=false")), tmp_path)
+    check_run_folder(tmp_path)
+
+
+def test_matryoshka_dims_default_to_the_model_width_and_its_halvings(tiny_model_path):
+    assert compose_train("loss=matryoshka").loss.matryoshka_dims == [384, 192, 96, 48]
+    tiny = compose_train("loss=matryoshka", f"model.path={tiny_model_path}")
+    assert tiny.loss.matryoshka_dims == [32, 16, 8, 4]
+    projected = compose_train("loss=matryoshka", "model.projection_dim=256")
+    assert projected.loss.matryoshka_dims == [256, 128, 64, 32]
+    # Evaluation scores the loss's dims unless told otherwise.
+    assert tiny.evaluation.matryoshka_dims == [32, 16, 8, 4]
+    assert compose_train(
+        "loss=matryoshka", "evaluation.matryoshka_dims=[64]"
+    ).evaluation.matryoshka_dims == [64]
+
+
+@pytest.mark.slow
+def test_max_length_contract_on_the_default_job(tmp_path):
+    """The issue's command exactly: the packaged MiniLM on SciFact, texts cut to 8 tokens."""
+    run_dir = tmp_path / "run"
+    subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "trainer.max_length=8",
+            "trainer.max_steps=2",
+            "trainer.eval=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=1200,
+    )
+    lines = [line for line in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in line]
+    assert len(lines) == 2 and all(line["train/seq_len_max"] <= 8 for line in lines)
+
+
+def test_max_length_reaches_the_encoder_and_is_logged(tiny_run, tmp_path):
+    train_cli.train(
+        compose_train(*tiny_run("beir", "trainer.max_length=8", "trainer.eval=false")), tmp_path
+    )
+    lines = [line for line in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in line]
+    assert all(line["train/seq_len_max"] == 8 for line in lines)  # abstracts are longer
+    assert all(line["train/tokens"] > 0 and line["train/tokens_per_s"] > 0 for line in lines)
+
+
+def test_max_length_is_capped_at_the_position_limit(tiny_run, tmp_path, caplog):
+    # The tiny model has 64 positions; asking for 500 trains at 64 and says so.
+    caplog.set_level("WARNING", logger="train")
+    overrides = tiny_run(
+        "beir", "trainer.max_length=500", "model.max_length=64", "trainer.eval=false"
+    )
+    train_cli.train(compose_train(*overrides), tmp_path)
+    lines = [line for line in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in line]
+    assert max(line["train/seq_len_max"] for line in lines) == 64
+    assert "trainer.max_length=500 is more than the model's 64 positions" in caplog.text

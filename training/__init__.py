@@ -3,9 +3,11 @@ optimisation step's forward and backward (plainly or with gradient caching), lea
 schedules, checkpoints that survive a crash, and metric loggers."""
 
 from training.schedules import warmup_schedule
-from training.step import embed_columns, train_step
+from training.step import StepResult, embed_columns, train_step
 from training.tasks import (
     ContrastiveTask,
+    CoSENTTask,
+    CosineSimilarityTask,
     InfoNCETask,
     ScoredPairTask,
     Task,
@@ -14,9 +16,12 @@ from training.tasks import (
 )
 
 __all__ = [
+    "CoSENTTask",
     "ContrastiveTask",
+    "CosineSimilarityTask",
     "InfoNCETask",
     "ScoredPairTask",
+    "StepResult",
     "Task",
     "TextBatch",
     "TripletTask",

@@ -103,6 +103,19 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=False)
 
 
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` atomically (a temporary file renamed into place), so
+    that a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def rng_state() -> dict[str, Any]:
     """The states of Python's ``random``, NumPy's global, torch's CPU and all CUDA generators."""
     return {

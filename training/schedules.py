@@ -20,9 +20,9 @@ def warmup_schedule(
     """Scale the learning rate from 0 to its peak over the first ``warmup_ratio`` of the
     steps, then decay it to 0 at ``num_training_steps`` (or hold it, with ``constant``)."""
     if decay not in DECAYS:
-        raise ValueError(f"sched.decay: {decay!r} is not one of {', '.join(DECAYS)}")
+        raise ValueError(f"decay: {decay!r} is not one of {', '.join(DECAYS)}")
     if not 0 <= warmup_ratio < 1:
-        raise ValueError(f"sched.warmup_ratio: must be in [0, 1), got {warmup_ratio}")
+        raise ValueError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio}")
     warmup = round(warmup_ratio * num_training_steps)
 
     def factor(step: int) -> float:

@@ -66,6 +66,31 @@ def _chunks(texts: list[str], chunk_size: int | None) -> Iterator[list[str]]:
         yield texts[start : start + step]
 
 
+@dataclass
+class StepResult:
+    """What one training step reports: the loss, the task's statistics, and what the
+    encoder saw: ``tokens`` (non-padding tokens embedded, summed over every column) and
+    ``seq_len_max`` (the longest text after truncation)."""
+
+    loss: float
+    stats: dict[str, float]
+    tokens: int
+    seq_len_max: int
+
+
+class TokenCount:
+    """Running totals of what the encoder was given, read off the attention masks."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seq_len_max = 0
+
+    def add(self, features: dict[str, torch.Tensor]) -> None:
+        lengths = features["attention_mask"].sum(dim=1)
+        self.tokens += int(lengths.sum())
+        self.seq_len_max = max(self.seq_len_max, int(lengths.max()))
+
+
 def _tokenize(
     model: BiEncoder, texts: list[str], kind: Kind, max_length: int | None
 ) -> dict[str, torch.Tensor]:
@@ -98,6 +123,7 @@ def embed_columns(
     chunk_size: int | None = None,
     autocast: torch.dtype | None = None,
     max_length: int | None = None,
+    counts: TokenCount | None = None,
 ) -> list[torch.Tensor]:
     """Embed every column of ``batch`` with its tower: one ``[len(column), dim]`` tensor
     each, in at least fp32.
@@ -106,18 +132,20 @@ def embed_columns(
     forward pass (each chunk padded on its own); with gradients, all chunks' activations
     are kept until the backward, so it bounds the peak of one pass only. ``autocast`` runs
     the forward passes under ``torch.autocast`` with that dtype. ``max_length`` truncates
-    the texts shorter than the model's own limit (cheaper training steps).
+    the texts shorter than the model's own limit (cheaper training steps). ``counts``, when
+    given, adds up the tokens embedded.
     """
     _check_chunk_size("chunk_size", chunk_size)
-    return [
-        torch.cat(
-            [
-                _embed(model, _tokenize(model, texts, kind, max_length), kind, autocast)
-                for texts in _chunks(column, chunk_size)
-            ]
-        )
-        for column, kind in zip(batch.columns, batch.kinds, strict=True)
-    ]
+    columns = []
+    for column, kind in zip(batch.columns, batch.kinds, strict=True):
+        parts = []
+        for texts in _chunks(column, chunk_size):
+            features = _tokenize(model, texts, kind, max_length)
+            if counts is not None:
+                counts.add(features)
+            parts.append(_embed(model, features, kind, autocast))
+        columns.append(torch.cat(parts))
+    return columns
 
 
 def train_step(
@@ -128,8 +156,8 @@ def train_step(
     cache_chunk_size: int | None = None,
     autocast: torch.dtype | None = None,
     max_length: int | None = None,
-) -> tuple[float, dict[str, float]]:
-    """Compute ``task``'s loss on ``batch`` and backpropagate it; return (loss, stats).
+) -> StepResult:
+    """Compute ``task``'s loss on ``batch`` and backpropagate it.
 
     Gradients accumulate into the model's and the task's parameters; the caller steps the
     optimiser and zeroes them. Without ``cache_chunk_size`` every column is embedded with
@@ -140,12 +168,18 @@ def train_step(
     truncates the texts for this step only (the model's saved limit is unchanged).
     """
     _check_chunk_size("cache_chunk_size", cache_chunk_size)
+    counts = TokenCount()
     if cache_chunk_size is None:
-        embeddings = embed_columns(model, batch, autocast=autocast, max_length=max_length)
+        embeddings = embed_columns(
+            model, batch, autocast=autocast, max_length=max_length, counts=counts
+        )
         loss, stats = task(embeddings, batch)
         loss.backward()
-        return loss.item(), stats
-    return _grad_cache_step(model, task, batch, cache_chunk_size, autocast, max_length)
+    else:
+        loss, stats = _grad_cache_step(
+            model, task, batch, cache_chunk_size, autocast, max_length, counts
+        )
+    return StepResult(loss.item(), stats, counts.tokens, counts.seq_len_max)
 
 
 @dataclass
@@ -166,7 +200,8 @@ def _grad_cache_step(
     chunk_size: int,
     autocast: torch.dtype | None,
     max_length: int | None,
-) -> tuple[float, dict[str, float]]:
+    counts: TokenCount,
+) -> tuple[torch.Tensor, dict[str, float]]:
     chunks: list[_Chunk] = []
     columns: list[torch.Tensor] = []
     with torch.no_grad():
@@ -175,6 +210,7 @@ def _grad_cache_step(
             start = 0
             for texts in _chunks(column, chunk_size):
                 features = _tokenize(model, texts, kind, max_length)
+                counts.add(features)
                 rows = slice(start, start + len(texts))
                 chunks.append(_Chunk(index, rows, features, kind, RandomState(model.device)))
                 parts.append(_embed(model, features, kind, autocast))
@@ -193,4 +229,4 @@ def _grad_cache_step(
         with chunk.random_state.replay():
             embeddings = _embed(model, chunk.features, chunk.kind, autocast)
         embeddings.backward(grad[chunk.rows])
-    return loss.item(), stats
+    return loss.detach(), stats

@@ -77,15 +77,25 @@ class Task(nn.Module):
     def __init__(
         self,
         loss: nn.Module,
-        matryoshka_dims: list[int] | None = None,
-        matryoshka_weights: list[float] | None = None,
+        matryoshka_dims: Sequence[int] = (),
+        matryoshka_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if matryoshka_weights is not None and not matryoshka_dims:
-            raise ValueError("matryoshka_weights given without matryoshka_dims")
+        if any(dim < 1 for dim in matryoshka_dims):
+            raise ValueError(f"matryoshka_dims: must be positive, got {list(matryoshka_dims)}")
+        if matryoshka_weights is not None and len(matryoshka_weights) != len(matryoshka_dims):
+            raise ValueError(
+                f"matryoshka_weights: {len(matryoshka_weights)} weights for "
+                f"{len(matryoshka_dims)} matryoshka_dims"
+            )
         self.loss = (
             MatryoshkaLoss(loss, matryoshka_dims, matryoshka_weights) if matryoshka_dims else loss
         )
+
+    @property
+    def matryoshka_dims(self) -> list[int]:
+        """The truncations the loss trains; empty without Matryoshka."""
+        return list(self.loss.dims) if isinstance(self.loss, MatryoshkaLoss) else []
 
     @property
     def base_loss(self) -> nn.Module:
@@ -100,6 +110,16 @@ class Task(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one embedding tensor per column of ``batch``, and statistics."""
         raise NotImplementedError
+
+    def check_accepts(self, example_type: type) -> None:
+        """Raise a ValueError, before any data is read, if this task cannot train on
+        ``example_type`` examples."""
+        if example_type not in self.accepts:
+            accepted = _join([t.__name__ for t in self.accepts])
+            raise ValueError(
+                f"{type(self).__name__} trains on {accepted} examples ({self.data_hint}), "
+                f"not on {example_type.__name__} examples"
+            )
 
     def _example_type(self, examples: Sequence[Example]) -> type:
         """The one type of ``examples``; a TypeError names the task and what it got."""
@@ -160,9 +180,12 @@ class InfoNCETask(Task):
     Queries repeated with different positives are not masked: batches should not repeat
     a query.
 
-    Statistics: ``accuracy`` (top-1 of each query over d, masked columns excluded),
+    Statistics (:meth:`losses.InfoNCEStats.summary`, of the widest Matryoshka truncation):
+    ``accuracy`` (the positive scores strictly above every unmasked other column),
     ``margin`` (mean of the positive's score minus the best unmasked other score),
-    ``false_negative_fraction`` (masked pairs out of B·(N − 1)) and ``temperature``.
+    ``false_negative_fraction`` (masked pairs out of B·(N − 1)),
+    ``hardest_negative_mined_fraction`` (rows whose best other column is a mined negative,
+    with hard negatives) and ``temperature``.
     """
 
     accepts = (Pair, Triplet)
@@ -170,10 +193,14 @@ class InfoNCETask(Task):
 
     def __init__(
         self,
-        loss: InfoNCELoss,
-        matryoshka_dims: list[int] | None = None,
-        matryoshka_weights: list[float] | None = None,
+        temperature: float = 0.05,
+        learnable_temperature: bool = False,
+        symmetric: bool = False,
+        impl: str = "auto",
+        matryoshka_dims: Sequence[int] = (),
+        matryoshka_weights: Sequence[float] | None = None,
     ) -> None:
+        loss = InfoNCELoss(temperature, learnable_temperature, symmetric, impl)
         super().__init__(loss, matryoshka_dims, matryoshka_weights)
 
     def make_batch(self, examples: Sequence[Pair | Triplet]) -> TextBatch:
@@ -194,38 +221,9 @@ class InfoNCETask(Task):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         q, d = embeddings[0], torch.cat(embeddings[1:])
         doc_ids = batch.doc_ids.to(q.device) if batch.doc_ids is not None else None
-        loss = self.loss(q, d, doc_ids)
-        return loss, {**_ranking_stats(q, d, doc_ids), **self._temperature_stats()}
-
-
-@torch.no_grad()
-def _ranking_stats(
-    q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor | None
-) -> dict[str, float]:
-    batch, num_docs = q.shape[0], d.shape[0]
-    scores = q.float() @ d.float().T
-    rows = torch.arange(batch, device=q.device)
-    if doc_ids is None:
-        masked = torch.zeros_like(scores, dtype=torch.bool)
-    else:
-        # The loss's own rule: another column with the positive's id leaves row i's softmax.
-        masked = doc_ids[:batch, None] == doc_ids[None, :]
-        masked[rows, rows] = False
-    scores = scores.masked_fill(masked, float("-inf"))
-    positives = scores[rows, rows]
-    stats = {
-        "accuracy": (scores.argmax(dim=1) == rows).float().mean().item(),
-        "false_negative_fraction": (
-            masked.sum().item() / (batch * (num_docs - 1)) if num_docs > 1 else 0.0
-        ),
-    }
-    others = scores.clone()
-    others[rows, rows] = float("-inf")
-    best_other = others.amax(dim=1)
-    measured = best_other > float("-inf")
-    if measured.any():
-        stats["margin"] = (positives - best_other)[measured].mean().item()
-    return stats
+        # The loss computes the ranking statistics in its own pass: O(B), never the B×N scores.
+        loss, stats = self.loss(q, d, doc_ids, return_stats=True)
+        return loss, {**stats.summary(), **self._temperature_stats()}
 
 
 class TripletTask(Task):
@@ -245,11 +243,12 @@ class TripletTask(Task):
 
     def __init__(
         self,
-        loss: TripletLoss,
-        matryoshka_dims: list[int] | None = None,
-        matryoshka_weights: list[float] | None = None,
+        margin: float = 0.5,
+        distance: str = "cosine",
+        matryoshka_dims: Sequence[int] = (),
+        matryoshka_weights: Sequence[float] | None = None,
     ) -> None:
-        super().__init__(loss, matryoshka_dims, matryoshka_weights)
+        super().__init__(TripletLoss(margin, distance), matryoshka_dims, matryoshka_weights)
 
     def make_batch(self, examples: Sequence[Pair | Triplet]) -> TextBatch:
         example_type = self._example_type(examples)
@@ -308,16 +307,17 @@ class ContrastiveTask(Task):
 
     def __init__(
         self,
-        loss: ContrastiveLoss,
+        margin: float = 0.5,
+        distance: str = "cosine",
         threshold: float = 4.0,
         score_scale: float = 5.0,
-        matryoshka_dims: list[int] | None = None,
-        matryoshka_weights: list[float] | None = None,
+        matryoshka_dims: Sequence[int] = (),
+        matryoshka_weights: Sequence[float] | None = None,
     ) -> None:
-        super().__init__(loss, matryoshka_dims, matryoshka_weights)
+        super().__init__(ContrastiveLoss(margin, distance), matryoshka_dims, matryoshka_weights)
         if not 0 < threshold <= score_scale:
             raise ValueError(
-                f"threshold must be in (0, score_scale={score_scale}], got {threshold}"
+                f"threshold: must be in (0, score_scale={score_scale}], got {threshold}"
             )
         self.threshold = threshold
         self.score_scale = score_scale
@@ -370,7 +370,8 @@ class ContrastiveTask(Task):
 
 
 class ScoredPairTask(Task):
-    """Regression (CosineSimilarityLoss) or ranking (CoSENTLoss) on gold-scored pairs.
+    """Base of the tasks on gold-scored pairs: :class:`CoSENTTask` (ranking) and
+    :class:`CosineSimilarityTask` (regression).
 
     Targets are ``score / score_scale`` (STS-B scores 0 to 5 become 0 to 1). Both columns
     (text1, text2) go through the query tower, since the two texts of an STS pair play
@@ -383,14 +384,14 @@ class ScoredPairTask(Task):
 
     def __init__(
         self,
-        loss: CosineSimilarityLoss | CoSENTLoss,
+        loss: nn.Module,
         score_scale: float = 5.0,
-        matryoshka_dims: list[int] | None = None,
-        matryoshka_weights: list[float] | None = None,
+        matryoshka_dims: Sequence[int] = (),
+        matryoshka_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__(loss, matryoshka_dims, matryoshka_weights)
         if score_scale <= 0:
-            raise ValueError(f"score_scale must be positive, got {score_scale}")
+            raise ValueError(f"score_scale: must be positive, got {score_scale}")
         self.score_scale = score_scale
 
     def make_batch(self, examples: Sequence[ScoredPair]) -> TextBatch:
@@ -415,3 +416,31 @@ class ScoredPairTask(Task):
                 pairs = torch.stack([cosine, targets.float()])
                 stats["pearson"] = torch.corrcoef(pairs)[0, 1].item()
         return loss, stats
+
+
+class CoSENTTask(ScoredPairTask):
+    """CoSENT (:class:`losses.CoSENTLoss`, cosines times ``scale``) on gold-scored pairs.
+
+    CoSENT depends on the order of the gold scores only, so they are used as they are:
+    a ``score_scale`` would change nothing."""
+
+    def __init__(
+        self,
+        scale: float = 20.0,
+        matryoshka_dims: Sequence[int] = (),
+        matryoshka_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(CoSENTLoss(scale), 1.0, matryoshka_dims, matryoshka_weights)
+
+
+class CosineSimilarityTask(ScoredPairTask):
+    """Mean squared error between the cosine and ``score / score_scale``
+    (:class:`losses.CosineSimilarityLoss`)."""
+
+    def __init__(
+        self,
+        score_scale: float = 5.0,
+        matryoshka_dims: Sequence[int] = (),
+        matryoshka_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(CosineSimilarityLoss(), score_scale, matryoshka_dims, matryoshka_weights)

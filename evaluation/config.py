@@ -1,0 +1,59 @@
+"""Evaluation settings, typed and checked: ``conf/evaluation/default.yaml`` (and its
+``index`` group) fill these dataclasses, Hydra's schema for the ``evaluation`` node, so that
+a wrong type fails at composition and a value out of range before anything is encoded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+METRICS = ("ip", "l2")
+
+
+@dataclass
+class IndexSpec:
+    """Which FAISS index to search with; ``factory`` is an ``index_factory`` string.
+
+    ``use_gpu``: null uses a GPU when faiss sees one, true requires it. ``nprobe`` (IVF) and
+    ``ef_search`` (HNSW) trade recall for speed at search time; ``train_size`` caps the rows
+    an index that needs training (IVF, PQ) is trained on.
+    """
+
+    factory: str = "Flat"
+    metric: str = "ip"
+    use_gpu: bool | None = None
+    nprobe: int | None = None
+    ef_search: int | None = None
+    train_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"metric: must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        for name in ("nprobe", "ef_search", "train_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: must be positive or null, got {value}")
+
+
+@dataclass
+class EvalConfig:
+    """How embeddings are scored, at the end of training, at dev evaluations and in eval.py.
+
+    ``batch_size`` is texts per encoder forward pass when embedding (not the training
+    batch); ``ks`` the metric cut-offs; ``matryoshka_dims`` extra truncated dimensions scored
+    from the same embeddings; ``ignore_identical_ids`` drops hits whose document id equals
+    the query id (Quora, ArguAna).
+    """
+
+    batch_size: int = 64
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 100])
+    matryoshka_dims: list[int] = field(default_factory=list)
+    ignore_identical_ids: bool = False
+    index: IndexSpec = field(default_factory=IndexSpec)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be positive, got {self.batch_size}")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"ks: cut-offs must be positive, got {list(self.ks)}")
+        if any(d < 1 for d in self.matryoshka_dims):
+            raise ValueError(f"matryoshka_dims: must be positive, got {list(self.matryoshka_dims)}")

@@ -1,0 +1,550 @@
+"""Every knob does what it says.
+
+The key list is generated from the configs themselves: every leaf key under ``trainer``,
+``train_data``, ``eval_data``, ``loss``, ``optim``, ``sched``, ``model`` and ``evaluation``
+in the default composition, plus the keys of every option of those groups whose schema
+differs from the default's (``loss=triplet`` has a ``margin``, ``train_data=jsonl`` a
+``format``). Each key must have an entry in ``PROBES``, or the suite fails: adding a key
+means adding the proof that it is wired.
+
+A :class:`Run` probe trains twice in-process through ``train.train`` (tiny model, tiny data),
+once with a base configuration and once with the key changed, and asserts that one named
+observation differs: a logged series, the checkpoints, the final metrics, the hard
+negatives, or what the encoder, the loss or FAISS were handed (recorded by spies around
+them). A probe observes the end of the chain, so a knob that is validated but never passed
+on (``trainer.max_length`` before this test existed) fails here. A :class:`Proven` entry
+names a test elsewhere that already proves the key, for the keys whose effect takes more
+than two short runs to show (resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from configs import compose_train, tiny_overrides
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+
+import eval as eval_cli
+import train as train_cli
+from losses import infonce as infonce_module
+from model import EncoderConfig
+from model import bert as bert_module
+from model.biencoder import Tower
+from model.weights import save_random_bert
+
+NODES = ("trainer", "train_data", "eval_data", "loss", "optim", "sched", "model", "evaluation")
+# Group options with a schema of their own: their keys are other parameters.
+OPTIONS = {
+    "loss": ["triplet", "contrastive", "cosent", "cosine", "matryoshka"],
+    "train_data": ["beir", "sts", "jsonl"],
+    "eval_data": ["sts"],
+    "trainer": ["gpu"],
+    "sched": ["cosine", "constant"],
+    "evaluation/index": ["hnsw", "ivf_pq"],
+}
+# Wall-clock values differ between any two runs.
+TIMINGS = ("_s", "per_s", "time")
+
+
+@dataclass(frozen=True)
+class Run:
+    """Train with ``base`` overrides, then with ``base + change``; ``observe`` must differ.
+
+    Overrides may name the fixture folders ``{beir2}``, ``{sts2}``, ``{model2}``,
+    ``{pairs}``, ``{pairs2}``, ``{identical_ids}`` and ``{unknown_ids}``."""
+
+    change: tuple[str, ...]
+    observe: str
+    base: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Proven:
+    """The key's effect is proven by the test ``where`` (``module::function``)."""
+
+    where: str
+
+
+# Bases: short runs that leave out whatever the probe does not need.
+TRAIN = ("trainer.eval=false", "train_data.dev_queries=0")  # no dev, no final evaluation
+DEV = ("trainer.eval=false",)  # dev evaluation at the end (80 dev queries)
+FINAL = ("train_data.dev_queries=0",)  # final evaluation on the tiny test split
+STS = ("experiment=sts", "trainer.eval=false")
+STS_FINAL = ("experiment=sts", "train_data.dev_split=null")
+IVF = (*FINAL, "evaluation.index.factory='IVF4,Flat'")  # an index with lists and training
+JSONL = ("trainer.eval=false", "train_data=jsonl", "train_data.path={pairs}")
+
+
+def loss_probes(option: str, base: tuple[str, ...], width: int = 32) -> dict[str, Run]:
+    """Matryoshka keys exist in every loss: one truncation must change the loss, and the
+    weights must change it once there are truncations to weigh."""
+    base = (*base, f"loss={option}")
+    half = width // 2
+    return {
+        "loss.matryoshka_dims": Run((f"loss.matryoshka_dims=[{half}]",), "loss", base),
+        "loss.matryoshka_weights": Run(
+            ("loss.matryoshka_weights=[1.0,3.0]",),
+            "loss",
+            (*base, f"loss.matryoshka_dims=[{width},{half}]"),
+        ),
+    }
+
+
+def option_probes(option: str, probes: dict[str, Run | Proven]) -> dict[str, Run | Proven]:
+    return {f"{option} {key}": probe for key, probe in probes.items()}
+
+
+PROBES: dict[str, Run | Proven] = {
+    # ---------------------------------------------------------------------- trainer
+    "trainer.max_steps": Run(("trainer.max_steps=3",), "steps", TRAIN),
+    "trainer.epochs": Run(("trainer.epochs=2",), "steps", (*DEV, "trainer.max_steps=null")),
+    "trainer.batch_size": Run(("trainer.batch_size=6",), "batch_rows", TRAIN),
+    "trainer.max_length": Run(("trainer.max_length=8",), "seq_len_max", TRAIN),
+    "trainer.cache_chunk_size": Run(("trainer.cache_chunk_size=2",), "train_forwards", TRAIN),
+    "trainer.precision": Run(("trainer.precision=bf16",), "autocast", TRAIN),
+    "trainer.grad_clip": Run(("trainer.grad_clip=1e-4",), "weights", TRAIN),
+    "trainer.gradient_checkpointing": Run(
+        ("trainer.gradient_checkpointing=true",), "checkpointed_layers", TRAIN
+    ),
+    "trainer.hidden_dropout": Run(("trainer.hidden_dropout=0.5",), "loss", TRAIN),
+    "trainer.attention_dropout": Run(("trainer.attention_dropout=0.5",), "loss", TRAIN),
+    "trainer.log_every": Run(("trainer.log_every=2",), "steps", TRAIN),
+    "trainer.eval_every": Run(("trainer.eval_every=1",), "dev_steps", DEV),
+    "trainer.save_every": Run(("trainer.save_every=2",), "checkpoints", TRAIN),
+    "trainer.keep_checkpoints": Run(
+        ("trainer.keep_checkpoints=1",), "checkpoints", (*TRAIN, "trainer.max_steps=3")
+    ),
+    "trainer.resume": Proven("test_train::test_resume_after_sigkill_equals_uninterrupted_run"),
+    "trainer.eval": Run(("trainer.eval=true",), "metrics", TRAIN),
+    "trainer.deterministic": Run(("trainer.deterministic=true",), "deterministic", TRAIN),
+    # ----------------------------------------------------------- train_data (BEIR)
+    "train_data.path": Run(("train_data.path={beir2}",), "batch_texts", TRAIN),
+    "train_data.split": Run(("train_data.split=test",), "batch_texts", TRAIN),
+    "train_data.dev_queries": Run(("train_data.dev_queries=40",), "eval_sizes", DEV),
+    "train_data.dev_corpus_size": Run(("train_data.dev_corpus_size=100",), "eval_sizes", DEV),
+    "train_data.hard_negatives": Run(("train_data.hard_negatives=2",), "negatives", TRAIN),
+    "train_data.mining": Run(("train_data.mining=dense",), "negatives", TRAIN),
+    "train_data.mining_depth": Run(("train_data.mining_depth=3",), "negatives", TRAIN),
+    "train_data.seed": Run(("train_data.seed=1",), "negatives", TRAIN),
+    # ---------------------------------------------------------- eval_data (BEIR)
+    "eval_data.path": Run(("eval_data.path={beir2}",), "eval_sizes", FINAL),
+    "eval_data.split": Run(("eval_data.split=train",), "eval_sizes", FINAL),
+    "eval_data.strict": Run(
+        ("eval_data.strict=true",), "error", (*FINAL, "eval_data.path={unknown_ids}")
+    ),
+    "eval_data.corpus_size": Run(("eval_data.corpus_size=30",), "eval_sizes", FINAL),
+    "eval_data.seed": Run(
+        ("eval_data.seed=1",), "eval_corpus", (*FINAL, "eval_data.corpus_size=30")
+    ),
+    # ------------------------------------------------------------ loss (InfoNCE)
+    "loss.temperature": Run(("loss.temperature=0.5",), "loss", TRAIN),
+    "loss.learnable_temperature": Run(
+        ("loss.learnable_temperature=true",), "temperature", (*TRAIN, "trainer.max_steps=3")
+    ),
+    "loss.symmetric": Run(("loss.symmetric=true",), "loss", TRAIN),
+    "loss.impl": Run(("loss.impl=naive",), "infonce_impl", TRAIN),
+    "loss.matryoshka_dims": Run(("loss.matryoshka_dims=[16]",), "loss", TRAIN),
+    "loss.matryoshka_weights": Run(
+        ("loss.matryoshka_weights=[1.0,3.0]",), "loss", (*TRAIN, "loss.matryoshka_dims=[32,16]")
+    ),
+    # ------------------------------------------------------------- optim, sched
+    "optim.lr": Run(("optim.lr=1e-3",), "weights", TRAIN),
+    "optim.betas": Run(("optim.betas=[0.5,0.9]",), "weights", TRAIN),
+    "optim.eps": Run(("optim.eps=1e-2",), "weights", TRAIN),
+    "optim.weight_decay": Run(("optim.weight_decay=0.5",), "weights", TRAIN),
+    "sched.warmup_ratio": Run(("sched.warmup_ratio=0.5",), "lr", TRAIN),
+    "sched.decay": Run(("sched.decay=constant",), "lr", TRAIN),
+    # -------------------------------------------------------------------- model
+    "model.path": Run(("model.path={model2}",), "weights", TRAIN),
+    "model.pooling": Run(("model.pooling=cls",), "loss", TRAIN),
+    "model.normalize": Run(("model.normalize=false",), "loss", TRAIN),
+    "model.projection_dim": Run(("model.projection_dim=16",), "weight_shapes", TRAIN),
+    "model.max_length": Run(("model.max_length=8",), "eval_seq_len_max", FINAL),
+    "model.query_prefix": Run(("model.query_prefix='query: '",), "tokens", TRAIN),
+    # Abstracts fill the 32 tokens either way: the prefix shows in the ids, not their count.
+    "model.doc_prefix": Run(("model.doc_prefix='passage: '",), "batch_texts", TRAIN),
+    "model.shared": Run(("model.shared=false",), "weight_shapes", TRAIN),
+    "model.num_layers": Run(("model.num_layers=1",), "loss", TRAIN),
+    # --------------------------------------------------------------- evaluation
+    "evaluation.batch_size": Run(("evaluation.batch_size=5",), "eval_forwards", FINAL),
+    "evaluation.ks": Run(("evaluation.ks=[1,5]",), "metric_keys", FINAL),
+    "evaluation.matryoshka_dims": Run(("evaluation.matryoshka_dims=[16]",), "metric_keys", FINAL),
+    "evaluation.ignore_identical_ids": Run(
+        ("evaluation.ignore_identical_ids=true",),
+        "run",
+        (*FINAL, "eval_data.path={identical_ids}"),
+    ),
+    "evaluation.index.factory": Run(("evaluation.index.factory=HNSW16",), "index", FINAL),
+    "evaluation.index.metric": Run(("evaluation.index.metric=l2",), "index", FINAL),
+    "evaluation.index.use_gpu": Run(("evaluation.index.use_gpu=false",), "index", FINAL),
+    "evaluation.index.nprobe": Run(("evaluation.index.nprobe=4",), "index", IVF),
+    "evaluation.index.ef_search": Run(
+        ("evaluation.index.ef_search=16",), "index", (*FINAL, "evaluation/index=hnsw")
+    ),
+    "evaluation.index.train_size": Run(("evaluation.index.train_size=100",), "index", IVF),
+    # ------------------------------------------------ options with their own keys
+    **option_probes(
+        "loss=triplet",
+        {
+            "loss.margin": Run(("loss.margin=0.1",), "loss", (*TRAIN, "loss=triplet")),
+            "loss.distance": Run(("loss.distance=euclidean",), "loss", (*TRAIN, "loss=triplet")),
+            **loss_probes("triplet", TRAIN),
+        },
+    ),
+    **option_probes(
+        "loss=contrastive",
+        {
+            "loss.margin": Run(("loss.margin=0.9",), "loss", (*STS, "loss=contrastive")),
+            "loss.distance": Run(("loss.distance=euclidean",), "loss", (*STS, "loss=contrastive")),
+            "loss.threshold": Run(("loss.threshold=2.0",), "loss", (*STS, "loss=contrastive")),
+            # Its one effect: scores beyond the declared scale are refused (STS-B's reach 5).
+            "loss.score_scale": Run(
+                ("loss.score_scale=3.0",), "error", (*STS, "loss=contrastive", "loss.threshold=2")
+            ),
+            **loss_probes("contrastive", STS),
+        },
+    ),
+    **option_probes(
+        "loss=cosent",
+        {
+            "loss.scale": Run(("loss.scale=5.0",), "loss", (*STS, "loss=cosent")),
+            **loss_probes("cosent", STS),
+        },
+    ),
+    **option_probes(
+        "loss=cosine",
+        {
+            "loss.score_scale": Run(("loss.score_scale=10.0",), "loss", (*STS, "loss=cosine")),
+            **loss_probes("cosine", STS),
+        },
+    ),
+    **option_probes(
+        "train_data=sts",
+        {
+            "train_data.path": Run(("train_data.path={sts2}",), "batch_texts", STS),
+            "train_data.split": Run(("train_data.split=test",), "batch_texts", STS),
+            "train_data.dev_split": Run(("train_data.dev_split=null",), "dev_steps", STS),
+        },
+    ),
+    **option_probes(
+        "train_data=jsonl",
+        {
+            "train_data.path": Run(("train_data.path={pairs2}",), "batch_texts", JSONL),
+            "train_data.format": Run(("train_data.format=triplets",), "batch_texts", JSONL),
+        },
+    ),
+    **option_probes(
+        "eval_data=sts",
+        {
+            "eval_data.path": Run(("eval_data.path={sts2}",), "metrics", STS_FINAL),
+            "eval_data.split": Run(("eval_data.split=dev",), "metrics", STS_FINAL),
+        },
+    ),
+}
+
+
+# ------------------------------------------------------------------ the key list
+
+
+def _leaf_keys(node: DictConfig, prefix: str) -> list[str]:
+    keys = []
+    for key in node:
+        if key in ("_target_", "_partial_"):
+            continue
+        child = node._get_node(key)
+        path = f"{prefix}.{key}"
+        keys += _leaf_keys(child, path) if OmegaConf.is_dict(child) else [path]
+    return keys
+
+
+def _node_of(group: str) -> str:
+    return group.replace("/", ".")
+
+
+def config_keys() -> set[str]:
+    """Every knob a probe must cover, named as PROBES names them."""
+    default = compose_train()
+    keys = {key for node in NODES for key in _leaf_keys(default[node], node)}
+    for group, options in OPTIONS.items():
+        node = _node_of(group)
+        for option in options:
+            composed = compose_train(f"{group}={option}")
+            if OmegaConf.get_type(OmegaConf.select(composed, node)) is OmegaConf.get_type(
+                OmegaConf.select(default, node)
+            ):
+                continue  # the same schema, hence the same code path as the default's keys
+            top = node.split(".")[0]
+            keys |= {f"{group}={option} {key}" for key in _leaf_keys(composed[top], top)}
+    return keys
+
+
+def test_every_knob_has_a_probe():
+    keys = config_keys()
+    missing = sorted(keys - PROBES.keys())
+    stale = sorted(PROBES.keys() - keys)
+    assert not missing, f"config keys without a probe in tests/test_knobs.py: {missing}"
+    assert not stale, f"probes for keys the configs no longer have: {stale}"
+
+
+@pytest.mark.parametrize("key", sorted(k for k, p in PROBES.items() if isinstance(p, Proven)))
+def test_proofs_elsewhere_exist(key):
+    module, function = PROBES[key].where.split("::")
+    assert callable(getattr(importlib.import_module(module), function, None)), PROBES[key]
+
+
+# ------------------------------------------------------------------------ spies
+
+
+@dataclass
+class Spy:
+    """What the encoder, the loss and FAISS were handed during one run."""
+
+    forwards: list[dict[str, Any]] = field(default_factory=list)
+    checkpointed_layers: int = 0
+    infonce_impls: list[str] = field(default_factory=list)
+    index_calls: list[dict[str, Any]] = field(default_factory=list)
+    evaluated: list[dict[str, Any]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def spying(monkeypatch: pytest.MonkeyPatch):
+    spy = Spy()
+    tower_forward = Tower.forward
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        spy.forwards.append(
+            {
+                "training": self.training,
+                "rows": input_ids.shape[0],
+                "seq_len_max": int(attention_mask.sum(1).max()),
+                "tokens": int(attention_mask.sum()),
+                "ids": hashlib.sha256(input_ids.numpy().tobytes()).hexdigest(),
+                "autocast": torch.get_autocast_dtype("cpu")
+                if torch.is_autocast_enabled("cpu")
+                else None,
+                "deterministic": torch.are_deterministic_algorithms_enabled(),
+            }
+        )
+        return tower_forward(self, input_ids, attention_mask, token_type_ids)
+
+    checkpoint = bert_module.checkpoint
+
+    def counted_checkpoint(*args, **kwargs):
+        spy.checkpointed_layers += 1
+        return checkpoint(*args, **kwargs)
+
+    def recording(name, function):
+        def call(*args, **kwargs):
+            spy.infonce_impls.append(name)
+            return function(*args, **kwargs)
+
+        return call
+
+    retrieval = importlib.import_module("evaluation.retrieval")
+    build_index, search = retrieval.build_index, retrieval.search
+
+    def spied_build_index(embeddings, factory, **kwargs):
+        spy.index_calls.append({"factory": factory, **kwargs})
+        return build_index(embeddings, factory, **kwargs)
+
+    def spied_search(index, queries, k, **kwargs):
+        spy.index_calls.append({"k": k, **kwargs})
+        return search(index, queries, k, **kwargs)
+
+    evaluate_retrieval = eval_cli.evaluate_retrieval
+
+    def spied_evaluate_retrieval(model, dataset, **kwargs):
+        spy.evaluated.append({"queries": len(dataset.queries), "corpus": sorted(dataset.corpus)})
+        return evaluate_retrieval(model, dataset, **kwargs)
+
+    monkeypatch.setattr(Tower, "forward", forward)
+    monkeypatch.setattr(bert_module, "checkpoint", counted_checkpoint)
+    for name in ("naive_info_nce", "chunked_info_nce"):
+        monkeypatch.setattr(infonce_module, name, recording(name, getattr(infonce_module, name)))
+    monkeypatch.setattr(retrieval, "build_index", spied_build_index)
+    monkeypatch.setattr(retrieval, "search", spied_search)
+    monkeypatch.setattr(eval_cli, "evaluate_retrieval", spied_evaluate_retrieval)
+    try:
+        yield spy
+    finally:
+        monkeypatch.undo()
+
+
+# ------------------------------------------------------------------ observations
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _untimed(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.endswith(TIMINGS)}
+
+
+def observations(run_dir: Path, spy: Spy, error: Exception | None) -> dict[str, Any]:
+    lines = _read_jsonl(run_dir / "metrics.jsonl")
+    train = [line for line in lines if "train/loss" in line]
+    dev = [line for line in lines if any(k.startswith("dev/") for k in line)]
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    last = run_dir / "checkpoints" / "last"
+    weights = {}
+    if last.is_dir():
+        for file in sorted(last.rglob("*.safetensors")):
+            weights |= {f"{file.parent.name}/{k}": v for k, v in load_file(file).items()}
+    negatives = run_dir / train_cli.HARD_NEGATIVES
+    training = [f for f in spy.forwards if f["training"]]
+    evaluating = [f for f in spy.forwards if not f["training"]]
+    return {
+        "error": None if error is None else f"{type(error).__name__}: {error}",
+        "steps": [line["step"] for line in train],
+        "loss": [round(line["train/loss"], 6) for line in train],
+        "lr": [line["train/lr"] for line in train],
+        "temperature": [line.get("train/temperature") for line in train],
+        "seq_len_max": [line["train/seq_len_max"] for line in train],
+        "tokens": [line["train/tokens"] for line in train],
+        "dev_steps": [line["step"] for line in dev],
+        "metrics": None if metrics is None else _untimed(metrics),
+        "metric_keys": None if metrics is None else sorted(_untimed(metrics)),
+        "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        if (run_dir / "checkpoints").is_dir()
+        else [],
+        "weights": hashlib.sha256(
+            b"".join(k.encode() + v.numpy().tobytes() for k, v in weights.items())
+        ).hexdigest(),
+        "weight_shapes": {k: tuple(v.shape) for k, v in weights.items()},
+        "negatives": json.loads(negatives.read_text()) if negatives.exists() else None,
+        "batch_rows": [f["rows"] for f in training],
+        "batch_texts": [f["ids"] for f in training],
+        "train_forwards": len(training),
+        "autocast": sorted({str(f["autocast"]) for f in training}),
+        "deterministic": sorted({f["deterministic"] for f in training}),
+        "checkpointed_layers": spy.checkpointed_layers,
+        "infonce_impl": sorted(set(spy.infonce_impls)),
+        "index": spy.index_calls,
+        "run": (run_dir / "run.trec").read_text() if (run_dir / "run.trec").exists() else None,
+        "eval_forwards": len(evaluating),
+        "eval_seq_len_max": max((f["seq_len_max"] for f in evaluating), default=None),
+        "eval_sizes": [(e["queries"], len(e["corpus"])) for e in spy.evaluated],
+        "eval_corpus": [e["corpus"] for e in spy.evaluated],
+    }
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, minilm_path, tiny_beir_path) -> dict[str, str]:
+    """Data and model folders that differ from the defaults in one respect each."""
+    from data import STSB_DIR, TINY_DIR, load_beir
+
+    root = tmp_path_factory.mktemp("knobs")
+    torch.manual_seed(1)
+    model2 = save_random_bert(
+        root / "model2",
+        minilm_path,
+        EncoderConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+    )
+
+    sts2 = root / "sts2"
+    sts2.mkdir()
+    import gzip
+
+    for split in ("train", "dev", "test"):
+        with gzip.open(STSB_DIR / f"sts-{split}.csv.gz", "rt", encoding="utf-8") as f:
+            rows = f.read().splitlines()[40:80]
+        (sts2 / f"sts-{split}.csv").write_text("\n".join(rows) + "\n")
+
+    # A query whose id is also a document id (as in Quora or ArguAna), and qrels naming a
+    # document the corpus lacks: copies of tiny_beir_path (8 test queries, ~60 documents,
+    # so that the top 100 holds every document).
+    identical = Path(shutil.copytree(tiny_beir_path, root / "identical_ids"))
+    test = load_beir(tiny_beir_path, "test")
+    query = sorted(test.qrels)[0]
+    doc = sorted(test.corpus)[0]
+    for name in ("queries.jsonl", "qrels/test.tsv"):
+        text = (identical / name).read_text()
+        text = text.replace(f'"_id": "{query}"', f'"_id": "{doc}"')
+        text = "\n".join(
+            f"{doc}\t{line.split(chr(9), 1)[1]}" if line.startswith(f"{query}\t") else line
+            for line in text.splitlines()
+        )
+        (identical / name).write_text(text + "\n")
+    unknown = Path(shutil.copytree(tiny_beir_path, root / "unknown_ids"))
+    with open(unknown / "qrels" / "test.tsv", "a") as f:
+        f.write(f"{query}\tno-such-document\t1\n")
+
+    pairs, pairs2 = root / "pairs.jsonl", root / "pairs2.jsonl"
+    train = load_beir(TINY_DIR, "train")
+    records = [
+        {"query": train.queries[q], "positive": train.corpus[d].full_text}
+        for q in sorted(train.qrels)
+        for d in sorted(train.qrels[q])[:1]
+    ]
+    others = sorted(train.corpus)
+    for i, record in enumerate(records):
+        record["negatives"] = [train.corpus[others[i % len(others)]].full_text]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records[:40]))
+    pairs2.write_text("".join(json.dumps(r) + "\n" for r in records[40:80]))
+    return {
+        "beir2": tiny_beir_path,
+        "sts2": str(sts2),
+        "model2": str(model2),
+        "pairs": str(pairs),
+        "pairs2": str(pairs2),
+        "identical_ids": str(identical),
+        "unknown_ids": str(unknown),
+    }
+
+
+@pytest.fixture(scope="module")
+def run_probe(tiny_model_path, folders, tmp_path_factory):
+    """``run_probe(overrides)``: observations of an in-process train.py run, cached by
+    overrides so that probes sharing a base train it once."""
+    cache: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def run(overrides: tuple[str, ...]) -> dict[str, Any]:
+        overrides = tuple(o.format(**folders) for o in overrides)
+        if overrides not in cache:
+            run_dir = tmp_path_factory.mktemp("run")
+            cfg = compose_train(*tiny_overrides(tiny_model_path, "beir", *overrides))
+            error = None
+            with pytest.MonkeyPatch.context() as monkeypatch, spying(monkeypatch) as spy:
+                torch.manual_seed(0)
+                try:
+                    train_cli.train(cfg, run_dir)
+                except Exception as err:  # the observation of an erroring knob is its error
+                    error = err
+            cache[overrides] = observations(run_dir, spy, error)
+        return cache[overrides]
+
+    return run
+
+
+@pytest.mark.parametrize("key", sorted(k for k, p in PROBES.items() if isinstance(p, Run)))
+def test_changing_the_knob_changes_behaviour(key, run_probe):
+    probe = PROBES[key]
+    before = run_probe(probe.base)
+    after = run_probe((*probe.base, *probe.change))
+    assert before["error"] is None, before["error"]
+    if probe.observe != "error":
+        assert after["error"] is None, after["error"]
+    assert after[probe.observe] != before[probe.observe], (
+        f"{key}: {' '.join(probe.change)} left {probe.observe!r} at {before[probe.observe]!r}"
+    )
