@@ -1,6 +1,7 @@
 """JSONL and W&B loggers. W&B runs offline here: no network, a second or two per run."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,9 +159,19 @@ def test_wandb_offline_run_records_metrics_summary_and_resumes(no_wandb_env, tmp
     resumed = WandbLogger("biencoder-tests", tmp_path, {"lr": 1e-3}, run_id=logger.run_id)
     resumed.log({"train/loss": 1.25}, step=15)
     resumed.finish()
-    folders = sorted((tmp_path / "wandb").glob(f"offline-run-*-{logger.run_id}"))
+    folders = sorted((tmp_path / "wandb").glob(f"offline-run-*-{logger.run_id}*"))
     assert len(folders) == 2  # one folder per process; `wandb sync` joins them into one run
-    assert run_contents(folders[-1])["history"][0]["step"] == 15
+    assert written_history(folders[-1])[0]["step"] == 15
+
+
+def written_history(run_folder, timeout: float = 30.0) -> list[dict]:
+    """The run's history once wandb's service process has written it: when a resumed run
+    starts in the same second as the first, its folder gets a "-1" suffix and its records
+    reach the file a moment after finish() returns."""
+    deadline = time.monotonic() + timeout
+    while not (history := run_contents(run_folder)["history"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return history
 
 
 def test_wandb_online_without_a_key_falls_back_to_offline(no_wandb_env, tmp_path):
