@@ -3,6 +3,7 @@ header that every results file starts with (device, date, versions, load, comman
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -113,3 +114,20 @@ def report_header(title: str, device: str, load_at_start: float, notes: list[str
         *(f"- {note}" for note in notes),
         "",
     ]
+
+
+def main(
+    args: argparse.Namespace,
+    worker: Callable[[dict], dict],
+    driver: Callable[[argparse.Namespace], str],
+) -> None:
+    """A benchmark's entry point: with ``--worker CONFIG`` measure that one configuration
+    (in the process :func:`measure_in_subprocess` started) and print it as JSON; otherwise
+    build the report, which the driver prints as it goes, and write it to ``--out``."""
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    report = driver(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)

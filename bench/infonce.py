@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import common
 from common import (
     MIB,
     REPO_ROOT,
@@ -253,14 +253,7 @@ def _run_driver(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parse_args(argv)
-    if args.worker:
-        print(json.dumps(_run_worker(json.loads(args.worker))))
-        return
-    table = _run_driver(args)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+    common.main(_parse_args(argv), _run_worker, _run_driver)
 
 
 if __name__ == "__main__":

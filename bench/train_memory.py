@@ -30,19 +30,13 @@ import threading
 import time
 from pathlib import Path
 
+import common
 import torch
 from common import MIB, REPO_ROOT, measure_in_subprocess, peak_extra_rss, report_header
 
 sys.path.insert(0, str(REPO_ROOT))
 
 MODES = ("legacy", "loss")
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,7 +69,7 @@ def _tiny_model_folder(root: Path) -> Path:
     from model.weights import save_random_bert
 
     torch.manual_seed(0)
-    return save_random_bert(root / "tiny-bert", Path(packaged_model_path()), EncoderConfig(**TINY))
+    return save_random_bert(root / "tiny-bert", Path(packaged_model_path()), EncoderConfig.tiny())
 
 
 @torch.no_grad()
@@ -240,14 +234,7 @@ def _run_driver(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parse_args(argv)
-    if args.worker:
-        print(json.dumps(_run_step_worker(json.loads(args.worker))))
-        return
-    report = _run_driver(args)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    common.main(_parse_args(argv), _run_step_worker, _run_driver)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,19 @@ class EncoderConfig:
                 f"num_attention_heads {self.num_attention_heads}"
             )
 
+    @classmethod
+    def tiny(cls, **overrides) -> EncoderConfig:
+        """A 2-layer, 32-wide BERT with BERT's vocabulary: trains in milliseconds on a CPU,
+        for tests and benchmarks (``model.weights.save_random_bert`` writes one)."""
+        shape = dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+        return cls(**(shape | overrides))
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads

@@ -35,15 +35,6 @@ def minilm(minilm_path):
     return BiEncoder.from_pretrained(minilm_path)
 
 
-TINY_ENCODER = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory, minilm_path) -> str:
     """A randomly initialised 2-layer BERT folder with the MiniLM tokenizer: trains in ms."""
@@ -52,7 +43,7 @@ def tiny_model_path(tmp_path_factory, minilm_path) -> str:
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-bert")
-    return str(save_random_bert(folder, minilm_path, EncoderConfig(**TINY_ENCODER)))
+    return str(save_random_bert(folder, minilm_path, EncoderConfig.tiny()))
 
 
 @pytest.fixture(scope="session")

@@ -70,15 +70,8 @@ def test_rejects_too_many_layers_and_too_long_inputs(minilm):
 
 
 def tiny_config(**overrides) -> EncoderConfig:
-    fields = dict(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=32,
-        max_position_embeddings=24,
-    )
-    return EncoderConfig(**fields | overrides)
+    shape = dict(vocab_size=50, hidden_size=16, intermediate_size=32, max_position_embeddings=24)
+    return EncoderConfig.tiny(**shape | overrides)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(seed):

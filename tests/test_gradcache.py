@@ -11,14 +11,9 @@ from model import BiEncoder, BiEncoderConfig, Encoder, EncoderConfig, Tower
 from training import CoSENTTask, InfoNCETask, embed_columns, train_step
 from training.step import RandomState
 
-TINY = EncoderConfig(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    vocab_size=30522,
-    hidden_dropout_prob=0.2,
-    attention_probs_dropout_prob=0.2,
+# 512 positions: the default, as before EncoderConfig.tiny existed, so the texts are not cut.
+TINY = EncoderConfig.tiny(
+    max_position_embeddings=512, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2
 )
 # GradCache reorders the same fp32 sums (chunked embedding, a separate loss backward), so
 # gradients agree to a few ulps of their own scale on any CPU; compared relative to each

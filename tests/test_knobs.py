@@ -20,6 +20,7 @@ than two short runs to show (resume).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -296,6 +297,18 @@ def test_every_knob_has_a_probe():
     assert not stale, f"probes for keys the configs no longer have: {stale}"
 
 
+def test_every_option_of_every_group_is_typed():
+    # An option whose YAML forgets its /schema/... default would compose to a plain dict:
+    # no type checks, no check against the constructor's parameters.
+    default = compose_train()
+    for node in NODES:
+        assert dataclasses.is_dataclass(OmegaConf.get_type(default[node])), node
+    for group, options in {**OPTIONS, "logger": ["wandb"], "model": ["minilm"]}.items():
+        for option in options:
+            composed = OmegaConf.select(compose_train(f"{group}={option}"), _node_of(group))
+            assert dataclasses.is_dataclass(OmegaConf.get_type(composed)), f"{group}={option}"
+
+
 @pytest.mark.parametrize("key", sorted(k for k, p in PROBES.items() if isinstance(p, Proven)))
 def test_proofs_elsewhere_exist(key):
     module, function = PROBES[key].where.split("::")
@@ -450,17 +463,7 @@ def folders(tmp_path_factory, minilm_path, tiny_beir_path) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("knobs")
     torch.manual_seed(1)
-    model2 = save_random_bert(
-        root / "model2",
-        minilm_path,
-        EncoderConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        ),
-    )
+    model2 = save_random_bert(root / "model2", minilm_path, EncoderConfig.tiny())
 
     sts2 = root / "sts2"
     sts2.mkdir()
