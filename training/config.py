@@ -21,7 +21,7 @@ class TrainerConfig:
     max_steps: int | None = None
     epochs: int = 1
     batch_size: int = 32
-    max_length: int | None = 112
+    max_length: int | None = None
     cache_chunk_size: int | None = None
     precision: str = "auto"
     grad_clip: float | None = 1.0
