@@ -6,6 +6,7 @@
 
 Runs are grouped by the overrides that differ between them (``pooling=cls``, ...), except
 the seed, over which each group's metrics are aggregated (mean ± std, 95% interval).
+Unfinished runs (killed, or still running) are listed below the table, never ranked.
 Writes ``comparison.md``, ``comparison.csv``, ``<metric>.png`` (the first metric per swept
 axis, with error bars) and ``loss_curves.png`` into ``--out`` (default: the folder given,
 or the runs' common parent), and prints the table.
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "compare.py", *(argv if argv is not None else sys.argv[1:])])
     written = write_report(comparison, out, command)
     print(markdown_table(comparison))
+    if comparison.unfinished:
+        print("unfinished runs, left out of the table:")
+        for path, why in comparison.unfinished.items():
+            print(f"  {path}: {why}")
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -30,6 +30,7 @@ from training.hydra_config import (
     ConfigError,
     build,
     check_dims,
+    check_index,
     model_width,
     naming,
     register,
@@ -107,7 +108,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     checked, naming its key, before the model or the data is loaded."""
     evaluation = settings(cfg.evaluation, "evaluation", EvalConfig)
     eval_data = build(cfg.eval_data, "eval_data")
-    check_dims("evaluation.matryoshka_dims", evaluation.matryoshka_dims, model_width(cfg.model))
+    width = model_width(cfg.model)
+    check_dims("evaluation.matryoshka_dims", evaluation.matryoshka_dims, width)
+    check_index(evaluation, width)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, "model").to(device)

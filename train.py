@@ -18,12 +18,15 @@ no dev set) and ``.hydra/``.
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import importlib
 import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ import hydra
 import numpy as np
 import torch
 import torch.utils.deterministic
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_method
@@ -54,6 +58,9 @@ from evaluation import EvalConfig
 from model import BiEncoder
 from training import Task, train_step
 from training.checkpoint import (
+    LEGACY_TRAINER_STATE,
+    TRAINER_STATE,
+    check_writable,
     latest_checkpoint,
     load_trainer_state,
     prune_checkpoints,
@@ -67,12 +74,24 @@ from training.hydra_config import (
     ConfigError,
     build,
     check_dims,
+    check_index,
     model_width,
     naming,
     register,
     settings,
 )
 from training.loggers import JsonlLogger, MultiLogger
+from training.run_folder import (
+    CHANGEABLE_ON_RESUME,
+    LAUNCH,
+    Launch,
+    changeable_on_resume,
+    clear_run,
+    existing_run_files,
+    override_key,
+    read_launch,
+    write_launch,
+)
 
 log = logging.getLogger("train")
 
@@ -89,6 +108,60 @@ WANDB_TAG_LIMIT = 64
 # checkpoint's model would otherwise give other negatives than the run started with.
 HARD_NEGATIVES = "hard_negatives.json"
 TrainingSpec = BeirTrainingSet | StsTrainingSet | JsonlTrainingSet
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or inf (``trainer.on_nonfinite=stop``, or weights that skipping
+    a step cannot repair)."""
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (a scheduler's time limit or preemption): save, then exit."""
+
+
+# 128 + SIGTERM, what a shell reports for a process that SIGTERM ended: schedulers read it
+# as "terminated", and SLURM's --requeue then starts the job again, to resume.
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while the block runs, so the training loop can
+    save ``last`` before the process ends (signal handlers exist in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"received signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def all_finite(parameters: Sequence[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in parameters)
+
+
+def prepare_run_folder(run_dir: Path, trainer: TrainerConfig, launch: Launch | None) -> None:
+    """Refuse to mix two runs in one folder; with ``trainer.overwrite`` clear the old one.
+    Also fail now, not at the first save, if checkpoints cannot be written there."""
+    existing = existing_run_files(run_dir)
+    if existing and trainer.resume is False:
+        if not trainer.overwrite:
+            raise ConfigError(
+                f"hydra.run.dir: {run_dir} already holds a run ({', '.join(existing)}); "
+                "continue it with trainer.resume=true, or delete it and start over with "
+                "trainer.overwrite=true"
+            )
+        log.warning("trainer.overwrite=true: deleting %s from %s", ", ".join(existing), run_dir)
+        clear_run(run_dir)
+    check_writable(run_dir / "checkpoints")
+    if launch is not None and trainer.resume is False:
+        write_launch(run_dir, launch)
 
 
 @dataclass
@@ -121,6 +194,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     width = model_width(cfg.model)
     check_dims("loss.matryoshka_dims", task.matryoshka_dims, width)
     check_dims("evaluation.matryoshka_dims", evaluation.matryoshka_dims, width)
+    check_index(evaluation, width)
     optimizer = build(cfg.optim, "optim")
     scheduler = build(cfg.sched, "sched")
     # Both are partials: calling them once on a stand-in parameter checks their arguments now.
@@ -161,8 +235,9 @@ def resume_checkpoint(resume: bool | str, checkpoints: Path) -> Path | None:
             )
         return found
     path = Path(resume)
-    if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"trainer.resume: {path} is not a checkpoint (no trainer_state.pt)")
+    # An old-format folder passes here so that loading it says why it is refused.
+    if not any((path / name).is_file() for name in (TRAINER_STATE, LEGACY_TRAINER_STATE)):
+        raise FileNotFoundError(f"trainer.resume: {path} is not a checkpoint (no {TRAINER_STATE})")
     return path
 
 
@@ -213,17 +288,25 @@ def load_training_set(
 
 
 def train(
-    cfg: DictConfig, run_dir: Path, group: str | None = None, tags: Sequence[str] = ()
+    cfg: DictConfig,
+    run_dir: Path,
+    group: str | None = None,
+    tags: Sequence[str] = (),
+    launch: Launch | None = None,
 ) -> dict[str, float]:
     """Train as ``cfg`` says, writing everything into ``run_dir``.
 
     Returns the final evaluation metrics (none with ``trainer.eval=false``) plus
     ``dev/<metric>``, the best dev value of the selection metric when there is a dev set.
-    ``group`` and ``tags`` go to the logger (W&B) unless its config sets a group.
+    ``group`` and ``tags`` go to the logger (W&B) unless its config sets a group; ``launch``
+    (how the command line started the run) is recorded in the folder of a new run, for
+    ``trainer.resume=true`` to continue with. Raises :class:`NonFiniteError` when training
+    diverges and :class:`Terminated` on SIGTERM, both after saving what can be saved.
     """
     plan = plan_run(cfg)
     trainer, evaluation, task = plan.trainer, plan.evaluation, plan.task
     run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(run_dir, trainer, launch)
     checkpoints = run_dir / "checkpoints"
     device = eval_cli.resolve_device(cfg.device)
     seed_everything(cfg.seed, trainer.deterministic)
@@ -238,15 +321,13 @@ def train(
     max_length = train_length(trainer.max_length, model)
     log.info("training at up to %d tokens per text", max_length)
     train_set = load_training_set(plan.train_data, model, run_dir, resume_from is not None)
+    task.check_examples(train_set.examples)
 
     sampler = NoDuplicateBatchSampler(
         [example_texts(e) for e in train_set.examples], trainer.batch_size, seed=cfg.seed
     )
     if len(sampler) == 0:
-        raise ConfigError(
-            f"trainer.batch_size: {trainer.batch_size} is more than the "
-            f"{len(train_set.examples)} training examples can fill without repeating a text"
-        )
+        raise ConfigError(f"trainer.batch_size: {sampler.explain_empty_epoch()}")
     total_steps = trainer.max_steps or trainer.epochs * len(sampler)
     params = [p for p in (*model.parameters(), *task.parameters()) if p.requires_grad]
     optimizer = plan.optimizer(params)
@@ -255,7 +336,7 @@ def train(
     selection = SELECTION_METRIC[dev_kind]
     eval_dims = evaluation.matryoshka_dims
 
-    step, best, wandb_run_id = 0, None, None
+    step, best, wandb_run_id, nonfinite_steps = 0, None, None, 0
     if resume_from:
         state = load_trainer_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
@@ -264,6 +345,7 @@ def train(
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         step, best, wandb_run_id = state["step"], state["best"], state.get("wandb_run_id")
+        nonfinite_steps = state.get("nonfinite_steps", 0)
         log.info("resumed from %s at step %d", resume_from, step)
 
     loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=step if resume_from else None)]
@@ -282,6 +364,12 @@ def train(
     wandb_run_id = next((lg.run_id for lg in loggers if hasattr(lg, "run_id")), None)
 
     def checkpoint(name: str) -> Path:
+        # A checkpoint with NaN weights would be resumed from, evaluated and shipped as if good.
+        if not all_finite(params):
+            raise NonFiniteError(
+                f"step {step}: the weights hold NaN or inf; refusing to write "
+                f"{checkpoints / name}. {last_good()}"
+            )
         state = {
             "step": step,
             "best": best,
@@ -291,8 +379,30 @@ def train(
             "task": task.state_dict(),
             "sampler": sampler.state_dict(),
             "rng": rng_state(),
+            "nonfinite_steps": nonfinite_steps,
         }
         return save_checkpoint(checkpoints, name, model, state)
+
+    def last_good() -> str:
+        found = latest_checkpoint(checkpoints)
+        return (
+            f"The last good checkpoint is {found}."
+            if found is not None
+            else "No checkpoint was written before."
+        )
+
+    def nonfinite(loss: float, grad_norm: float) -> None:
+        """Stop, or skip this step's update, as ``trainer.on_nonfinite`` says."""
+        nonlocal nonfinite_steps
+        nonfinite_steps += 1
+        what = f"step {step + 1}: loss {loss}, gradient norm {grad_norm}"
+        advice = "lower optim.lr, set trainer.grad_clip, or use trainer.on_nonfinite=skip"
+        if trainer.on_nonfinite == "stop":
+            raise NonFiniteError(f"{what}; training stopped. {last_good()} To go on: {advice}.")
+        if not all_finite(params):
+            # Skipping cannot help once the weights themselves are NaN: every step would fail.
+            raise NonFiniteError(f"{what} and the weights hold NaN or inf. {last_good()}")
+        log.warning("%s; update skipped (%d so far)", what, nonfinite_steps)
 
     def evaluate_dev() -> None:
         nonlocal best
@@ -314,51 +424,67 @@ def train(
     autocast = autocast_dtype(trainer.precision, device)
     batches = endless_batches(sampler)
     progress = tqdm(total=total_steps, initial=step, desc="train", unit="step")
-    try:
-        while step < total_steps:
-            start = time.perf_counter()
-            batch = task.make_batch([train_set.examples[i] for i in next(batches)])
-            result = train_step(
-                model,
-                task,
-                batch,
-                autocast=autocast,
-                cache_chunk_size=trainer.cache_chunk_size,
-                max_length=max_length,
-            )
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, trainer.grad_clip or math.inf)
+
+    def train_one_step() -> None:
+        """One batch: forward, backward, update (or the non-finite policy), log, evaluate on
+        the dev set and save when their turns come."""
+        nonlocal step
+        start = time.perf_counter()
+        batch = task.make_batch([train_set.examples[i] for i in next(batches)])
+        result = train_step(
+            model,
+            task,
+            batch,
+            autocast=autocast,
+            cache_chunk_size=trainer.cache_chunk_size,
+            max_length=max_length,
+        )
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, trainer.grad_clip or math.inf))
+        if math.isfinite(result.loss) and math.isfinite(grad_norm):
             optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - start
-            progress.update()
-            progress.set_postfix(loss=f"{result.loss:.4f}", ex_s=f"{batch.size / elapsed:.1f}")
-            if step % trainer.log_every == 0:
-                logger.log(
-                    {
-                        "train/loss": result.loss,
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/grad_norm": float(grad_norm),
-                        "train/examples_per_s": batch.size / elapsed,
-                        "train/tokens": result.tokens,
-                        "train/tokens_per_s": result.tokens / elapsed,
-                        "train/seq_len_max": result.seq_len_max,
-                        "train/epoch": sampler.epoch,
-                        **{f"train/{k}": v for k, v in result.stats.items()},
-                    },
-                    step,
-                )
-            if train_set.dev is not None and trainer.eval_every and step % trainer.eval_every == 0:
-                evaluate_dev()
-            if step % trainer.save_every == 0:
-                checkpoint(f"step-{step:08d}")
-                prune_checkpoints(checkpoints, keep=trainer.keep_checkpoints)
-    except KeyboardInterrupt:
-        log.warning("interrupted at step %d: saving checkpoints/last before exiting", step)
-        checkpoint("last")
-        raise
-    progress.close()
+        else:
+            nonfinite(result.loss, grad_norm)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - start
+        progress.update()
+        progress.set_postfix(loss=f"{result.loss:.4f}", ex_s=f"{batch.size / elapsed:.1f}")
+        if step % trainer.log_every == 0:
+            logger.log(
+                {
+                    "train/loss": result.loss,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": grad_norm,
+                    "train/nonfinite_steps": nonfinite_steps,
+                    "train/examples_per_s": batch.size / elapsed,
+                    "train/tokens": result.tokens,
+                    "train/tokens_per_s": result.tokens / elapsed,
+                    "train/seq_len_max": result.seq_len_max,
+                    "train/epoch": sampler.epoch,
+                    **{f"train/{k}": v for k, v in result.stats.items()},
+                },
+                step,
+            )
+        if train_set.dev is not None and trainer.eval_every and step % trainer.eval_every == 0:
+            evaluate_dev()
+        if step % trainer.save_every == 0:
+            checkpoint(f"step-{step:08d}")
+            prune_checkpoints(checkpoints, keep=trainer.keep_checkpoints)
+
+    # SIGTERM during training becomes Terminated and is saved like Ctrl-C.
+    with sigterm_raises():
+        try:
+            while step < total_steps:
+                train_one_step()
+        except (KeyboardInterrupt, Terminated) as stop:
+            how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated (SIGTERM)"
+            log.warning("%s at step %d: saving checkpoints/last before exiting", how, step)
+            if all_finite(params):
+                checkpoint("last")
+            raise
+        finally:
+            progress.close()
     if train_set.dev is not None and (not trainer.eval_every or step % trainer.eval_every):
         evaluate_dev()
     checkpoint("last")
@@ -376,6 +502,8 @@ def train(
     if best is not None:
         final = {**final, f"dev/{selection}": best["value"]}
         logger.summary({f"dev/best_{selection}": best["value"]})
+    # Written by every run that reaches its end, so a finished run is told from a killed one.
+    logger.summary({"train/steps": step, "train/nonfinite_steps": nonfinite_steps})
     logger.finish()
     return final
 
@@ -405,12 +533,66 @@ def log_trainer_choice(hydra_config) -> None:
         )
 
 
+def resumed_config(
+    cfg: DictConfig,
+    resume: bool | str,
+    run_dir: Path,
+    overrides: Sequence[str],
+    choices: dict[str, str | None],
+) -> tuple[DictConfig, Launch | None]:
+    """The configuration a resumed run continues with: the one its folder's launch.json
+    records (its overrides and trainer profile), plus this command line's overrides of the
+    keys allowed to change (``training.run_folder.CHANGEABLE_ON_RESUME``). An override of
+    any other key is an error naming it, unless it repeats the run's own value. ``cfg`` and
+    ``choices`` are what this command line composed. A folder without launch.json (written
+    before it existed) resumes with ``cfg``, with a warning."""
+    checkpoint_dir = run_dir if resume is True else Path(resume).parent.parent
+    launch = read_launch(checkpoint_dir)
+    if launch is None:
+        log.warning(
+            "%s has no %s: resuming with this command line's config", checkpoint_dir, LAUNCH
+        )
+        return cfg, None
+    kept = [o for o in launch.overrides if not changeable_on_resume(override_key(o))]
+    changes = [o for o in overrides if changeable_on_resume(override_key(o))]
+    profile = [f"trainer={launch.choices['trainer']}"] if launch.choices.get("trainer") else []
+    resumed = compose("train", overrides=[*profile, *kept, *changes])
+    conflicts = []
+    for override in overrides:
+        key = override_key(override)
+        if changeable_on_resume(key):
+            continue
+        if key in launch.choices:
+            was, wanted = launch.choices[key], choices.get(key)
+        else:
+            was, wanted = OmegaConf.select(resumed, key), OmegaConf.select(cfg, key)
+        if wanted != was:
+            conflicts.append(f"{override} (the run has {key}={was})")
+    if conflicts:
+        raise ConfigError(
+            f"trainer.resume: {'; '.join(conflicts)}. A resumed run keeps the configuration "
+            f"it was started with ({checkpoint_dir / LAUNCH}); only "
+            f"{', '.join(CHANGEABLE_ON_RESUME)} may change"
+        )
+    return resumed, launch
+
+
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, float] | float:
     hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
+    overrides = list(hydra_config.overrides.task)
+    launch = Launch(overrides=overrides, choices=dict(hydra_config.runtime.choices))
+    if cfg.trainer.resume is not False:
+        choices = dict(hydra_config.runtime.choices)
+        cfg, launch = resumed_config(cfg, cfg.trainer.resume, run_dir, overrides, choices)
     log_trainer_choice(hydra_config)
     group, tags = sweep_identity(hydra_config, cfg.task_name)
-    metrics = train(cfg, Path(hydra_config.runtime.output_dir), group, tags)
+    try:
+        metrics = train(cfg, run_dir, group, tags, launch)
+    except Terminated:
+        log.warning("exiting with %d; continue with trainer.resume=true", EXIT_TERMINATED)
+        raise SystemExit(EXIT_TERMINATED) from None
     # A hyperparameter sweeper (Optuna) optimises the one number main returns.
     name = cfg.get("optimized_metric")
     if name is None:

@@ -49,7 +49,8 @@ class BeirDataset:
     ``queries`` holds only the queries with qrels in the split, including those whose
     relevances are all 0. ``missing`` counts the qrels rows dropped because their query id
     (``"qrels_unknown_query"``) or corpus id (``"qrels_unknown_doc"``) is unknown; a row with
-    both unknown counts in both.
+    both unknown counts in both. ``qrels_path`` is the qrels file read, which errors about
+    the judgements name (by default ``path/qrels/<split>.tsv``).
     """
 
     corpus: dict[str, Document]
@@ -58,6 +59,11 @@ class BeirDataset:
     split: str
     path: Path
     missing: dict[str, int]
+    qrels_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.qrels_path is None:
+            self.qrels_path = Path(self.path) / "qrels" / f"{self.split}.tsv"
 
 
 def load_beir(
@@ -72,8 +78,10 @@ def load_beir(
 
     Qrels rows naming a query or document that does not exist are dropped, counted in
     ``BeirDataset.missing`` and logged as a warning; with ``strict=True`` the first one raises
-    DataError instead. Raises DataError for any malformed file or an unknown split, and
-    FileNotFoundError for a missing file.
+    DataError instead. Raises DataError for any malformed file or an unknown split, for qrels
+    of which no row names a known query and document, and for qrels without a relevant
+    document (no score above 0: every model would score 0, and there is nothing to train
+    on); FileNotFoundError for a missing file.
 
     ``corpus_size`` keeps every judged document plus seeded random distractors up to that
     many (see :func:`subsample_corpus`): a cheap proxy for ablations, whose scores are not
@@ -91,6 +99,7 @@ def load_beir(
         split=split,
         path=folder,
         missing=missing,
+        qrels_path=qrels_path,
     )
     if corpus_size is not None:
         dataset = subsample_corpus(dataset, corpus_size, random.Random(seed))
@@ -215,6 +224,8 @@ def _read_qrels(
             qrels.setdefault(query_id, {})[doc_id] = score
     if not seen:
         raise DataError("no qrels rows", path)
+    if not qrels:
+        raise DataError(_nothing_known(len(seen), unknown), path)
 
     for key, hits in unknown.items():
         if hits:
@@ -228,4 +239,27 @@ def _read_qrels(
                 source,
                 examples,
             )
+    if not any(score > 0 for judged in qrels.values() for score in judged.values()):
+        rows = sum(len(judged) for judged in qrels.values())
+        known = " with known ids" if any(unknown.values()) else ""
+        reason = (
+            f"no relevant document: no score is above 0 in the {rows} qrels rows{known}; "
+            "every model would score 0 and there is no pair to train on"
+        )
+        raise DataError(reason, path, field="score")
     return qrels, {key: len(hits) for key, hits in unknown.items()}
+
+
+def _nothing_known(rows: int, unknown: dict[str, list[tuple[str, int]]]) -> str:
+    parts = []
+    for key, hits in unknown.items():
+        if hits:
+            column, source = _UNKNOWN_ID_KINDS[key]
+            item_id, line = hits[0]
+            parts.append(
+                f"{column} not in the {source} on {len(hits)} rows (e.g. {item_id!r}, line {line})"
+            )
+    return (
+        f"none of the {rows} qrels rows names a known query and document: {', '.join(parts)}; "
+        "are the qrels from the same data set as the queries and corpus?"
+    )

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .beir import BeirDataset
+from .errors import DataError
 from .training import Triplet
 
 if TYPE_CHECKING:
@@ -208,6 +209,7 @@ def triplets_from_beir(
 
     A query with fewer mined negatives repeats its list cyclically to fill up, as batches
     need equal counts; one with none has its pairs dropped. Both are counted in a warning.
+    Raises DataError naming the qrels file when no triplet is left.
     """
     if num_negatives is None:
         num_negatives = max((len(found) for found in negatives.values()), default=0)
@@ -231,6 +233,14 @@ def triplets_from_beir(
         triplets += [
             Triplet(query, dataset.corpus[doc_id].full_text, negative_texts) for doc_id in positives
         ]
+    if not triplets:
+        # An empty list would surface only later, as a batch size that no batch can fill.
+        reason = (
+            f"no triplet: all {dropped} relevant pairs belong to queries without a negative"
+            if dropped
+            else "no triplet: no qrels row of these queries has a score above 0"
+        )
+        raise DataError(reason, dataset.qrels_path)
     if padded or dropped:
         log.warning(
             "%d pairs have fewer than %d negatives, repeated to fill up; %d pairs dropped "

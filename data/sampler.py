@@ -8,12 +8,34 @@ teaches the model to push a text away from itself.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Sampler
 
 log = logging.getLogger(__name__)
+
+# Texts quoted in messages are cut to this many characters.
+_QUOTE_CHARS = 60
+
+
+@dataclass(frozen=True)
+class TextOverlap:
+    """How much the examples' texts overlap, which bounds how full a batch can get.
+
+    ``shared_text`` is the text found in the most examples (the first seen on a tie) and
+    ``sharing`` how many examples hold it: a batch takes at most one of them.
+    ``largest_batch`` is how many examples one greedy pass over the current epoch's order
+    gathers with no text in common: the sampler's first batch, were ``batch_size`` unlimited.
+    """
+
+    examples: int
+    distinct_texts: int
+    shared_text: str | None
+    sharing: int
+    largest_batch: int
 
 
 class NoDuplicateBatchSampler(Sampler[list[int]]):
@@ -49,6 +71,8 @@ class NoDuplicateBatchSampler(Sampler[list[int]]):
         self._texts = [
             frozenset(ids.setdefault(text, len(ids)) for text in texts) for texts in example_texts
         ]
+        # Id -> text, kept to name a shared text in messages.
+        self._text_of = list(ids)
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last
@@ -91,6 +115,43 @@ class NoDuplicateBatchSampler(Sampler[list[int]]):
         self.epoch = state["epoch"]
         self.batches_done = state["batches_done"]
 
+    def text_overlap(self) -> TextOverlap:
+        """Counts that explain a short or empty epoch (see :meth:`explain_empty_epoch`)."""
+        counts = Counter(text for texts in self._texts for text in texts)
+        shared, sharing = None, 0
+        if counts:
+            # max() keeps the first of equal counts: the text seen first.
+            top = max(counts, key=counts.__getitem__)
+            shared, sharing = self._text_of[top], counts[top]
+        batch: set[int] = set()
+        largest = 0
+        for index in self._order(self.epoch):
+            if batch.isdisjoint(self._texts[index]):
+                batch |= self._texts[index]
+                largest += 1
+        return TextOverlap(len(self._texts), len(counts), shared, sharing, largest)
+
+    def explain_empty_epoch(self) -> str:
+        """Why no batch of ``batch_size`` fills: the text the examples share, or too few of
+        them. Meant for the error a trainer raises when ``len(sampler) == 0``."""
+        need = (
+            f"a batch of {self.batch_size} needs {self.batch_size} examples with no text in common"
+        )
+        overlap = self.text_overlap()
+        if overlap.examples == 0:
+            return f"there are no training examples; {need}"
+        # Without shared texts every example fits one batch: only too few of them can fail.
+        if overlap.examples < self.batch_size:
+            return f"there are only {overlap.examples} training examples; {need}"
+        text = overlap.shared_text
+        if len(text) > _QUOTE_CHARS:
+            text = text[: _QUOTE_CHARS - 3] + "..."
+        return (
+            f"the sampler can put only {overlap.largest_batch} of the {overlap.examples} training "
+            f"examples in a batch without repeating a text: {overlap.sharing} examples share "
+            f"the text {text!r} ({overlap.distinct_texts} distinct texts in all); {need}"
+        )
+
     def _epoch_plan(self) -> list[list[int]]:
         if self._plan is None or self._plan_epoch != self.epoch:
             self._plan, self._dropped = self._plan_for(self.epoch)
@@ -104,9 +165,12 @@ class NoDuplicateBatchSampler(Sampler[list[int]]):
                 )
         return self._plan
 
-    def _plan_for(self, epoch: int) -> tuple[list[list[int]], int]:
+    def _order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self._texts), generator=generator).tolist()
+        return torch.randperm(len(self._texts), generator=generator).tolist()
+
+    def _plan_for(self, epoch: int) -> tuple[list[list[int]], int]:
+        order = self._order(epoch)
         batches: list[list[int]] = []
         waiting: list[int] = []
         pos = 0

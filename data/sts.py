@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
@@ -16,11 +16,16 @@ MAX_SCORE = 5.0
 
 @dataclass(frozen=True)
 class ScoredPair:
-    """Two texts and a similarity score."""
+    """Two texts and a similarity score.
+
+    ``source`` is where the pair was read, ``"path:line"`` ("" when built in code), for
+    messages about one pair; it takes no part in equality or hashing.
+    """
 
     text1: str
     text2: str
     score: float
+    source: str = field(default="", compare=False)
 
 
 def load_sts(path: str | os.PathLike[str], split: str) -> list[ScoredPair]:
@@ -64,4 +69,4 @@ def _parse_row(fields: list[str], path: Path, line: int) -> ScoredPair:
     for column, text in (("sentence1", text1), ("sentence2", text2)):
         if not text.strip():
             raise DataError("empty text", path, line, column)
-    return ScoredPair(text1, text2, score)
+    return ScoredPair(text1, text2, score, source=f"{path}:{line}")

@@ -115,11 +115,13 @@ def _parse_scored_pair(record: dict[str, Any], path: PathArg, line: int) -> Scor
         text_field(record, "text1", path, line),
         text_field(record, "text2", path, line),
         number_field(record, "score", path, line),
+        source=f"{os.fspath(path)}:{line}",
     )
 
 
 def load_scored_pairs(path: str | os.PathLike[str]) -> list[ScoredPair]:
-    """Load ``{"text1": str, "text2": str, "score": number}`` records."""
+    """Load ``{"text1": str, "text2": str, "score": number}`` records; each pair's ``source``
+    is ``"path:line"``."""
     return _load(path, _parse_scored_pair)
 
 
@@ -145,11 +147,20 @@ def load_labelled(path: str | os.PathLike[str]) -> list[LabelledText]:
 def pairs_from_beir(ds: BeirDataset) -> list[Pair]:
     """One Pair (query text, ``doc.full_text``) per qrels entry with relevance > 0.
 
-    Sorted by query id, then document id.
+    Sorted by query id, then document id. Raises DataError naming the qrels file when no
+    entry has relevance > 0: there would be nothing to train on.
     """
-    return [
+    pairs = [
         Pair(ds.queries[query_id], ds.corpus[doc_id].full_text)
         for query_id in sorted(ds.qrels)
         for doc_id, relevance in sorted(ds.qrels[query_id].items())
         if relevance > 0
     ]
+    if not pairs:
+        rows = sum(len(judged) for judged in ds.qrels.values())
+        reason = (
+            f"no training pair: no score is above 0 in the {rows} qrels rows of these "
+            f"{len(ds.qrels)} queries"
+        )
+        raise DataError(reason, ds.qrels_path, field="score")
+    return pairs

@@ -89,7 +89,10 @@ class BeirTrainingSet:
         negatives: dict[str, list[str]] | None = None,
     ) -> TrainingSet:
         """Read the split and hold out the dev queries; mine ``hard_negatives`` per pair
-        (dense mining embeds with ``model``) unless ``negatives`` gives them already."""
+        (dense mining embeds with ``model``) unless ``negatives`` gives them already.
+
+        Raises DataError naming the qrels file when the training queries have no relevant
+        document (see :func:`load_beir` and :func:`pairs_from_beir`)."""
         full = load_beir(self.path, self.split)
         query_ids = sorted(full.qrels)
         if self.dev_queries >= len(query_ids):
@@ -101,6 +104,9 @@ class BeirTrainingSet:
         dev_ids = set(rng.sample(query_ids, self.dev_queries))
         train = _restrict(full, [q for q in query_ids if q not in dev_ids])
         dev = self._dev_set(full, sorted(dev_ids), rng) if dev_ids else None
+        # Raises when the training queries have no relevant document, before mining spends
+        # minutes on them.
+        pairs = pairs_from_beir(train)
         if self.hard_negatives > 0:
             if negatives is None:
                 negatives = mine_hard_negatives(
@@ -116,7 +122,7 @@ class BeirTrainingSet:
             examples: list[Example] = list(triplets_from_beir(train, negatives))
         else:
             negatives = None
-            examples = list(pairs_from_beir(train))
+            examples = list(pairs)
         log.info(
             "%s/%s: %d training examples from %d queries; %d dev queries",
             self.path,

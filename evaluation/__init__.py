@@ -17,7 +17,7 @@ from evaluation.retrieval import (
     evaluate_retrieval,
     evaluate_sts,
 )
-from evaluation.search import build_index, search, to_run
+from evaluation.search import build_index, check_index_dims, search, to_run
 from evaluation.sts import pearson, spearman, sts_metrics
 from evaluation.table import format_table
 from evaluation.trec import read_trec_qrels, read_trec_run, write_trec_qrels, write_trec_run
@@ -32,6 +32,7 @@ __all__ = [
     "Run",
     "alignment",
     "build_index",
+    "check_index_dims",
     "evaluate_retrieval",
     "evaluate_sts",
     "format_table",

@@ -22,7 +22,7 @@ from data import BeirDataset, ScoredPair
 from evaluation.config import IndexSpec
 from evaluation.geometry import geometry_metrics
 from evaluation.metrics import Run, retrieval_metrics
-from evaluation.search import build_index, search, to_run
+from evaluation.search import build_index, check_index_dims, search, to_run
 from evaluation.sts import sts_metrics
 from model import BiEncoder, truncate_embeddings
 
@@ -60,11 +60,22 @@ def evaluate_retrieval(
 
     ``ignore_identical_ids`` drops a retrieved document whose id equals the query id
     (BEIR's convention for corpora that contain the queries, e.g. Quora, ArguAna).
+
+    Raises ValueError before encoding for Matryoshka dims the model or the index cannot
+    take (``check_index_dims``), and after encoding for non-finite embeddings.
     """
     index = index or IndexSpec()
     doc_ids = list(dataset.corpus)
     query_ids = list(dataset.queries)
     timings = {}
+    _check_matryoshka_dims(matryoshka_dims, model.dim)
+    train_rows = len(doc_ids) if index.train_size is None else min(index.train_size, len(doc_ids))
+    check_index_dims(
+        index.factory,
+        [model.dim, *matryoshka_dims],
+        metric=index.metric,
+        train_rows=train_rows,
+    )
 
     start = time.perf_counter()
     docs = model.encode(
@@ -76,6 +87,7 @@ def evaluate_retrieval(
     )
     timings["encode_corpus_s"] = time.perf_counter() - start
     timings["docs_per_s"] = len(doc_ids) / timings["encode_corpus_s"]
+    _check_finite(docs, "documents")
     start = time.perf_counter()
     queries = model.encode(
         [dataset.queries[i] for i in query_ids],
@@ -84,6 +96,7 @@ def evaluate_retrieval(
         normalize=False,
     )
     timings["encode_queries_s"] = time.perf_counter() - start
+    _check_finite(queries, "queries")
     geometry = _retrieval_geometry(docs, queries, dataset, doc_ids, query_ids)
     if model.config.normalize:
         docs, queries = F.normalize(docs, dim=-1), F.normalize(queries, dim=-1)
@@ -104,6 +117,24 @@ def evaluate_retrieval(
         if dim is None:
             full_run = run
     return RetrievalResult(metrics | geometry, full_run, timings)
+
+
+def _check_matryoshka_dims(dims: Sequence[int], width: int) -> None:
+    # Truncation would refuse them only after the whole encode.
+    bad = [dim for dim in dims if not 0 < dim <= width]
+    if bad:
+        raise ValueError(f"matryoshka_dims: {bad} outside the model's (0, {width}] dimensions")
+
+
+def _check_finite(embeddings: torch.Tensor, what: str) -> None:
+    # FAISS and the correlations take NaN without complaint and score it as garbage (a NaN
+    # model scored nDCG 0.0); this names the cause instead.
+    bad = int((~torch.isfinite(embeddings).all(dim=-1)).sum())
+    if bad:
+        raise ValueError(
+            f"{bad} of {len(embeddings)} {what} have non-finite embeddings (NaN or inf): the "
+            "model's weights are probably NaN or inf (e.g. diverged training)"
+        )
 
 
 def _retrieval_geometry(
@@ -172,13 +203,18 @@ def evaluate_sts(
     metrics: ``alignment`` over the pairs whose gold score is at least
     ``positive_threshold`` (4 of STS-B's 0-5: paraphrases), ``uniformity`` and norms over
     the sentences of both columns.
+
+    Raises ValueError before encoding for Matryoshka dims beyond the model's, and after
+    encoding for non-finite embeddings.
     """
+    _check_matryoshka_dims(matryoshka_dims, model.dim)
     left = model.encode(
         [p.text1 for p in pairs], kind="query", batch_size=batch_size, normalize=False
     )
     right = model.encode(
         [p.text2 for p in pairs], kind="query", batch_size=batch_size, normalize=False
     )
+    _check_finite(torch.cat([left, right]), "sentences")
     gold = np.array([p.score for p in pairs])
     positive = torch.as_tensor(gold >= positive_threshold)
     geometry = geometry_metrics(left[positive], right[positive], torch.cat([left, right]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
 import faiss
@@ -36,6 +37,93 @@ def _to_gpu(index: faiss.Index, factory: str, requested: bool) -> faiss.Index:
             raise ValueError(f"faiss cannot put index {factory!r} on GPU: {err}") from err
         logger.warning("keeping index %r on CPU: faiss cannot put it on GPU (%s)", factory, err)
         return index
+
+
+def _faiss_reason(err: RuntimeError) -> str:
+    # FAISS prefixes its reason with the C++ function, file and line.
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(err).strip())
+
+
+def _min_train_rows(index: faiss.Index) -> int:
+    """Rows that training ``index`` needs: FAISS's k-means refuses fewer rows than centroids,
+    and an index clusters its training rows into its IVF lists, its PQ codebooks and its OPQ
+    rotation's codebooks. Other trained parts (RQ, LSQ, ...) are not inspected; they fail at
+    training as before."""
+    needed = []
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        for i in range(inner.chain.size()):
+            transform = faiss.downcast_VectorTransform(inner.chain.at(i))
+            if isinstance(transform, faiss.OPQMatrix):
+                # Without a PQ of its own, OPQ trains one of 8 bits (faiss's OPQMatrix::train).
+                needed.append(transform.pq.ksub if transform.pq is not None else 256)
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        needed.append(ivf.nlist)
+        inner = faiss.downcast_index(ivf)
+    if getattr(inner, "pq", None) is not None:
+        needed.append(inner.pq.ksub)
+    return max(needed, default=0)
+
+
+def _pca_refusal(index: faiss.Index) -> str | None:
+    # index_factory accepts a PCA to more dims than its input; training then fails.
+    inner = faiss.downcast_index(index)
+    if not isinstance(inner, faiss.IndexPreTransform):
+        return None
+    for i in range(inner.chain.size()):
+        transform = faiss.downcast_VectorTransform(inner.chain.at(i))
+        if isinstance(transform, faiss.PCAMatrix) and transform.d_out > transform.d_in:
+            return f"PCA cannot output {transform.d_out} dims from {transform.d_in}"
+    return None
+
+
+def check_index_dims(
+    factory: str,
+    dims: Sequence[int],
+    *,
+    metric: str = "ip",
+    train_rows: int | None = None,
+) -> None:
+    """Raise a ValueError, before any data exists, where ``build_index(embeddings, factory,
+    metric=metric)`` would fail for embeddings of one of ``dims`` dimensions (e.g. a PQ with
+    48 sub-quantisers needs a dim divisible by 48) or for ``train_rows`` training rows (an
+    IVF with 256 lists needs at least 256). FAISS builds each empty index to decide, which
+    takes milliseconds; call this before encoding anything.
+
+    ``train_rows``: the rows the index would be trained on (``train_size``, or the corpus
+    size when smaller); None skips that check. The CPU index is checked: a GPU may refuse
+    more.
+    """
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
+    refused: dict[str, list[int]] = {}
+    needed = 0
+    for dim in dict.fromkeys(dims):
+        try:
+            index = faiss.index_factory(dim, factory, _METRICS[metric])
+        except RuntimeError as err:
+            refused.setdefault(_faiss_reason(err), []).append(dim)
+            continue
+        reason = _pca_refusal(index)
+        if reason is not None:
+            refused.setdefault(reason, []).append(dim)
+        needed = max(needed, _min_train_rows(index))
+    if refused:
+        reasons = "; ".join(
+            f"dim{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}: {reason}"
+            for reason, bad in refused.items()
+        )
+        raise ValueError(f"factory: faiss cannot build index {factory!r} for embedding {reasons}")
+    if train_rows is not None and train_rows < needed:
+        raise ValueError(
+            f"train_size: index {factory!r} clusters its training rows into {needed} "
+            f"centroids (IVF lists or PQ codes) and needs at least that many rows, but would "
+            f"be trained on {train_rows} (train_size, or the corpus when smaller)"
+        )
 
 
 def build_index(

@@ -2,8 +2,15 @@
 
 A run folder is what ``train.py`` leaves behind: ``.hydra/overrides.yaml`` (the overrides
 that made it, e.g. ``pooling=cls``), ``metrics.jsonl`` (a line per step and per dev
-evaluation) and, once it finished, ``metrics.json`` (the final evaluation). Everything is
-read from disk: no network, no W&B.
+evaluation), ``checkpoints/last`` and, once it finished, ``metrics.json`` (the final
+evaluation) and ``metrics.summary.json`` (the final test and best dev values; all a run
+without a test evaluation writes at its end). Everything is read from disk: no network,
+no W&B.
+
+A run is unfinished when it has neither end file, or when metrics.jsonl logs steps past
+``checkpoints/last`` (a run resumed after it finished and stopped again: its end files are
+the stale ones of the shorter run). Unfinished runs are listed apart, never ranked: a run
+killed early is not comparable with finished ones, whatever its numbers.
 
 The swept keys are the override keys whose values differ between runs. The seed key is the
 replicate axis: runs that differ only in it form one group, whose metrics are summarised
@@ -26,6 +33,7 @@ import yaml
 from scipy import stats as scipy_stats
 
 from data import DataError, iter_jsonl
+from data._fields import describe
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,9 @@ _TIMING = re.compile(r"_s$")
 _DIM_METRIC = re.compile(r"^dim(\d+)/(.+)$")
 # Training statistics are averaged over the last tenth of logged steps: one step is noisy.
 _TRAIN_TAIL = 0.1
+# What train.py writes only once training has ended, and its final checkpoint.
+END_FILES = ("metrics.json", "metrics.summary.json")
+LAST_CHECKPOINT_META = Path("checkpoints", "last", "checkpoint.json")
 
 
 @dataclass
@@ -63,14 +74,19 @@ class RunRecord:
 
     ``metrics`` holds the final evaluation (``metrics.json``), the dev metrics at the best
     dev evaluation (``dev/...``) and the mean of each training statistic over the last
-    tenth of logged steps (``train/...``).
+    tenth of logged steps (``train/...``). ``stopped`` says why the run counts as
+    unfinished; None when it finished.
     """
 
     path: Path
     overrides: dict[str, str]
     metrics: dict[str, float]
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
-    finished: bool = True
+    stopped: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped is None
 
 
 @dataclass(frozen=True)
@@ -106,7 +122,8 @@ class Comparison:
     groups: list[Group]
     metrics: list[str]
     seed_key: str
-    unfinished: list[Path]
+    # Run folder -> why it is unfinished; these runs are in no group.
+    unfinished: dict[Path, str]
     # Each axis's values in sweep order (numeric order for numbers), for plots.
     axis_values: dict[str, list[str]] = field(default_factory=dict)
 
@@ -143,13 +160,17 @@ def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
 
 
 def read_run(path: Path) -> RunRecord:
-    """A run folder's overrides and metrics; a run without metrics.json is unfinished."""
+    """A run folder's overrides and metrics, and whether it finished (see the module doc).
+
+    Raises DataError naming the file when metrics.json, metrics.jsonl or the last
+    checkpoint's checkpoint.json is corrupt.
+    """
     path = Path(path)
     overrides = parse_overrides(yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()))
     metrics: dict[str, float] = {}
     final = path / "metrics.json"
     if final.is_file():
-        metrics.update(_numbers(json.loads(final.read_text())))
+        metrics.update(_numbers(_read_json_object(final)))
     lines = _read_jsonl(path / "metrics.jsonl")
     train_lines = [line for line in lines if "train/loss" in line]
     if train_lines:
@@ -168,7 +189,26 @@ def read_run(path: Path) -> RunRecord:
             best = max(dev_lines, key=lambda line: line.get(selection, -math.inf))
         metrics.update({k: v for k, v in _numbers(best).items() if k.startswith("dev/")})
     curve = [(int(line["step"]), float(line["train/loss"])) for line in train_lines]
-    return RunRecord(path, overrides, metrics, curve, finished=final.is_file())
+    return RunRecord(path, overrides, metrics, curve, _stopped(path, lines))
+
+
+def _stopped(path: Path, lines: list[dict]) -> str | None:
+    if not any((path / name).is_file() for name in END_FILES):
+        return f"no {' or '.join(END_FILES)}"
+    meta = path / LAST_CHECKPOINT_META
+    if not meta.is_file():
+        # Checkpoints deleted to save space, say: nothing contradicts the end files.
+        return None
+    last = _read_json_object(meta).get("step")
+    if not isinstance(last, int) or isinstance(last, bool):
+        raise DataError(f"expected an int, got {last!r}", meta, field="step")
+    logged = max((line["step"] for line in lines if isinstance(line.get("step"), int)), default=0)
+    if logged > last:
+        return (
+            f"metrics.jsonl logs step {logged}, past checkpoints/last (step {last}): "
+            "it stopped before the end"
+        )
+    return None
 
 
 def summarize(values: Sequence[float]) -> Summary:
@@ -188,9 +228,18 @@ def summarize(values: Sequence[float]) -> Summary:
 def compare_runs(
     runs: Sequence[RunRecord], seed_key: str = "seed", metrics: Sequence[str] | None = None
 ) -> Comparison:
-    """Group ``runs`` by their swept keys (seed aside) and summarise every metric."""
+    """Group the finished ``runs`` by their swept keys (seed aside) and summarise every
+    metric; the unfinished ones go to ``Comparison.unfinished``. Raises ValueError when no
+    run finished."""
     if not runs:
         raise ValueError("no runs to compare")
+    unfinished = {run.path: run.stopped for run in runs if run.stopped is not None}
+    if len(unfinished) == len(runs):
+        listed = ", ".join(f"{path} ({why})" for path, why in unfinished.items())
+        raise ValueError(
+            f"none of the {len(runs)} runs finished, so there is nothing to compare: {listed}"
+        )
+    runs = [run for run in runs if run.finished]
     keys = list(dict.fromkeys(k for run in runs for k in run.overrides))
     swept = [k for k in keys if len({run.overrides.get(k) for run in runs}) > 1]
     axes = [k for k in swept if k != seed_key]
@@ -216,7 +265,6 @@ def compare_runs(
     if primary:
         sign = 1 if primary in LOWER_IS_BETTER else -1
         groups.sort(key=lambda g: sign * g.stats[primary].mean if primary in g.stats else math.inf)
-    unfinished = [run.path for run in runs if not run.finished]
     axis_values = {a: _in_order(run.overrides.get(a, "") for run in runs) for a in axes}
     return Comparison(axes, groups, shown, seed_key, unfinished, axis_values)
 
@@ -405,8 +453,9 @@ def write_report(comparison: Comparison, out_dir: Path, command: str) -> list[Pa
     ]
     if comparison.unfinished:
         text += [
-            "Unfinished (no metrics.json; their training and dev metrics are included): "
-            + ", ".join(str(p) for p in comparison.unfinished),
+            "Unfinished runs, left out of the table and plots:",
+            "",
+            *(f"- `{path}`: {why}" for path, why in comparison.unfinished.items()),
             "",
         ]
     text += [f"![{p.stem}]({p.name})" for p in images]
@@ -458,6 +507,16 @@ def _numbers(mapping: dict) -> dict[str, float]:
         for k, v in mapping.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")
     }
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both
+        raise DataError(f"invalid JSON: {err}", path) from err
+    if not isinstance(value, dict):
+        raise DataError(f"expected a JSON object, got {describe(value)}", path)
+    return value
 
 
 def _read_jsonl(path: Path) -> list[dict]:

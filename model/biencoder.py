@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from model.bert import Encoder
 from model.config import EncoderConfig
 from model.pooling import POOLING_HEADS, AttentionPooling, build_pooling
-from model.weights import find_weights, load_hf_weights, save_hf_weights
+from model.weights import find_weights, load_hf_weights, read_state_dict, save_hf_weights
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,18 @@ Kind = Literal["query", "doc"]
 CONFIG_NAME = "biencoder.json"
 DOC_TOWER_DIR = "doc_tower"
 POOLING_DIR, DENSE_DIR, NORMALIZE_DIR = "1_Pooling", "2_Dense", "3_Normalize"
+# A BERT tokenizer's vocabulary is in one of these; without either, transformers builds a
+# tokenizer of the special tokens alone, which maps every word to [UNK] without an error.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt")
+# Texts are cut to max_length * MAX_CHARS_PER_TOKEN characters before tokenising, because
+# the tokenizer tokenises the whole string before truncating it to max_length tokens (a
+# 20 MB line took 3.4 GB). No WordPiece token is longer than 18 characters in BERT's
+# vocabulary, and SciFact abstracts average 4.6 characters per token (6.3 at most, spaces
+# included), so the first max_length * 64 characters hold the first max_length tokens of
+# any text that is not mostly whitespace or words over 100 characters (one [UNK] each,
+# whatever their length): tokens past the cut would have been truncated anyway. Shorter
+# texts are not touched.
+MAX_CHARS_PER_TOKEN = 64
 # Our pooling names -> sentence-transformers' legacy flags (read by every ST version).
 _ST_POOLING_FLAGS = {
     "cls": "pooling_mode_cls_token",
@@ -129,6 +141,8 @@ class BiEncoder(nn.Module):
         self.query_tower = query_tower
         self.doc_tower = doc_tower
         self.tokenizer = tokenizer
+        # Texts cut by characters before tokenising (see MAX_CHARS_PER_TOKEN), since loading.
+        self.texts_cut = 0
 
     # ----------------------------------------------------------------------------- loading
 
@@ -179,7 +193,7 @@ class BiEncoder(nn.Module):
                 f"num_layers: {config.num_layers} is more than the model's "
                 f"{encoder_config.num_hidden_layers} layers"
             )
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = _load_tokenizer(path, encoder_config.vocab_size)
         heads_match = (
             config.pooling == saved.pooling and config.projection_dim == saved.projection_dim
         )
@@ -230,7 +244,27 @@ class BiEncoder(nn.Module):
             raise ValueError(f"kind must be 'query' or 'doc', got {kind!r}")
         return self.doc_tower if kind == "doc" and self.doc_tower is not None else self.query_tower
 
-    def _with_prefix(self, texts: list[str], kind: Kind) -> list[str]:
+    def _tokenizer_input(self, texts: list[str], kind: Kind, max_length: int) -> list[str]:
+        """Each text cut to the character budget of ``max_length`` tokens (see
+        ``MAX_CHARS_PER_TOKEN``), then prefixed."""
+        budget = max_length * MAX_CHARS_PER_TOKEN
+        cut = sum(len(t) > budget for t in texts)
+        if cut:
+            # Once at WARNING, then DEBUG: training at a short max_length cuts the same long
+            # documents batch after batch; texts_cut keeps the count.
+            self.texts_cut += cut
+            log.log(
+                logging.WARNING if self.texts_cut == cut else logging.DEBUG,
+                "cut %d of %d texts to their first %d characters (%d tokens x %d) before "
+                "tokenising; their tokens past max_length are dropped anyway (%d so far)",
+                cut,
+                len(texts),
+                budget,
+                max_length,
+                MAX_CHARS_PER_TOKEN,
+                self.texts_cut,
+            )
+            texts = [t[:budget] for t in texts]
         prefix = self.config.query_prefix if kind == "query" else self.config.doc_prefix
         return [prefix + t for t in texts] if prefix else list(texts)
 
@@ -238,13 +272,15 @@ class BiEncoder(nn.Module):
         self, texts: list[str], kind: Kind, max_length: int | None = None
     ) -> dict[str, torch.Tensor]:
         """Prefix, truncate to ``max_length`` (the config's unless given) and pad to the
-        longest text in the batch."""
+        longest text in the batch. Texts longer than ``max_length * MAX_CHARS_PER_TOKEN``
+        characters are cut to that before tokenising, with a warning."""
+        max_length = max_length or self.config.max_length
         return dict(
             self.tokenizer(
-                self._with_prefix(texts, kind),
+                self._tokenizer_input(texts, kind, max_length),
                 padding=True,
                 truncation=True,
-                max_length=max_length or self.config.max_length,
+                max_length=max_length,
                 return_tensors="pt",
             )
         )
@@ -278,7 +314,9 @@ class BiEncoder(nn.Module):
         (Matryoshka) and re-normalises when normalising. ``normalize`` overrides the
         config's ``normalize`` for this call: ``False`` gives the raw pooled (and projected)
         embeddings, e.g. to measure their norms. The progress bar shows for more than 10
-        batches unless ``show_progress`` says otherwise.
+        batches unless ``show_progress`` says otherwise. Texts longer than
+        ``max_length * MAX_CHARS_PER_TOKEN`` characters are cut to that before tokenising,
+        with a warning.
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts, not a single string")
@@ -287,7 +325,9 @@ class BiEncoder(nn.Module):
         was_training = self.training
         self.eval()
         tokens = self.tokenizer(
-            self._with_prefix(texts, kind), truncation=True, max_length=self.config.max_length
+            self._tokenizer_input(texts, kind, self.config.max_length),
+            truncation=True,
+            max_length=self.config.max_length,
         )
         order = sorted(range(len(texts)), key=lambda i: -len(tokens["input_ids"][i]))
         out = torch.empty(len(texts), dim or self.dim)
@@ -351,6 +391,16 @@ def _read_saved_config(path: Path) -> BiEncoderConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path / CONFIG_NAME}: unknown fields {', '.join(unknown)}")
+        # Checked here, or a bad saved value fails later without naming the file.
+        try:
+            check_load_arguments(
+                raw.get("pooling"),
+                raw.get("projection_dim"),
+                raw.get("max_length"),
+                raw.get("num_layers"),
+            )
+        except ValueError as err:
+            raise ValueError(f"{path / CONFIG_NAME}: {err}") from err
         return BiEncoderConfig(**raw)
     config = BiEncoderConfig()
     encoder_config = EncoderConfig.from_json(path / "config.json")
@@ -374,6 +424,37 @@ def _read_saved_config(path: Path) -> BiEncoderConfig:
     return config
 
 
+def _load_tokenizer(path: Path, vocab_size: int) -> PreTrainedTokenizerBase:
+    """The tokenizer of the model folder ``path``, refused where it cannot fit an embedding
+    matrix of ``vocab_size`` rows."""
+    found = [name for name in VOCABULARY_FILES if (path / name).is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"{path}: no tokenizer vocabulary; looked for {' or '.join(VOCABULARY_FILES)}. "
+            "Copy in the tokenizer files of the model this one was trained from"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    files = ", ".join(found)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"{path}: the tokenizer ({files}) has {len(tokenizer)} tokens but the embedding "
+            f"matrix has {vocab_size} rows (vocab_size in config.json): token ids would "
+            "index past it. Is the tokenizer from another model?"
+        )
+    # Unused embedding rows are harmless, but this many means the ids of one vocabulary
+    # select the rows of another.
+    if 2 * len(tokenizer) < vocab_size:
+        log.warning(
+            "%s: the tokenizer (%s) has %d tokens, under half the %d rows of the embedding "
+            "matrix (vocab_size in config.json); is the tokenizer from another model?",
+            path,
+            files,
+            len(tokenizer),
+            vocab_size,
+        )
+    return tokenizer
+
+
 def _st_pooling_mode(pooling_config: Path) -> str:
     raw = json.loads(pooling_config.read_text()) if pooling_config.is_file() else {}
     if isinstance(raw.get("pooling_mode"), str):
@@ -395,9 +476,9 @@ def _load_tower(path: Path, config: BiEncoderConfig, load_heads: bool) -> Tower:
     tower = Tower(encoder, config.pooling, config.projection_dim, config.num_layers)
     # Head weights saved for a different pooling/projection do not apply; fresh ones do.
     if load_heads and isinstance(tower.pooling, AttentionPooling):
-        tower.pooling.load_state_dict(load_file(path / POOLING_DIR / "model.safetensors"))
+        tower.pooling.load_state_dict(read_state_dict(path / POOLING_DIR / "model.safetensors"))
     if load_heads and tower.projection is not None:
-        dense = load_file(path / DENSE_DIR / "model.safetensors")
+        dense = read_state_dict(path / DENSE_DIR / "model.safetensors")
         tower.projection.load_state_dict({k.removeprefix("linear."): v for k, v in dense.items()})
     return tower
 

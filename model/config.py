@@ -69,6 +69,13 @@ class EncoderConfig:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            # OSError's own message keeps the path out of repr() and out of wrappers that
+            # show only its strerror; a one-string error names the file wherever it is shown.
+            raise FileNotFoundError(
+                f"encoder config {path} does not exist: a model folder needs the "
+                "Hugging Face config.json of its encoder"
+            ) from err
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
         if raw.get("position_embedding_type", "absolute") != "absolute":

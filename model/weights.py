@@ -8,10 +8,12 @@ same table read backwards writes checkpoints that ``transformers`` loads.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -41,7 +43,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 class WeightLoadingError(ValueError):
-    """Raised when a checkpoint does not fit the model; lists every offending key."""
+    """Raised when a checkpoint cannot be read or does not fit the model; names the file
+    and lists every offending key."""
 
 
 def hf_to_ours(name: str) -> str:
@@ -72,17 +75,37 @@ def find_weights(folder: Path) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, a sharded safetensors index, or a pickled ``.bin``."""
+    """Tensors of a safetensors file, a sharded safetensors index, or a pickled ``.bin``.
+
+    Raises WeightLoadingError naming the file when it cannot be read (truncated or corrupt).
+    """
     if path.name.endswith(".index.json"):
         shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(path.parent / shard))
+            state.update(_read_safetensors(path.parent / shard))
         return state
     if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        # weights_only refuses arbitrary pickled code from untrusted checkpoints.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        # torch's messages do not name the file; a refused pickle lands here too, so the
+        # message does not claim corruption.
+        raise WeightLoadingError(f"{path}: cannot read the checkpoint: {err}") from err
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
         return load_file(path)
-    # weights_only refuses arbitrary pickled code from untrusted checkpoints.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    except SafetensorError as err:
+        # safetensors validates the header against the file size before reading any tensor,
+        # so this is a damaged file (an interrupted download or save), and its message does
+        # not name the file.
+        raise WeightLoadingError(
+            f"{path}: the file is truncated or corrupt ({err}); download or save it again"
+        ) from err
 
 
 def load_hf_weights(module: nn.Module, path: Path) -> None:

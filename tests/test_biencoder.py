@@ -1,6 +1,7 @@
 """BiEncoder against sentence-transformers, and save -> load through both loaders."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from sentence_transformers import SentenceTransformer
 from tolerances import assert_close_to_scale
 
 from model import BiEncoder, truncate_embeddings
+from model.biencoder import MAX_CHARS_PER_TOKEN
 
 TEXTS = [
     "What causes antibiotic resistance in bacteria?",
@@ -155,3 +157,64 @@ def test_forward_is_differentiable_and_encode_restores_training_mode(minilm_path
     assert model.query_tower.encoder.layers[0].attn.query.weight.grad is not None
     model.encode(TEXTS[:1])
     assert model.training
+
+
+class LengthSpy:
+    """Passes calls through to a tokenizer, recording the longest text it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.longest = 0
+
+    def __call__(self, texts, **kwargs):
+        self.longest = max(self.longest, *map(len, texts))
+        return self.tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_huge_text_is_cut_to_the_character_budget_before_tokenising(minilm, monkeypatch, caplog):
+    budget = minilm.config.max_length * MAX_CHARS_PER_TOKEN
+    huge = " ".join(TEXTS[:3]) * (5_000_000 // len(" ".join(TEXTS[:3])))  # ~5 MB
+    spy = LengthSpy(minilm.tokenizer)
+    monkeypatch.setattr(minilm, "tokenizer", spy)
+    # The session's model may have cut texts before: the count goes on from there.
+    before = minilm.texts_cut
+    with caplog.at_level(logging.DEBUG, logger="model.biencoder"):
+        embedding = minilm.encode([huge], kind="doc")
+        features = minilm.tokenize([huge, TEXTS[0], huge], "doc")
+    assert spy.longest == budget
+    warning = (
+        "cut {} of {} texts to their first 16384 characters (256 tokens x 64) before "
+        "tokenising; their tokens past max_length are dropped anyway ({} so far)"
+    )
+    assert caplog.messages == [
+        warning.format(1, 1, before + 1),
+        warning.format(2, 3, before + 3),
+    ]
+    assert minilm.texts_cut == before + 3
+    # The first cut of a model's life is a warning, later ones are counted at DEBUG.
+    levels = [r.levelno for r in caplog.records]
+    assert levels == [logging.WARNING if before == 0 else logging.DEBUG, logging.DEBUG]
+    assert_identical(embedding, minilm.encode([huge[:budget]], kind="doc"))
+    cut = minilm.tokenize([huge[:budget], TEXTS[0], huge[:budget]], "doc")
+    assert_identical(features["input_ids"], cut["input_ids"])
+
+
+def test_texts_within_the_character_budget_tokenize_unchanged(minilm, caplog):
+    budget = minilm.config.max_length * MAX_CHARS_PER_TOKEN
+    filler = " ".join(TEXTS) * (budget // len(" ".join(TEXTS)) + 1)
+    texts = [*TEXTS, filler[: budget - 1], filler[:budget]]
+    plain = dict(padding=True, truncation=True, return_tensors="pt")
+    with caplog.at_level(logging.DEBUG, logger="model.biencoder"):
+        ours = minilm.tokenize(texts, "doc")["input_ids"]
+    assert not caplog.messages
+    assert_identical(ours, minilm.tokenizer(texts, max_length=256, **plain)["input_ids"])
+    # At 16 tokens the budget is 1024 characters: the long texts are cut, and keep their
+    # tokens, which all come from their first 100 characters or so.
+    assert len(TEXTS[3]) > 16 * MAX_CHARS_PER_TOKEN
+    with caplog.at_level(logging.DEBUG, logger="model.biencoder"):
+        short = minilm.tokenize(texts, "doc", max_length=16)["input_ids"]
+    assert caplog.messages[0].startswith("cut 3 of 7 texts to their first 1024 characters")
+    assert_identical(short, minilm.tokenizer(texts, max_length=16, **plain)["input_ids"])

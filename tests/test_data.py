@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -14,6 +15,7 @@ import pytest
 from data import (
     SCIFACT_DIR,
     STSB_DIR,
+    BeirTrainingSet,
     DataError,
     Document,
     LabelledText,
@@ -30,6 +32,7 @@ from data import (
     open_text,
     pairs_from_beir,
     resolve,
+    training_sets,
 )
 
 QRELS_HEADER = "query-id\tcorpus-id\tscore\n"
@@ -352,6 +355,79 @@ def test_load_beir_strict_raises_on_first_unknown_id(
     assert_error(excinfo.value, "test.tsv", line, field, reason)
 
 
+def test_load_beir_rejects_qrels_that_name_no_known_query_and_document(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    qrels = QRELS_HEADER + "q9\td1\t1\nq1\td9\t1\nq8\td8\t2\n"
+    with caplog.at_level(logging.WARNING, logger="data.beir"), pytest.raises(DataError) as excinfo:
+        load_beir(make_beir(tmp_path, qrels=qrels))
+    assert_error(
+        excinfo.value,
+        "test.tsv",
+        None,
+        None,
+        "none of the 3 qrels rows names a known query and document: query-id not in the "
+        "queries on 2 rows (e.g. 'q9', line 2), corpus-id not in the corpus on 2 rows "
+        "(e.g. 'd9', line 3); are the qrels from the same data set as the queries and corpus?",
+    )
+    # The error says it all; a warning before it would only repeat it.
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    ("qrels", "reason"),
+    [
+        (
+            QRELS_HEADER + "q1\td1\t0\nq2\td2\t0\n",
+            "no relevant document: no score is above 0 in the 2 qrels rows;",
+        ),
+        (
+            # The only positive judgement names an unknown document and is dropped.
+            QRELS_HEADER + "q1\td1\t0\nq2\td9\t1\nq3\td4\t-1\n",
+            "no relevant document: no score is above 0 in the 2 qrels rows with known ids;",
+        ),
+    ],
+)
+def test_load_beir_rejects_qrels_without_a_relevant_document(
+    tmp_path: Path, qrels: str, reason: str
+) -> None:
+    with pytest.raises(DataError) as excinfo:
+        load_beir(make_beir(tmp_path, qrels=qrels))
+    assert_error(excinfo.value, "test.tsv", None, "score", reason)
+    assert "every model would score 0 and there is no pair to train on" in str(excinfo.value)
+
+
+def test_pairs_from_beir_rejects_queries_without_a_relevant_document(tmp_path: Path) -> None:
+    ds = load_beir(make_beir(tmp_path, gz=True))
+    # q3's only judgement is 0: kept by load_beir, as the other queries have relevant ones.
+    only_q3 = dataclasses.replace(
+        ds, queries={"q3": ds.queries["q3"]}, qrels={"q3": ds.qrels["q3"]}
+    )
+    with pytest.raises(DataError) as excinfo:
+        pairs_from_beir(only_q3)
+    assert_error(
+        excinfo.value,
+        "test.tsv.gz",
+        None,
+        "score",
+        "no training pair: no score is above 0 in the 1 qrels rows of these 1 queries",
+    )
+
+
+def test_beir_training_set_without_relevant_documents_fails_before_mining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_beir(tmp_path, qrels=QRELS_HEADER + "q1\td1\t0\nq2\td2\t0\n", split="train")
+
+    def mine(*args: object, **kwargs: object) -> None:
+        raise AssertionError("mined hard negatives for a split without training pairs")
+
+    monkeypatch.setattr(training_sets, "mine_hard_negatives", mine)
+    with pytest.raises(DataError) as excinfo:
+        BeirTrainingSet(str(tmp_path), hard_negatives=2).load()
+    assert_error(excinfo.value, "train.tsv", None, "score", "no relevant document")
+
+
 # --- STS Benchmark ----------------------------------------------------------------------
 
 STS_ROWS = (
@@ -405,6 +481,25 @@ def test_load_sts_rejects_empty_file_and_missing_split(tmp_path: Path) -> None:
     assert_error(excinfo.value, "sts-train.csv", None, None, "no rows")
     with pytest.raises(FileNotFoundError, match=r"sts-dev\.csv\.gz"):
         load_sts(tmp_path, "dev")
+
+
+def test_scored_pairs_carry_the_file_and_line_they_came_from(tmp_path: Path) -> None:
+    # Lines 1 and 5 are blank: the rows sit on lines 2, 3, 4 and 6.
+    sts = write(tmp_path / "sts-train.csv.gz", "\n" + STS_ROWS + "\n" + STS_ROWS.split("\n")[0])
+    assert [pair.source for pair in load_sts(tmp_path, "train")] == [
+        f"{sts}:{line}" for line in (2, 3, 4, 6)
+    ]
+    scored = write(
+        tmp_path / "scored.jsonl.gz", "\n" + jsonl(GOOD_SCORED) + "\n \n" + jsonl(GOOD_SCORED)
+    )
+    assert [pair.source for pair in load_scored_pairs(scored)] == [f"{scored}:2", f"{scored}:5"]
+
+
+def test_scored_pair_source_is_left_out_of_equality_and_hashing() -> None:
+    located = ScoredPair("a", "b", 1.0, source="sts-train.csv:12")
+    assert located == ScoredPair("a", "b", 1.0)
+    assert hash(located) == hash(ScoredPair("a", "b", 1.0, source="other.jsonl:3"))
+    assert ScoredPair("a", "b", 1.0).source == ""
 
 
 # --- training files ---------------------------------------------------------------------

@@ -128,6 +128,11 @@ PROBES: dict[str, Run | Proven] = {
     "trainer.resume": Proven("test_train::test_resume_after_sigkill_equals_uninterrupted_run"),
     "trainer.eval": Run(("trainer.eval=true",), "metrics", TRAIN),
     "trainer.deterministic": Run(("trainer.deterministic=true",), "deterministic", TRAIN),
+    # Both act on runs these probes do not make: a NaN step, a folder that holds a run.
+    "trainer.on_nonfinite": Proven("test_train::test_nonfinite_steps_are_skipped_and_counted"),
+    "trainer.overwrite": Proven(
+        "test_train::test_a_second_run_into_a_run_folder_is_refused_unless_it_resumes_or_overwrites"
+    ),
     # ----------------------------------------------------------- train_data (BEIR)
     "train_data.path": Run(("train_data.path={beir2}",), "batch_texts", TRAIN),
     "train_data.split": Run(("train_data.split=test",), "batch_texts", TRAIN),

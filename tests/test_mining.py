@@ -1,5 +1,6 @@
 """BM25 against its formula and BEIR's published SciFact number; hard-negative mining."""
 
+import dataclasses
 import logging
 import math
 import time
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data import SCIFACT_DIR, BeirDataset, Document, Triplet, load_beir
+from data import SCIFACT_DIR, BeirDataset, DataError, Document, Triplet, load_beir
 from data.mining import BM25, mine_hard_negatives, tokenize, triplets_from_beir
 from evaluation.metrics import retrieval_metrics
 
@@ -144,6 +145,18 @@ def test_triplets_one_per_relevant_pair_with_equal_negative_counts(toy, caplog):
     assert len(triplets_from_beir(toy, negatives, num_negatives=1)[0].negatives) == 1
     with pytest.raises(ValueError, match="no negatives"):
         triplets_from_beir(toy, {})
+
+
+def test_triplets_name_the_qrels_when_none_is_left(toy):
+    with pytest.raises(DataError) as excinfo:
+        triplets_from_beir(toy, {"q9": ["d3"]})
+    assert str(excinfo.value) == (
+        f"{Path('toy', 'qrels', 'train.tsv')}: "
+        "no triplet: all 4 relevant pairs belong to queries without a negative"
+    )
+    unjudged = dataclasses.replace(toy, qrels={"q1": {"d2": 0}})
+    with pytest.raises(DataError, match="no qrels row of these queries has a score above 0"):
+        triplets_from_beir(unjudged, {"q1": ["d3"]})
 
 
 # -------------------------------------------------------------------------------- SciFact

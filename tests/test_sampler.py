@@ -110,3 +110,61 @@ def test_works_as_a_dataloader_batch_sampler():
 def test_rejects_a_zero_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         NoDuplicateBatchSampler([("a",)], batch_size=0, seed=0)
+
+
+def test_an_empty_epoch_names_the_text_its_examples_share():
+    # One pair repeated: no two examples can share a batch.
+    sampler = NoDuplicateBatchSampler([("what is x", "x is y")] * 100, batch_size=4, seed=0)
+    assert len(sampler) == 0
+    assert vars(sampler.text_overlap()) == {
+        "examples": 100,
+        "distinct_texts": 2,
+        "shared_text": "what is x",
+        "sharing": 100,
+        "largest_batch": 1,
+    }
+    assert sampler.explain_empty_epoch() == (
+        "the sampler can put only 1 of the 100 training examples in a batch without repeating "
+        "a text: "
+        "100 examples share the text 'what is x' (2 distinct texts in all); "
+        "a batch of 4 needs 4 examples with no text in common"
+    )
+
+
+def test_an_empty_epoch_names_a_hub_text_and_shortens_it():
+    hub = "a query every example shares, long enough to be cut short in a message " * 3
+    examples = [(hub, f"doc {i}") for i in range(50)] + [("q", "doc 0"), ("r", "s")]
+    sampler = NoDuplicateBatchSampler(examples, batch_size=8, seed=0)
+    assert len(sampler) == 0
+    overlap = sampler.text_overlap()
+    assert (overlap.examples, overlap.distinct_texts, overlap.sharing) == (52, 54, 50)
+    assert overlap.shared_text == hub and overlap.largest_batch <= 3
+    message = sampler.explain_empty_epoch()
+    assert "of the 52 training examples in a batch without repeating a text: " in message
+    assert f"50 examples share the text {hub[:57] + '...'!r} (54 distinct texts in all)" in message
+
+
+@pytest.mark.parametrize(
+    ("examples", "message"),
+    [
+        (
+            [("a", "b"), ("c", "d"), ("e", "f")],
+            "there are only 3 training examples; "
+            "a batch of 4 needs 4 examples with no text in common",
+        ),
+        (
+            # Too few examples is the cause even when two of them share a text.
+            [("a", "b"), ("a", "d"), ("e", "f")],
+            "there are only 3 training examples; "
+            "a batch of 4 needs 4 examples with no text in common",
+        ),
+        (
+            [],
+            "there are no training examples; a batch of 4 needs 4 examples with no text in common",
+        ),
+    ],
+)
+def test_an_empty_epoch_from_too_few_examples_says_so(examples, message):
+    sampler = NoDuplicateBatchSampler(examples, batch_size=4, seed=0)
+    assert len(sampler) == 0
+    assert sampler.explain_empty_epoch() == message

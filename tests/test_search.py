@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tolerances import summation_tolerance
 
-from evaluation.search import build_index, search, to_run
+from evaluation.search import build_index, check_index_dims, search, to_run
 
 DIM = 32
 
@@ -142,6 +142,63 @@ def test_input_conversion_batches_and_k_clipping(data):
 def test_bad_arguments(data, call, message):
     with pytest.raises(ValueError, match=message):
         call(*data)
+
+
+@pytest.mark.parametrize(
+    ("factory", "dims", "message"),
+    [
+        (
+            "IVF256,PQ48",
+            [384, 64, 100, 64],
+            "factory: faiss cannot build index 'IVF256,PQ48' for embedding dims 64, 100: "
+            "'!(d % M == 0)' failed: The dimension of the vector (d) should be a multiple of "
+            "the number of subquantizers (M)",
+        ),
+        ("PQ5x4fs", [384], "'PQ5x4fs' for embedding dim 384: '!(d % M == 0)' failed"),
+        ("OPQ16,IVF16,PQ16", [100], "'OPQ16,IVF16,PQ16' for embedding dim 100: "),
+        ("PCA128,Flat", [384, 64], "'PCA128,Flat' for embedding dim 64: PCA cannot output 128"),
+        ("IVFbogus", [32], "dim 32: could not parse index string IVFbogus"),
+    ],
+)
+def test_check_index_dims_names_factory_and_refused_dims(factory, dims, message):
+    with pytest.raises(ValueError) as err:
+        check_index_dims(factory, dims)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("factory", "needed"),
+    [
+        ("IVF16,Flat", 16),
+        ("IVF32,SQ8", 32),
+        ("PQ4x4", 16),
+        ("IVF8,PQ4", 256),
+        ("IVF32,PQ4x4fs", 32),
+        ("OPQ4_32,IVF8,PQ4x4", 256),
+        ("HNSW32,PQ4x4", 16),
+        ("IVF16,PQ4x4,RFlat", 16),
+    ],
+)
+def test_check_index_dims_knows_the_rows_faiss_needs_to_train(data, factory, needed):
+    docs, _ = data
+    check_index_dims(factory, [DIM, DIM // 2], train_rows=needed)
+    with pytest.raises(ValueError, match=f"into {needed} centroids .* on {needed - 1} "):
+        check_index_dims(factory, [DIM], train_rows=needed - 1)
+    with pytest.raises(ValueError, match="training index"):
+        build_index(docs[: needed - 1], factory)
+    # 8-bit codebooks (256 centroids) train for seconds on 2 cores; a refusal is instant.
+    if needed < 256:
+        build_index(docs[:needed], factory)
+
+
+def test_check_index_dims_accepts_what_builds(data):
+    docs = data[0][:300]
+    for factory, dims in (("IVF8,PQ4x4", [32, 8]), ("PCA16,Flat", [32, 16]), ("HNSW8", [5])):
+        check_index_dims(factory, dims, metric="l2", train_rows=len(docs))
+        for dim in dims:
+            build_index(docs[:, :dim], factory, metric="l2")
+    with pytest.raises(ValueError, match="metric"):
+        check_index_dims("Flat", [DIM], metric="cosine")
 
 
 def test_to_run_drops_missing_neighbours():

@@ -14,6 +14,7 @@ from configs import ROOT, tiny_overrides
 from wandb_file import run_contents
 
 import compare as compare_cli
+from data import DataError
 from evaluation.sweeps import compare_runs, find_runs, markdown_table, read_run, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -197,13 +198,99 @@ def test_compare_names_what_is_missing(tmp_path):
 
 def test_table_marks_metrics_that_only_some_runs_report(tmp_path):
     write_run(tmp_path / "a", ["pooling=cls", "seed=0"], {"ndcg@10": 0.5})
-    crashed = write_run(
-        tmp_path / "b", ["pooling=cls", "seed=1"], None, [{"step": 1, "train/loss": 1.0}]
-    )
+    write_run(tmp_path / "b", ["pooling=cls", "seed=1"], {"recall@100": 0.8})
     write_run(tmp_path / "c", ["pooling=mean", "seed=0"], {"ndcg@10": 0.6})
     comparison = compare_runs([read_run(p) for p in find_runs([tmp_path])])
     table = markdown_table(comparison)
     assert "| mean | 1 | **0.6000 ± 0.0000** |" in table
     assert "| cls | 2 | 0.5000 ± 0.0000 (n=1) |" in table
-    assert comparison.unfinished == [crashed]
+    assert comparison.unfinished == {}
     assert comparison.axis_values == {"pooling": ["cls", "mean"]}
+
+
+def write_last_checkpoint(folder: Path, meta: str) -> None:
+    (folder / "checkpoints" / "last").mkdir(parents=True)
+    (folder / "checkpoints" / "last" / "checkpoint.json").write_text(meta)
+
+
+def test_unfinished_runs_are_listed_apart_never_ranked_or_bolded(tmp_path, capsys):
+    def dev(value):
+        return [{"step": 10, "train/loss": 1.0}, {"step": 10, "dev/ndcg@10": value}]
+
+    write_run(tmp_path / "a", ["pooling=cls"], {"ndcg@10": 0.5}, dev(0.4))
+    write_run(tmp_path / "b", ["pooling=mean"], {"ndcg@10": 0.6}, dev(0.45))
+    killed = write_run(tmp_path / "c", ["pooling=max"], None, dev(0.9))
+    # Finished at step 10, then resumed for more steps and killed at step 15: its
+    # metrics.json is the stale evaluation of the shorter run.
+    resumed = write_run(
+        tmp_path / "d",
+        ["pooling=first"],
+        {"ndcg@10": 0.9},
+        [*dev(0.9), {"step": 15, "train/loss": 0.5}],
+    )
+    write_last_checkpoint(resumed, '{"step": 10, "name": "last"}')
+    comparison = compare_runs(
+        [read_run(p) for p in find_runs([tmp_path])], metrics=["dev/ndcg@10", "ndcg@10"]
+    )
+    assert [g.values["pooling"] for g in comparison.groups] == ["mean", "cls"]
+    assert comparison.unfinished == {
+        killed: "no metrics.json or metrics.summary.json",
+        resumed: "metrics.jsonl logs step 15, past checkpoints/last (step 10): "
+        "it stopped before the end",
+    }
+    table = markdown_table(comparison)
+    assert "| mean | 1 | **0.4500 ± 0.0000** | **0.6000 ± 0.0000** |" in table
+    assert "max" not in table and "first" not in table and "0.9" not in table
+
+    out = tmp_path / "report"
+    assert compare_cli.main([str(tmp_path), "--out", str(out), "--metrics", "dev/ndcg@10"]) == 0
+    printed = capsys.readouterr().out
+    assert "| mean | 1 | **0.4500 ± 0.0000** |" in printed
+    assert (
+        "unfinished runs, left out of the table:\n"
+        f"  {killed}: no metrics.json or metrics.summary.json\n"
+        f"  {resumed}: metrics.jsonl logs step 15, past checkpoints/last (step 10)"
+    ) in printed
+    report = (out / "comparison.md").read_text()
+    assert f"- `{killed}`: no metrics.json or metrics.summary.json\n" in report
+    assert [r["pooling"] for r in read_csv(out / "comparison.csv")] == ["mean", "cls"]
+
+
+def test_a_run_without_a_test_evaluation_finishes_with_metrics_summary_json(tmp_path):
+    # trainer.eval=false (an Optuna sweep): train.py writes only the best dev value at the end.
+    folder = write_run(tmp_path / "run", ["seed=0"], None, [{"step": 5, "dev/ndcg@10": 0.4}])
+    (folder / "metrics.summary.json").write_text(json.dumps({"dev/best_ndcg@10": 0.4}))
+    write_last_checkpoint(folder, '{"step": 5, "name": "last"}')
+    run = read_run(folder)
+    assert run.finished and run.stopped is None
+    assert run.metrics == {"dev/ndcg@10": 0.4}
+
+
+def test_comparing_only_unfinished_runs_names_them(tmp_path):
+    a = write_run(tmp_path / "a", ["seed=0"], None, [{"step": 1, "train/loss": 1.0}])
+    b = write_run(tmp_path / "b", ["seed=1"], None)
+    with pytest.raises(ValueError) as excinfo:
+        compare_runs([read_run(a), read_run(b)])
+    assert str(excinfo.value) == (
+        "none of the 2 runs finished, so there is nothing to compare: "
+        f"{a} (no metrics.json or metrics.summary.json), "
+        f"{b} (no metrics.json or metrics.summary.json)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("metrics.json", '{"ndcg@10": 0.5', "invalid JSON: Expecting ',' delimiter"),
+        ("metrics.json", "[0.5]", "expected a JSON object, got array"),
+        ("checkpoints/last/checkpoint.json", "", "invalid JSON: Expecting value"),
+        ("checkpoints/last/checkpoint.json", '{"step": "10"}', "field 'step': expected an int"),
+    ],
+)
+def test_a_corrupt_json_file_is_named(tmp_path, name, content, reason):
+    folder = write_run(tmp_path / "run", ["seed=0"], {"ndcg@10": 0.5})
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(content)
+    with pytest.raises(DataError) as excinfo:
+        read_run(folder)
+    assert str(excinfo.value).startswith(f"{folder / name}: {reason}")

@@ -129,6 +129,23 @@ def test_contrastive_checks_the_score_scale():
     assert low.make_batch([ScoredPair("a", "b", 0.7)]).targets.tolist() == [1]
 
 
+@pytest.mark.parametrize(
+    "task", [ContrastiveTask(), CosineSimilarityTask()], ids=["contrastive", "cosine"]
+)
+def test_scores_outside_the_declared_scale_are_refused_naming_file_and_line(task):
+    good = ScoredPair("a", "b", 5.0, source="sts.csv:3")
+    bad = ScoredPair("c", "d", 7.5, source="sts.csv:4")
+    task.check_examples([good])
+    with pytest.raises(ValueError, match=r"^sts.csv:4: score 7.5 outside \[0, 5.0\] \(loss"):
+        task.check_examples([good, bad])
+    with pytest.raises(ValueError, match=r"sts.csv:3: score -2"):
+        task.check_examples([ScoredPair("a", "b", -2.0, source="sts.csv:3")])
+
+
+def test_cosent_ranks_scores_on_any_scale():
+    CoSENTTask().check_examples([ScoredPair("a", "b", 40.0), ScoredPair("c", "d", -3.0)])
+
+
 def test_scored_pair_batch():
     batch = CosineSimilarityTask().make_batch(SCORED)
     assert batch.columns == [["a", "c", "e", "g"], ["b", "d", "f", "h"]]

@@ -4,6 +4,7 @@ Most runs compose the config in-process (the same composition as the command lin
 the command-line contract and the crash/resume test run real subprocesses.
 """
 
+import dataclasses
 import itertools
 import json
 import math
@@ -276,8 +277,41 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(overrid
 
 def test_batch_larger_than_the_data_fails_instead_of_waiting_forever(tiny_run, tmp_path):
     # An epoch with no full batch would leave the trainer asking for batches forever.
-    with pytest.raises(ValueError, match=r"trainer.batch_size: 1000 is more than the \d+"):
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer.batch_size: there are only \d+ training examples; a batch of 1000 needs",
+    ):
         train_cli.train(compose_train(*tiny_run("beir", "trainer.batch_size=1000")), tmp_path)
+
+
+def test_training_data_whose_texts_all_repeat_is_blamed_on_the_data(tiny_run, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "what is x", "positive": "x is y"}\n' * 100)
+    overrides = tiny_run(
+        "beir", "train_data=jsonl", f"train_data.path={pairs}", "trainer.eval=false"
+    )
+    with pytest.raises(ConfigError, match="100 examples share the text 'what is x'"):
+        train_cli.train(compose_train(*overrides), tmp_path / "run")
+
+
+def test_scores_beyond_the_loss_scale_fail_before_training_naming_file_and_line(tiny_run, tmp_path):
+    scored = tmp_path / "scored.jsonl"
+    rows = [{"text1": f"a{i}", "text2": f"b{i}", "score": 4.0} for i in range(8)]
+    rows[5]["score"] = 7.5
+    scored.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for loss in ("cosine", "contrastive"):
+        overrides = tiny_run(
+            "sts",
+            f"loss={loss}",
+            "train_data=jsonl",
+            f"train_data.path={scored}",
+            "train_data.format=scored_pairs",
+            "trainer.eval=false",
+        )
+        run_dir = tmp_path / loss
+        with pytest.raises(ValueError, match=rf"{scored}:6: score 7.5 outside \[0, 5.0\]"):
+            train_cli.train(compose_train(*overrides), run_dir)
+        assert not (run_dir / "metrics.jsonl").exists()
 
 
 def test_unknown_options_fail_at_composition():
@@ -400,3 +434,158 @@ def test_max_length_is_capped_at_the_position_limit(tiny_run, tmp_path, caplog):
     lines = [line for line in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in line]
     assert max(line["train/seq_len_max"] for line in lines) == 64
     assert "trainer.max_length=500 is more than the model's 64 positions" in caplog.text
+
+
+# --------------------------------------------------------------------- reliability
+
+
+def test_divergence_stops_naming_the_step_and_the_last_good_checkpoint(tiny_run, tmp_path):
+    # lr 1e3 without clipping: the weights blow up within a few steps, then the loss is NaN.
+    overrides = tiny_run(
+        "beir",
+        "optim.lr=1e3",
+        "trainer.grad_clip=null",
+        "trainer.max_steps=30",
+        "trainer.eval=false",
+        "train_data.dev_queries=0",
+    )
+    with pytest.raises(train_cli.NonFiniteError) as stopped:
+        train_cli.train(compose_train(*overrides), tmp_path)
+    message = str(stopped.value)
+    assert "training stopped" in message or "weights hold NaN" in message
+    assert "trainer.on_nonfinite" in message or "refusing to write" in message
+    checkpoints = tmp_path / "checkpoints"
+    assert not (checkpoints / "last").exists()
+    # Every checkpoint that was written holds finite weights, and the message names the last.
+    written = sorted(p for p in checkpoints.glob("step-*") if (p / "checkpoint.json").exists())
+    for folder in written:
+        assert all(
+            torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values()
+        )
+    if written:
+        assert str(written[-1]) in message
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tiny_run, tmp_path, monkeypatch):
+    # A loss that is NaN at step 2 only: the skip policy drops that update and goes on.
+    from training import step as step_module
+
+    real = step_module.train_step
+    calls = []
+
+    def nan_at_second_step(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(result.loss)
+        if len(calls) == 2:
+            return dataclasses.replace(result, loss=float("nan"))
+        return result
+
+    monkeypatch.setattr(train_cli, "train_step", nan_at_second_step)
+    overrides = tiny_run(
+        "beir", "trainer.on_nonfinite=skip", "trainer.max_steps=3", "trainer.eval=false"
+    )
+    train_cli.train(compose_train(*overrides), tmp_path)
+    lines = [line for line in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in line]
+    assert [line["train/nonfinite_steps"] for line in lines] == [0, 1, 1]
+    assert (tmp_path / "checkpoints" / "last").is_dir()
+
+    with pytest.raises(train_cli.NonFiniteError, match=r"step 2: loss nan.*training stopped"):
+        calls.clear()
+        train_cli.train(
+            compose_train(*tiny_run("beir", "trainer.max_steps=3", "trainer.eval=false")),
+            tmp_path / "stop",
+        )
+
+
+def test_a_second_run_into_a_run_folder_is_refused_unless_it_resumes_or_overwrites(
+    tiny_run, tmp_path
+):
+    overrides = tiny_run("beir", "trainer.eval=false", "train_data.dev_queries=0")
+    train_cli.train(compose_train(*overrides), tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"hydra.run.dir: .* already holds a run \(checkpoints"):
+        train_cli.train(compose_train(*overrides), tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    train_cli.train(compose_train(*overrides, "trainer.overwrite=true"), tmp_path)
+    steps = [
+        line["step"] for line in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in line
+    ]
+    assert steps == [1, 2]  # the old lines are gone, not interleaved
+    with pytest.raises(ConfigError, match=r"trainer\.overwrite: cannot both start over and resume"):
+        train_cli.train(
+            compose_train(*overrides, "trainer.overwrite=true", "trainer.resume=true"), tmp_path
+        )
+
+
+def test_resume_takes_the_configuration_from_the_run_folder(tiny_model_path, tmp_path):
+    """The README's resume command without the original overrides continues the same run;
+    an override that would change it is refused."""
+    run_dir = tmp_path / "run"
+    first = [
+        sys.executable,
+        "train.py",
+        "debug=tiny",
+        f"model.path={tiny_model_path}",
+        "trainer.max_steps=2",
+        "trainer.eval=false",
+        "optim.lr=1e-4",
+        "loss=triplet",
+        f"hydra.run.dir={run_dir}",
+    ]
+    subprocess.run(first, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    resume = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", "trainer.resume=true"]
+    proc = subprocess.run(
+        [*resume, "trainer.max_steps=4"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [line["step"] for line in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in line]
+    assert steps == [1, 2, 3, 4]
+    # The resumed run read the tiny model again (the default is MiniLM, 384 wide).
+    assert (
+        json.loads((run_dir / "checkpoints" / "last" / "config.json").read_text())["hidden_size"]
+        == 32
+    )
+    refused = subprocess.run(
+        [*resume, "optim.lr=1e-3"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert refused.returncode != 0
+    assert "trainer.resume: optim.lr=1e-3 (the run has optim.lr=0.0001)" in refused.stderr
+    repeated = subprocess.run(
+        [*resume, "optim.lr=1e-4", "loss=triplet", "trainer.max_steps=5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert repeated.returncode == 0, repeated.stderr[-3000:]
+
+
+def test_sigterm_saves_last_and_exits_for_a_requeue(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "train.py",
+        *tiny_run(
+            "beir",
+            "trainer.max_steps=100000",
+            "trainer.save_every=100000",
+            "trainer.eval=false",
+            "train_data.dev_queries=0",
+        ),
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while (
+        not (run_dir / "metrics.jsonl").exists() or len(read_jsonl(run_dir / "metrics.jsonl")) < 3
+    ):
+        assert proc.poll() is None, "the run ended before it could be terminated"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == train_cli.EXIT_TERMINATED == 143, stderr.decode()[-2000:]
+    last = run_dir / "checkpoints" / "last"
+    assert (last / "checkpoint.json").is_file()
+    saved_step = json.loads((last / "checkpoint.json").read_text())["step"]
+    assert 3 <= saved_step < 100000

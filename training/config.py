@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 PRECISIONS = ("auto", "fp32", "bf16")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -36,6 +37,8 @@ class TrainerConfig:
     resume: Any = False
     eval: bool = True
     deterministic: bool = False
+    on_nonfinite: str = "stop"
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         positive_or_null = ("max_steps", "max_length", "cache_chunk_size", "grad_clip")
@@ -61,6 +64,13 @@ class TrainerConfig:
             rate = getattr(self, name)
             if rate is not None and not 0 <= rate < 1:
                 raise ValueError(f"{name}: must be in [0, 1), got {rate}")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"on_nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}, "
+                f"got {self.on_nonfinite!r}"
+            )
+        if self.overwrite and self.resume is not False:
+            raise ValueError("overwrite: cannot both start over and resume (trainer.resume)")
         if not isinstance(self.resume, bool | str) or self.resume == "":
             raise ValueError(
                 f"resume: must be true, false or a checkpoint path, got {self.resume!r}"

@@ -38,7 +38,8 @@ from data import (
     StsEvalSet,
     StsTrainingSet,
 )
-from evaluation.config import EvalConfig
+from evaluation.config import EvalConfig, IndexSpec
+from evaluation.search import check_index_dims
 from model import BiEncoder, embedding_dim, packaged_model_path
 from model.biencoder import check_load_arguments
 from training.config import TrainerConfig
@@ -241,6 +242,19 @@ def check_dims(key: str, dims: list[int], width: int) -> None:
     """Matryoshka dims must fit in the embedding."""
     if any(dim > width for dim in dims):
         raise ConfigError(f"{key}: {list(dims)} exceed the model's {width} dimensions")
+
+
+def check_index(evaluation: EvalConfig, width: int) -> None:
+    """The FAISS index must take the model's width and every Matryoshka dim (a PQ needs
+    dims its sub-quantisers divide); checked on empty indexes, before anything is encoded."""
+    spec = evaluation.index
+    with naming("evaluation.index", IndexSpec):
+        check_index_dims(
+            spec.factory,
+            [width, *evaluation.matryoshka_dims],
+            metric=spec.metric,
+            train_rows=spec.train_size,
+        )
 
 
 def settings(node: DictConfig, key: str, expected: type[T]) -> T:

@@ -105,6 +105,11 @@ class Task(nn.Module):
         """Columns, tower kinds and targets for ``examples``."""
         raise NotImplementedError
 
+    def check_examples(self, examples: Sequence[Example]) -> None:
+        """Raise a ValueError naming the file and line of the first example this task cannot
+        train on; train.py calls it on the whole training set before the first step, so bad
+        data fails at start-up rather than at the batch that happens to hold it."""
+
     def forward(
         self, embeddings: list[torch.Tensor], batch: TextBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -143,6 +148,19 @@ class Task(nn.Module):
         if isinstance(temperature, torch.Tensor):
             temperature = temperature.detach().item()
         return {} if temperature is None else {"temperature": float(temperature)}
+
+
+def _check_score_range(examples: Sequence[Example], score_scale: float) -> None:
+    """Scores of ScoredPair examples must lie in [0, score_scale]: past it, targets and
+    thresholds derived from the scale stop meaning what they were set for."""
+    for example in examples:
+        if isinstance(example, ScoredPair) and not 0 <= example.score <= score_scale:
+            where = f"{example.source}: " if example.source else ""
+            raise ValueError(
+                f"{where}score {example.score} outside [0, {score_scale}] "
+                f"(loss.score_scale={score_scale}); set loss.score_scale to the top of the "
+                "data's scale"
+            )
 
 
 def _negatives(examples: Sequence[Triplet]) -> list[str]:
@@ -325,13 +343,8 @@ class ContrastiveTask(Task):
     def make_batch(self, examples: Sequence[Example]) -> TextBatch:
         example_type = self._example_type(examples)
         if example_type is ScoredPair:
+            self.check_examples(examples)
             scores = [e.score for e in examples]
-            outside = [s for s in scores if not 0 <= s <= self.score_scale]
-            if outside:
-                raise ValueError(
-                    f"ContrastiveTask: score {outside[0]} outside [0, {self.score_scale}]; "
-                    f"set score_scale (and threshold) to the data's scale"
-                )
             return TextBatch(
                 columns=[[e.text1 for e in examples], [e.text2 for e in examples]],
                 kinds=["query", "query"],
@@ -353,6 +366,9 @@ class ContrastiveTask(Task):
             targets=torch.tensor(labels),
             size=len(examples),
         )
+
+    def check_examples(self, examples: Sequence[Example]) -> None:
+        _check_score_range(examples, self.score_scale)
 
     def forward(
         self, embeddings: list[torch.Tensor], batch: TextBatch
@@ -444,3 +460,7 @@ class CosineSimilarityTask(ScoredPairTask):
         matryoshka_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__(CosineSimilarityLoss(), score_scale, matryoshka_dims, matryoshka_weights)
+
+    def check_examples(self, examples: Sequence[Example]) -> None:
+        # Targets outside [0, 1] ask the cosine for values it reaches only for opposite texts.
+        _check_score_range(examples, self.score_scale)
