@@ -12,10 +12,7 @@ the TREC run file ``run.trec`` into the run folder, and prints a table.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -23,9 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from data import BeirDataset
-from evaluation import EvalConfig, evaluate_retrieval, evaluate_sts, format_table, write_trec_run
-from model import BiEncoder
+from evaluation import EvalConfig, evaluate
 from training.hydra_config import (
     ConfigError,
     build,
@@ -47,60 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} but CUDA is not available; use device=cpu or auto")
     return device
-
-
-def score(model: BiEncoder, dataset, evaluation: EvalConfig, matryoshka_dims: Sequence[int] = ()):
-    """Metrics, timings and (for retrieval) the run of ``model`` on a BEIR or STS dataset.
-
-    Full-dimension metrics are always there, so a Matryoshka dim equal to the model's is
-    not scored twice."""
-    matryoshka_dims = [d for d in matryoshka_dims if d != model.dim]
-    if isinstance(dataset, BeirDataset):
-        result = evaluate_retrieval(
-            model,
-            dataset,
-            ks=list(evaluation.ks),
-            index=evaluation.index,
-            matryoshka_dims=matryoshka_dims,
-            batch_size=evaluation.batch_size,
-            ignore_identical_ids=evaluation.ignore_identical_ids,
-        )
-        return result.metrics, result.timings, result.run
-    metrics = evaluate_sts(
-        model, dataset, matryoshka_dims=matryoshka_dims, batch_size=evaluation.batch_size
-    )
-    return metrics, {}, None
-
-
-def evaluate(
-    model: BiEncoder,
-    dataset,
-    evaluation: EvalConfig,
-    out_dir: Path,
-    matryoshka_dims: Sequence[int] | None = None,
-) -> dict[str, float]:
-    """Score ``model`` on ``dataset`` as ``evaluation`` says; write metrics.json (and
-    run.trec). ``matryoshka_dims`` replaces ``evaluation.matryoshka_dims`` when given."""
-    dims = list(evaluation.matryoshka_dims if matryoshka_dims is None else matryoshka_dims)
-    check_dims("evaluation.matryoshka_dims", dims, model.dim)
-    start = time.perf_counter()
-    metrics, timings, run = score(model, dataset, evaluation, dims)
-    metrics |= timings
-    if run is not None:
-        write_trec_run(run, out_dir / "run.trec")
-        log.info(
-            "%d queries over %d documents (%s split)",
-            len(dataset.queries),
-            len(dataset.corpus),
-            dataset.split,
-        )
-    else:
-        log.info("%d sentence pairs", len(dataset))
-    metrics["eval_wall_s"] = time.perf_counter() - start
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(format_table(metrics))
-    log.info("wrote %s", out_dir / "metrics.json")
-    return metrics
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:

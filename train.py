@@ -18,17 +18,12 @@ no dev set) and ``.hydra/``.
 
 from __future__ import annotations
 
-import contextlib
 import copyreg
 import importlib
 import json
 import logging
-import math
 import random
-import signal
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +36,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 import eval as eval_cli
 from data import (
-    BeirDataset,
     BeirEvalSet,
     BeirTrainingSet,
     JsonlTrainingSet,
@@ -53,23 +46,19 @@ from data import (
     StsTrainingSet,
     TrainingSet,
 )
-from data.sampler import NoDuplicateBatchSampler
-from evaluation import EvalConfig
+from evaluation import EvalConfig, evaluate
 from model import BiEncoder
-from training import Task, train_step
+from training import Task
 from training.checkpoint import (
     LEGACY_TRAINER_STATE,
     TRAINER_STATE,
     check_writable,
     latest_checkpoint,
     load_trainer_state,
-    prune_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
     write_json,
 )
 from training.config import TrainerConfig
+from training.distributed import Distributed, init_distributed, shutdown
 from training.hydra_config import (
     ConfigError,
     build,
@@ -92,6 +81,12 @@ from training.run_folder import (
     read_launch,
     write_launch,
 )
+from training.trainer import (
+    EXIT_TERMINATED,
+    ShardedEncoder,
+    Terminated,
+    Trainer,
+)
 
 log = logging.getLogger("train")
 
@@ -110,58 +105,28 @@ HARD_NEGATIVES = "hard_negatives.json"
 TrainingSpec = BeirTrainingSet | StsTrainingSet | JsonlTrainingSet
 
 
-class NonFiniteError(RuntimeError):
-    """Training produced NaN or inf (``trainer.on_nonfinite=stop``, or weights that skipping
-    a step cannot repair)."""
-
-
-class Terminated(Exception):
-    """SIGTERM arrived (a scheduler's time limit or preemption): save, then exit."""
-
-
-# 128 + SIGTERM, what a shell reports for a process that SIGTERM ended: schedulers read it
-# as "terminated", and SLURM's --requeue then starts the job again, to resume.
-EXIT_TERMINATED = 128 + signal.SIGTERM
-
-
-@contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` while the block runs, so the training loop can
-    save ``last`` before the process ends (signal handlers exist in the main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated(f"received signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def all_finite(parameters: Sequence[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in parameters)
-
-
-def prepare_run_folder(run_dir: Path, trainer: TrainerConfig, launch: Launch | None) -> None:
+def prepare_run_folder(
+    run_dir: Path, trainer: TrainerConfig, launch: Launch | None, dist: Distributed
+) -> None:
     """Refuse to mix two runs in one folder; with ``trainer.overwrite`` clear the old one.
-    Also fail now, not at the first save, if checkpoints cannot be written there."""
+    Also fail now, not at the first save, if checkpoints cannot be written there. Every rank
+    checks; rank 0 alone changes the folder."""
     existing = existing_run_files(run_dir)
-    if existing and trainer.resume is False:
-        if not trainer.overwrite:
-            raise ConfigError(
-                f"hydra.run.dir: {run_dir} already holds a run ({', '.join(existing)}); "
-                "continue it with trainer.resume=true, or delete it and start over with "
-                "trainer.overwrite=true"
-            )
-        log.warning("trainer.overwrite=true: deleting %s from %s", ", ".join(existing), run_dir)
-        clear_run(run_dir)
-    check_writable(run_dir / "checkpoints")
-    if launch is not None and trainer.resume is False:
-        write_launch(run_dir, launch)
+    if existing and trainer.resume is False and not trainer.overwrite:
+        raise ConfigError(
+            f"hydra.run.dir: {run_dir} already holds a run ({', '.join(existing)}); "
+            "continue it with trainer.resume=true, or delete it and start over with "
+            "trainer.overwrite=true"
+        )
+    dist.barrier()
+    if dist.is_main:
+        if existing and trainer.resume is False:
+            log.warning("trainer.overwrite=true: deleting %s from %s", ", ".join(existing), run_dir)
+            clear_run(run_dir)
+        check_writable(run_dir / "checkpoints")
+        if launch is not None and trainer.resume is False:
+            write_launch(run_dir, launch)
+    dist.barrier()
 
 
 @dataclass
@@ -213,15 +178,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    # bf16 autocast on a CPU without bf16 units is slower than fp32, so auto means CUDA only.
-    if precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    ):
-        return torch.bfloat16
-    return None
-
-
 def resume_checkpoint(resume: bool | str, checkpoints: Path) -> Path | None:
     if resume is False or resume is None:
         return None
@@ -241,19 +197,6 @@ def resume_checkpoint(resume: bool | str, checkpoints: Path) -> Path | None:
     return path
 
 
-def endless_batches(sampler: NoDuplicateBatchSampler) -> Iterator[list[int]]:
-    """Batches across epochs: each pass over the sampler ends by moving it to its next
-    epoch, and its state says where a resumed run continues."""
-    while True:
-        yield from sampler
-
-
-def example_texts(example) -> tuple[str, ...]:
-    if hasattr(example, "query"):
-        return (example.query, example.positive, *getattr(example, "negatives", ()))
-    return (example.text1, example.text2)
-
-
 def train_length(trainer_max_length: int | None, model: BiEncoder) -> int:
     """Tokens per text while training: ``trainer.max_length`` (the model's own limit when
     null), capped at the encoder's position limit."""
@@ -270,17 +213,21 @@ def train_length(trainer_max_length: int | None, model: BiEncoder) -> int:
 
 
 def load_training_set(
-    spec: TrainingSpec, model: BiEncoder, run_dir: Path, resumed: bool
+    spec: TrainingSpec, model: BiEncoder, run_dir: Path, resumed: bool, dist: Distributed
 ) -> TrainingSet:
     """The training set, with the hard negatives this run mined when it started if it is a
-    resumed run, so that a resumed run trains on the examples the interrupted one did."""
+    resumed run, so that a resumed run trains on the examples the interrupted one did. On
+    several ranks, rank 0 mines and the others take its negatives."""
     negatives_file = run_dir / HARD_NEGATIVES
     saved = None
     if resumed and negatives_file.is_file():
         saved = json.loads(negatives_file.read_text())
     with naming("train_data", spec):
+        if dist.enabled and saved is None:
+            mined = spec.load(model).negatives if dist.is_main else None
+            saved = dist.broadcast_object(mined)
         train_set = spec.load(model, negatives=saved)
-    if train_set.negatives is not None and saved is None:
+    if train_set.negatives is not None and dist.is_main and not negatives_file.is_file():
         if resumed:
             log.warning("%s has no %s: negatives were mined again", run_dir, HARD_NEGATIVES)
         write_json(negatives_file, train_set.negatives)
@@ -293,6 +240,7 @@ def train(
     group: str | None = None,
     tags: Sequence[str] = (),
     launch: Launch | None = None,
+    dist: Distributed | None = None,
 ) -> dict[str, float]:
     """Train as ``cfg`` says, writing everything into ``run_dir``.
 
@@ -300,15 +248,23 @@ def train(
     ``dev/<metric>``, the best dev value of the selection metric when there is a dev set.
     ``group`` and ``tags`` go to the logger (W&B) unless its config sets a group; ``launch``
     (how the command line started the run) is recorded in the folder of a new run, for
-    ``trainer.resume=true`` to continue with. Raises :class:`NonFiniteError` when training
-    diverges and :class:`Terminated` on SIGTERM, both after saving what can be saved.
+    ``trainer.resume=true`` to continue with; ``dist`` is this process's place in a
+    multi-process run (see :mod:`training.trainer`). Raises :class:`NonFiniteError` when
+    training diverges and :class:`Terminated` on SIGTERM, both after saving what can be
+    saved.
     """
     plan = plan_run(cfg)
     trainer, evaluation, task = plan.trainer, plan.evaluation, plan.task
+    dist = dist or Distributed(device=eval_cli.resolve_device(cfg.device))
+    if trainer.batch_size % dist.world_size:
+        raise ConfigError(
+            f"trainer.batch_size: {trainer.batch_size} examples cannot be split evenly "
+            f"across {dist.world_size} processes; use a multiple of {dist.world_size}"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
-    prepare_run_folder(run_dir, trainer, launch)
+    prepare_run_folder(run_dir, trainer, launch, dist)
     checkpoints = run_dir / "checkpoints"
-    device = eval_cli.resolve_device(cfg.device)
+    device = dist.device
     seed_everything(cfg.seed, trainer.deterministic)
 
     resume_from = resume_checkpoint(trainer.resume, checkpoints)
@@ -320,174 +276,48 @@ def train(
         tower.encoder.set_dropout(trainer.hidden_dropout, trainer.attention_dropout)
     max_length = train_length(trainer.max_length, model)
     log.info("training at up to %d tokens per text", max_length)
-    train_set = load_training_set(plan.train_data, model, run_dir, resume_from is not None)
+    train_set = load_training_set(plan.train_data, model, run_dir, resume_from is not None, dist)
     task.check_examples(train_set.examples)
 
-    sampler = NoDuplicateBatchSampler(
-        [example_texts(e) for e in train_set.examples], trainer.batch_size, seed=cfg.seed
-    )
-    if len(sampler) == 0:
-        raise ConfigError(f"trainer.batch_size: {sampler.explain_empty_epoch()}")
-    total_steps = trainer.max_steps or trainer.epochs * len(sampler)
-    params = [p for p in (*model.parameters(), *task.parameters()) if p.requires_grad]
-    optimizer = plan.optimizer(params)
-    scheduler = plan.scheduler(optimizer, num_training_steps=total_steps)
-    dev_kind = "retrieval" if isinstance(train_set.dev, BeirDataset) else "sts"
-    selection = SELECTION_METRIC[dev_kind]
-    eval_dims = evaluation.matryoshka_dims
-
-    step, best, wandb_run_id, nonfinite_steps = 0, None, None, 0
-    if resume_from:
-        state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        task.load_state_dict(state["task"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        step, best, wandb_run_id = state["step"], state["best"], state.get("wandb_run_id")
-        nonfinite_steps = state.get("nonfinite_steps", 0)
-        log.info("resumed from %s at step %d", resume_from, step)
-
-    loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=step if resume_from else None)]
-    if cfg.get("logger"):
-        loggers.append(
-            build(cfg.logger, "logger")(
-                run_dir=run_dir,
-                config=OmegaConf.to_container(cfg, resolve=True),
-                name=run_dir.name,
-                run_id=wandb_run_id,
-                group=cfg.logger.get("group") or group or cfg.task_name,
-                tags=[*cfg.logger.get("tags", []), *tags],
+    state = load_trainer_state(resume_from) if resume_from else None
+    run_id = state.get("wandb_run_id") if state else None
+    logger = None
+    if dist.is_main:
+        loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=state and state["step"])]
+        if cfg.get("logger"):
+            loggers.append(
+                build(cfg.logger, "logger")(
+                    run_dir=run_dir,
+                    config=OmegaConf.to_container(cfg, resolve=True),
+                    name=run_dir.name,
+                    run_id=run_id,
+                    group=cfg.logger.get("group") or group or cfg.task_name,
+                    tags=[*cfg.logger.get("tags", []), *tags],
+                )
             )
-        )
-    logger = MultiLogger(loggers)
-    wandb_run_id = next((lg.run_id for lg in loggers if hasattr(lg, "run_id")), None)
-
-    def checkpoint(name: str) -> Path:
-        # A checkpoint with NaN weights would be resumed from, evaluated and shipped as if good.
-        if not all_finite(params):
-            raise NonFiniteError(
-                f"step {step}: the weights hold NaN or inf; refusing to write "
-                f"{checkpoints / name}. {last_good()}"
-            )
-        state = {
-            "step": step,
-            "best": best,
-            "wandb_run_id": wandb_run_id,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "task": task.state_dict(),
-            "sampler": sampler.state_dict(),
-            "rng": rng_state(),
-            "nonfinite_steps": nonfinite_steps,
-        }
-        return save_checkpoint(checkpoints, name, model, state)
-
-    def last_good() -> str:
-        found = latest_checkpoint(checkpoints)
-        return (
-            f"The last good checkpoint is {found}."
-            if found is not None
-            else "No checkpoint was written before."
-        )
-
-    def nonfinite(loss: float, grad_norm: float) -> None:
-        """Stop, or skip this step's update, as ``trainer.on_nonfinite`` says."""
-        nonlocal nonfinite_steps
-        nonfinite_steps += 1
-        what = f"step {step + 1}: loss {loss}, gradient norm {grad_norm}"
-        advice = "lower optim.lr, set trainer.grad_clip, or use trainer.on_nonfinite=skip"
-        if trainer.on_nonfinite == "stop":
-            raise NonFiniteError(f"{what}; training stopped. {last_good()} To go on: {advice}.")
-        if not all_finite(params):
-            # Skipping cannot help once the weights themselves are NaN: every step would fail.
-            raise NonFiniteError(f"{what} and the weights hold NaN or inf. {last_good()}")
-        log.warning("%s; update skipped (%d so far)", what, nonfinite_steps)
-
-    def evaluate_dev() -> None:
-        nonlocal best
-        metrics, _, _ = eval_cli.score(model, train_set.dev, evaluation, eval_dims)
-        model.train()
-        logger.log({f"dev/{k}": v for k, v in metrics.items()}, step)
-        if best is None or metrics[selection] > best["value"]:
-            best = {"step": step, "value": metrics[selection]}
-            checkpoint("best")
-        log.info(
-            "step %d: dev %s %.4f (best %.4f at step %d)",
-            step,
-            selection,
-            metrics[selection],
-            best["value"],
-            best["step"],
-        )
-
-    autocast = autocast_dtype(trainer.precision, device)
-    batches = endless_batches(sampler)
-    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step")
-
-    def train_one_step() -> None:
-        """One batch: forward, backward, update (or the non-finite policy), log, evaluate on
-        the dev set and save when their turns come."""
-        nonlocal step
-        start = time.perf_counter()
-        batch = task.make_batch([train_set.examples[i] for i in next(batches)])
-        result = train_step(
+        logger = MultiLogger(loggers)
+        run_id = next((lg.run_id for lg in loggers if hasattr(lg, "run_id")), run_id)
+    with naming("trainer", TrainerConfig):
+        fitter = Trainer(
             model,
             task,
-            batch,
-            autocast=autocast,
-            cache_chunk_size=trainer.cache_chunk_size,
+            train_set,
+            trainer,
+            evaluation,
+            plan.optimizer,
+            plan.scheduler,
+            checkpoints=checkpoints,
+            logger=logger,
+            seed=cfg.seed,
             max_length=max_length,
+            run_id=run_id,
+            dist=dist,
         )
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, trainer.grad_clip or math.inf))
-        if math.isfinite(result.loss) and math.isfinite(grad_norm):
-            optimizer.step()
-        else:
-            nonfinite(result.loss, grad_norm)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.perf_counter() - start
-        progress.update()
-        progress.set_postfix(loss=f"{result.loss:.4f}", ex_s=f"{batch.size / elapsed:.1f}")
-        if step % trainer.log_every == 0:
-            logger.log(
-                {
-                    "train/loss": result.loss,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm,
-                    "train/nonfinite_steps": nonfinite_steps,
-                    "train/examples_per_s": batch.size / elapsed,
-                    "train/tokens": result.tokens,
-                    "train/tokens_per_s": result.tokens / elapsed,
-                    "train/seq_len_max": result.seq_len_max,
-                    "train/epoch": sampler.epoch,
-                    **{f"train/{k}": v for k, v in result.stats.items()},
-                },
-                step,
-            )
-        if train_set.dev is not None and trainer.eval_every and step % trainer.eval_every == 0:
-            evaluate_dev()
-        if step % trainer.save_every == 0:
-            checkpoint(f"step-{step:08d}")
-            prune_checkpoints(checkpoints, keep=trainer.keep_checkpoints)
-
-    # SIGTERM during training becomes Terminated and is saved like Ctrl-C.
-    with sigterm_raises():
-        try:
-            while step < total_steps:
-                train_one_step()
-        except (KeyboardInterrupt, Terminated) as stop:
-            how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated (SIGTERM)"
-            log.warning("%s at step %d: saving checkpoints/last before exiting", how, step)
-            if all_finite(params):
-                checkpoint("last")
-            raise
-        finally:
-            progress.close()
-    if train_set.dev is not None and (not trainer.eval_every or step % trainer.eval_every):
-        evaluate_dev()
-    checkpoint("last")
+    if state is not None:
+        fitter.load_state_dict(state)
+        fitter.run_id = run_id
+        log.info("resumed from %s at step %d", resume_from, fitter.step)
+    best = fitter.fit()
     log.info("final model: %s", checkpoints / "last")
 
     final: dict[str, float] = {}
@@ -495,16 +325,24 @@ def train(
         selected = checkpoints / ("best" if best else "last")
         log.info("evaluating %s on %s", selected, plan.eval_data)
         selected_model = BiEncoder.from_pretrained(selected, device=device)
+        if dist.enabled:
+            selected_model = ShardedEncoder(selected_model, dist)
         with naming("eval_data", plan.eval_data):
             dataset = plan.eval_data.load()
-        final = eval_cli.evaluate(selected_model, dataset, evaluation, run_dir, eval_dims)
-        logger.summary({f"test/{k}": v for k, v in final.items()})
+        out_dir = run_dir if dist.is_main else None
+        final = evaluate(selected_model, dataset, evaluation, out_dir, evaluation.matryoshka_dims)
+        if logger is not None:
+            logger.summary({f"test/{k}": v for k, v in final.items()})
     if best is not None:
-        final = {**final, f"dev/{selection}": best["value"]}
-        logger.summary({f"dev/best_{selection}": best["value"]})
-    # Written by every run that reaches its end, so a finished run is told from a killed one.
-    logger.summary({"train/steps": step, "train/nonfinite_steps": nonfinite_steps})
-    logger.finish()
+        final = {**final, f"dev/{fitter.selection}": best["value"]}
+    if logger is not None:
+        if best is not None:
+            logger.summary({f"dev/best_{fitter.selection}": best["value"]})
+        # Written by every run that reaches its end, so a finished run is told from a killed one.
+        logger.summary(
+            {"train/steps": fitter.step, "train/nonfinite_steps": fitter.nonfinite_steps}
+        )
+        logger.finish()
     return final
 
 
@@ -586,13 +424,23 @@ def main(cfg: DictConfig) -> dict[str, float] | float:
     if cfg.trainer.resume is not False:
         choices = dict(hydra_config.runtime.choices)
         cfg, launch = resumed_config(cfg, cfg.trainer.resume, run_dir, overrides, choices)
-    log_trainer_choice(hydra_config)
+    dist = init_distributed(cfg.device)
+    if dist.enabled:
+        # Without hydra.run.dir, each rank dates its own folder: rank 0's is the run's.
+        run_dir = Path(dist.broadcast_object(str(run_dir)))
+        if not dist.is_main:
+            # Rank 0 reports progress; the others speak up only for warnings and errors.
+            logging.getLogger().setLevel(logging.WARNING)
+    if dist.is_main:
+        log_trainer_choice(hydra_config)
     group, tags = sweep_identity(hydra_config, cfg.task_name)
     try:
-        metrics = train(cfg, run_dir, group, tags, launch)
+        metrics = train(cfg, run_dir, group, tags, launch, dist)
     except Terminated:
         log.warning("exiting with %d; continue with trainer.resume=true", EXIT_TERMINATED)
         raise SystemExit(EXIT_TERMINATED) from None
+    finally:
+        shutdown(dist)
     # A hyperparameter sweeper (Optuna) optimises the one number main returns.
     name = cfg.get("optimized_metric")
     if name is None:

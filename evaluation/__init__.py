@@ -17,6 +17,7 @@ from evaluation.retrieval import (
     evaluate_retrieval,
     evaluate_sts,
 )
+from evaluation.scoring import evaluate, score
 from evaluation.search import build_index, check_index_dims, search, to_run
 from evaluation.sts import pearson, spearman, sts_metrics
 from evaluation.table import format_table
@@ -33,6 +34,7 @@ __all__ = [
     "alignment",
     "build_index",
     "check_index_dims",
+    "evaluate",
     "evaluate_retrieval",
     "evaluate_sts",
     "format_table",
@@ -43,6 +45,7 @@ __all__ = [
     "read_trec_qrels",
     "read_trec_run",
     "retrieval_metrics",
+    "score",
     "search",
     "spearman",
     "sts_metrics",

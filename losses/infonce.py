@@ -32,6 +32,7 @@ memory in the "torch" and "triton" paths, and the same loss and gradients as wit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -61,6 +62,18 @@ class InfoNCEStats:
     """[B] int64: columns j != i with doc_ids[j] == doc_ids[i] (all 0 without doc_ids)."""
     num_docs: int
     """N, the number of columns."""
+    num_positives: int | None = None
+    """How many leading columns are positives (B); None = one per row. Set where the rows
+    are a part of a larger batch whose columns were gathered (training on several ranks)."""
+
+    def with_columns(self, columns: torch.Tensor, num_positives: int) -> InfoNCEStats:
+        """These statistics with ``best_other_index`` mapped through ``columns`` (column j
+        of the loss was column ``columns[j]`` of the batch) and ``num_positives`` set."""
+        found = self.best_other_index >= 0
+        index = torch.where(
+            found, columns.to(self.best_other_index.device)[self.best_other_index.clamp_min(0)], -1
+        )
+        return dataclasses.replace(self, best_other_index=index, num_positives=num_positives)
 
     def summary(self) -> dict[str, float]:
         """Batch means as plain floats, with one host synchronisation.
@@ -77,10 +90,11 @@ class InfoNCEStats:
           than another query's positive; omitted when N == B or no row has another column.
         """
         batch = self.positive.shape[0]
+        positives = batch if self.num_positives is None else self.num_positives
         has_other = self.best_other_index >= 0
         beats_others = (self.positive > self.best_other) | ~has_other
         margins = torch.where(has_other, self.positive - self.best_other, 0.0)
-        mined = has_other & (self.best_other_index >= batch)
+        mined = has_other & (self.best_other_index >= positives)
         accuracy, margin_sum, rows_with_other, false_negatives, mined_rows = torch.stack(
             [
                 beats_others.double().mean(),
@@ -97,7 +111,7 @@ class InfoNCEStats:
         }
         if rows_with_other:
             summary["margin"] = margin_sum / rows_with_other
-            if self.num_docs > batch:
+            if self.num_docs > positives:
                 summary["hardest_negative_mined_fraction"] = mined_rows / rows_with_other
         return summary
 
@@ -500,14 +514,40 @@ class InfoNCELoss(nn.Module):
         d: torch.Tensor,
         doc_ids: torch.Tensor | None = None,
         return_stats: bool = False,
+        queries: torch.Tensor | None = None,
+        query_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
-        """The loss, or ``(loss, InfoNCEStats)`` with ``return_stats`` (see :func:`info_nce`)."""
-        return info_nce(
+        """The loss, or ``(loss, InfoNCEStats)`` with ``return_stats`` (see :func:`info_nce`).
+
+        ``queries`` [M, D], M >= B, replaces ``q`` as what the symmetric (document→query)
+        term ranks each positive ``d[i]`` against: ``queries[i]`` is its own query, the rest
+        compete with it, and ``query_ids`` [M] (the doc ids of the queries' positives) masks
+        false negatives among them as ``doc_ids[:B]`` does by default. Training on several
+        ranks passes the queries of the whole batch here, this rank's first.
+        """
+        if queries is None:
+            return info_nce(
+                q,
+                d,
+                self.temperature,
+                symmetric=self.symmetric,
+                doc_ids=doc_ids,
+                impl=self.impl,
+                return_stats=return_stats,
+            )
+        forward = info_nce(
             q,
             d,
             self.temperature,
-            symmetric=self.symmetric,
             doc_ids=doc_ids,
             impl=self.impl,
             return_stats=return_stats,
         )
+        if not self.symmetric:
+            return forward
+        loss, stats = forward if return_stats else (forward, None)
+        backward = info_nce(
+            d[: q.shape[0]], queries, self.temperature, doc_ids=query_ids, impl=self.impl
+        )
+        loss = (loss + backward) / 2
+        return (loss, stats) if return_stats else loss

@@ -122,9 +122,9 @@ class CoSENTLoss(nn.Module):
 class MatryoshkaLoss(nn.Module):
     """Σ_k weights[k] · loss(embeddings truncated to their first dims[k] components).
 
-    Every positional floating-point argument with at least two dimensions is treated as
-    embeddings and truncated; other arguments (labels, scores, doc ids, keywords) pass
-    through unchanged. Truncated embeddings are L2-normalised again when ``normalize`` is
+    Every floating-point argument with at least two dimensions, positional or keyword, is
+    treated as embeddings and truncated; other arguments (labels, scores, doc ids, flags)
+    pass through unchanged. Truncated embeddings are L2-normalised again when ``normalize`` is
     true; by default that follows the inner loss's ``expects_normalized`` attribute, which
     is set on losses built on raw dot products (InfoNCE), where truncating a unit vector
     would shrink its logits. Cosine losses are indifferent to the norm and euclidean ones
@@ -166,7 +166,10 @@ class MatryoshkaLoss(nn.Module):
         the statistics of the widest truncation."""
         total, widest_stats = None, None
         for dim, weight in zip(self.dims, self.weights, strict=True):
-            out = self.loss(*(self._truncate(arg, dim) for arg in args), **kwargs)
+            out = self.loss(
+                *(self._truncate(arg, dim) for arg in args),
+                **{name: self._truncate(arg, dim) for name, arg in kwargs.items()},
+            )
             if isinstance(out, tuple):
                 out, stats = out
                 if dim == max(self.dims):

@@ -62,7 +62,7 @@ DATA_PLAN = """
 import hashlib, json, sys
 from data import NoDuplicateBatchSampler
 from data.training_sets import BeirTrainingSet
-from train import example_texts
+from training.trainer import example_texts
 
 seed = int(sys.argv[1])
 data = BeirTrainingSet(sys.argv[2], dev_queries=4, dev_corpus_size=30, hard_negatives=2,

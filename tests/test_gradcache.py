@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from examples import SCORED
 from transformers import AutoTokenizer
 
-from data.sts import ScoredPair
 from data.training import Pair, Triplet
 from losses import InfoNCELoss
 from model import BiEncoder, BiEncoderConfig, Encoder, EncoderConfig, Tower
@@ -30,14 +30,6 @@ TRIPLETS = [
     Triplet("boiling point of water", "100 degrees Celsius at sea level", ("ice", "steam")),
 ]
 PAIRS = [Pair(t.query, t.positive) for t in TRIPLETS]
-SCORED = [
-    ScoredPair("a man plays guitar", "a person plays an instrument", 4.2),
-    ScoredPair("a cat sleeps", "a dog barks loudly at night", 0.8),
-    ScoredPair("the sun is hot", "the sun is very hot", 4.9),
-    ScoredPair("kids play football", "children are playing soccer outside", 4.0),
-    ScoredPair("it rains", "stock markets fell", 0.0),
-    ScoredPair("a woman cooks", "a woman is cooking dinner", 3.1),
-]
 # Larger than every column, so that each column is one chunk.
 WHOLE = 100
 

@@ -35,7 +35,6 @@ from configs import compose_train, tiny_overrides
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
-import eval as eval_cli
 import train as train_cli
 from losses import infonce as infonce_module
 from model import EncoderConfig
@@ -379,7 +378,8 @@ def spying(monkeypatch: pytest.MonkeyPatch):
         spy.index_calls.append({"k": k, **kwargs})
         return search(index, queries, k, **kwargs)
 
-    evaluate_retrieval = eval_cli.evaluate_retrieval
+    scoring = importlib.import_module("evaluation.scoring")
+    evaluate_retrieval = scoring.evaluate_retrieval
 
     def spied_evaluate_retrieval(model, dataset, **kwargs):
         spy.evaluated.append({"queries": len(dataset.queries), "corpus": sorted(dataset.corpus)})
@@ -391,7 +391,7 @@ def spying(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(infonce_module, name, recording(name, getattr(infonce_module, name)))
     monkeypatch.setattr(retrieval, "build_index", spied_build_index)
     monkeypatch.setattr(retrieval, "search", spied_search)
-    monkeypatch.setattr(eval_cli, "evaluate_retrieval", spied_evaluate_retrieval)
+    monkeypatch.setattr(scoring, "evaluate_retrieval", spied_evaluate_retrieval)
     try:
         yield spy
     finally:

@@ -62,9 +62,44 @@ def test_slurm_launcher_composes_with_our_values():
     ours = OmegaConf.load(CONF / "hydra" / "launcher" / "slurm.yaml")
     del ours.defaults
     # Ours come after the plugin's defaults (_self_ last), so every value here wins.
-    assert {key: launcher[key] for key in ours} == OmegaConf.to_container(ours)
-    assert launcher.gpus_per_node == 1
+    assert {key: launcher[key] for key in ours} == OmegaConf.to_container(ours, resolve=True)
+    assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
     assert launcher.partition is None
+
+
+def test_slurm_launcher_submits_one_training_process_per_gpu(tmp_path, monkeypatch):
+    """The sbatch script submitit would submit, built as hydra-submitit-launcher builds its
+    executor: K GPUs give K tasks per node, each a rank of one DDP run."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from submitit.slurm.slurm import SlurmExecutor
+
+    # The executor looks for srun; writing the script needs none.
+    monkeypatch.setattr(SlurmExecutor, "affinity", staticmethod(lambda: 1))
+
+    launcher = compose_train(
+        "hydra/launcher=slurm",
+        "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.partition=gpu",
+        hydra_config=True,
+    ).hydra.launcher
+    params = OmegaConf.to_container(launcher, resolve=True)
+    params.pop("_target_")
+    executor = submitit.AutoExecutor(
+        folder=tmp_path, cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
+    params.pop("submitit_folder")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    script = executor._executor._make_submission_file_text("python -u train.py", "uid")
+    for line in (
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --nodes=1",
+        "#SBATCH --partition=gpu",
+    ):
+        assert line in script, script
 
 
 def test_local_launcher_composes_to_joblib():

@@ -25,6 +25,7 @@ from wandb_file import run_contents
 import train as train_cli
 from model import POOLING_HEADS, BiEncoder
 from training.hydra_config import ConfigError
+from training.trainer import NonFiniteError
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -449,7 +450,7 @@ def test_divergence_stops_naming_the_step_and_the_last_good_checkpoint(tiny_run,
         "trainer.eval=false",
         "train_data.dev_queries=0",
     )
-    with pytest.raises(train_cli.NonFiniteError) as stopped:
+    with pytest.raises(NonFiniteError) as stopped:
         train_cli.train(compose_train(*overrides), tmp_path)
     message = str(stopped.value)
     assert "training stopped" in message or "weights hold NaN" in message
@@ -480,7 +481,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_run, tmp_path, monkeypatch
             return dataclasses.replace(result, loss=float("nan"))
         return result
 
-    monkeypatch.setattr(train_cli, "train_step", nan_at_second_step)
+    monkeypatch.setattr("training.trainer.train_step", nan_at_second_step)
     overrides = tiny_run(
         "beir", "trainer.on_nonfinite=skip", "trainer.max_steps=3", "trainer.eval=false"
     )
@@ -489,7 +490,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_run, tmp_path, monkeypatch
     assert [line["train/nonfinite_steps"] for line in lines] == [0, 1, 1]
     assert (tmp_path / "checkpoints" / "last").is_dir()
 
-    with pytest.raises(train_cli.NonFiniteError, match=r"step 2: loss nan.*training stopped"):
+    with pytest.raises(NonFiniteError, match=r"step 2: loss nan.*training stopped"):
         calls.clear()
         train_cli.train(
             compose_train(*tiny_run("beir", "trainer.max_steps=3", "trainer.eval=false")),

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from model.biencoder import BiEncoder, Kind
 from training.tasks import Task, TextBatch
@@ -98,6 +99,42 @@ def _tokenize(
     return {name: t.to(model.device) for name, t in features.items()}
 
 
+class ColumnEncoder(nn.Module):
+    """The model's forward over several tokenized columns in one call.
+
+    DistributedDataParallel expects one forward call between two backward passes; a step
+    embeds its columns (queries, positives, negatives) through this wrapper so that, with
+    DDP around it, a step is one call whichever towers the columns use.
+    """
+
+    def __init__(self, model: BiEncoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, features: list[dict[str, torch.Tensor]], kinds: list[Kind]
+    ) -> list[torch.Tensor]:
+        return [self.model(f, kind) for f, kind in zip(features, kinds, strict=True)]
+
+
+def _at_least_fp32(embeddings: torch.Tensor) -> torch.Tensor:
+    # Losses are computed in at least fp32: half-precision logits lose the small
+    # differences that a softmax or a ranking is made of.
+    return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+
+
+def _encode(
+    encoder: nn.Module,
+    features: list[dict[str, torch.Tensor]],
+    kinds: list[Kind],
+    device: torch.device,
+    autocast: torch.dtype | None,
+) -> list[torch.Tensor]:
+    with _autocast(device, autocast):
+        embeddings = encoder(features, kinds)
+    return [_at_least_fp32(e) for e in embeddings]
+
+
 def _embed(
     model: BiEncoder,
     features: dict[str, torch.Tensor],
@@ -105,10 +142,7 @@ def _embed(
     autocast: torch.dtype | None,
 ) -> torch.Tensor:
     with _autocast(model.device, autocast):
-        embeddings = model(features, kind)
-    # Losses are computed in at least fp32: half-precision logits lose the small
-    # differences that a softmax or a ranking is made of.
-    return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+        return _at_least_fp32(model(features, kind))
 
 
 def _check_chunk_size(name: str, chunk_size: int | None) -> None:
@@ -156,6 +190,7 @@ def train_step(
     cache_chunk_size: int | None = None,
     autocast: torch.dtype | None = None,
     max_length: int | None = None,
+    encoder: nn.Module | None = None,
 ) -> StepResult:
     """Compute ``task``'s loss on ``batch`` and backpropagate it.
 
@@ -166,18 +201,26 @@ def train_step(
     chunk whatever the batch size. ``autocast`` is a dtype for ``torch.autocast`` around
     the encoder's forward passes; the loss itself is computed in fp32. ``max_length``
     truncates the texts for this step only (the model's saved limit is unchanged).
+
+    ``encoder`` embeds tokenized columns with gradients: a :class:`ColumnEncoder` of
+    ``model`` by default, the same wrapped in DistributedDataParallel on several ranks
+    (``batch`` is then this rank's shard, and GradCache defers DDP's gradient all-reduce to
+    the last chunk with ``no_sync``).
     """
     _check_chunk_size("cache_chunk_size", cache_chunk_size)
+    encoder = encoder or ColumnEncoder(model)
     counts = TokenCount()
     if cache_chunk_size is None:
-        embeddings = embed_columns(
-            model, batch, autocast=autocast, max_length=max_length, counts=counts
-        )
+        features = []
+        for column, kind in zip(batch.columns, batch.kinds, strict=True):
+            features.append(_tokenize(model, column, kind, max_length))
+            counts.add(features[-1])
+        embeddings = _encode(encoder, features, batch.kinds, model.device, autocast)
         loss, stats = task(embeddings, batch)
         loss.backward()
     else:
         loss, stats = _grad_cache_step(
-            model, task, batch, cache_chunk_size, autocast, max_length, counts
+            model, task, batch, cache_chunk_size, autocast, max_length, counts, encoder
         )
     return StepResult(loss.item(), stats, counts.tokens, counts.seq_len_max)
 
@@ -201,6 +244,7 @@ def _grad_cache_step(
     autocast: torch.dtype | None,
     max_length: int | None,
     counts: TokenCount,
+    encoder: nn.Module,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     chunks: list[_Chunk] = []
     columns: list[torch.Tensor] = []
@@ -221,12 +265,15 @@ def _grad_cache_step(
     loss, stats = task(leaves, batch)
     loss.backward()
 
-    for chunk in chunks:
-        grad = leaves[chunk.column].grad
-        # A column the loss ignores has no gradient to pass on, and needs no second pass.
-        if grad is None:
-            continue
-        with chunk.random_state.replay():
-            embeddings = _embed(model, chunk.features, chunk.kind, autocast)
-        embeddings.backward(grad[chunk.rows])
+    # A column the loss ignores has no gradient to pass on, and needs no second pass.
+    chunks = [chunk for chunk in chunks if leaves[chunk.column].grad is not None]
+    no_sync = getattr(encoder, "no_sync", contextlib.nullcontext)
+    for number, chunk in enumerate(chunks, 1):
+        # Under DDP, gradients are all-reduced once, with the last chunk's backward.
+        with no_sync() if number < len(chunks) else contextlib.nullcontext():
+            with chunk.random_state.replay():
+                (embeddings,) = _encode(
+                    encoder, [chunk.features], [chunk.kind], model.device, autocast
+                )
+            embeddings.backward(leaves[chunk.column].grad[chunk.rows])
     return loss.detach(), stats

@@ -34,6 +34,7 @@ from losses import (
 )
 from losses.pairwise import pair_distance
 from model.biencoder import Kind
+from training.distributed import Distributed, gather
 
 Example = Pair | Triplet | ScoredPair
 
@@ -45,8 +46,11 @@ class TextBatch:
     """The texts of one batch, grouped into columns that are embedded separately.
 
     ``columns[c]`` is embedded by the tower ``kinds[c]`` into a ``[len(columns[c]), dim]``
-    tensor. ``targets`` holds a task's float scores or 0/1 labels, ``doc_ids`` the ids of
-    InfoNCE's documents (equal ids mark equal texts), ``size`` the number of examples.
+    tensor. ``targets`` holds a task's float scores or 0/1 labels, one per row of the
+    columns; ``doc_ids`` the ids of InfoNCE's documents, the rows of columns 1.. in order
+    (equal ids mark equal texts); ``size`` the number of examples; ``owners[c][r]`` the
+    example that row r of column c comes from. ``shard`` is set on the part of a batch one
+    rank of a multi-process run embeds (see :meth:`shard_for`).
     """
 
     columns: list[list[str]]
@@ -54,6 +58,61 @@ class TextBatch:
     targets: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
     size: int = 0
+    owners: list[list[int]] | None = None
+    shard: Shard | None = None
+
+    def shard_for(self, dist: Distributed) -> TextBatch:
+        """The rows of this rank's examples (a contiguous ``size / world_size`` of them), in
+        every column, with the doc ids and targets of those rows; the whole batch stays
+        reachable through ``shard`` so that the loss can gather what it needs."""
+        examples = dist.shard(self.size)
+        per_rank = examples.stop - examples.start
+
+        def rows_of(owners: list[int], rank: int) -> list[int]:
+            return [r for r, owner in enumerate(owners) if owner // per_rank == rank]
+
+        local = [rows_of(owners, dist.rank) for owners in self.owners]
+        gathered = [
+            [r for rank in range(dist.world_size) for r in rows_of(owners, rank)]
+            for owners in self.owners
+        ]
+        # doc_ids number the rows of columns 1.. one after the other.
+        starts = [
+            sum(len(column) for column in self.columns[1:c]) for c in range(len(self.columns))
+        ]
+        doc_rows = [starts[c] + r for c in range(1, len(self.columns)) for r in local[c]]
+        return TextBatch(
+            columns=[[col[r] for r in rows] for col, rows in zip(self.columns, local, strict=True)],
+            kinds=self.kinds,
+            targets=None if self.targets is None else self.targets[local[0]],
+            doc_ids=None if self.doc_ids is None else self.doc_ids[doc_rows],
+            size=per_rank,
+            owners=[[own[r] for r in rows] for own, rows in zip(self.owners, local, strict=True)],
+            shard=Shard(dist, self, examples, gathered),
+        )
+
+
+@dataclass
+class Shard:
+    """Where one rank's part of a batch sits in the whole batch.
+
+    ``examples`` are the whole batch's examples this rank holds; ``gathered[c]`` is, for
+    column c, the whole-batch row of each row that :func:`training.distributed.gather`
+    returns (the ranks' rows in rank order), so that gathered embeddings can be put back in
+    the whole batch's order.
+    """
+
+    dist: Distributed
+    whole: TextBatch
+    examples: slice
+    gathered: list[list[int]]
+
+    def gather(self, embeddings: torch.Tensor, column: int) -> torch.Tensor:
+        """Every rank's embeddings of ``column``, in the whole batch's row order, with
+        gradient (see :func:`training.distributed.gather`)."""
+        rows = gather(embeddings, self.dist)
+        order = torch.as_tensor(self.gathered[column], device=rows.device)
+        return rows[torch.argsort(order)]
 
 
 def _join(names: Sequence[str], conjunction: str = "or") -> str:
@@ -113,8 +172,30 @@ class Task(nn.Module):
     def forward(
         self, embeddings: list[torch.Tensor], batch: TextBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one embedding tensor per column of ``batch``, and statistics."""
+        """The loss of one embedding tensor per column of ``batch``, and statistics.
+
+        On a rank's shard of a batch (several processes), the loss this rank backpropagates:
+        their mean over ranks is the whole batch's loss, so that DDP, which averages the
+        gradients, and the gather, which sums each row's gradient over ranks, reproduce the
+        single-process gradient."""
+        if batch.shard is None:
+            return self.compute(embeddings, batch)
+        return self.compute_sharded(embeddings, batch)
+
+    def compute(
+        self, embeddings: list[torch.Tensor], batch: TextBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss and statistics of a whole batch."""
         raise NotImplementedError
+
+    def compute_sharded(
+        self, embeddings: list[torch.Tensor], batch: TextBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Gather every column and compute the whole batch's loss on every rank: simple and
+        exact, at the cost of each rank repeating the loss (cheap for the pair losses)."""
+        shard = batch.shard
+        whole = [shard.gather(e, column) for column, e in enumerate(embeddings)]
+        return self.compute(whole, shard.whole)
 
     def check_accepts(self, example_type: type) -> None:
         """Raise a ValueError, before any data is read, if this task cannot train on
@@ -161,6 +242,16 @@ def _check_score_range(examples: Sequence[Example], score_scale: float) -> None:
                 f"(loss.score_scale={score_scale}); set loss.score_scale to the top of the "
                 "data's scale"
             )
+
+
+def _each(examples: Sequence[Example]) -> list[int]:
+    """Owners of a column with one row per example."""
+    return list(range(len(examples)))
+
+
+def _per_negative(examples: Sequence[Triplet]) -> list[int]:
+    """Owners of a column with one row per negative, example by example."""
+    return [i for i, example in enumerate(examples) for _ in example.negatives]
 
 
 def _negatives(examples: Sequence[Triplet]) -> list[str]:
@@ -227,14 +318,18 @@ class InfoNCETask(Task):
         negatives = _negatives(examples) if example_type is Triplet else []
         if negatives:
             columns.append(negatives)
+        owners = [_each(examples), _each(examples)]
+        if negatives:
+            owners.append(_per_negative(examples))
         return TextBatch(
             columns=columns,
             kinds=["query"] + ["doc"] * (len(columns) - 1),
             doc_ids=_text_ids(columns[1] + negatives),
             size=len(examples),
+            owners=owners,
         )
 
-    def forward(
+    def compute(
         self, embeddings: list[torch.Tensor], batch: TextBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         q, d = embeddings[0], torch.cat(embeddings[1:])
@@ -242,6 +337,37 @@ class InfoNCETask(Task):
         # The loss computes the ranking statistics in its own pass: O(B), never the B×N scores.
         loss, stats = self.loss(q, d, doc_ids, return_stats=True)
         return loss, {**stats.summary(), **self._temperature_stats()}
+
+    def compute_sharded(
+        self, embeddings: list[torch.Tensor], batch: TextBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """This rank's queries against every rank's documents: no rank holds the B×N logits
+        or repeats another's queries. The gathered documents are reordered so that this
+        rank's positives come first, where the loss expects a query's positive; the loss is
+        a sum over columns, so the order of the others does not matter."""
+        shard = batch.shard
+        whole = shard.whole
+        q = embeddings[0]
+        d = torch.cat([shard.gather(e, c) for c, e in enumerate(embeddings) if c > 0])
+        mine = torch.arange(shard.examples.start, shard.examples.stop)
+        columns = torch.cat([mine, _except(mine, d.shape[0])]).to(q.device)
+        doc_ids = whole.doc_ids.to(q.device)
+        extra = {}
+        if self.base_loss.symmetric:
+            # The document→query term ranks each local positive against every query.
+            queries = torch.cat([mine, _except(mine, whole.size)]).to(q.device)
+            extra = {
+                "queries": shard.gather(q, 0)[queries],
+                "query_ids": doc_ids[: whole.size][queries],
+            }
+        loss, stats = self.loss(q, d[columns], doc_ids[columns], return_stats=True, **extra)
+        stats = stats.with_columns(columns, num_positives=whole.size)
+        return loss, {**stats.summary(), **self._temperature_stats()}
+
+
+def _except(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """``range(count)`` without ``rows`` (a contiguous run), in order."""
+    return torch.cat([torch.arange(0, int(rows[0])), torch.arange(int(rows[-1]) + 1, count)])
 
 
 class TripletTask(Task):
@@ -281,11 +407,17 @@ class TripletTask(Task):
             columns.append(_negatives(examples))
         else:
             _check_in_batch_negatives(self, len(examples))
+        owners = [_each(examples), _each(examples)]
+        if example_type is Triplet:
+            owners.append(_per_negative(examples))
         return TextBatch(
-            columns=columns, kinds=["query"] + ["doc"] * (len(columns) - 1), size=len(examples)
+            columns=columns,
+            kinds=["query"] + ["doc"] * (len(columns) - 1),
+            size=len(examples),
+            owners=owners,
         )
 
-    def forward(
+    def compute(
         self, embeddings: list[torch.Tensor], batch: TextBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         anchor, positive = embeddings[0], embeddings[1]
@@ -350,27 +482,32 @@ class ContrastiveTask(Task):
                 kinds=["query", "query"],
                 targets=torch.tensor([float(s >= self.threshold) for s in scores]),
                 size=len(examples),
+                owners=[_each(examples), _each(examples)],
             )
         queries = [e.query for e in examples]
         positives = [e.positive for e in examples]
         if example_type is Triplet:
             left = queries + [e.query for e in examples for _ in e.negatives]
             right = positives + _negatives(examples)
+            owners = _each(examples) + _per_negative(examples)
         else:
             _check_in_batch_negatives(self, len(examples))
             left, right = queries + queries, positives + _shifted(positives)
+            # Row B + i pairs query i with the next positive: it belongs to example i.
+            owners = _each(examples) + _each(examples)
         labels = [1.0] * len(examples) + [0.0] * (len(left) - len(examples))
         return TextBatch(
             columns=[left, right],
             kinds=["query", "doc"],
             targets=torch.tensor(labels),
             size=len(examples),
+            owners=[owners, owners],
         )
 
     def check_examples(self, examples: Sequence[Example]) -> None:
         _check_score_range(examples, self.score_scale)
 
-    def forward(
+    def compute(
         self, embeddings: list[torch.Tensor], batch: TextBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         left, right = embeddings
@@ -417,9 +554,10 @@ class ScoredPairTask(Task):
             kinds=["query", "query"],
             targets=torch.tensor([e.score / self.score_scale for e in examples]),
             size=len(examples),
+            owners=[_each(examples), _each(examples)],
         )
 
-    def forward(
+    def compute(
         self, embeddings: list[torch.Tensor], batch: TextBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         a, b = embeddings

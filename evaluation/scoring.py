@@ -1,0 +1,77 @@
+"""Scoring a model as the evaluation settings say: the dispatch between retrieval (BEIR) and
+STS that both entry points and the trainer's dev evaluations use, and the final evaluation's
+files (metrics.json, run.trec) and printed table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from data import BeirDataset
+from evaluation.config import EvalConfig
+from evaluation.retrieval import evaluate_retrieval, evaluate_sts
+from evaluation.table import format_table
+from evaluation.trec import write_trec_run
+from model import BiEncoder
+
+log = logging.getLogger(__name__)
+
+
+def score(model: BiEncoder, dataset, evaluation: EvalConfig, matryoshka_dims: Sequence[int] = ()):
+    """Metrics, timings and (for retrieval) the run of ``model`` on a BEIR or STS dataset.
+
+    Full-dimension metrics are always there, so a Matryoshka dim equal to the model's is
+    not scored twice."""
+    matryoshka_dims = [d for d in matryoshka_dims if d != model.dim]
+    if isinstance(dataset, BeirDataset):
+        result = evaluate_retrieval(
+            model,
+            dataset,
+            ks=list(evaluation.ks),
+            index=evaluation.index,
+            matryoshka_dims=matryoshka_dims,
+            batch_size=evaluation.batch_size,
+            ignore_identical_ids=evaluation.ignore_identical_ids,
+        )
+        return result.metrics, result.timings, result.run
+    metrics = evaluate_sts(
+        model, dataset, matryoshka_dims=matryoshka_dims, batch_size=evaluation.batch_size
+    )
+    return metrics, {}, None
+
+
+def evaluate(
+    model: BiEncoder,
+    dataset,
+    evaluation: EvalConfig,
+    out_dir: Path | None,
+    matryoshka_dims: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Score ``model`` on ``dataset`` as ``evaluation`` says; write metrics.json (and
+    run.trec) into ``out_dir`` and print the table, unless ``out_dir`` is None (the ranks
+    of a multi-process run that help encode but do not write). ``matryoshka_dims``
+    replaces ``evaluation.matryoshka_dims`` when given."""
+    dims = list(evaluation.matryoshka_dims if matryoshka_dims is None else matryoshka_dims)
+    start = time.perf_counter()
+    metrics, timings, run = score(model, dataset, evaluation, dims)
+    metrics |= timings
+    metrics["eval_wall_s"] = time.perf_counter() - start
+    if out_dir is None:
+        return metrics
+    if run is not None:
+        write_trec_run(run, out_dir / "run.trec")
+        log.info(
+            "%d queries over %d documents (%s split)",
+            len(dataset.queries),
+            len(dataset.corpus),
+            dataset.split,
+        )
+    else:
+        log.info("%d sentence pairs", len(dataset))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(format_table(metrics))
+    log.info("wrote %s", out_dir / "metrics.json")
+    return metrics

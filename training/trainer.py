@@ -1,0 +1,387 @@
+"""The training loop: batches, steps, the non-finite policy, dev evaluation, checkpoints.
+
+    trainer = Trainer(model, task, train_set, config, evaluation, optimizer, scheduler,
+                      checkpoints=run_dir / "checkpoints", logger=logger, seed=0)
+    trainer.load_state_dict(load_trainer_state(path))   # when resuming
+    best = trainer.fit()
+
+A :class:`Trainer` holds everything a run changes as it goes (step, optimiser, scheduler,
+learnable loss parameters, the sampler's position, random states, the best dev score), and
+``state_dict()`` / ``load_state_dict()`` save and restore all of it, so a resumed run goes on
+exactly where the stopped one was.
+
+On several processes (``dist`` with ``world_size`` K > 1, started by torchrun or SLURM)
+every rank draws the same global batch of ``config.batch_size`` examples, embeds its own
+``batch_size / K`` of them through DistributedDataParallel, and gathers what the loss
+needs from the others (:meth:`training.tasks.TextBatch.shard_for`): the run is the
+single-process run at the same global batch. Rank 0 alone writes checkpoints, metrics
+and the progress bar; every rank takes part in evaluations, which encode their share of
+the texts (:class:`ShardedEncoder`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from data import BeirDataset
+from data.sampler import NoDuplicateBatchSampler
+from data.training_sets import TrainingSet
+from evaluation import EvalConfig, score
+from model import BiEncoder
+from training.checkpoint import (
+    latest_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from training.config import TrainerConfig
+from training.distributed import Distributed, gather
+from training.loggers import Logger
+from training.step import ColumnEncoder, train_step
+from training.tasks import Task
+
+log = logging.getLogger("train")
+
+SELECTION_METRIC = {"retrieval": "ndcg@10", "sts": "spearman"}
+# 128 + SIGTERM, what a shell reports for a process that SIGTERM ended: schedulers read it
+# as "terminated", and SLURM's --requeue then starts the job again, to resume.
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or inf (``trainer.on_nonfinite=stop``, or weights that skipping
+    a step cannot repair)."""
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (a scheduler's time limit or preemption): save, then exit."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while the block runs, so the training loop can
+    save ``last`` before the process ends (signal handlers exist in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"received signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def all_finite(parameters: Sequence[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in parameters)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    # bf16 autocast on a CPU without bf16 units is slower than fp32, so auto means CUDA only.
+    if precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ):
+        return torch.bfloat16
+    return None
+
+
+def example_texts(example) -> tuple[str, ...]:
+    if hasattr(example, "query"):
+        return (example.query, example.positive, *getattr(example, "negatives", ()))
+    return (example.text1, example.text2)
+
+
+def endless_batches(sampler: NoDuplicateBatchSampler) -> Iterator[list[int]]:
+    """Batches across epochs: each pass over the sampler ends by moving it to its next
+    epoch, and its state says where a resumed run continues."""
+    while True:
+        yield from sampler
+
+
+class ShardedEncoder:
+    """``model`` for the evaluators, with ``encode`` split across ranks: each encodes a
+    contiguous share of the texts and every rank gets all the embeddings back, in order.
+    Everything else is the model's."""
+
+    def __init__(self, model: BiEncoder, dist: Distributed) -> None:
+        self.model = model
+        self.dist = dist
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def encode(self, texts: list[str], *args, show_progress: bool | None = None, **kwargs):
+        count = len(texts)
+        per_rank = -(-count // self.dist.world_size)
+        start = min(self.dist.rank * per_rank, count)
+        stop = min(start + per_rank, count)
+        mine = self.model.encode(
+            texts[start:stop], *args, show_progress=show_progress and self.dist.is_main, **kwargs
+        )
+        return gather(mine.to(self.dist.device), self.dist).cpu()
+
+
+class Trainer:
+    """Trains ``model`` with ``task`` on ``train_set`` as ``config`` says (see the module
+    docstring); ``optimizer`` and ``scheduler`` are factories (Hydra partials) called on the
+    parameters and the run's length. ``max_length`` is the token limit of a training text;
+    ``logger`` receives the metrics (on rank 0; pass None elsewhere); ``run_id`` is the W&B
+    run id a resumed run continues."""
+
+    def __init__(
+        self,
+        model: BiEncoder,
+        task: Task,
+        train_set: TrainingSet,
+        config: TrainerConfig,
+        evaluation: EvalConfig,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler],
+        *,
+        checkpoints: Path,
+        logger: Logger | None,
+        seed: int,
+        max_length: int,
+        run_id: str | None = None,
+        dist: Distributed | None = None,
+    ) -> None:
+        self.model, self.task, self.train_set = model, task, train_set
+        self.config, self.evaluation = config, evaluation
+        self.checkpoints, self.logger, self.run_id = checkpoints, logger, run_id
+        self.max_length = max_length
+        self.dist = dist or Distributed(device=model.device)
+        self.sampler = NoDuplicateBatchSampler(
+            [example_texts(e) for e in train_set.examples], config.batch_size, seed=seed
+        )
+        if len(self.sampler) == 0:
+            raise ValueError(f"batch_size: {self.sampler.explain_empty_epoch()}")
+        self.total_steps = config.max_steps or config.epochs * len(self.sampler)
+        self.params = [p for p in (*model.parameters(), *task.parameters()) if p.requires_grad]
+        self.optimizer = optimizer(self.params)
+        self.scheduler = scheduler(self.optimizer, num_training_steps=self.total_steps)
+        dev_kind = "retrieval" if isinstance(train_set.dev, BeirDataset) else "sts"
+        self.selection = SELECTION_METRIC[dev_kind]
+        self.autocast = autocast_dtype(config.precision, model.device)
+        self.step = 0
+        self.best: dict[str, float] | None = None
+        self.nonfinite_steps = 0
+        self.encoder = ColumnEncoder(model)
+        if self.dist.enabled:
+            # A tower that a GradCache chunk does not use has parameters DDP must not wait for.
+            unused = config.cache_chunk_size is not None and not model.config.shared
+            self.encoder = DistributedDataParallel(
+                self.encoder,
+                device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
+                find_unused_parameters=unused,
+            )
+
+    # ------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint stores besides the model. Random states are every rank's."""
+        return {
+            "step": self.step,
+            "best": self.best,
+            "wandb_run_id": self.run_id,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "task": self.task.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": self.dist.all_gather_objects(rng_state()),
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.task.load_state_dict(state["task"])
+        self.sampler.load_state_dict(state["sampler"])
+        states = state["rng"]
+        if len(states) != self.dist.world_size:
+            log.warning(
+                "the checkpoint holds random states for %d ranks, this run has %d: dropout "
+                "masks will differ from the interrupted run's",
+                len(states),
+                self.dist.world_size,
+            )
+        set_rng_state(states[min(self.dist.rank, len(states) - 1)])
+        self.step, self.best = state["step"], state["best"]
+        self.run_id = state.get("wandb_run_id")
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+
+    # ------------------------------------------------------------------------- loop
+
+    def fit(self) -> dict[str, float] | None:
+        """Train to ``total_steps``, evaluating on the dev set and saving as configured, then
+        save ``last``; returns the best dev ``{"step", "value"}`` (None without a dev set).
+        Raises :class:`NonFiniteError` or :class:`Terminated` (SIGTERM) after saving what
+        can be saved; Ctrl-C saves ``last`` too."""
+        self.model.train()
+        batches = endless_batches(self.sampler)
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not self.dist.is_main,
+        )
+        # SIGTERM during training becomes Terminated and is saved like Ctrl-C.
+        with sigterm_raises():
+            try:
+                while self.step < self.total_steps:
+                    self._train_one_step(next(batches), progress)
+            except (KeyboardInterrupt, Terminated) as stop:
+                how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated"
+                log.warning("%s at step %d: saving checkpoints/last first", how, self.step)
+                if all_finite(self.params):
+                    self.checkpoint("last")
+                raise
+            finally:
+                progress.close()
+        every = self.config.eval_every
+        if self.train_set.dev is not None and (not every or self.step % every):
+            self.evaluate_dev()
+        self.checkpoint("last")
+        return self.best
+
+    def _train_one_step(self, indices: list[int], progress: tqdm) -> None:
+        """One batch: forward, backward, update (or the non-finite policy), log, evaluate on
+        the dev set and save when their turns come."""
+        config = self.config
+        start = time.perf_counter()
+        batch = self.task.make_batch([self.train_set.examples[i] for i in indices])
+        if self.dist.enabled:
+            batch = batch.shard_for(self.dist)
+        result = train_step(
+            self.model,
+            self.task,
+            batch,
+            autocast=self.autocast,
+            cache_chunk_size=config.cache_chunk_size,
+            max_length=self.max_length,
+            encoder=self.encoder,
+        )
+        # DDP averages the model's gradients; the task's (a learnable temperature) too.
+        self.dist.average_gradients(self.task.parameters())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip or math.inf))
+        # Every rank sees the same (all-reduced) gradients, hence takes the same branch.
+        loss = self.dist.mean({"loss": result.loss})["loss"]
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            self._nonfinite(loss, grad_norm)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        examples_per_s = config.batch_size / elapsed
+        progress.update()
+        progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{examples_per_s:.1f}")
+        if self.step % config.log_every == 0:
+            tokens = self.dist.reduce({"tokens": result.tokens}, "sum")["tokens"]
+            longest = self.dist.reduce({"seq": result.seq_len_max}, "max")["seq"]
+            self.log(
+                {
+                    "train/loss": loss,
+                    "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/grad_norm": grad_norm,
+                    "train/nonfinite_steps": self.nonfinite_steps,
+                    "train/examples_per_s": examples_per_s,
+                    "train/tokens": tokens,
+                    "train/tokens_per_s": tokens / elapsed,
+                    "train/seq_len_max": longest,
+                    "train/epoch": self.sampler.epoch,
+                    "train/world_size": self.dist.world_size,
+                    **{
+                        f"train/{k}": v
+                        for k, v in self.dist.mean_where_present(result.stats).items()
+                    },
+                }
+            )
+        every = config.eval_every
+        if self.train_set.dev is not None and every and self.step % every == 0:
+            self.evaluate_dev()
+        if self.step % config.save_every == 0:
+            self.checkpoint(f"step-{self.step:08d}", prune=True)
+
+    def _nonfinite(self, loss: float, grad_norm: float) -> None:
+        """Stop, or skip this step's update, as ``trainer.on_nonfinite`` says."""
+        self.nonfinite_steps += 1
+        what = f"step {self.step + 1}: loss {loss}, gradient norm {grad_norm}"
+        advice = "lower optim.lr, set trainer.grad_clip, or use trainer.on_nonfinite=skip"
+        if self.config.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"{what}; training stopped. {self._last_good()} To go on: {advice}."
+            )
+        if not all_finite(self.params):
+            # Skipping cannot help once the weights themselves are NaN: every step would fail.
+            raise NonFiniteError(f"{what} and the weights hold NaN or inf. {self._last_good()}")
+        log.warning("%s; update skipped (%d so far)", what, self.nonfinite_steps)
+
+    def _last_good(self) -> str:
+        found = latest_checkpoint(self.checkpoints)
+        if found is None:
+            return "No checkpoint was written before."
+        return f"The last good checkpoint is {found}."
+
+    # -------------------------------------------------------------------- outputs
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if self.logger is not None:
+            self.logger.log(metrics, self.step)
+
+    def checkpoint(self, name: str, prune: bool = False) -> Path:
+        """Save the model and the trainer state as ``checkpoints/name`` (rank 0 writes;
+        every rank calls, to contribute its random state)."""
+        # A checkpoint with NaN weights would be resumed from, evaluated and shipped as if good.
+        if not all_finite(self.params):
+            raise NonFiniteError(
+                f"step {self.step}: the weights hold NaN or inf; refusing to write "
+                f"{self.checkpoints / name}. {self._last_good()}"
+            )
+        state = self.state_dict()
+        path = self.checkpoints / name
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoints, name, self.model, state)
+            if prune:
+                prune_checkpoints(self.checkpoints, keep=self.config.keep_checkpoints)
+        # No rank reads a checkpoint before it is complete.
+        self.dist.barrier()
+        return path
+
+    def evaluate_dev(self) -> None:
+        """Score the dev set; a new best is saved as ``checkpoints/best``."""
+        model = ShardedEncoder(self.model, self.dist) if self.dist.enabled else self.model
+        metrics, _, _ = score(
+            model, self.train_set.dev, self.evaluation, self.evaluation.matryoshka_dims
+        )
+        self.model.train()
+        self.log({f"dev/{k}": v for k, v in metrics.items()})
+        value = metrics[self.selection]
+        if self.best is None or value > self.best["value"]:
+            self.best = {"step": self.step, "value": value}
+            self.checkpoint("best")
+        log.info(
+            "step %d: dev %s %.4f (best %.4f at step %d)",
+            self.step,
+            self.selection,
+            value,
+            self.best["value"],
+            self.best["step"],
+        )
