@@ -1,13 +1,20 @@
-"""Nearest-neighbour search over document embeddings with FAISS."""
+"""Nearest-neighbour search over document embeddings with FAISS.
+
+Exact search (``Flat``) on a machine with CUDA but a FAISS build without GPU support runs
+on the GPU anyway, as a blocked matmul and top-k in torch (:class:`TorchFlatIndex`), so
+evaluation never falls back to searching on the CPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Sequence
 
 import faiss
 import numpy as np
+import torch
 
 from evaluation.metrics import Run
 
@@ -37,6 +44,70 @@ def _to_gpu(index: faiss.Index, factory: str, requested: bool) -> faiss.Index:
             raise ValueError(f"faiss cannot put index {factory!r} on GPU: {err}") from err
         logger.warning("keeping index %r on CPU: faiss cannot put it on GPU (%s)", factory, err)
         return index
+
+
+class TorchFlatIndex:
+    """Exact search as FAISS's ``IndexFlat`` does it, with torch on any device.
+
+    The corpus lives on ``device``; each query batch is scored against ``block_rows`` documents
+    at a time and the running top-k merged, so temporary memory is O(queries × block_rows)
+    whatever the corpus size. Scores follow FAISS's conventions: inner products for ``ip``,
+    squared L2 distances (lower is better) for ``l2``. Only the attributes and methods that
+    :func:`search` uses exist.
+    """
+
+    is_trained = True
+
+    def __init__(
+        self, embeddings: np.ndarray, metric: str, device: torch.device, block_rows: int = 65536
+    ) -> None:
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be positive, got {block_rows}")
+        self.metric_type = _METRICS[metric]
+        self.device = torch.device(device)
+        self.block_rows = block_rows
+        self.docs = torch.from_numpy(_as_matrix(embeddings, "embeddings")).to(self.device)
+        self.d = self.docs.shape[1]
+        self.ntotal = self.docs.shape[0]
+        self._squared_norms = self.docs.square().sum(dim=1)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.from_numpy(_as_matrix(queries, "queries")).to(self.device)
+        l2 = self.metric_type == faiss.METRIC_L2
+        # FP32 throughout: TF32 matmuls would move scores by ~1e-3 and reorder neighbours.
+        best_scores = torch.full((len(q), 0), float("-inf"), device=self.device)
+        best_ids = torch.empty((len(q), 0), dtype=torch.int64, device=self.device)
+        with torch.inference_mode(), _full_precision_matmul():
+            for start in range(0, self.ntotal, self.block_rows):
+                block = self.docs[start : start + self.block_rows]
+                scores = q @ block.T  # [Q, rows]
+                if l2:
+                    # Higher is better while merging; negated back to distances at the end.
+                    norms = self._squared_norms[start : start + self.block_rows]
+                    scores = 2 * scores - norms - q.square().sum(dim=1, keepdim=True)
+                top = scores.topk(min(k, scores.shape[1]), dim=1)
+                merged = torch.cat([best_scores, top.values], dim=1)
+                merged_ids = torch.cat([best_ids, top.indices + start], dim=1)
+                best_scores, order = merged.topk(min(k, merged.shape[1]), dim=1)
+                best_ids = merged_ids.gather(1, order)
+        if l2:
+            best_scores = -best_scores
+        return best_scores.cpu().numpy(), best_ids.cpu().numpy()
+
+
+@contextlib.contextmanager
+def _full_precision_matmul():
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def _exact_search_device() -> torch.device | None:
+    """The device :class:`TorchFlatIndex` searches on when FAISS has no GPU: CUDA if any."""
+    return torch.device("cuda") if torch.cuda.is_available() else None
 
 
 def _faiss_reason(err: RuntimeError) -> str:
@@ -144,17 +215,19 @@ def build_index(
             ``"HNSW32"``, ``"IVF256,PQ16"``.
         metric: ``"ip"`` (inner product) or ``"l2"`` (squared Euclidean distance).
         use_gpu: ``None`` uses all GPUs when faiss sees any; ``True`` requires a GPU. HNSW has no
-            GPU implementation and always stays on CPU (a warning is logged).
+            GPU implementation and always stays on CPU (a warning is logged). Where faiss has
+            no GPU support but torch sees CUDA, exact search (``"Flat"``) returns a
+            :class:`TorchFlatIndex` on the GPU unless ``use_gpu=False``.
         train_size: for indexes that need training (IVF, PQ, ...), train on this many rows drawn
             at random (``seed``) instead of on all of them.
         seed: seed of the training subset draw.
 
     Returns:
-        The trained index holding all ``n`` vectors.
+        The trained index holding all ``n`` vectors (a FAISS index or a TorchFlatIndex).
 
     Raises:
         ValueError: bad factory string or metric, or an index that cannot be built or trained.
-        RuntimeError: ``use_gpu=True`` but faiss sees no GPU.
+        RuntimeError: ``use_gpu=True`` but no GPU can run this index.
     """
     x = _as_matrix(embeddings, "embeddings")
     if metric not in _METRICS:
@@ -167,8 +240,19 @@ def build_index(
         ) from err
 
     num_gpus = faiss.get_num_gpus()
+    if num_gpus == 0 and use_gpu is not False and factory == "Flat":
+        device = _exact_search_device()
+        if device is not None:
+            logger.info(
+                "exact search on %s with torch: this faiss build has no GPU support", device
+            )
+            return TorchFlatIndex(x, metric, device)
     if use_gpu and num_gpus == 0:
-        raise RuntimeError("use_gpu=True but faiss sees no GPU (is this a faiss-cpu build?)")
+        raise RuntimeError(
+            f"use_gpu=True but faiss sees no GPU: {factory!r} needs a faiss GPU build "
+            "(pip install -e '.[gpu]'); without one only exact search ('Flat') runs on a GPU, "
+            "through torch"
+        )
     if use_gpu or (use_gpu is None and num_gpus > 0):
         # Moved before training so that IVF k-means runs on the GPU too.
         index = _to_gpu(index, factory, requested=bool(use_gpu))
