@@ -24,7 +24,9 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ import train as train_cli
 from losses import infonce as infonce_module
 from model import EncoderConfig
 from model import bert as bert_module
-from model.biencoder import Tower
+from model.biencoder import BiEncoder, Tower
 from model.weights import save_random_bert
 
 NODES = ("trainer", "train_data", "eval_data", "loss", "optim", "sched", "model", "evaluation")
@@ -112,6 +114,8 @@ PROBES: dict[str, Run | Proven] = {
     "trainer.max_length": Run(("trainer.max_length=8",), "seq_len_max", TRAIN),
     "trainer.cache_chunk_size": Run(("trainer.cache_chunk_size=2",), "train_forwards", TRAIN),
     "trainer.precision": Run(("trainer.precision=bf16",), "autocast", TRAIN),
+    "trainer.tf32": Run(("trainer.tf32=true",), "matmul_precision", TRAIN),
+    "trainer.prefetch": Run(("trainer.prefetch=false",), "tokenize_threads", TRAIN),
     "trainer.grad_clip": Run(("trainer.grad_clip=1e-4",), "weights", TRAIN),
     "trainer.gradient_checkpointing": Run(
         ("trainer.gradient_checkpointing=true",), "checkpointed_layers", TRAIN
@@ -167,6 +171,8 @@ PROBES: dict[str, Run | Proven] = {
     "optim.betas": Run(("optim.betas=[0.5,0.9]",), "weights", TRAIN),
     "optim.eps": Run(("optim.eps=1e-2",), "weights", TRAIN),
     "optim.weight_decay": Run(("optim.weight_decay=0.5",), "weights", TRAIN),
+    # null means fused on CUDA only; on this CPU, true is the observable change.
+    "optim.fused": Run(("optim.fused=true",), "optimizer_fused", TRAIN),
     "sched.warmup_ratio": Run(("sched.warmup_ratio=0.5",), "lr", TRAIN),
     "sched.decay": Run(("sched.decay=constant",), "lr", TRAIN),
     # -------------------------------------------------------------------- model
@@ -331,6 +337,8 @@ class Spy:
     infonce_impls: list[str] = field(default_factory=list)
     index_calls: list[dict[str, Any]] = field(default_factory=list)
     evaluated: list[dict[str, Any]] = field(default_factory=list)
+    tokenize_threads: set[str] = field(default_factory=set)
+    optimizer_fused: set[Any] = field(default_factory=set)
 
 
 @contextlib.contextmanager
@@ -350,6 +358,8 @@ def spying(monkeypatch: pytest.MonkeyPatch):
                 if torch.is_autocast_enabled("cpu")
                 else None,
                 "deterministic": torch.are_deterministic_algorithms_enabled(),
+                "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                "matmul_precision": torch.get_float32_matmul_precision(),
             }
         )
         return tower_forward(self, input_ids, attention_mask, token_type_ids)
@@ -385,7 +395,25 @@ def spying(monkeypatch: pytest.MonkeyPatch):
         spy.evaluated.append({"queries": len(dataset.queries), "corpus": sorted(dataset.corpus)})
         return evaluate_retrieval(model, dataset, **kwargs)
 
+    tokenize = BiEncoder.tokenize
+
+    def spied_tokenize(self, *args, **kwargs):
+        if self.training:
+            spy.tokenize_threads.add(threading.current_thread().name.split("_")[0])
+        return tokenize(self, *args, **kwargs)
+
+    adamw_step = torch.optim.AdamW.step
+
+    def spied_step(self, *args, **kwargs):
+        spy.optimizer_fused.add(self.defaults["fused"])
+        return adamw_step(self, *args, **kwargs)
+
+    # Set, then deleted, so that undoing puts back its absence whatever the run set.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     monkeypatch.setattr(Tower, "forward", forward)
+    monkeypatch.setattr(BiEncoder, "tokenize", spied_tokenize)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spied_step)
     monkeypatch.setattr(bert_module, "checkpoint", counted_checkpoint)
     for name in ("naive_info_nce", "chunked_info_nce"):
         monkeypatch.setattr(infonce_module, name, recording(name, getattr(infonce_module, name)))
@@ -446,7 +474,12 @@ def observations(run_dir: Path, spy: Spy, error: Exception | None) -> dict[str, 
         "batch_texts": [f["ids"] for f in training],
         "train_forwards": len(training),
         "autocast": sorted({str(f["autocast"]) for f in training}),
-        "deterministic": sorted({f["deterministic"] for f in training}),
+        "deterministic": sorted(
+            {(f["deterministic"], f["cublas_workspace"]) for f in training}, key=str
+        ),
+        "matmul_precision": sorted({f["matmul_precision"] for f in training}),
+        "tokenize_threads": sorted(spy.tokenize_threads),
+        "optimizer_fused": sorted(spy.optimizer_fused, key=str),
         "checkpointed_layers": spy.checkpointed_layers,
         "infonce_impl": sorted(set(spy.infonce_impls)),
         "index": spy.index_calls,

@@ -25,6 +25,7 @@ class TrainerConfig:
     max_length: int | None = None
     cache_chunk_size: int | None = None
     precision: str = "auto"
+    tf32: bool = False
     grad_clip: float | None = 1.0
     gradient_checkpointing: bool = False
     hidden_dropout: float | None = None
@@ -37,6 +38,7 @@ class TrainerConfig:
     resume: Any = False
     eval: bool = True
     deterministic: bool = False
+    prefetch: bool = True
     on_nonfinite: str = "stop"
     overwrite: bool = False
 

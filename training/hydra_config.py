@@ -140,7 +140,7 @@ SCHEMAS: dict[str, type] = {
     "loss/cosine": target_schema(CosineSimilarityTask),
     # The optimiser's knobs are the ones its YAML sets; AdamW's other parameters stay torch's.
     "optim/adamw": target_schema(
-        torch.optim.AdamW, include=("lr", "betas", "eps", "weight_decay"), partial=True
+        torch.optim.AdamW, include=("lr", "betas", "eps", "weight_decay", "fused"), partial=True
     ),
     "sched/warmup": target_schema(
         warmup_schedule, exclude=("optimizer", "num_training_steps"), partial=True

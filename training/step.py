@@ -95,8 +95,41 @@ class TokenCount:
 def _tokenize(
     model: BiEncoder, texts: list[str], kind: Kind, max_length: int | None
 ) -> dict[str, torch.Tensor]:
+    """Token tensors on the CPU, in pinned memory when they are bound for a GPU: a pinned
+    copy can run asynchronously (``non_blocking``) while the host goes on."""
     features = model.tokenize(texts, kind, max_length)
-    return {name: t.to(model.device) for name, t in features.items()}
+    if model.device.type == "cuda":
+        features = {name: t.pin_memory() for name, t in features.items()}
+    return features
+
+
+def _to_device(features: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: t.to(device, non_blocking=True) for name, t in features.items()}
+
+
+@dataclass
+class TokenizedBatch:
+    """A batch with its texts already tokenized, column by column and chunk by chunk, on the
+    CPU: what :func:`tokenize_batch` prepares, on another thread if the caller likes, so
+    that tokenizing the next batch overlaps the current step."""
+
+    batch: TextBatch
+    chunk_size: int | None
+    max_length: int | None
+    # [column][chunk] -> token tensors of that chunk's texts
+    features: list[list[dict[str, torch.Tensor]]]
+
+
+def tokenize_batch(
+    model: BiEncoder, batch: TextBatch, chunk_size: int | None, max_length: int | None
+) -> TokenizedBatch:
+    """Tokenize every column of ``batch`` in chunks of ``chunk_size`` texts (one chunk per
+    column when None), truncated to ``max_length``, as :func:`train_step` will embed them."""
+    features = [
+        [_tokenize(model, texts, kind, max_length) for texts in _chunks(column, chunk_size)]
+        for column, kind in zip(batch.columns, batch.kinds, strict=True)
+    ]
+    return TokenizedBatch(batch, chunk_size, max_length, features)
 
 
 class ColumnEncoder(nn.Module):
@@ -174,7 +207,7 @@ def embed_columns(
     for column, kind in zip(batch.columns, batch.kinds, strict=True):
         parts = []
         for texts in _chunks(column, chunk_size):
-            features = _tokenize(model, texts, kind, max_length)
+            features = _to_device(_tokenize(model, texts, kind, max_length), model.device)
             if counts is not None:
                 counts.add(features)
             parts.append(_embed(model, features, kind, autocast))
@@ -185,7 +218,7 @@ def embed_columns(
 def train_step(
     model: BiEncoder,
     task: Task,
-    batch: TextBatch,
+    batch: TextBatch | TokenizedBatch,
     *,
     cache_chunk_size: int | None = None,
     autocast: torch.dtype | None = None,
@@ -202,26 +235,37 @@ def train_step(
     the encoder's forward passes; the loss itself is computed in fp32. ``max_length``
     truncates the texts for this step only (the model's saved limit is unchanged).
 
+    ``batch`` may come tokenized already (:func:`tokenize_batch`, with the same
+    ``cache_chunk_size`` and ``max_length``), e.g. by a thread that prepared it during the
+    previous step.
+
     ``encoder`` embeds tokenized columns with gradients: a :class:`ColumnEncoder` of
     ``model`` by default, the same wrapped in DistributedDataParallel on several ranks
     (``batch`` is then this rank's shard, and GradCache defers DDP's gradient all-reduce to
     the last chunk with ``no_sync``).
     """
     _check_chunk_size("cache_chunk_size", cache_chunk_size)
+    if isinstance(batch, TokenizedBatch):
+        if (batch.chunk_size, batch.max_length) != (cache_chunk_size, max_length):
+            raise ValueError(
+                f"the batch was tokenized for chunk_size={batch.chunk_size}, max_length="
+                f"{batch.max_length}; this step uses {cache_chunk_size}, {max_length}"
+            )
+        tokenized = batch
+    else:
+        tokenized = tokenize_batch(model, batch, cache_chunk_size, max_length)
     encoder = encoder or ColumnEncoder(model)
     counts = TokenCount()
+    for column in tokenized.features:
+        for features in column:
+            counts.add(features)
     if cache_chunk_size is None:
-        features = []
-        for column, kind in zip(batch.columns, batch.kinds, strict=True):
-            features.append(_tokenize(model, column, kind, max_length))
-            counts.add(features[-1])
-        embeddings = _encode(encoder, features, batch.kinds, model.device, autocast)
-        loss, stats = task(embeddings, batch)
+        features = [_to_device(column, model.device) for (column,) in tokenized.features]
+        embeddings = _encode(encoder, features, tokenized.batch.kinds, model.device, autocast)
+        loss, stats = task(embeddings, tokenized.batch)
         loss.backward()
     else:
-        loss, stats = _grad_cache_step(
-            model, task, batch, cache_chunk_size, autocast, max_length, counts, encoder
-        )
+        loss, stats = _grad_cache_step(model, task, tokenized, autocast, encoder)
     return StepResult(loss.item(), stats, counts.tokens, counts.seq_len_max)
 
 
@@ -239,26 +283,23 @@ class _Chunk:
 def _grad_cache_step(
     model: BiEncoder,
     task: Task,
-    batch: TextBatch,
-    chunk_size: int,
+    tokenized: TokenizedBatch,
     autocast: torch.dtype | None,
-    max_length: int | None,
-    counts: TokenCount,
     encoder: nn.Module,
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    batch = tokenized.batch
     chunks: list[_Chunk] = []
     columns: list[torch.Tensor] = []
     with torch.no_grad():
-        for index, (column, kind) in enumerate(zip(batch.columns, batch.kinds, strict=True)):
+        for index, (column, kind) in enumerate(zip(tokenized.features, batch.kinds, strict=True)):
             parts = []
             start = 0
-            for texts in _chunks(column, chunk_size):
-                features = _tokenize(model, texts, kind, max_length)
-                counts.add(features)
-                rows = slice(start, start + len(texts))
+            for cpu_features in column:
+                features = _to_device(cpu_features, model.device)
+                rows = slice(start, start + len(features["input_ids"]))
                 chunks.append(_Chunk(index, rows, features, kind, RandomState(model.device)))
                 parts.append(_embed(model, features, kind, autocast))
-                start += len(texts)
+                start = rows.stop
             columns.append(torch.cat(parts))
 
     leaves = [embeddings.requires_grad_() for embeddings in columns]

@@ -28,6 +28,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ from training.checkpoint import (
 from training.config import TrainerConfig
 from training.distributed import Distributed, gather
 from training.loggers import Logger
-from training.step import ColumnEncoder, train_step
+from training.prefetch import Prefetcher
+from training.step import ColumnEncoder, TokenizedBatch, tokenize_batch, train_step
 from training.tasks import Task
 
 log = logging.getLogger("train")
@@ -97,8 +99,51 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     ):
+        if device.type == "cpu" and not cpu_has_bf16():
+            log.warning(
+                "trainer.precision=bf16: this CPU has no bf16 instructions (AVX-512-BF16 or "
+                "AMX), so bf16 is emulated and slower than fp32"
+            )
         return torch.bfloat16
     return None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether torch's CPU kernels (oneDNN) run bf16 natively on this CPU."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def build_optimizer(
+    factory: Callable[..., torch.optim.Optimizer],
+    params: list[torch.nn.Parameter],
+    device: torch.device,
+) -> torch.optim.Optimizer:
+    """``factory(params)``; an optimiser configured with ``fused: null`` (AdamW's default in
+    conf/optim) gets torch's fused kernel on CUDA, one launch per step instead of several
+    per parameter, and the plain one elsewhere."""
+    if getattr(factory, "keywords", {}).get("fused", False) is None:
+        return factory(params, fused=device.type == "cuda")
+    return factory(params)
+
+
+@contextlib.contextmanager
+def matmul_precision(tf32: bool) -> Iterator[None]:
+    """fp32 matmuls on TF32 tensor cores (CUDA only: torch's CPU matmuls ignore it) while
+    the block runs; the process's setting is put back afterwards."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+@dataclass
+class PreparedBatch:
+    """A batch ready for its step, and the sampler's state right after drawing it."""
+
+    tokenized: TokenizedBatch
+    sampler_state: dict[str, Any]
 
 
 def example_texts(example) -> tuple[str, ...]:
@@ -173,12 +218,18 @@ class Trainer:
             raise ValueError(f"batch_size: {self.sampler.explain_empty_epoch()}")
         self.total_steps = config.max_steps or config.epochs * len(self.sampler)
         self.params = [p for p in (*model.parameters(), *task.parameters()) if p.requires_grad]
-        self.optimizer = optimizer(self.params)
+        self.optimizer = build_optimizer(optimizer, self.params, model.device)
         self.scheduler = scheduler(self.optimizer, num_training_steps=self.total_steps)
         dev_kind = "retrieval" if isinstance(train_set.dev, BeirDataset) else "sts"
         self.selection = SELECTION_METRIC[dev_kind]
         self.autocast = autocast_dtype(config.precision, model.device)
         self.step = 0
+        # Where the sampler stood after the batch last trained on: with prefetching, the
+        # sampler itself is one batch further.
+        self.sampler_state = self.sampler.state_dict()
+        # A fast tokenizer sets truncation on itself for every call: the prefetch thread and
+        # a dev evaluation (another max_length) must not use it at the same time.
+        self.tokenizer_lock = threading.Lock()
         self.best: dict[str, float] | None = None
         self.nonfinite_steps = 0
         self.encoder = ColumnEncoder(model)
@@ -202,7 +253,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "task": self.task.state_dict(),
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.sampler_state,
             "rng": self.dist.all_gather_objects(rng_state()),
             "nonfinite_steps": self.nonfinite_steps,
         }
@@ -212,6 +263,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.task.load_state_dict(state["task"])
         self.sampler.load_state_dict(state["sampler"])
+        self.sampler_state = self.sampler.state_dict()
         states = state["rng"]
         if len(states) != self.dist.world_size:
             log.warning(
@@ -234,6 +286,18 @@ class Trainer:
         can be saved; Ctrl-C saves ``last`` too."""
         self.model.train()
         batches = endless_batches(self.sampler)
+
+        def prepare() -> PreparedBatch:
+            indices = next(batches)
+            batch = self.task.make_batch([self.train_set.examples[i] for i in indices])
+            if self.dist.enabled:
+                batch = batch.shard_for(self.dist)
+            with self.tokenizer_lock:
+                tokenized = tokenize_batch(
+                    self.model, batch, self.config.cache_chunk_size, self.max_length
+                )
+            return PreparedBatch(tokenized, self.sampler.state_dict())
+
         progress = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -242,10 +306,14 @@ class Trainer:
             disable=not self.dist.is_main,
         )
         # SIGTERM during training becomes Terminated and is saved like Ctrl-C.
-        with sigterm_raises():
+        with (
+            sigterm_raises(),
+            matmul_precision(self.config.tf32),
+            Prefetcher(prepare, enabled=self.config.prefetch) as prepared,
+        ):
             try:
                 while self.step < self.total_steps:
-                    self._train_one_step(next(batches), progress)
+                    self._train_one_step(next(prepared), progress)
             except (KeyboardInterrupt, Terminated) as stop:
                 how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated"
                 log.warning("%s at step %d: saving checkpoints/last first", how, self.step)
@@ -260,23 +328,21 @@ class Trainer:
         self.checkpoint("last")
         return self.best
 
-    def _train_one_step(self, indices: list[int], progress: tqdm) -> None:
+    def _train_one_step(self, prepared: PreparedBatch, progress: tqdm) -> None:
         """One batch: forward, backward, update (or the non-finite policy), log, evaluate on
         the dev set and save when their turns come."""
         config = self.config
         start = time.perf_counter()
-        batch = self.task.make_batch([self.train_set.examples[i] for i in indices])
-        if self.dist.enabled:
-            batch = batch.shard_for(self.dist)
         result = train_step(
             self.model,
             self.task,
-            batch,
+            prepared.tokenized,
             autocast=self.autocast,
             cache_chunk_size=config.cache_chunk_size,
             max_length=self.max_length,
             encoder=self.encoder,
         )
+        self.sampler_state = prepared.sampler_state
         # DDP averages the model's gradients; the task's (a learnable temperature) too.
         self.dist.average_gradients(self.task.parameters())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip or math.inf))
@@ -306,7 +372,7 @@ class Trainer:
                     "train/tokens": tokens,
                     "train/tokens_per_s": tokens / elapsed,
                     "train/seq_len_max": longest,
-                    "train/epoch": self.sampler.epoch,
+                    "train/epoch": self.sampler_state["epoch"],
                     "train/world_size": self.dist.world_size,
                     **{
                         f"train/{k}": v
@@ -368,9 +434,10 @@ class Trainer:
     def evaluate_dev(self) -> None:
         """Score the dev set; a new best is saved as ``checkpoints/best``."""
         model = ShardedEncoder(self.model, self.dist) if self.dist.enabled else self.model
-        metrics, _, _ = score(
-            model, self.train_set.dev, self.evaluation, self.evaluation.matryoshka_dims
-        )
+        with self.tokenizer_lock:
+            metrics, _, _ = score(
+                model, self.train_set.dev, self.evaluation, self.evaluation.matryoshka_dims
+            )
         self.model.train()
         self.log({f"dev/{k}": v for k, v in metrics.items()})
         value = metrics[self.selection]
