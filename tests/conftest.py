@@ -1,5 +1,6 @@
 import functools
 import os
+import re
 
 import pytest
 import torch
@@ -12,6 +13,31 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # this when a kernel is first defined, so it is set before any test module imports one.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# The GPU machine's image lacks these. Under bench/device_check.sh (TESTS_SKIP_MISSING=1) a
+# test module that imports one is reported as skipped, so that `pytest -m gpu` still
+# collects and runs every other module; anywhere else a missing module stays an error.
+_OPTIONAL_MODULES = ("faiss", "hydra", "omegaconf", "wandb")
+_MISSING_MODULE = re.compile(
+    r"ModuleNotFoundError: No module named '(" + "|".join(_OPTIONAL_MODULES) + r")[.']"
+)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("TESTS_SKIP_MISSING") != "1":
+        return
+    if not (report.failed and isinstance(collector, pytest.Module)):
+        return
+    missing = _MISSING_MODULE.search(str(report.longrepr))
+    if missing:
+        reason = f"Skipped: needs {missing.group(1)}, which is not installed"
+        outcome.force_result(
+            pytest.CollectReport(report.nodeid, "skipped", (str(collector.path), None, reason), [])
+        )
 
 
 @pytest.fixture

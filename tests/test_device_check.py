@@ -1,0 +1,141 @@
+"""bench/device_check.sh rehearsed on CPU as the GPU machine would run it.
+
+The GPU image lacks hydra, omegaconf, faiss and wandb; a sitecustomize.py on PYTHONPATH
+makes importing them fail in every process the script starts, so the rehearsal meets the
+same missing modules. The check is that every stage ends with a result or a one-line
+reason, and that the report holds each stage's section.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("wheels", "ceilings", "pytest", "kernels", "train")
+
+BLOCKER = '''
+import sys
+
+
+class _MissingOnGpuImage:
+    """Import of a module the GPU image lacks fails as if it were not installed."""
+
+    NAMES = {"hydra", "omegaconf", "faiss", "wandb"}
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.NAMES:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _MissingOnGpuImage())
+'''
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    blocker = tmp_path_factory.mktemp("blocker")
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    out = tmp_path_factory.mktemp("out")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO_ROOT)]),
+        "OUT": str(out),
+        # Here hydra is installed and registers a pytest plugin that imports it; on the
+        # GPU image there is no such plugin to load.
+        "PYTEST_ADDOPTS": "-p no:hydra_pytest",
+    }
+    env.pop("TRITON_INTERPRET", None)
+    completed = subprocess.run(
+        ["bash", str(REPO_ROOT / "bench" / "device_check.sh"), "--cpu"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return completed, out
+
+
+def _summary_rows(report: str) -> dict[str, list[str]]:
+    section = report.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]
+    return {
+        cells[0]: cells[1:]
+        for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)
+    }
+
+
+def test_blocker_hides_the_modules(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    completed = subprocess.run(
+        [sys.executable, "-c", "import faiss"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert "No module named 'faiss'" in completed.stderr
+
+
+def test_help_and_unknown_arguments():
+    script = str(REPO_ROOT / "bench" / "device_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    shown = subprocess.run(["bash", script, "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "--cpu" in shown.stdout
+    refused = subprocess.run(["bash", script, "--gpu"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown argument: --gpu" in refused.stderr
+
+
+# A minute or more on 2 shared cores: the whole suite is collected once more, and
+# torch.compile and the Triton interpreter run.
+@pytest.mark.slow
+def test_every_stage_reports_a_result_or_a_reason(rehearsal):
+    completed, out = rehearsal
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    rows = _summary_rows(report)
+    assert list(rows) == list(STAGES)
+    for stage, (status, seconds, result) in rows.items():
+        assert re.fullmatch(r"ok|skipped: .+|failed: .+", status), (stage, status)
+        assert seconds.isdigit(), (stage, seconds)
+        assert status.startswith("skipped") or result != "–", (stage, result)
+    # The script prints the summary table last.
+    table = completed.stdout.rstrip().splitlines()[-len(STAGES) - 2 :]
+    assert table[0] == "| stage | status | seconds | result |"
+    assert [line.split("|")[1].strip() for line in table[2:]] == list(STAGES)
+
+
+@pytest.mark.slow
+def test_report_sections(rehearsal):
+    _, out = rehearsal
+    report = (out / "report.md").read_text()
+    for stage in STAGES:
+        assert f"\n## {stage}\n" in report
+        if stage != "wheels":
+            assert (out / f"{stage}.log").is_file()
+    assert "| bf16_tflops |" in report
+    assert "| impl | problem | B | N | D | dtype | fwd+bwd ms |" in report
+    assert "Largest B that ran" in report
+    # Inf-CL needs CUDA: its rows are replaced by a reason.
+    assert "inf_cl: skipped: " in report
+    for impl in ("naive", "compiled", "torch", "triton"):
+        assert re.search(rf"\| {impl} \| symmetric \| 32 \| 32 \| 16 \| bf16 \| \d", report), impl
+    assert "| training job | steps | examples/s | tokens/s |" in report
+    assert re.search(r"\| ours: train_step \+ InfoNCETask, GradCache \| \d+ \|", report)
+    assert re.search(r"\| sentence-transformers: CachedMultipleNegativesRankingLoss \| \d+", report)
+    assert re.search(r"\| ours: BiEncoder.encode \| [\d,]+ \|", report)
+
+
+@pytest.mark.slow
+def test_modules_missing_on_the_gpu_image_skip_cleanly(rehearsal):
+    _, out = rehearsal
+    pytest_section = (out / "pytest.md").read_text()
+    assert "tests/test_search.py: needs faiss, which is not installed" in pytest_section
+    assert re.search(r"tests/test_train.py: needs (hydra|omegaconf), which is not", pytest_section)
+    assert not re.search(r"^ERROR|\berrors?\b in ", pytest_section, re.MULTILINE)
