@@ -87,6 +87,7 @@ from training.trainer import (
     ShardedEncoder,
     Terminated,
     Trainer,
+    compile_towers,
 )
 
 log = logging.getLogger("train")
@@ -277,6 +278,8 @@ def train(
     for tower in {id(t): t for t in (model.query_tower, model.tower("doc"))}.values():
         tower.encoder.gradient_checkpointing = trainer.gradient_checkpointing
         tower.encoder.set_dropout(trainer.hidden_dropout, trainer.attention_dropout)
+    if trainer.compile:
+        compile_towers(model)
     max_length = train_length(trainer.max_length, model)
     log.info("training at up to %d tokens per text", max_length)
     train_set = load_training_set(plan.train_data, model, run_dir, resume_from is not None, dist)
@@ -328,6 +331,8 @@ def train(
         selected = checkpoints / ("best" if best else "last")
         log.info("evaluating %s on %s", selected, plan.eval_data)
         selected_model = BiEncoder.from_pretrained(selected, device=device)
+        if trainer.compile:
+            compile_towers(selected_model)
         if dist.enabled:
             selected_model = ShardedEncoder(selected_model, dist)
         with naming("eval_data", plan.eval_data):

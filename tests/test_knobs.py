@@ -116,6 +116,7 @@ PROBES: dict[str, Run | Proven] = {
     "trainer.precision": Run(("trainer.precision=bf16",), "autocast", TRAIN),
     "trainer.tf32": Run(("trainer.tf32=true",), "matmul_precision", TRAIN),
     "trainer.prefetch": Run(("trainer.prefetch=false",), "tokenize_threads", TRAIN),
+    "trainer.compile": Run(("trainer.compile=true",), "compiled", TRAIN),
     "trainer.grad_clip": Run(("trainer.grad_clip=1e-4",), "weights", TRAIN),
     "trainer.gradient_checkpointing": Run(
         ("trainer.gradient_checkpointing=true",), "checkpointed_layers", TRAIN
@@ -360,6 +361,7 @@ def spying(monkeypatch: pytest.MonkeyPatch):
                 "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                 "matmul_precision": torch.get_float32_matmul_precision(),
+                "compiled": self._compiled_call_impl is not None,
             }
         )
         return tower_forward(self, input_ids, attention_mask, token_type_ids)
@@ -478,6 +480,7 @@ def observations(run_dir: Path, spy: Spy, error: Exception | None) -> dict[str, 
             {(f["deterministic"], f["cublas_workspace"]) for f in training}, key=str
         ),
         "matmul_precision": sorted({f["matmul_precision"] for f in training}),
+        "compiled": sorted({f["compiled"] for f in spy.forwards}),
         "tokenize_threads": sorted(spy.tokenize_threads),
         "optimizer_fused": sorted(spy.optimizer_fused, key=str),
         "checkpointed_layers": spy.checkpointed_layers,

@@ -39,6 +39,7 @@ class TrainerConfig:
     eval: bool = True
     deterministic: bool = False
     prefetch: bool = True
+    compile: bool = False
     on_nonfinite: str = "stop"
     overwrite: bool = False
 

@@ -113,6 +113,14 @@ def cpu_has_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def compile_towers(model: BiEncoder) -> None:
+    """Compiles each tower (encoder, pooling, projection) in place with ``torch.compile``,
+    for training and ``encode`` alike. In place, so parameter names, checkpoints and DDP
+    see the same module; dynamic shapes, since every batch pads to its own length."""
+    for tower in {id(t): t for t in (model.query_tower, model.tower("doc"))}.values():
+        tower.compile(dynamic=True)
+
+
 def build_optimizer(
     factory: Callable[..., torch.optim.Optimizer],
     params: list[torch.nn.Parameter],
