@@ -7,7 +7,7 @@ unnoticed on a CPU machine. This module compiles each variant down to a cubin fo
 launch would get: shared memory, registers and spills (ptxas -v), and whether the tile
 products use Hopper's wgmma tensor-core instructions::
 
-    python -m kernels.compile_check            # fast subset, a Markdown table
+    python -m kernels.compile_check            # with doc ids only, a Markdown table
     python -m kernels.compile_check --all --json
 
 It must run in a process without ``TRITON_INTERPRET``: the kernels in
@@ -97,8 +97,9 @@ def variants(dims: tuple[int, ...] = DIMS, fast: bool = False) -> list[Variant]:
     """Every variant for embedding dims ``dims``; dims whose default block sizes agree
     share one compilation, since D is a runtime argument.
 
-    ``fast`` keeps, per kernel and dtype, only the variant with every flag on: it still
-    compiles each kernel's doc-id and flag code once per dtype.
+    ``fast`` keeps, per kernel and dtype, the variants with doc ids (training always
+    passes them) and its flag both off and on: the flags pick code paths of different
+    register pressure (atomic dd, the statistics), so both are compiled.
     """
     result = []
     for kernel, (_, flag) in _KERNELS.items():
@@ -107,7 +108,7 @@ def variants(dims: tuple[int, ...] = DIMS, fast: bool = False) -> list[Variant]:
             for dim in dims:
                 by_blocks.setdefault(infonce.default_block_sizes(dim, dtype), []).append(dim)
             doc_id_options = (True,) if fast else (False, True)
-            flag_options = (False,) if flag is None else (True,) if fast else (False, True)
+            flag_options = (False,) if flag is None else (False, True)
             result += [
                 Variant(kernel, dtype_name, has_ids, flag, flag_on, tuple(shared_dims), blocks)
                 for blocks, shared_dims in by_blocks.items()
@@ -187,7 +188,10 @@ def compile_variant(variant: Variant, target: GPUTarget = HOPPER) -> CompileResu
     common = {
         "variant": variant.name,
         "dims": variant.dims,
-        "blocks": f"{blocks.m}x{blocks.n}x{blocks.d}/{blocks.d_out} w{blocks.num_warps}",
+        "blocks": (
+            f"{blocks.m}x{blocks.n}x{blocks.d}/{blocks.d_out} "
+            f"w{blocks.num_warps} s{blocks.num_stages}"
+        ),
     }
     start = time.perf_counter()
     # ptxas' -v report is printed, not returned, when dump_ptxas_log is on.
@@ -195,7 +199,9 @@ def compile_variant(variant: Variant, target: GPUTarget = HOPPER) -> CompileResu
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(
-                _source(variant), target=target, options={"num_warps": blocks.num_warps}
+                _source(variant),
+                target=target,
+                options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages},
             )
     except Exception as error:
         # A CompilationError's text is the kernel excerpt; the reason is in its cause chain.
@@ -237,7 +243,7 @@ def unavailable_reason(target: GPUTarget = HOPPER) -> str | None:
 def format_table(results: list[CompileResult]) -> str:
     """A Markdown table, one row per compiled variant."""
     lines = [
-        "| variant | D | blocks m×n×d/d_out warps | shared B | regs | spills st/ld | mma | s |",
+        "| variant | D | blocks m×n×d/d_out w s | shared B | regs | spills st/ld | mma | s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for result in results:

@@ -11,6 +11,7 @@ decorated).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from losses.infonce import InfoNCEStats
+from losses.infonce import InfoNCEStats, call_info_nce_op, check_inputs, scale_as_tensor
 
 # ------------------------------------------------------------------------------------------
 # Math. q: [B, D] queries, d: [N, D] documents, N >= B; d[i] is the positive of q[i] and
@@ -33,9 +34,9 @@ from losses.infonce import InfoNCEStats
 #   m' = max(m, max_j logits_ij);  l = l·exp(m − m') + Σ_j exp(logits_ij − m');  m = m'
 # and finally lse_i = m_i + log l_i. Only lse[B] (and loss[B]) are written: O(B).
 #
-# Backward, with upstream gradient g_i = ∂L_total/∂loss_i (G/B for the mean):
+# Backward, with upstream gradient g = ∂L_total/∂loss_i = G/B for every row (the mean):
 #   p_ij       = exp(logits_ij − lse_i)          (recomputed per tile, 0 where excluded)
-#   dlogits_ij = g_i·(p_ij − [i == j])
+#   dlogits_ij = g·(p_ij − [i == j])
 #   ∂/∂q_i     = s·Σ_j dlogits_ij·d_j            (_infonce_bwd_dq_kernel, rows own dq)
 #   ∂/∂d_j     = s·Σ_i dlogits_ij·q_i            (_infonce_bwd_dd_kernel, columns own dd;
 #                                               or, with deterministic=False, atomic adds
@@ -44,8 +45,12 @@ from losses.infonce import InfoNCEStats
 #   ∂/∂s       = Σ_ij dlogits_ij·(q_i·d_j) = Σ_ij dlogits_ij·logits_ij / s
 #              = Σ_i q_i·(Σ_j dlogits_ij·d_j)
 # The last form is the dq accumulator before its factor s, so the kernels write the
-# unscaled accumulators (dlogits·d and dlogitsᵀ·q) in fp32 and the host gets ∂/∂s from an
-# O(B·D) dot product instead of a third reduction over the B×N tiles.
+# unscaled accumulators in fp32 and the host gets ∂/∂s from an O(B·D) dot product instead
+# of a third reduction over the B×N tiles. Because g is the same for every row, the kernels
+# leave it out too: they accumulate (p − onehot)·d and (p − onehot)ᵀ·q, and the host
+# multiplies by g·s. Applied inside the tile, g = G/B would push each negative's
+# g·p_ij below fp16's smallest subnormal at large B (3e-9 at B=16k, τ=0.05), and the cast
+# to fp16 before the tile product would zero every negative's gradient.
 #
 # The symmetric (document→query) term over the B positives is the same problem with the
 # roles swapped, (d[:B], q, doc_ids[:B]), so it reuses these kernels.
@@ -61,9 +66,9 @@ from losses.infonce import InfoNCEStats
 # tile is excluded keep −1. r rather than s·r, so the values are the similarities users
 # read and their order is that of q·d whatever s is. Four more O(B) outputs, nothing saved.
 #
-# Every tile product accumulates in fp32 whatever the input dtype; dlogits is cast to the
-# input dtype before the backward products, as FlashAttention does with P, so fp16/bf16
-# use tensor cores.
+# Every tile product accumulates in fp32 whatever the input dtype; p − onehot is cast to
+# the input dtype before the backward products, as FlashAttention does with P, so
+# fp16/bf16 use tensor cores.
 # ------------------------------------------------------------------------------------------
 
 # Finite stand-in for −inf as the initial running max: a row whose first column tiles are
@@ -147,7 +152,7 @@ def _excluded_columns(
 
 
 @triton.jit
-def _dlogits_tile(
+def _unweighted_dlogits_tile(
     q_ptr,
     d_ptr,
     doc_ids_ptr,
@@ -156,7 +161,6 @@ def _dlogits_tile(
     row_lse,
     row_doc_ids,
     scale,
-    row_grad,
     B,
     N,
     D,
@@ -169,7 +173,8 @@ def _dlogits_tile(
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    """g·(softmax − onehot) for one tile, recomputed from q and d; 0 outside the problem."""
+    """dlogits / g = softmax − onehot for one tile, recomputed from q and d; 0 outside the
+    problem."""
     raw = _raw_dot_tile(
         q_ptr,
         d_ptr,
@@ -191,7 +196,7 @@ def _dlogits_tile(
     excluded = excluded | (rows[:, None] >= B)
     probs = tl.where(excluded, 0.0, tl.exp(raw * scale - row_lse[:, None]))
     is_positive = (rows[:, None] == cols[None, :]) & (rows[:, None] < B)
-    return row_grad * (probs - is_positive.to(tl.float32))
+    return probs - is_positive.to(tl.float32)
 
 
 @triton.jit
@@ -295,7 +300,6 @@ def _infonce_bwd_dq_kernel(
     doc_ids_ptr,
     scale_ptr,
     lse_ptr,
-    row_grad_ptr,
     dq_ptr,
     dd_ptr,
     B,
@@ -314,7 +318,8 @@ def _infonce_bwd_dq_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    """dq_unscaled[rows, k-slice] = Σ_j dlogits·d; with ATOMIC_DD also adds dlogitsᵀ·q to dd.
+    """dq_unscaled[rows, k-slice] = Σ_j (p − onehot)·d; with ATOMIC_DD also adds
+    (p − onehot)ᵀ·q to dd.
 
     The second grid axis splits D into BLOCK_DOUT slices: an fp32 [BLOCK_M, D] accumulator
     would not fit in registers for large D, and for D <= BLOCK_DOUT there is a single slice
@@ -325,7 +330,6 @@ def _infonce_bwd_dq_kernel(
     row_in = rows < B
     k_in = ks < D
     scale = tl.load(scale_ptr).to(tl.float32)
-    row_grad = tl.load(row_grad_ptr).to(tl.float32)
     row_lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
     row_doc_ids = _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS)
     q_out = tl.load(
@@ -338,7 +342,7 @@ def _infonce_bwd_dq_kernel(
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         col_in = cols < N
-        dlogits = _dlogits_tile(
+        dlogits = _unweighted_dlogits_tile(
             q_ptr,
             d_ptr,
             doc_ids_ptr,
@@ -347,7 +351,6 @@ def _infonce_bwd_dq_kernel(
             row_lse,
             row_doc_ids,
             scale,
-            row_grad,
             B,
             N,
             D,
@@ -374,10 +377,13 @@ def _infonce_bwd_dq_kernel(
                 INPUT_PRECISION,
                 UPCAST_DOT,
             )
+            # Additions commute and nothing reads dd before the kernel ends: no ordering
+            # is needed, and the default acq_rel adds a fence to every atomic.
             tl.atomic_add(
                 dd_ptr + cols.to(tl.int64)[:, None] * stride_dd + ks[None, :],
                 dd_part,
                 mask=col_in[:, None] & k_in[None, :],
+                sem="relaxed",
             )
 
     tl.store(
@@ -394,7 +400,6 @@ def _infonce_bwd_dd_kernel(
     doc_ids_ptr,
     scale_ptr,
     lse_ptr,
-    row_grad_ptr,
     dd_ptr,
     B,
     N,
@@ -410,7 +415,8 @@ def _infonce_bwd_dd_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    """dd_unscaled[cols, k-slice] = Σ_i dlogitsᵀ·q, each column tile owned by one program.
+    """dd_unscaled[cols, k-slice] = Σ_i (p − onehot)ᵀ·q, each column tile owned by one
+    program.
 
     Owning the column tile (instead of atomically adding into it from the row programs)
     fixes the summation order, so the result is bitwise reproducible.
@@ -420,7 +426,6 @@ def _infonce_bwd_dd_kernel(
     col_in = cols < N
     k_in = ks < D
     scale = tl.load(scale_ptr).to(tl.float32)
-    row_grad = tl.load(row_grad_ptr).to(tl.float32)
 
     dd_acc = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
     for row_start in range(0, B, BLOCK_M):
@@ -428,7 +433,7 @@ def _infonce_bwd_dd_kernel(
         row_in = rows < B
         row_lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
         row_doc_ids = _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS)
-        dlogits = _dlogits_tile(
+        dlogits = _unweighted_dlogits_tile(
             q_ptr,
             d_ptr,
             doc_ids_ptr,
@@ -437,7 +442,6 @@ def _infonce_bwd_dd_kernel(
             row_lse,
             row_doc_ids,
             scale,
-            row_grad,
             B,
             N,
             D,
@@ -478,7 +482,8 @@ class BlockSizes:
     """Tile shape of the kernels; powers of two >= 16, the smallest tile tl.dot accepts.
 
     ``m`` rows of q and ``n`` rows of d per tile, ``d`` the embedding slice of one logit
-    product, ``d_out`` the embedding slice of one gradient accumulator.
+    product, ``d_out`` the embedding slice of one gradient accumulator; ``num_warps`` and
+    ``num_stages`` (the software pipeline depth of the loops) are Triton's launch options.
     """
 
     m: int
@@ -486,6 +491,7 @@ class BlockSizes:
     d: int
     d_out: int
     num_warps: int = 4
+    num_stages: int = 3
 
     def __post_init__(self) -> None:
         for name in ("m", "n", "d", "d_out"):
@@ -494,15 +500,46 @@ class BlockSizes:
                 raise ValueError(f"block size {name}={value} must be a power of two >= 16")
 
 
+# Tiles for Hopper (sm_90) at the usual embedding dims, keyed on (D, dtype). Compile-checked,
+# not measured: no GPU has run them yet. `python -m kernels.compile_check` (and
+# tests/test_kernel_compile.py) shows every kernel variant compiling with these for sm_90
+# without register spills, within the 227 KiB of shared memory, and with wgmma for
+# fp16/bf16 and TF32. 128-row tiles halve how often d is streamed past the queries (one
+# pass per 128 rows, not 64), but with the 256-dim gradient slice or 64-wide K steps, or at
+# 128×128, the forward's running statistics or the dq accumulators spilled; 128×64 with
+# 32-wide K steps and 128-dim slices is the largest that did not. At D=768 that means 6
+# gradient slices instead of 3, each recomputing the logits: whether the larger MMA tiles
+# win that back needs a GPU to tell.
+# fp32 keeps the 64×64 tiles: with TF32 they compile spill-free; without TF32 (FMA only,
+# no tensor cores) two forward variants spill 4–16 bytes and the atomic-dd backward spills
+# 2–3 KB with every tile shape tried.
+_HALF_TILES = BlockSizes(m=128, n=64, d=32, d_out=128, num_warps=8, num_stages=3)
+_FP32_TILES = BlockSizes(m=64, n=64, d=32, d_out=128, num_warps=8, num_stages=3)
+_HOPPER_BLOCK_SIZES: dict[tuple[int, torch.dtype], BlockSizes] = {
+    (dim, dtype): tiles
+    for dim in (384, 768)
+    for dtype, tiles in (
+        (torch.float16, _HALF_TILES),
+        (torch.bfloat16, _HALF_TILES),
+        (torch.float32, _FP32_TILES),
+    )
+}
+
+
 def default_block_sizes(dim: int, dtype: torch.dtype) -> BlockSizes:
-    """Tile shape for embedding dimension ``dim``: one gradient slice up to 128 (fp32) or
-    256 (fp16/bf16) dims, so the usual 128–768-dim embeddings recompute each logit tile at
-    most a few times while the fp32 accumulators still fit in registers."""
+    """Tile shape for embedding dimension ``dim`` and input ``dtype``.
+
+    D = 384 and 768 take the compile-checked Hopper table above. Other dims get one
+    gradient slice up to 128 (fp32) or 256 (fp16/bf16) dims, so that each logit tile is
+    recomputed at most a few times while the fp32 accumulators still fit in registers.
+    """
     padded_dim = max(16, triton.next_power_of_2(dim))
     if _INTERPRETED:
         # The interpreter pays per tile operation in Python; 32-row tiles keep it quick while
         # the tests' small odd shapes still span several tiles.
         return BlockSizes(m=32, n=32, d=min(padded_dim, 128), d_out=min(padded_dim, 128))
+    if (dim, dtype) in _HOPPER_BLOCK_SIZES:
+        return _HOPPER_BLOCK_SIZES[dim, dtype]
     half = dtype in (torch.float16, torch.bfloat16)
     d_out = min(padded_dim, 256 if half else 128)
     return BlockSizes(
@@ -568,14 +605,31 @@ def _scale_tensor(scale: float | torch.Tensor, device: torch.device) -> torch.Te
     return torch.tensor(float(scale), device=device, dtype=torch.float32)
 
 
+def _matmul_allows_tf32() -> bool:
+    matmul = torch.backends.cuda.matmul
+    # The fp32_precision API (torch >= 2.9) reflects the legacy flag too, while reading the
+    # legacy allow_tf32 raises once TF32 was set through fp32_precision.
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return matmul.allow_tf32
+
+
 def _kernel_flags(dtype: torch.dtype) -> dict[str, object]:
     # fp32 inputs follow torch's own matmul setting, so the fused loss matches a plain
     # `q @ d.T` reference unless the user opted into TF32 there too.
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    allow_tf32 = _matmul_allows_tf32()
     return {
         "INPUT_PRECISION": "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32",
         "UPCAST_DOT": _INTERPRETED and dtype == torch.bfloat16,
     }
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    # Triton launches on the current CUDA device, not on the tensors' one: without this a
+    # tensor on cuda:1 would be read by a kernel running on cuda:0.
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _launch_forward(
@@ -631,6 +685,7 @@ def _launch_forward(
         WITH_STATS=with_stats,
         **_kernel_flags(q.dtype),
         num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
     )
     return lse, row_loss, stats
 
@@ -641,11 +696,11 @@ def _launch_backward(
     doc_ids: torch.Tensor | None,
     scale: torch.Tensor,
     lse: torch.Tensor,
-    row_grad: torch.Tensor,
     deterministic: bool,
     blocks: BlockSizes,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One direction: fp32 (Σ_j dlogits·d, Σ_i dlogitsᵀ·q), i.e. the gradients over s."""
+    """One direction: fp32 (Σ_j (p − onehot)·d, Σ_i (p − onehot)ᵀ·q), i.e. the gradients
+    over s·g (scale times the uniform upstream weight)."""
     batch, dim = q.shape
     num_docs = d.shape[0]
     dq = torch.empty(batch, dim, device=q.device, dtype=torch.float32)
@@ -661,7 +716,6 @@ def _launch_backward(
         doc_ids_arg,
         scale,
         lse,
-        row_grad,
         dq,
         dd,
         batch,
@@ -679,6 +733,7 @@ def _launch_backward(
         ATOMIC_DD=not deterministic,
         **flags,
         num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
     )
     if deterministic:
         _infonce_bwd_dd_kernel[(triton.cdiv(num_docs, blocks.n), k_slices)](
@@ -687,7 +742,6 @@ def _launch_backward(
             doc_ids_arg,
             scale,
             lse,
-            row_grad,
             dd,
             batch,
             num_docs,
@@ -702,6 +756,7 @@ def _launch_backward(
             HAS_DOC_IDS=doc_ids is not None,
             **flags,
             num_warps=blocks.num_warps,
+            num_stages=blocks.num_stages,
         )
     return dq, dd
 
@@ -724,12 +779,13 @@ def infonce_forward(
     q, d, doc_ids = _validated(q, d, doc_ids)
     scale = _scale_tensor(scale, q.device)
     blocks = block_sizes or default_block_sizes(q.shape[1], q.dtype)
-    row_lse, row_loss, stats = _launch_forward(q, d, doc_ids, scale, blocks, return_stats)
-    if not symmetric:
-        return InfoNCEForward(loss=row_loss.mean(), row_lse=row_lse, col_lse=None, stats=stats)
-    batch = q.shape[0]
-    positive_ids = doc_ids[:batch] if doc_ids is not None else None
-    col_lse, col_loss, _ = _launch_forward(d[:batch], q, positive_ids, scale, blocks)
+    with _on_device(q.device):
+        row_lse, row_loss, stats = _launch_forward(q, d, doc_ids, scale, blocks, return_stats)
+        if not symmetric:
+            return InfoNCEForward(loss=row_loss.mean(), row_lse=row_lse, col_lse=None, stats=stats)
+        batch = q.shape[0]
+        positive_ids = doc_ids[:batch] if doc_ids is not None else None
+        col_lse, col_loss, _ = _launch_forward(d[:batch], q, positive_ids, scale, blocks)
     return InfoNCEForward(
         loss=(row_loss.mean() + col_loss.mean()) / 2,
         row_lse=row_lse,
@@ -760,22 +816,22 @@ def infonce_backward(
     blocks = block_sizes or default_block_sizes(q.shape[1], q.dtype)
     batch = q.shape[0]
     directions = 1 if col_lse is None else 2
-    row_grad = (
-        grad_loss.detach().to(device=q.device, dtype=torch.float32) / (batch * directions)
-    ).reshape(1)
+    row_grad = grad_loss.detach().to(device=q.device, dtype=torch.float32) / (batch * directions)
 
-    dq, dd = _launch_backward(q, d, doc_ids, scale, row_lse, row_grad, deterministic, blocks)
-    dscale = torch.dot(q.float().flatten(), dq.flatten())
-    if col_lse is not None:
-        positives = d[:batch]
-        positive_ids = doc_ids[:batch] if doc_ids is not None else None
-        d_positives, dq_from_columns = _launch_backward(
-            positives, q, positive_ids, scale, col_lse, row_grad, deterministic, blocks
-        )
-        dscale = dscale + torch.dot(positives.float().flatten(), d_positives.flatten())
-        dq += dq_from_columns
-        dd[:batch] += d_positives
-    return (dq * scale).to(q.dtype), (dd * scale).to(d.dtype), dscale
+    with _on_device(q.device):
+        dq, dd = _launch_backward(q, d, doc_ids, scale, row_lse, deterministic, blocks)
+        dscale = torch.dot(q.float().flatten(), dq.flatten())
+        if col_lse is not None:
+            positives = d[:batch]
+            positive_ids = doc_ids[:batch] if doc_ids is not None else None
+            d_positives, dq_from_columns = _launch_backward(
+                positives, q, positive_ids, scale, col_lse, deterministic, blocks
+            )
+            dscale = dscale + torch.dot(positives.float().flatten(), d_positives.flatten())
+            dq += dq_from_columns
+            dd[:batch] += d_positives
+    weight = row_grad * scale
+    return (dq * weight).to(q.dtype), (dd * weight).to(d.dtype), dscale * row_grad
 
 
 class InfoNCEFunction(torch.autograd.Function):
@@ -861,19 +917,17 @@ def fused_info_nce(
     scalar whatever the input dtype (fp32, fp16 or bf16); memory beyond the inputs and
     their gradients is O(B + N). ``return_stats=True`` returns ``(loss, InfoNCEStats)``, the
     query→document ranking statistics from the same forward launch (detached; the loss and
-    gradients are those without them).
+    gradients are those without them). Runs as the custom op ``biencoder::info_nce``, so
+    torch.compile traces it without a graph break.
     """
-    if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1:
-            raise ValueError(f"scale must be a scalar, got shape {tuple(scale.shape)}")
-        # Kept differentiable: the .to() and reshape carry the gradient back to `scale`.
-        scale_tensor = scale.to(device=q.device, dtype=torch.float32).reshape(())
-    else:
-        scale_tensor = torch.tensor(float(scale), device=q.device, dtype=torch.float32)
-    outputs = InfoNCEFunction.apply(
-        q, d, scale_tensor, doc_ids, symmetric, deterministic, None, return_stats
+    check_inputs(q, d, doc_ids)
+    return call_info_nce_op(
+        q,
+        d,
+        scale_as_tensor(scale, q.device),
+        doc_ids,
+        symmetric,
+        return_stats,
+        fused=True,
+        deterministic=deterministic,
     )
-    if not return_stats:
-        return outputs
-    loss, *stats_tensors = outputs
-    return loss, InfoNCEStats(*stats_tensors, num_docs=d.shape[0])

@@ -1,5 +1,8 @@
 """Training losses for bi-encoders: InfoNCE (fused, chunked and naive), pair and triplet
-losses, and Matryoshka truncation of any of them."""
+losses, and Matryoshka truncation of any of them.
+
+Importing this package registers InfoNCE's custom operators (``torch.ops.biencoder``), which
+torch.compile traces without a graph break."""
 
 from losses.infonce import InfoNCELoss, InfoNCEStats, info_nce
 from losses.pairwise import (

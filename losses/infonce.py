@@ -28,6 +28,11 @@ fp32) and pass gradients to q, d and, when it is a tensor, the temperature.
 With ``return_stats=True`` each also returns :class:`InfoNCEStats`, per-query ranking
 statistics of the query→document direction taken from the same pass as the loss: O(B)
 memory in the "torch" and "triton" paths, and the same loss and gradients as without them.
+
+The "torch" and "triton" paths (so "auto") run as the custom operator
+``torch.ops.biencoder.info_nce``, whose backward is ``torch.ops.biencoder.info_nce_backward``:
+``torch.compile(fullgraph=True)`` traces a function calling :func:`info_nce` and its
+backward without a graph break. Both ops are registered when this module is imported.
 """
 
 from __future__ import annotations
@@ -116,7 +121,8 @@ class InfoNCEStats:
         return summary
 
 
-def _check_inputs(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
+def check_inputs(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
+    """Raises ValueError unless q [B, D], d [N, D] with N >= B and doc_ids [N] fit."""
     if q.dim() != 2 or d.dim() != 2:
         raise ValueError(f"q and d must be 2-D, got {tuple(q.shape)} and {tuple(d.shape)}")
     if q.shape[1] != d.shape[1]:
@@ -175,7 +181,7 @@ def naive_info_nce(
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
     """Reference InfoNCE: materialises the B×N logits and calls ``F.cross_entropy``."""
-    _check_inputs(q, d, doc_ids)
+    check_inputs(q, d, doc_ids)
     batch = q.shape[0]
     similarities = (q @ d.T).to(_compute_dtype(q.dtype))
     logits = similarities * scale
@@ -321,77 +327,253 @@ def _tile_buffer(queries: torch.Tensor, docs: torch.Tensor, chunk_size: int) -> 
     return queries.new_empty(rows * min(chunk_size, docs.shape[0]))
 
 
-class _ChunkedInfoNCE(torch.autograd.Function):
-    """Chunked InfoNCE; saves the inputs and the O(B) logsumexps, never the logits.
+def _chunked_forward(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    symmetric: bool,
+    chunk_size: int,
+    return_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
+    """(loss, row_lse, col_lse, stats tensors) of the chunked path; lse are O(B)."""
+    compute_dtype = _compute_dtype(q.dtype)
+    queries, docs = q.to(compute_dtype), d.to(compute_dtype)
+    scale = scale.to(compute_dtype)
+    batch = queries.shape[0]
+    # Before the tile buffer exists, so that this B×D temporary does not add to the peak.
+    positive_logits = (queries * docs[:batch]).sum(dim=1) * scale
+    buffer = _tile_buffer(queries, docs, chunk_size)
+    stats = _TileStats(queries, scale, doc_ids) if return_stats else None
+    row_lse = _chunked_logsumexp(queries, docs, scale, doc_ids, chunk_size, buffer, stats)
+    loss = (row_lse - positive_logits).mean()
+    col_lse = None
+    if symmetric:
+        positive_ids = doc_ids[:batch] if doc_ids is not None else None
+        col_lse = _chunked_logsumexp(docs[:batch], queries, scale, positive_ids, chunk_size, buffer)
+        loss = (loss + (col_lse - positive_logits).mean()) / 2
+    return loss, row_lse, col_lse, stats.tensors() if stats is not None else None
+
+
+def _chunked_backward(
+    grad_loss: torch.Tensor,
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dd, dscale) of the chunked path, recomputing each logit tile once.
 
     With a uniform upstream weight w = G/B, dlogits = w·(P − I), so the onehot and the
     weight are applied to the B×D products (P @ d − d[:B]) instead of to each B×chunk tile;
     ∂/∂s = Σ dlogits·(q·dᵀ) = ⟨q, dlogits @ d⟩ reuses the same product.
     """
+    compute_dtype = _compute_dtype(q.dtype)
+    queries, docs = q.to(compute_dtype), d.to(compute_dtype)
+    scale = scale.to(compute_dtype)
+    batch = queries.shape[0]
+    weight = grad_loss.to(compute_dtype) / (batch if col_lse is None else 2 * batch)
+    buffer = _tile_buffer(queries, docs, chunk_size)
 
-    @staticmethod
-    def forward(ctx, q, d, scale, doc_ids, symmetric, chunk_size, return_stats):
-        compute_dtype = _compute_dtype(q.dtype)
-        queries, docs = q.to(compute_dtype), d.to(compute_dtype)
-        scale = scale.to(compute_dtype)
-        batch = queries.shape[0]
-        # Before the tile buffer exists, so that this B×D temporary does not add to the peak.
-        positive_logits = (queries * docs[:batch]).sum(dim=1) * scale
-        buffer = _tile_buffer(queries, docs, chunk_size)
-        stats = _TileStats(queries, scale, doc_ids) if return_stats else None
-        row_lse = _chunked_logsumexp(queries, docs, scale, doc_ids, chunk_size, buffer, stats)
-        loss = (row_lse - positive_logits).mean()
-        col_lse = None
-        if symmetric:
-            positive_ids = doc_ids[:batch] if doc_ids is not None else None
-            col_lse = _chunked_logsumexp(
-                docs[:batch], queries, scale, positive_ids, chunk_size, buffer
-            )
-            loss = (loss + (col_lse - positive_logits).mean()) / 2
-        ctx.save_for_backward(q, d, scale, doc_ids, row_lse, col_lse)
-        ctx.chunk_size = chunk_size
-        if stats is None:
-            return loss
-        stats_tensors = stats.tensors()
-        ctx.mark_non_differentiable(*stats_tensors)
-        return (loss, *stats_tensors)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_stats_grads):
-        q, d, scale, doc_ids, row_lse, col_lse = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
-        compute_dtype = _compute_dtype(q.dtype)
-        queries, docs = q.to(compute_dtype), d.to(compute_dtype)
-        batch = queries.shape[0]
-        weight = grad_loss.to(compute_dtype) / (batch if col_lse is None else 2 * batch)
-        buffer = _tile_buffer(queries, docs, chunk_size)
-
-        p_docs, pt_queries = _chunked_softmax_products(
-            queries, docs, scale, doc_ids, row_lse, chunk_size, buffer
+    p_docs, pt_queries = _chunked_softmax_products(
+        queries, docs, scale, doc_ids, row_lse, chunk_size, buffer
+    )
+    dq = p_docs.sub_(docs[:batch])
+    dd = pt_queries
+    dd[:batch] -= queries
+    dscale = torch.dot(queries.flatten(), dq.flatten())
+    if col_lse is not None:
+        positives = docs[:batch]
+        positive_ids = doc_ids[:batch] if doc_ids is not None else None
+        p_queries, pt_positives = _chunked_softmax_products(
+            positives, queries, scale, positive_ids, col_lse, chunk_size, buffer
         )
-        dq = p_docs.sub_(docs[:batch])
-        dd = pt_queries
-        dd[:batch] -= queries
-        dscale = torch.dot(queries.flatten(), dq.flatten())
-        if col_lse is not None:
-            positives = docs[:batch]
-            positive_ids = doc_ids[:batch] if doc_ids is not None else None
-            p_queries, pt_positives = _chunked_softmax_products(
-                positives, queries, scale, positive_ids, col_lse, chunk_size, buffer
-            )
-            d_positives = p_queries.sub_(queries)
-            dscale = dscale + torch.dot(positives.flatten(), d_positives.flatten())
-            dq += pt_positives.sub_(positives)
-            dd[:batch] += d_positives
-        return (
-            (dq.mul_(weight * scale)).to(q.dtype) if ctx.needs_input_grad[0] else None,
-            (dd.mul_(weight * scale)).to(d.dtype) if ctx.needs_input_grad[1] else None,
-            (dscale * weight).reshape(scale.shape) if ctx.needs_input_grad[2] else None,
-            None,
-            None,
-            None,
-            None,
+        d_positives = p_queries.sub_(queries)
+        dscale = dscale + torch.dot(positives.flatten(), d_positives.flatten())
+        dq += pt_positives.sub_(positives)
+        dd[:batch] += d_positives
+    return dq.mul_(weight * scale).to(q.dtype), dd.mul_(weight * scale).to(d.dtype), dscale * weight
+
+
+# ------------------------------------------------------------------------------------------
+# The loss as a custom operator, so that torch.compile sees one node with known output
+# shapes (the fake) and a known backward (itself an op, so AOTAutograd traces it), instead
+# of tracing into the implementations: their chunk loops would unroll into the graph for
+# every shape, and the statistics' data-dependent torch.unique breaks the graph. Both the
+# chunked and the fused path run behind it: `fused`
+# picks the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), otherwise the chunked
+# PyTorch code runs on whatever device the tensors are on. Custom ops return a fixed tuple
+# of tensors, so absent outputs (col_lse without `symmetric`, the statistics without
+# `return_stats`) are empty tensors.
+# ------------------------------------------------------------------------------------------
+
+
+def _fused_kernels():
+    # Imported on first use: importing the kernels decides whether Triton interprets them.
+    from kernels import infonce
+
+    return infonce
+
+
+@torch.library.custom_op("biencoder::info_nce", mutates_args=())
+def info_nce_op(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    symmetric: bool,
+    return_stats: bool,
+    fused: bool,
+    deterministic: bool,
+    chunk_size: int,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """``(loss, row_lse, col_lse, positive, best_other, best_other_index, false_negatives)``.
+
+    ``scale`` is a 0-dim tensor (it may require grad); ``fused`` runs the Triton kernels,
+    whose backward accumulates dd atomically unless ``deterministic``; ``chunk_size`` is
+    the chunked path's tile. row_lse and col_lse are what the backward needs; col_lse is
+    empty unless ``symmetric`` and the four statistics are empty unless ``return_stats``.
+    Use :func:`info_nce`, which validates the arguments and wraps the statistics.
+    """
+    if fused:
+        result = _fused_kernels().infonce_forward(
+            q, d, scale, doc_ids, symmetric, return_stats=return_stats
         )
+        loss, row_lse, col_lse = result.loss, result.row_lse, result.col_lse
+        stats = result.stats
+        stats_tensors = (
+            (stats.positive, stats.best_other, stats.best_other_index, stats.false_negatives)
+            if stats is not None
+            else None
+        )
+    else:
+        loss, row_lse, col_lse, stats_tensors = _chunked_forward(
+            q, d, scale, doc_ids, symmetric, chunk_size, return_stats
+        )
+    if col_lse is None:
+        col_lse = row_lse.new_empty(0)
+    if stats_tensors is None:
+        empty = row_lse.new_empty(0, dtype=torch.float32)
+        no_rows = torch.empty(0, dtype=torch.int64, device=q.device)
+        stats_tensors = (empty, empty.clone(), no_rows, no_rows.clone())
+    return loss, row_lse, col_lse, *stats_tensors
+
+
+@info_nce_op.register_fake
+def _info_nce_fake(q, d, scale, doc_ids, symmetric, return_stats, fused, deterministic, chunk_size):
+    batch = q.shape[0]
+    dtype = _compute_dtype(q.dtype)
+    stats_rows = batch if return_stats else 0
+    return (
+        q.new_empty((), dtype=dtype),
+        q.new_empty(batch, dtype=dtype),
+        q.new_empty(batch if symmetric else 0, dtype=dtype),
+        q.new_empty(stats_rows, dtype=torch.float32),
+        q.new_empty(stats_rows, dtype=torch.float32),
+        q.new_empty(stats_rows, dtype=torch.int64),
+        q.new_empty(stats_rows, dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("biencoder::info_nce_backward", mutates_args=())
+def info_nce_backward_op(
+    grad_loss: torch.Tensor,
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor | None,
+    fused: bool,
+    deterministic: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dd, dscale) of ``info_nce_op``'s loss for the upstream gradient ``grad_loss``;
+    the symmetric term is included when ``col_lse`` is given."""
+    if fused:
+        dq, dd, dscale = _fused_kernels().infonce_backward(
+            q, d, scale, grad_loss, row_lse, col_lse, doc_ids, deterministic
+        )
+    else:
+        dq, dd, dscale = _chunked_backward(
+            grad_loss, q, d, scale, doc_ids, row_lse, col_lse, chunk_size
+        )
+    # Contiguous like the fake outputs, whatever the strides of q and d.
+    return dq.contiguous(), dd.contiguous(), dscale.to(scale.dtype).reshape(scale.shape)
+
+
+@info_nce_backward_op.register_fake
+def _info_nce_backward_fake(
+    grad_loss, q, d, scale, doc_ids, row_lse, col_lse, fused, deterministic, chunk_size
+):
+    return q.new_empty(q.shape), d.new_empty(d.shape), scale.new_empty(scale.shape)
+
+
+def _info_nce_setup_context(ctx, inputs, output) -> None:
+    q, d, scale, doc_ids, symmetric, _, fused, deterministic, chunk_size = inputs
+    _, row_lse, col_lse, *stats_tensors = output
+    ctx.mark_non_differentiable(row_lse, col_lse, *stats_tensors)
+    # The inputs and O(B) logsumexps only: the backward recomputes the logits.
+    ctx.save_for_backward(q, d, scale, doc_ids, row_lse, col_lse if symmetric else None)
+    ctx.fused, ctx.deterministic, ctx.chunk_size = fused, deterministic, chunk_size
+
+
+def _info_nce_backward(ctx, grad_loss, *_other_grads):
+    q, d, scale, doc_ids, row_lse, col_lse = ctx.saved_tensors
+    dq, dd, dscale = info_nce_backward_op(
+        grad_loss,
+        q,
+        d,
+        scale,
+        doc_ids,
+        row_lse,
+        col_lse,
+        ctx.fused,
+        ctx.deterministic,
+        ctx.chunk_size,
+    )
+    return dq, dd, dscale, None, None, None, None, None, None
+
+
+info_nce_op.register_autograd(_info_nce_backward, setup_context=_info_nce_setup_context)
+
+
+def scale_as_tensor(scale: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The scale 1/temperature as the 0-dim tensor ``info_nce_op`` takes, on ``device``; a
+    tensor keeps its dtype and its gradient."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a scalar, got shape {tuple(scale.shape)}")
+        return scale.to(device).reshape(())
+    # fp64 so that the fp64 (gradcheck) path sees 1/temperature unrounded; the kernels and
+    # the fp32 chunked path round it to fp32 as before.
+    return torch.tensor(float(scale), device=device, dtype=torch.float64)
+
+
+def call_info_nce_op(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    symmetric: bool,
+    return_stats: bool,
+    fused: bool,
+    deterministic: bool = True,
+    chunk_size: int = 4096,
+) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
+    """``info_nce_op`` with its outputs as the public functions return them: the loss, or
+    ``(loss, InfoNCEStats)`` with ``return_stats``."""
+    loss, _, _, *stats_tensors = info_nce_op(
+        q, d, scale, doc_ids, symmetric, return_stats, fused, deterministic, chunk_size
+    )
+    if not return_stats:
+        return loss
+    return loss, InfoNCEStats(*stats_tensors, num_docs=d.shape[0])
 
 
 def chunked_info_nce(
@@ -410,19 +592,19 @@ def chunked_info_nce(
     and takes both gradient products from it. ``return_stats`` adds :class:`InfoNCEStats`
     from the forward's own tiles (O(B) more memory; loss and gradients unchanged).
     """
-    _check_inputs(q, d, doc_ids)
+    check_inputs(q, d, doc_ids)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if isinstance(scale, torch.Tensor):
-        scale = scale.reshape(())
-    else:
-        # fp64 so that the fp64 (gradcheck) path sees 1/temperature unrounded.
-        scale = torch.tensor(float(scale), device=q.device, dtype=torch.float64)
-    outputs = _ChunkedInfoNCE.apply(q, d, scale, doc_ids, symmetric, chunk_size, return_stats)
-    if not return_stats:
-        return outputs
-    loss, *stats_tensors = outputs
-    return loss, InfoNCEStats(*stats_tensors, num_docs=d.shape[0])
+    return call_info_nce_op(
+        q,
+        d,
+        scale_as_tensor(scale, q.device),
+        doc_ids,
+        symmetric,
+        return_stats,
+        fused=False,
+        chunk_size=chunk_size,
+    )
 
 
 def info_nce(
@@ -452,11 +634,11 @@ def info_nce(
         impl = "triton" if q.is_cuda else "torch"
     scale = 1.0 / temperature
     if impl == "triton":
-        # Imported here: importing the kernels decides whether Triton runs them interpreted.
-        from kernels.infonce import fused_info_nce
-
-        return fused_info_nce(
-            q, d, scale, symmetric=symmetric, doc_ids=doc_ids, return_stats=return_stats
+        # The op directly rather than kernels.infonce.fused_info_nce, so that torch.compile
+        # traces no import here; the op imports the kernels when it first runs.
+        check_inputs(q, d, doc_ids)
+        return call_info_nce_op(
+            q, d, scale_as_tensor(scale, q.device), doc_ids, symmetric, return_stats, fused=True
         )
     if impl == "torch":
         return chunked_info_nce(q, d, scale, symmetric, doc_ids, chunk_size, return_stats)

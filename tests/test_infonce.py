@@ -5,6 +5,7 @@ TRITON_INTERPRET=1 before any test module imports kernels.infonce.
 """
 
 import math
+import types
 
 import pytest
 import torch
@@ -187,6 +188,40 @@ def test_triton_deterministic_flag(seed):
 
 
 @needs_triton
+def test_triton_fp16_gradients_do_not_underflow(seed):
+    """fp16 with a tiny uniform upstream weight, as G/B is at large B: every negative's
+    weighted term row_grad·p_ij (~2e-8) is below half fp16's smallest subnormal, so a kernel
+    that casts row_grad·(p − onehot) to fp16 before the tile product drops all negatives,
+    while dq itself (up to ~1e-3) and the fp32 ∂/∂scale are well within range."""
+    batch, num_docs, dim = 8, 128, 16
+    q, d = make_embeddings(batch, num_docs, dim, dtype=torch.float16)
+    # |q·d| <= 0.002 at scale 500: logits within ±1, so p_ij <= e²/num_docs ≈ 0.06 and
+    # row_grad·p_ij <= 1e-6·0.06 < 2.98e-8, which fp16 rounds to 0. Documents of norm 4
+    # keep dq = scale·row_grad·Σ_j (p_ij − onehot)·d_j in fp16's normal range.
+    q = (q.double() * 0.0005).to(torch.float16)
+    d = (d.double() * 4).to(torch.float16)
+    scale = 500.0
+    upstream = batch * 1e-6
+
+    def grads(fn, q, d, s):
+        q, d = q.detach().clone().requires_grad_(), d.detach().clone().requires_grad_()
+        s = torch.tensor(s, dtype=q.dtype if q.dtype == torch.float64 else torch.float32)
+        s = s.to(q.device).requires_grad_()
+        loss = fn(q, d, s)
+        dq, dscale = torch.autograd.grad(loss, (q, s), torch.tensor(upstream, device=q.device))
+        return dq, dscale
+
+    dq, dscale = grads(lambda q, d, s: fused_info_nce(q, d, s), q, d, scale)
+    ref_dq, ref_dscale = grads(
+        lambda q, d, s: naive_info_nce(q, d, s), q.cpu().double(), d.cpu().double(), scale
+    )
+    assert ref_dq.abs().max() > 10 * torch.finfo(torch.float16).smallest_normal
+    _, atol, rtol = DTYPE_TOLERANCES[1]
+    assert_close(dq, ref_dq, atol, rtol)
+    assert_close(dscale, ref_dscale, atol, rtol)
+
+
+@needs_triton
 def test_triton_non_contiguous_inputs(seed):
     q, d = make_embeddings(37, 111, 48)
     q_strided = torch.zeros(37, 96, device=DEVICE)
@@ -247,6 +282,31 @@ def test_triton_bf16_upcast_only_under_the_interpreter():
     flags = kernel._kernel_flags(torch.bfloat16)
     assert flags["UPCAST_DOT"] is kernel._INTERPRETED
     assert kernel._kernel_flags(torch.float16)["UPCAST_DOT"] is False
+
+
+def test_kernel_flags_follow_the_fp32_precision_api():
+    """TF32 set through torch's fp32_precision API: reading the legacy allow_tf32 then
+    raises, so the flags must come from the new setting (which also mirrors the legacy)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    previous = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert kernel._kernel_flags(torch.float32)["INPUT_PRECISION"] == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert kernel._kernel_flags(torch.float32)["INPUT_PRECISION"] == "ieee"
+    finally:
+        matmul.fp32_precision = previous
+    assert kernel._kernel_flags(torch.float16)["INPUT_PRECISION"] == "tf32"
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_kernel_flags_fall_back_to_allow_tf32(monkeypatch, allow_tf32):
+    """A torch without the fp32_precision API: the legacy flag decides."""
+    monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(allow_tf32=allow_tf32))
+    expected = "tf32" if allow_tf32 else "ieee"
+    assert kernel._kernel_flags(torch.float32)["INPUT_PRECISION"] == expected
 
 
 @needs_triton
@@ -319,6 +379,17 @@ def test_gpu_deterministic_is_bitwise_reproducible(seed):
     ]
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_kernels_run_on_the_inputs_device(seed):
+    """Inputs on cuda:1 while cuda:0 is current: the launches must follow the tensors."""
+    q, d = make_embeddings(256, 512, 64, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    doc_ids = doc_ids_with_duplicates(256, 512, "cuda:1")
+    results = loss_and_grads(lambda q, d, t: fused_info_nce(q, d, 1 / t, True, doc_ids), q, d)
+    assert_matches_reference(results, reference(q, d, True, doc_ids), 1e-5, 1e-5)
 
 
 # ------------------------------------------------------------------------------------------
