@@ -41,13 +41,15 @@ class EvalConfig:
     ``batch_size`` is texts per encoder forward pass when embedding (not the training
     batch); ``ks`` the metric cut-offs; ``matryoshka_dims`` extra truncated dimensions scored
     from the same embeddings; ``ignore_identical_ids`` drops hits whose document id equals
-    the query id (Quora, ArguAna).
+    the query id (Quora, ArguAna); ``precision`` ``bf16`` encodes under bf16 autocast (where
+    torch supports bf16 on the device).
     """
 
     batch_size: int = 64
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 100])
     matryoshka_dims: list[int] = field(default_factory=list)
     ignore_identical_ids: bool = False
+    precision: str = "fp32"
     index: IndexSpec = field(default_factory=IndexSpec)
 
     def __post_init__(self) -> None:
@@ -55,5 +57,7 @@ class EvalConfig:
             raise ValueError(f"batch_size: must be positive, got {self.batch_size}")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"ks: cut-offs must be positive, got {list(self.ks)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: must be fp32 or bf16, got {self.precision!r}")
         if any(d < 1 for d in self.matryoshka_dims):
             raise ValueError(f"matryoshka_dims: must be positive, got {list(self.matryoshka_dims)}")

@@ -26,6 +26,11 @@ def score(model: BiEncoder, dataset, evaluation: EvalConfig, matryoshka_dims: Se
     Full-dimension metrics are always there, so a Matryoshka dim equal to the model's is
     not scored twice."""
     matryoshka_dims = [d for d in matryoshka_dims if d != model.dim]
+    with model.encoding_precision(evaluation.precision):
+        return _score(model, dataset, evaluation, matryoshka_dims)
+
+
+def _score(model: BiEncoder, dataset, evaluation: EvalConfig, matryoshka_dims: list[int]):
     if isinstance(dataset, BeirDataset):
         result = evaluate_retrieval(
             model,

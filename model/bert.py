@@ -1,11 +1,19 @@
 """A BERT encoder in plain PyTorch, numerically equal to ``transformers.BertModel``.
 
-Shapes: B = batch, T = tokens, H = hidden size, A = heads, Dh = H / A.
+Shapes: B = batch, L = padded length, T = tokens, H = hidden size, A = heads, Dh = H / A.
 Post-LayerNorm blocks, as in the original BERT:
     x = LN(x + Attn(x));  x = LN(x + MLP(x))
+
+Two execution paths give the same states at real tokens. The padded one runs every block
+on [B, L, H]. The unpadded ("varlen") one packs the real tokens into [T, H] and runs the
+embeddings, projections, layer norms and MLP on those alone, which is where the FLOPs
+are; only attention, which needs each text's tokens side by side, scatters them into the
+padded layout and gathers the result back.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +30,34 @@ ACTIVATIONS = {
 }
 
 
+class Packing(NamedTuple):
+    """Where the packed tokens of an unpadded batch sit in its padded [B, L] layout."""
+
+    real: torch.Tensor  # [T] positions of the real tokens in the flattened [B * L]
+    padding: torch.Tensor  # [B * L - T] positions of the padding
+    batch: int
+    length: int
+
+    @classmethod
+    def from_mask(cls, real: torch.Tensor) -> Packing:
+        """From a boolean mask [B, L] that is True at real tokens."""
+        flat = real.flatten()
+        return cls(flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1), *real.shape)
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> [T, ...]"""
+        return padded.flatten(0, 1).index_select(0, self.real)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [B, L, ...], zeros at padding. Zeros, not garbage, because attention
+        multiplies masked keys by 0 and NaN·0 is NaN; each row is written once, in place on
+        a fresh tensor, as a second pass costs as much as the scatter."""
+        padded = packed.new_empty(self.batch * self.length, *packed.shape[1:])
+        padded.index_fill_(0, self.padding, 0)
+        padded.index_copy_(0, self.real, packed)
+        return padded.unflatten(0, (self.batch, self.length))
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -31,11 +67,12 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        T = input_ids.shape[1]
-        positions = torch.arange(T, device=input_ids.device)  # [T]
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Ids and positions [B, L] (or packed [T]) -> [B, L, H] (or [T, H])."""
         x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(positions)
-        return self.dropout(self.norm(x))  # [B, T, H]
+        return self.dropout(self.norm(x))
 
 
 class SelfAttention(nn.Module):
@@ -49,16 +86,25 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(H, H)
         self.attn_dropout = cfg.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        B, T, H = x.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2)
-
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))  # [B, A, T, Dh]
+    def forward(
+        self, x: torch.Tensor, attend: torch.Tensor | None, packing: Packing | None
+    ) -> torch.Tensor:
+        """[B, L, H] -> [B, L, H], or packed [T, H] -> [T, H] with ``packing``."""
+        H = x.shape[-1]
+        # One GEMM of width 3H instead of three of width H: the checkpoint keeps three
+        # matrices, and concatenating them costs 3H² copies against T·3H² multiply-adds.
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.linear(x, weight, bias)  # [B, L, 3H] or [T, 3H]
+        if packing is not None:
+            qkv = packing.unpack(qkv)  # [B, L, 3H]
+        B, L = qkv.shape[:2]
+        # Strided views: SDPA's CPU kernel reads them without a copy.
+        q, k, v = qkv.view(B, L, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
         dropout = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)
-        return self.out(y.transpose(1, 2).reshape(B, T, H))  # [B, T, H]
+        y = y.transpose(1, 2).reshape(B, L, H)  # [B, L, H]
+        return self.out(packing.pack(y) if packing is not None else y)
 
 
 class MLP(nn.Module):
@@ -81,13 +127,20 @@ class Layer(nn.Module):
         self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn(x, attend)))
+    def forward(
+        self, x: torch.Tensor, attend: torch.Tensor | None, packing: Packing | None
+    ) -> torch.Tensor:
+        x = self.attn_norm(x + self.dropout(self.attn(x, attend, packing)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
 class Encoder(nn.Module):
-    """Token ids -> contextual token states, optionally stopping at an intermediate layer."""
+    """Token ids -> contextual token states, optionally stopping at an intermediate layer.
+
+    ``unpadded`` (True unless set) picks the execution path (see the module docstring);
+    both give the same states at real tokens, so it is an attribute to flip, like
+    ``gradient_checkpointing``, not part of the checkpoint.
+    """
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -95,6 +148,7 @@ class Encoder(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.gradient_checkpointing = False
+        self.unpadded = True
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -126,9 +180,11 @@ class Encoder(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         num_layers: int | None = None,
     ) -> torch.Tensor:
-        """Hidden states after ``num_layers`` blocks (all of them by default): [B, T, H].
+        """Hidden states after ``num_layers`` blocks (all of them by default): [B, L, H].
 
-        ``num_layers=0`` returns the embedding output; only the blocks needed run.
+        ``num_layers=0`` returns the embedding output; only the blocks needed run. States
+        at padded positions mean nothing: the padded path computes them from the real
+        tokens, the unpadded path leaves zeros.
         """
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(
@@ -140,13 +196,27 @@ class Encoder(nn.Module):
         num_layers = len(self.layers) if num_layers is None else num_layers
         if not 0 <= num_layers <= len(self.layers):
             raise ValueError(f"num_layers={num_layers} outside [0, {len(self.layers)}]")
-        # SDPA takes a boolean mask where True means "may attend"; [B, 1, 1, T] broadcasts
-        # over heads and query positions.
-        attend = attention_mask.bool()[:, None, None, :]
-        x = self.embeddings(input_ids, token_type_ids)
+        B, L = input_ids.shape
+        # Position ids count from the left edge of the padded batch, whatever the padding
+        # side, as in transformers.
+        positions = torch.arange(L, device=input_ids.device).expand(B, L)  # [B, L]
+        real = attention_mask.bool()
+        # SDPA takes a boolean mask where True means "may attend"; [B, 1, 1, L] broadcasts
+        # over heads and query positions. A batch without padding needs none, and takes
+        # the unmasked kernel. Both choices depend on the data, which would break a
+        # torch.compile graph: compiled, the encoder always masks and never packs.
+        compiling = torch.compiler.is_compiling()
+        padded = compiling or not bool(real.all())
+        attend = real[:, None, None, :] if padded else None
+        packing = Packing.from_mask(real) if self.unpadded and padded and not compiling else None
+        if packing is not None:
+            input_ids, token_type_ids, positions = map(
+                packing.pack, (input_ids, token_type_ids, positions)
+            )  # [T] each
+        x = self.embeddings(input_ids, token_type_ids, positions)  # [B, L, H] or [T, H]
         for layer in self.layers[:num_layers]:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, attend, use_reentrant=False)
+                x = checkpoint(layer, x, attend, packing, use_reentrant=False)
             else:
-                x = layer(x, attend)
-        return x
+                x = layer(x, attend, packing)
+        return packing.unpack(x) if packing is not None else x

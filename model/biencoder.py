@@ -11,10 +11,12 @@ copy of the encoder (asymmetric towers), initialised from the same checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,6 +36,8 @@ from model.weights import find_weights, load_hf_weights, read_state_dict, save_h
 log = logging.getLogger(__name__)
 
 Kind = Literal["query", "doc"]
+Precision = Literal["fp32", "bf16"]
+PRECISIONS = ("fp32", "bf16")
 CONFIG_NAME = "biencoder.json"
 DOC_TOWER_DIR = "doc_tower"
 POOLING_DIR, DENSE_DIR, NORMALIZE_DIR = "1_Pooling", "2_Dense", "3_Normalize"
@@ -143,6 +147,9 @@ class BiEncoder(nn.Module):
         self.tokenizer = tokenizer
         # Texts cut by characters before tokenising (see MAX_CHARS_PER_TOKEN), since loading.
         self.texts_cut = 0
+        # encode's precision when a call names none: evaluation code calls encode in many
+        # places, and an entry point sets this once instead of passing it to each.
+        self.precision: Precision = "fp32"
 
     # ----------------------------------------------------------------------------- loading
 
@@ -297,6 +304,40 @@ class BiEncoder(nn.Module):
         )
         return F.normalize(emb, dim=-1) if normalize else emb
 
+    def set_unpadded(self, unpadded: bool) -> None:
+        """Run every tower's encoder on packed real tokens (True, the default) or on the
+        padded batch (False); see ``model.bert``. The embeddings are the same up to
+        rounding."""
+        for tower in (self.query_tower, self.doc_tower):
+            if tower is not None:
+                tower.encoder.unpadded = unpadded
+
+    @contextlib.contextmanager
+    def encoding_precision(self, precision: Precision) -> Iterator[None]:
+        """``encode`` calls that name no precision use ``precision`` inside the block."""
+        self._precision_context(precision)  # refuses an unknown or unsupported one now
+        saved, self.precision = self.precision, precision
+        try:
+            yield
+        finally:
+            self.precision = saved
+
+    def _precision_context(self, precision: Precision) -> contextlib.AbstractContextManager:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        device = self.device
+        if not bf16_supported(device):
+            raise RuntimeError(
+                f"precision='bf16': torch reports no bfloat16 support on {device} "
+                "(CPU: oneDNN bf16 needs AVX-512 or AMX; CUDA: compute capability 8.0+); "
+                "use precision='fp32'"
+            )
+        # Autocast runs the matrix products in bf16 and keeps the residual stream, layer
+        # norms and pooling in fp32, which loses far less than casting the weights.
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
     @torch.inference_mode()
     def encode(
         self,
@@ -306,14 +347,17 @@ class BiEncoder(nn.Module):
         dim: int | None = None,
         show_progress: bool | None = None,
         normalize: bool | None = None,
+        precision: Precision | None = None,
     ) -> torch.Tensor:
-        """Embed ``texts`` -> float tensor [len(texts), dim] on the CPU, in input order.
+        """Embed ``texts`` -> float32 tensor [len(texts), dim] on the CPU, in input order.
 
         Texts are tokenized once and batched longest-first, so each batch pads to similar
         lengths and the first batch shows the peak memory at once. ``dim`` truncates
         (Matryoshka) and re-normalises when normalising. ``normalize`` overrides the
         config's ``normalize`` for this call: ``False`` gives the raw pooled (and projected)
-        embeddings, e.g. to measure their norms. The progress bar shows for more than 10
+        embeddings, e.g. to measure their norms. ``precision`` is "fp32" or "bf16" (matrix
+        products in bfloat16 under autocast, where torch reports support for it; an error
+        otherwise); None takes ``self.precision``. The progress bar shows for more than 10
         batches unless ``show_progress`` says otherwise. Texts longer than
         ``max_length * MAX_CHARS_PER_TOKEN`` characters are cut to that before tokenising,
         with a warning.
@@ -322,6 +366,7 @@ class BiEncoder(nn.Module):
             raise TypeError("encode takes a list of texts, not a single string")
         if normalize is None:
             normalize = self.config.normalize
+        autocast = self._precision_context(precision or self.precision)
         was_training = self.training
         self.eval()
         tokens = self.tokenizer(
@@ -340,10 +385,20 @@ class BiEncoder(nn.Module):
                 {k: [tokens[k][i] for i in idx] for k in tokens}, return_tensors="pt"
             )
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            emb = truncate_embeddings(self._embed(batch, kind, normalize), dim, normalize)
-            out[idx] = emb.float().cpu()
+            with autocast:
+                emb = self._embed(batch, kind, normalize)
+            out[idx] = truncate_embeddings(emb.float(), dim, normalize).cpu()
         self.train(was_training)
         return out
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether torch can run bfloat16 matrix products on ``device`` at speed."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
 
 
 def embedding_dim(path: str | Path, projection_dim: int | None = None) -> int:

@@ -20,14 +20,21 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module", params=[torch.float32, torch.float64], ids=["fp32", "fp64"])
-def encoders(request, minilm, minilm_path):
-    """Our encoder and transformers' BertModel, both in one dtype. Float32 is what runs, but
-    its rounding (measured: 5·eps·max|h| apart with transformers' eager attention here, up
-    to 17·eps·max|h| on an Intel Xeon) is near the size of subtle bugs: a LayerNorm eps of
-    1e-5 instead of 1e-12 moves the states by 35-75·eps·max|h|, inside the float32
-    tolerance. In float64 the same bug exceeds the tolerance 1e8-fold."""
-    ours = copy.deepcopy(minilm.query_tower.encoder).to(request.param)
-    return ours, AutoModel.from_pretrained(minilm_path).eval().to(request.param)
+def reference(request, minilm_path):
+    return AutoModel.from_pretrained(minilm_path).eval().to(request.param)
+
+
+@pytest.fixture(params=[True, False], ids=["unpadded", "padded"])
+def encoders(request, minilm, reference):
+    """Our encoder, on either execution path, and transformers' BertModel, both in one
+    dtype. Float32 is what runs, but its rounding (measured: 5·eps·max|h| apart with
+    transformers' eager attention here, up to 17·eps·max|h| on an Intel Xeon) is near the
+    size of subtle bugs: a LayerNorm eps of 1e-5 instead of 1e-12 moves the states by
+    35-75·eps·max|h|, inside the float32 tolerance. In float64 the same bug exceeds the
+    tolerance 1e8-fold."""
+    ours = copy.deepcopy(minilm.query_tower.encoder).to(reference.dtype)
+    ours.unpadded = request.param
+    return ours, reference
 
 
 def assert_same_real_states(encoder, ours, theirs, mask, msg=None):

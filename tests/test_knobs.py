@@ -190,6 +190,7 @@ PROBES: dict[str, Run | Proven] = {
     # --------------------------------------------------------------- evaluation
     "evaluation.batch_size": Run(("evaluation.batch_size=5",), "eval_forwards", FINAL),
     "evaluation.ks": Run(("evaluation.ks=[1,5]",), "metric_keys", FINAL),
+    "evaluation.precision": Run(("evaluation.precision=bf16",), "eval_autocast", FINAL),
     "evaluation.matryoshka_dims": Run(("evaluation.matryoshka_dims=[16]",), "metric_keys", FINAL),
     "evaluation.ignore_identical_ids": Run(
         ("evaluation.ignore_identical_ids=true",),
@@ -489,6 +490,7 @@ def observations(run_dir: Path, spy: Spy, error: Exception | None) -> dict[str, 
         "run": (run_dir / "run.trec").read_text() if (run_dir / "run.trec").exists() else None,
         "eval_forwards": len(evaluating),
         "eval_seq_len_max": max((f["seq_len_max"] for f in evaluating), default=None),
+        "eval_autocast": sorted({str(f["autocast"]) for f in evaluating}),
         "eval_sizes": [(e["queries"], len(e["corpus"])) for e in spy.evaluated],
         "eval_corpus": [e["corpus"] for e in spy.evaluated],
     }
