@@ -94,7 +94,6 @@ def test_help_and_unknown_arguments():
 
 # A minute or more on 2 shared cores: the whole suite is collected once more, and
 # torch.compile and the Triton interpreter run.
-@pytest.mark.slow
 def test_every_stage_reports_a_result_or_a_reason(rehearsal):
     completed, out = rehearsal
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -111,7 +110,6 @@ def test_every_stage_reports_a_result_or_a_reason(rehearsal):
     assert [line.split("|")[1].strip() for line in table[2:]] == list(STAGES)
 
 
-@pytest.mark.slow
 def test_report_sections(rehearsal):
     _, out = rehearsal
     report = (out / "report.md").read_text()
@@ -132,7 +130,6 @@ def test_report_sections(rehearsal):
     assert re.search(r"\| ours: BiEncoder.encode \| [\d,]+ \|", report)
 
 
-@pytest.mark.slow
 def test_modules_missing_on_the_gpu_image_skip_cleanly(rehearsal):
     _, out = rehearsal
     pytest_section = (out / "pytest.md").read_text()
