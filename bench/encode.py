@@ -31,12 +31,32 @@ from model import BiEncoder, packaged_model_path
 from model.biencoder import bf16_supported
 
 
+def print_profile(name: str, encode: Callable[[], object]) -> None:
+    """Each op's share of the self CPU time of one ``encode()`` after a warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    encode()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        encode()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"{name}: {total / 1e6:.2f} s self CPU time")
+    for event in events[:6]:
+        print(f"  {event.self_cpu_time_total / total:6.1%}  {event.key}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=512, help="SciFact documents to embed")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per encoder")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: where fp32 time goes, ours and sentence-transformers, on one batch of "
+        "the longest documents (shares of torch.profiler's self CPU time per op)",
+    )
     args = parser.parse_args()
 
     from sentence_transformers import SentenceTransformer
@@ -61,6 +81,15 @@ def main() -> None:
 
     def run_theirs() -> torch.Tensor:
         return torch.as_tensor(theirs.encode(texts, batch_size=args.batch_size))
+
+    if args.profile:
+        longest = sorted(texts, key=len, reverse=True)[: args.batch_size]
+        print(f"one batch of the {len(longest)} longest of {len(texts)} documents, fp32")
+        print_profile("ours", lambda: ours.encode(longest, kind="doc", show_progress=False))
+        print_profile(
+            "sentence-transformers", lambda: theirs.encode(longest, batch_size=len(longest))
+        )
+        return
 
     st = "sentence-transformers"
     encoders = {
