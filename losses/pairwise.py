@@ -124,11 +124,13 @@ class MatryoshkaLoss(nn.Module):
 
     Every floating-point argument with at least two dimensions, positional or keyword, is
     treated as embeddings and truncated; other arguments (labels, scores, doc ids, flags)
-    pass through unchanged. Truncated embeddings are L2-normalised again when ``normalize`` is
-    true; by default that follows the inner loss's ``expects_normalized`` attribute, which
-    is set on losses built on raw dot products (InfoNCE), where truncating a unit vector
-    would shrink its logits. Cosine losses are indifferent to the norm and euclidean ones
-    measure it on purpose, so they are left untouched.
+    pass through unchanged, and so do the keyword arguments the inner loss names in its
+    ``not_embeddings`` attribute (a distillation loss's ``[B, K]`` teacher scores).
+    Truncated embeddings are L2-normalised again when ``normalize`` is true; by default
+    that follows the inner loss's ``expects_normalized`` attribute, which is set on losses
+    built on raw dot products (InfoNCE), where truncating a unit vector would shrink its
+    logits. Cosine losses are indifferent to the norm and euclidean ones measure it on
+    purpose, so they are left untouched.
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class MatryoshkaLoss(nn.Module):
         self.normalize = (
             getattr(loss, "expects_normalized", False) if normalize is None else normalize
         )
+        self.not_embeddings = frozenset(getattr(loss, "not_embeddings", ()))
 
     def _truncate(self, value, dim: int):
         if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2):
@@ -168,7 +171,10 @@ class MatryoshkaLoss(nn.Module):
         for dim, weight in zip(self.dims, self.weights, strict=True):
             out = self.loss(
                 *(self._truncate(arg, dim) for arg in args),
-                **{name: self._truncate(arg, dim) for name, arg in kwargs.items()},
+                **{
+                    name: arg if name in self.not_embeddings else self._truncate(arg, dim)
+                    for name, arg in kwargs.items()
+                },
             )
             if isinstance(out, tuple):
                 out, stats = out
