@@ -5,9 +5,13 @@
     python eval.py eval_data.path=/beir/nfcorpus eval_data.split=test evaluation/index=hnsw
     python eval.py eval_data=sts evaluation.matryoshka_dims=[64,128]
     python eval.py hydra.run.dir=DIR                  # DIR/metrics.json, DIR/run.trec
+    python eval.py funnel.dim=64 funnel.candidates=100  # search at 64 dims, re-rank at full
+    python eval.py quantization=binary quantization.rescore=100   # or quantization=int8
 
 Writes ``metrics.json`` (``ndcg@10``, ``mrr@10``, ``recall@100``, ...) and, for retrieval,
-the TREC run file ``run.trec`` into the run folder, and prints a table.
+the TREC run file ``run.trec`` into the run folder, and prints a table. With a funnel or a
+quantisation those are the cheaper search's, with ``search_ms_per_query`` (and
+``bytes_per_doc``), and the ordinary float search's metrics go under ``flat/``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from evaluation import EvalConfig, evaluate
+from evaluation.compressed import check_funnel, check_quantization
+from evaluation.config import FunnelConfig, QuantizationConfig
 from training.hydra_config import (
+    SCHEMAS,
     ConfigError,
     build,
     check_dims,
@@ -52,6 +59,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     width = model_width(cfg.model)
     check_dims("evaluation.matryoshka_dims", evaluation.matryoshka_dims, width)
     check_index(evaluation, width)
+    funnel = settings(cfg.funnel, "funnel", FunnelConfig)
+    quantization = settings(cfg.quantization, "quantization", QuantizationConfig)
+    check_compressed(funnel, quantization, evaluation, width, cfg.eval_data)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, "model").to(device)
@@ -65,7 +75,29 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     )
     with naming("eval_data", eval_data):
         dataset = eval_data.load()
-    return evaluate(model, dataset, evaluation, out_dir)
+    return evaluate(model, dataset, evaluation, out_dir, funnel=funnel, quantization=quantization)
+
+
+def check_compressed(
+    funnel: FunnelConfig,
+    quantization: QuantizationConfig,
+    evaluation: EvalConfig,
+    width: int,
+    eval_data: DictConfig,
+) -> None:
+    """The funnel and the quantisation must fit the model, the cut-offs and the index, and
+    search a corpus; at most one of them at a time."""
+    with naming("funnel", FunnelConfig):
+        check_funnel(funnel, evaluation.ks, width, evaluation.index)
+    with naming("quantization", QuantizationConfig):
+        check_quantization(quantization, evaluation.ks, width, evaluation.index)
+    if funnel.dim is None and quantization.kind == "none":
+        return
+    key = "funnel.dim" if funnel.dim is not None else "quantization"
+    if funnel.dim is not None and quantization.kind != "none":
+        raise ConfigError(f"funnel.dim: cannot be combined with quantization={quantization.kind}")
+    if OmegaConf.get_type(eval_data) is SCHEMAS["eval_data/sts"]:
+        raise ConfigError(f"{key}: searches a corpus, so it needs BEIR eval_data, not STS")
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

@@ -61,3 +61,46 @@ class EvalConfig:
             raise ValueError(f"precision: must be fp32 or bf16, got {self.precision!r}")
         if any(d < 1 for d in self.matryoshka_dims):
             raise ValueError(f"matryoshka_dims: must be positive, got {list(self.matryoshka_dims)}")
+
+
+@dataclass
+class FunnelConfig:
+    """Matryoshka funnel search (``funnel`` in ``conf/eval.yaml``): search the corpus at the
+    first ``dim`` dimensions (re-normalised when the model normalises) with
+    ``evaluation.index``, keep ``candidates`` documents per query and re-rank them at the
+    model's full dimension. ``dim`` null searches at full dimension only (no funnel)."""
+
+    dim: int | None = None
+    candidates: int = 100
+
+    def __post_init__(self) -> None:
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"dim: must be positive or null, got {self.dim}")
+        if self.candidates < 1:
+            raise ValueError(f"candidates: must be positive, got {self.candidates}")
+
+
+QUANTIZATIONS = ("none", "int8", "binary")
+
+
+@dataclass
+class QuantizationConfig:
+    """Quantised document embeddings (``conf/quantization/<kind>.yaml``).
+
+    ``int8``: per-dimension min/max over the corpus mapped to 256 levels (FAISS's
+    ``IndexScalarQuantizer`` ``QT_8bit``), searched with float queries. ``binary``: one sign
+    bit per dimension for documents and queries, searched by Hamming distance
+    (``IndexBinaryFlat``). ``rescore``: re-rank this many candidates per query with the float
+    query and document embeddings; null ranks by the quantised scores alone.
+    """
+
+    kind: str = "none"
+    rescore: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in QUANTIZATIONS:
+            raise ValueError(f"kind: must be one of {', '.join(QUANTIZATIONS)}, got {self.kind!r}")
+        if self.rescore is not None and self.rescore < 1:
+            raise ValueError(f"rescore: must be positive or null, got {self.rescore}")
+        if self.rescore is not None and self.kind == "none":
+            raise ValueError("rescore: only applies to quantization=int8 or binary")

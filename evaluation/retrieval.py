@@ -5,6 +5,11 @@ Matryoshka dimension from truncations of the same embeddings. Both also report t
 embedding geometry at full dimension (``evaluation.geometry``): ``alignment`` of positive
 pairs, ``uniformity``, and ``norm_mean`` / ``norm_std`` / ``norm_min`` / ``norm_max`` of the
 embeddings before normalisation.
+
+Retrieval can also search a cheaper way (``evaluation.compressed``): a Matryoshka funnel or
+quantised documents. That search then gives the unprefixed metrics and the run, and the
+ordinary full-dimension float search of the same embeddings is reported beside it under
+``flat/``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from data import BeirDataset, ScoredPair
-from evaluation.config import IndexSpec
+from evaluation.compressed import QuantizedIndex, funnel_index, funnel_search, quantized_search
+from evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
 from evaluation.geometry import geometry_metrics
 from evaluation.metrics import Run, retrieval_metrics
 from evaluation.search import build_index, check_index_dims, search, to_run
@@ -50,6 +56,8 @@ def evaluate_retrieval(
     matryoshka_dims: Sequence[int] = (),
     batch_size: int = 64,
     ignore_identical_ids: bool = False,
+    funnel: FunnelConfig | None = None,
+    quantization: QuantizationConfig | None = None,
 ) -> RetrievalResult:
     """Embed corpus and queries, search the top ``max(ks)`` documents per query and score
     the run against the qrels. Returns metrics at full dimension plus ``dim{d}/``-prefixed
@@ -61,9 +69,21 @@ def evaluate_retrieval(
     ``ignore_identical_ids`` drops a retrieved document whose id equals the query id
     (BEIR's convention for corpora that contain the queries, e.g. Quora, ArguAna).
 
+    ``funnel`` (with a ``dim``) or ``quantization`` (other than ``none``) replace the
+    full-dimension search: its metrics are the unprefixed ones, with ``search_ms_per_query``
+    (and ``bytes_per_doc`` for quantisation), and the ordinary search's go under ``flat/``
+    (``flat/ndcg@10``, ``flat/search_ms_per_query``, ``flat/bytes_per_doc``). Search times
+    leave out building the index. Their settings are checked by ``evaluation.compressed``'s
+    ``check_funnel`` and ``check_quantization``, which eval.py runs before encoding.
+
     Raises ValueError before encoding for Matryoshka dims the model or the index cannot
     take (``check_index_dims``), and after encoding for non-finite embeddings.
     """
+    funnel = funnel if funnel is not None and funnel.dim is not None else None
+    if quantization is not None and quantization.kind == "none":
+        quantization = None
+    if funnel is not None and quantization is not None:
+        raise ValueError("funnel and quantization cannot be combined; choose one")
     index = index or IndexSpec()
     doc_ids = list(dataset.corpus)
     query_ids = list(dataset.queries)
@@ -102,21 +122,73 @@ def evaluate_retrieval(
         docs, queries = F.normalize(docs, dim=-1), F.normalize(queries, dim=-1)
 
     depth = max(ks) + (1 if ignore_identical_ids else 0)
+    compressed = funnel is not None or quantization is not None
     metrics: dict[str, float] = {}
     full_run: Run = {}
     for dim in [None, *matryoshka_dims]:
+        # The ordinary search moves under flat/ when a compressed one takes its keys.
+        prefix = "flat/" if dim is None and compressed else ""
         start = time.perf_counter()
-        run = _search_run(
+        run, search_s = _search_run(
             docs, queries, dim, model.config.normalize, index, depth, query_ids, doc_ids
         )
-        if ignore_identical_ids:
-            run = {q: {d: s for d, s in hits.items() if d != q} for q, hits in run.items()}
-        timings[metric_key("search_s", dim, model.dim)] = time.perf_counter() - start
+        run = _drop_identical(run, ignore_identical_ids)
+        timings[prefix + metric_key("search_s", dim, model.dim)] = time.perf_counter() - start
+        if prefix:
+            timings["flat/search_ms_per_query"] = 1000 * search_s / len(query_ids)
         for name, value in retrieval_metrics(run, dataset.qrels, ks).items():
-            metrics[metric_key(name, dim, model.dim)] = value
+            metrics[prefix + metric_key(name, dim, model.dim)] = value
         if dim is None:
             full_run = run
+    if compressed:
+        scores, ids, extra = _compressed_search(
+            docs, queries, depth, model.config.normalize, index, funnel, quantization, timings
+        )
+        timings["search_ms_per_query"] = 1000 * timings["search_s"] / len(query_ids)
+        full_run = _drop_identical(to_run(scores, ids, query_ids, doc_ids), ignore_identical_ids)
+        # The compressed search's metrics lead metrics.json and the table: they are the run's.
+        metrics = retrieval_metrics(full_run, dataset.qrels, ks) | extra | metrics
     return RetrievalResult(metrics | geometry, full_run, timings)
+
+
+def _compressed_search(
+    docs: torch.Tensor,
+    queries: torch.Tensor,
+    depth: int,
+    normalize: bool,
+    index: IndexSpec,
+    funnel: FunnelConfig | None,
+    quantization: QuantizationConfig | None,
+    timings: dict[str, float],
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """The funnel's or the quantised index's ``(scores, ids)`` and its size metrics;
+    ``index_build_s`` and ``search_s`` (the search alone) go into ``timings``."""
+    start = time.perf_counter()
+    extra = {}
+    if funnel is not None:
+        first = funnel_index(docs, funnel, normalize=normalize, index=index)
+        timings["index_build_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        scores, ids = funnel_search(
+            first, docs, queries, funnel, depth, normalize=normalize, index=index
+        )
+    else:
+        quantized = QuantizedIndex(docs, quantization.kind)
+        timings["index_build_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        scores, ids = quantized_search(quantized, docs, queries, depth, quantization.rescore)
+        extra = {
+            "bytes_per_doc": quantized.bytes_per_doc,
+            "flat/bytes_per_doc": docs.shape[1] * 4,  # float32
+        }
+    timings["search_s"] = time.perf_counter() - start
+    return scores, ids, extra
+
+
+def _drop_identical(run: Run, ignore_identical_ids: bool) -> Run:
+    if not ignore_identical_ids:
+        return run
+    return {q: {d: s for d, s in hits.items() if d != q} for q, hits in run.items()}
 
 
 def _check_matryoshka_dims(dims: Sequence[int], width: int) -> None:
@@ -169,7 +241,8 @@ def _search_run(
     depth: int,
     query_ids: list[str],
     doc_ids: list[str],
-) -> Run:
+) -> tuple[Run, float]:
+    """The run and the seconds its search took, building the index left out."""
     doc_vectors = truncate_embeddings(docs, dim, normalize).numpy()
     query_vectors = truncate_embeddings(queries, dim, normalize).numpy()
     faiss_index = build_index(
@@ -179,6 +252,7 @@ def _search_run(
         use_gpu=spec.use_gpu,
         train_size=spec.train_size,
     )
+    start = time.perf_counter()
     scores, ids = search(
         faiss_index,
         np.ascontiguousarray(query_vectors),
@@ -186,7 +260,8 @@ def _search_run(
         nprobe=spec.nprobe,
         ef_search=spec.ef_search,
     )
-    return to_run(scores, ids, query_ids, doc_ids)
+    search_s = time.perf_counter() - start
+    return to_run(scores, ids, query_ids, doc_ids), search_s
 
 
 def evaluate_sts(

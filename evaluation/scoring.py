@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data import BeirDataset
-from evaluation.config import EvalConfig
+from evaluation.config import EvalConfig, FunnelConfig, QuantizationConfig
 from evaluation.retrieval import evaluate_retrieval, evaluate_sts
 from evaluation.table import format_table
 from evaluation.trec import write_trec_run
@@ -20,17 +20,33 @@ from model import BiEncoder
 log = logging.getLogger(__name__)
 
 
-def score(model: BiEncoder, dataset, evaluation: EvalConfig, matryoshka_dims: Sequence[int] = ()):
+def score(
+    model: BiEncoder,
+    dataset,
+    evaluation: EvalConfig,
+    matryoshka_dims: Sequence[int] = (),
+    *,
+    funnel: FunnelConfig | None = None,
+    quantization: QuantizationConfig | None = None,
+):
     """Metrics, timings and (for retrieval) the run of ``model`` on a BEIR or STS dataset.
 
     Full-dimension metrics are always there, so a Matryoshka dim equal to the model's is
-    not scored twice."""
+    not scored twice. ``funnel`` and ``quantization`` search BEIR data a cheaper way
+    (``evaluate_retrieval``); STS data refuses them."""
     matryoshka_dims = [d for d in matryoshka_dims if d != model.dim]
     with model.encoding_precision(evaluation.precision):
-        return _score(model, dataset, evaluation, matryoshka_dims)
+        return _score(model, dataset, evaluation, matryoshka_dims, funnel, quantization)
 
 
-def _score(model: BiEncoder, dataset, evaluation: EvalConfig, matryoshka_dims: list[int]):
+def _score(
+    model: BiEncoder,
+    dataset,
+    evaluation: EvalConfig,
+    matryoshka_dims: list[int],
+    funnel: FunnelConfig | None,
+    quantization: QuantizationConfig | None,
+):
     if isinstance(dataset, BeirDataset):
         result = evaluate_retrieval(
             model,
@@ -40,8 +56,14 @@ def _score(model: BiEncoder, dataset, evaluation: EvalConfig, matryoshka_dims: l
             matryoshka_dims=matryoshka_dims,
             batch_size=evaluation.batch_size,
             ignore_identical_ids=evaluation.ignore_identical_ids,
+            funnel=funnel,
+            quantization=quantization,
         )
         return result.metrics, result.timings, result.run
+    if (funnel is not None and funnel.dim is not None) or (
+        quantization is not None and quantization.kind != "none"
+    ):
+        raise ValueError("funnel and quantization search a corpus: they need BEIR data, not STS")
     metrics = evaluate_sts(
         model, dataset, matryoshka_dims=matryoshka_dims, batch_size=evaluation.batch_size
     )
@@ -54,14 +76,20 @@ def evaluate(
     evaluation: EvalConfig,
     out_dir: Path | None,
     matryoshka_dims: Sequence[int] | None = None,
+    *,
+    funnel: FunnelConfig | None = None,
+    quantization: QuantizationConfig | None = None,
 ) -> dict[str, float]:
     """Score ``model`` on ``dataset`` as ``evaluation`` says; write metrics.json (and
     run.trec) into ``out_dir`` and print the table, unless ``out_dir`` is None (the ranks
     of a multi-process run that help encode but do not write). ``matryoshka_dims``
-    replaces ``evaluation.matryoshka_dims`` when given."""
+    replaces ``evaluation.matryoshka_dims`` when given; ``funnel`` and ``quantization`` as
+    in :func:`score`."""
     dims = list(evaluation.matryoshka_dims if matryoshka_dims is None else matryoshka_dims)
     start = time.perf_counter()
-    metrics, timings, run = score(model, dataset, evaluation, dims)
+    metrics, timings, run = score(
+        model, dataset, evaluation, dims, funnel=funnel, quantization=quantization
+    )
     metrics |= timings
     metrics["eval_wall_s"] = time.perf_counter() - start
     if out_dir is None:

@@ -38,7 +38,7 @@ from data import (
     StsEvalSet,
     StsTrainingSet,
 )
-from evaluation.config import EvalConfig, IndexSpec
+from evaluation.config import EvalConfig, FunnelConfig, IndexSpec, QuantizationConfig
 from evaluation.search import check_index_dims
 from model import BiEncoder, embedding_dim, packaged_model_path
 from model.biencoder import check_load_arguments
@@ -127,6 +127,9 @@ def target_schema(
 SCHEMAS: dict[str, type] = {
     "trainer": TrainerConfig,
     "evaluation": EvalConfig,
+    # eval.py only: the funnel node and the quantization group.
+    "funnel": FunnelConfig,
+    "quantization": QuantizationConfig,
     "model": target_schema(BiEncoder.from_pretrained, exclude=("device",)),
     "train_data/beir": target_schema(BeirTrainingSet),
     "train_data/sts": target_schema(StsTrainingSet),
