@@ -1,5 +1,7 @@
 """train.py's config as tests compose it, and the overrides that shrink a run to seconds."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -11,6 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 register()
+
+
+def run_entry(script: str, *overrides: str) -> subprocess.CompletedProcess:
+    """``python SCRIPT OVERRIDES`` from the repository root, as a user runs it; the test
+    fails with the command's stderr unless it exits 0."""
+    proc = subprocess.run(
+        [sys.executable, script, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 def compose_config(name: str, *overrides: str, hydra_config: bool = False) -> DictConfig:

@@ -6,14 +6,12 @@ which skips re-importing torch for every case.
 
 import gzip
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import pytrec_eval
 import torch
-from configs import ROOT, compose_config
+from configs import compose_config, run_entry
 from hydra.errors import ConfigCompositionException
 from scipy import stats
 
@@ -52,21 +50,13 @@ def small_beir(tmp_path_factory) -> Path:
 
 def test_command_line_metrics_and_run_file_agree_with_pytrec_eval(small_beir, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "eval.py",
-            f"eval_data.path={small_beir}",
-            f"hydra.run.dir={out}",
-            "evaluation.matryoshka_dims=[128]",
-            "model.max_length=128",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_entry(
+        "eval.py",
+        f"eval_data.path={small_beir}",
+        f"hydra.run.dir={out}",
+        "evaluation.matryoshka_dims=[128]",
+        "model.max_length=128",
     )
-    assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     run = read_trec_run(out / "run.trec")
     qrels = load_beir(small_beir, "test").qrels

@@ -4,8 +4,6 @@ exact search and against the funnel computed by hand in numpy on a toy corpus.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from configs import ROOT, compose_config
+from configs import compose_config, run_entry
 from omegaconf import OmegaConf
 
 import eval as eval_cli
@@ -206,22 +204,14 @@ def test_changing_an_eval_only_key_changes_the_run(key, tiny_model_path, tiny_be
 
 def test_funnel_command_line_writes_metrics(minilm_path, tiny_beir_path, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "eval.py",
-            "funnel.dim=64",
-            "funnel.candidates=100",
-            f"hydra.run.dir={out}",
-            f"eval_data.path={tiny_beir_path}",
-            "model.max_length=64",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_entry(
+        "eval.py",
+        "funnel.dim=64",
+        "funnel.candidates=100",
+        f"hydra.run.dir={out}",
+        f"eval_data.path={tiny_beir_path}",
+        "model.max_length=64",
     )
-    assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("ndcg@10", "recall@100", "search_ms_per_query", "flat/ndcg@10"):
         assert key in metrics, key

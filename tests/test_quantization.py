@@ -4,13 +4,11 @@ int8 and binary search computed by hand in numpy on a toy corpus of 20 documents
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from configs import ROOT, compose_config
+from configs import compose_config, run_entry
 from test_funnel import DIM, N_DOCS, FakeModel, toy_dataset, toy_embeddings
 
 import eval as eval_cli
@@ -152,21 +150,13 @@ def test_quantization_is_none_by_default_and_rescoring_off():
 
 def test_binary_command_line_writes_metrics(tiny_model_path, tiny_beir_path, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "eval.py",
-            "quantization=binary",
-            f"hydra.run.dir={out}",
-            f"model.path={tiny_model_path}",
-            f"eval_data.path={tiny_beir_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_entry(
+        "eval.py",
+        "quantization=binary",
+        f"hydra.run.dir={out}",
+        f"model.path={tiny_model_path}",
+        f"eval_data.path={tiny_beir_path}",
     )
-    assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("ndcg@10", "recall@100", "search_ms_per_query", "flat/ndcg@10"):
         assert key in metrics, key
