@@ -834,69 +834,6 @@ def infonce_backward(
     return (dq * weight).to(q.dtype), (dd * weight).to(d.dtype), dscale * row_grad
 
 
-class InfoNCEFunction(torch.autograd.Function):
-    """Autograd wrapper: saves q, d, doc ids, the scale and the O(B) logsumexps only.
-
-    With ``return_stats`` the outputs are (loss, positive, best_other, best_other_index,
-    false_negatives), the last four non-differentiable and not saved.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        q: torch.Tensor,
-        d: torch.Tensor,
-        scale: torch.Tensor,
-        doc_ids: torch.Tensor | None,
-        symmetric: bool,
-        deterministic: bool,
-        block_sizes: BlockSizes | None,
-        return_stats: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        q, d, doc_ids = _validated(q, d, doc_ids)
-        result = infonce_forward(q, d, scale, doc_ids, symmetric, block_sizes, return_stats)
-        ctx.save_for_backward(q, d, scale, doc_ids, result.row_lse, result.col_lse)
-        ctx.deterministic = deterministic
-        ctx.block_sizes = block_sizes
-        if result.stats is None:
-            return result.loss
-        stats = result.stats
-        stats_tensors = (
-            stats.positive,
-            stats.best_other,
-            stats.best_other_index,
-            stats.false_negatives,
-        )
-        ctx.mark_non_differentiable(*stats_tensors)
-        return (result.loss, *stats_tensors)
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, *_stats_grads: torch.Tensor):
-        q, d, scale, doc_ids, row_lse, col_lse = ctx.saved_tensors
-        dq, dd, dscale = infonce_backward(
-            q,
-            d,
-            scale,
-            grad_loss,
-            row_lse,
-            col_lse,
-            doc_ids,
-            ctx.deterministic,
-            ctx.block_sizes,
-        )
-        needs_q, needs_d, needs_scale = ctx.needs_input_grad[:3]
-        return (
-            dq if needs_q else None,
-            dd if needs_d else None,
-            dscale.reshape(scale.shape) if needs_scale else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
 def fused_info_nce(
     q: torch.Tensor,
     d: torch.Tensor,

@@ -15,7 +15,6 @@ from torch.profiler import ProfilerActivity, profile
 from kernels import infonce as kernel
 from kernels.infonce import (
     BlockSizes,
-    InfoNCEFunction,
     fused_info_nce,
     infonce_backward,
     infonce_forward,
@@ -127,6 +126,37 @@ def assert_matches_reference(results, expected, atol, rtol):
 # ------------------------------------------------------------------------------------------
 
 
+class WithBlockSizes(torch.autograd.Function):
+    """The kernels' forward and backward at chosen tile sizes, which the custom op (the
+    path users take) does not expose: tiles smaller than the inputs make every loop run
+    several times. Outputs as the op's: the loss, then the statistics with ``return_stats``."""
+
+    @staticmethod
+    def forward(ctx, q, d, scale, doc_ids, symmetric, deterministic, blocks, return_stats=False):
+        result = infonce_forward(q, d, scale, doc_ids, symmetric, blocks, return_stats)
+        ctx.save_for_backward(q, d, scale, doc_ids, result.row_lse, result.col_lse)
+        ctx.deterministic, ctx.blocks = deterministic, blocks
+        if result.stats is None:
+            return result.loss
+        stats = result.stats
+        stats_tensors = (
+            stats.positive,
+            stats.best_other,
+            stats.best_other_index,
+            stats.false_negatives,
+        )
+        ctx.mark_non_differentiable(*stats_tensors)
+        return (result.loss, *stats_tensors)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_stats_grads):
+        q, d, scale, doc_ids, row_lse, col_lse = ctx.saved_tensors
+        dq, dd, dscale = infonce_backward(
+            q, d, scale, grad_loss, row_lse, col_lse, doc_ids, ctx.deterministic, ctx.blocks
+        )
+        return dq, dd, dscale.reshape(scale.shape), None, None, None, None, None
+
+
 @needs_triton
 @pytest.mark.parametrize("with_doc_ids", [False, True], ids=["no-ids", "dup-ids"])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
@@ -162,7 +192,7 @@ def test_triton_small_tiles_loop_over_d_and_tiles(seed, deterministic):
     doc_ids = doc_ids_with_duplicates(37, 111)
     blocks = BlockSizes(m=16, n=16, d=16, d_out=16)
     results = loss_and_grads(
-        lambda q, d, t: InfoNCEFunction.apply(q, d, 1 / t, doc_ids, True, deterministic, blocks),
+        lambda q, d, t: WithBlockSizes.apply(q, d, 1 / t, doc_ids, True, deterministic, blocks),
         q,
         d,
     )
@@ -652,7 +682,7 @@ def test_triton_stats_with_small_tiles(seed):
     q, d = make_ranking_embeddings(37, 111, 48, doc_ids)
     blocks = BlockSizes(m=16, n=16, d=16, d_out=16)
     scale = torch.tensor(1 / TEMPERATURE, device=DEVICE)
-    _, *stats_tensors = InfoNCEFunction.apply(q, d, scale, doc_ids, False, True, blocks, True)
+    _, *stats_tensors = WithBlockSizes.apply(q, d, scale, doc_ids, False, True, blocks, True)
     stats = InfoNCEStats(*stats_tensors, num_docs=111)
     assert_stats_match(stats, oracle_stats(q, d, doc_ids), *FP32_TOLERANCE)
 
