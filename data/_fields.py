@@ -64,10 +64,14 @@ def number_field(record: dict[str, Any], key: str, path: PathArg, line: int) -> 
     """Return the finite number ``record[key]`` as a float."""
     if key not in record:
         raise DataError("required field is missing", path, line, key)
-    value = record[key]
+    return check_number(record[key], path, line, key)
+
+
+def check_number(value: object, path: PathArg, line: int, field: str) -> float:
+    """Return ``value`` as a float if it is a finite number."""
     # bool is an int subclass in Python, but `true` is not a score.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"expected a number, got {describe(value)}", path, line, key)
+        raise DataError(f"expected a number, got {describe(value)}", path, line, field)
     if not math.isfinite(value):
-        raise DataError(f"expected a finite number, got {describe(value)}", path, line, key)
+        raise DataError(f"expected a finite number, got {describe(value)}", path, line, field)
     return float(value)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ._fields import PathArg, check_text, describe, number_field, text_field
+from ._fields import PathArg, check_number, check_text, describe, number_field, text_field
 from .beir import BeirDataset
 from .errors import DataError
 from .io import iter_jsonl
@@ -30,11 +30,18 @@ class Pair:
 
 @dataclass(frozen=True)
 class Triplet:
-    """A query, a positive text and one or more negative texts."""
+    """A query, a positive text and one or more negative texts.
+
+    ``scores`` are optional teacher scores of (query, positive) then (query, negative_k)
+    for each negative, which distillation losses learn from; ``source`` is where the
+    example was read (``path:line``) for error messages.
+    """
 
     query: str
     positive: str
     negatives: tuple[str, ...]
+    scores: tuple[float, ...] | None = None
+    source: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -82,19 +89,44 @@ def _parse_negatives(record: dict[str, Any], path: PathArg, line: int) -> tuple[
     )
 
 
+def _parse_scores(
+    record: dict[str, Any], path: PathArg, line: int, negatives: int
+) -> tuple[float, ...] | None:
+    if "scores" not in record:
+        return None
+    scores = record["scores"]
+    if not isinstance(scores, list):
+        raise DataError(
+            f"expected an array of numbers, got {describe(scores)}", path, line, "scores"
+        )
+    if len(scores) != 1 + negatives:
+        reason = (
+            f"{len(scores)} scores for 1 positive and {negatives} negatives; give one teacher "
+            "score per text: the positive's, then each negative's"
+        )
+        raise DataError(reason, path, line, "scores")
+    return tuple(check_number(v, path, line, f"scores[{i}]") for i, v in enumerate(scores))
+
+
 def load_triplets(path: str | os.PathLike[str]) -> list[Triplet]:
     """Load ``{"query": str, "positive": str, "negatives": [str, ...]}`` records.
 
     ``"negative": str`` is accepted as a single negative. Every record must have the same
-    number of negatives, because batches stack them into one tensor.
+    number of negatives, because batches stack them into one tensor. An optional
+    ``"scores": [number, ...]`` holds teacher scores for distillation (``loss=margin_mse``,
+    ``loss=listwise_kl``): the positive's, then each negative's, as ``mine.py teacher.path=``
+    writes them.
     """
     triplets: list[Triplet] = []
     first_line = 0
     for line_no, record in iter_jsonl(path):
+        negatives = _parse_negatives(record, path, line_no)
         triplet = Triplet(
             text_field(record, "query", path, line_no),
             text_field(record, "positive", path, line_no),
-            _parse_negatives(record, path, line_no),
+            negatives,
+            _parse_scores(record, path, line_no, len(negatives)),
+            source=f"{os.fspath(path)}:{line_no}",
         )
         if not triplets:
             first_line = line_no

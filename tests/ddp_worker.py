@@ -21,6 +21,8 @@ from training import (
     CoSENTTask,
     CosineSimilarityTask,
     InfoNCETask,
+    ListwiseKLTask,
+    MarginMSETask,
     Task,
     TripletTask,
     train_step,
@@ -40,6 +42,11 @@ TRIPLETS = [
     Triplet("boiling point of water", "100 degrees Celsius at sea level", ("ice", "steam")),
 ]
 PAIRS = [Pair(t.query, t.positive) for t in TRIPLETS]
+# Teacher scores that disagree with the student's order for some candidates.
+SCORED_TRIPLETS = [
+    Triplet(t.query, t.positive, t.negatives, scores=(0.9 - 0.1 * i, 0.2 + 0.15 * i, 0.4))
+    for i, t in enumerate(TRIPLETS)
+]
 CASES: dict[str, tuple[Callable[[], Task], list]] = {
     "infonce-triplets": (lambda: InfoNCETask(temperature=0.1), TRIPLETS),
     "infonce-pairs": (lambda: InfoNCETask(temperature=0.1), PAIRS),
@@ -59,6 +66,11 @@ CASES: dict[str, tuple[Callable[[], Task], list]] = {
     "contrastive-scored": (ContrastiveTask, SCORED),
     "cosent": (CoSENTTask, SCORED),
     "cosine-matryoshka": (lambda: CosineSimilarityTask(matryoshka_dims=[32, 16]), SCORED),
+    "margin-mse": (MarginMSETask, SCORED_TRIPLETS),
+    "listwise-kl-matryoshka": (
+        lambda: ListwiseKLTask(teacher_temperature=0.5, matryoshka_dims=[32, 16]),
+        SCORED_TRIPLETS,
+    ),
 }
 # All-reduce sums the ranks' gradients in another order than one process does: fp32
 # agrees to ~1e-6 of each gradient's scale, fp64 to ~1e-15.

@@ -8,7 +8,14 @@ from transformers import AutoTokenizer
 from data.training import Pair, Triplet
 from losses import InfoNCELoss
 from model import BiEncoder, BiEncoderConfig, Encoder, EncoderConfig, Tower
-from training import CoSENTTask, InfoNCETask, embed_columns, train_step
+from training import (
+    CoSENTTask,
+    InfoNCETask,
+    ListwiseKLTask,
+    MarginMSETask,
+    embed_columns,
+    train_step,
+)
 from training.step import RandomState
 
 # 512 positions: the default, as before EncoderConfig.tiny existed, so the texts are not cut.
@@ -30,6 +37,10 @@ TRIPLETS = [
     Triplet("boiling point of water", "100 degrees Celsius at sea level", ("ice", "steam")),
 ]
 PAIRS = [Pair(t.query, t.positive) for t in TRIPLETS]
+SCORED_TRIPLETS = [
+    Triplet(t.query, t.positive, t.negatives, scores=(1.0 - 0.1 * i, 0.3 * i, 0.5))
+    for i, t in enumerate(TRIPLETS)
+]
 # Larger than every column, so that each column is one chunk.
 WHOLE = 100
 
@@ -103,6 +114,12 @@ CASES = {
     "infonce-separate-towers": (infonce, TRIPLETS, False),
     "matryoshka-infonce": (lambda: infonce(matryoshka_dims=[8, 16, 32]), TRIPLETS, True),
     "cosent": (CoSENTTask, SCORED, True),
+    "margin-mse": (MarginMSETask, SCORED_TRIPLETS, True),
+    "listwise-kl-matryoshka": (
+        lambda: ListwiseKLTask(matryoshka_dims=[8, 32]),
+        SCORED_TRIPLETS,
+        True,
+    ),
 }
 
 

@@ -47,7 +47,15 @@ from model.weights import save_random_bert
 NODES = ("trainer", "train_data", "eval_data", "loss", "optim", "sched", "model", "evaluation")
 # Group options with a schema of their own: their keys are other parameters.
 OPTIONS = {
-    "loss": ["triplet", "contrastive", "cosent", "cosine", "matryoshka"],
+    "loss": [
+        "triplet",
+        "contrastive",
+        "cosent",
+        "cosine",
+        "matryoshka",
+        "margin_mse",
+        "listwise_kl",
+    ],
     "train_data": ["beir", "sts", "jsonl"],
     "eval_data": ["sts"],
     "trainer": ["gpu"],
@@ -63,7 +71,7 @@ class Run:
     """Train with ``base`` overrides, then with ``base + change``; ``observe`` must differ.
 
     Overrides may name the fixture folders ``{beir2}``, ``{sts2}``, ``{model2}``,
-    ``{pairs}``, ``{pairs2}``, ``{identical_ids}`` and ``{unknown_ids}``."""
+    ``{pairs}``, ``{pairs2}``, ``{scored}``, ``{identical_ids}`` and ``{unknown_ids}``."""
 
     change: tuple[str, ...]
     observe: str
@@ -85,6 +93,8 @@ STS = ("experiment=sts", "trainer.eval=false")
 STS_FINAL = ("experiment=sts", "train_data.dev_split=null")
 IVF = (*FINAL, "evaluation.index.factory='IVF4,Flat'")  # an index with lists and training
 JSONL = ("trainer.eval=false", "train_data=jsonl", "train_data.path={pairs}")
+# Triplets with teacher scores, for the distillation losses.
+SCORED_JSONL = (*JSONL[:2], "train_data.path={scored}", "train_data.format=triplets")
 
 
 def loss_probes(option: str, base: tuple[str, ...], width: int = 32) -> dict[str, Run]:
@@ -239,6 +249,19 @@ PROBES: dict[str, Run | Proven] = {
         {
             "loss.score_scale": Run(("loss.score_scale=10.0",), "loss", (*STS, "loss=cosine")),
             **loss_probes("cosine", STS),
+        },
+    ),
+    **option_probes("loss=margin_mse", loss_probes("margin_mse", SCORED_JSONL)),
+    **option_probes(
+        "loss=listwise_kl",
+        {
+            "loss.student_temperature": Run(
+                ("loss.student_temperature=0.5",), "loss", (*SCORED_JSONL, "loss=listwise_kl")
+            ),
+            "loss.teacher_temperature": Run(
+                ("loss.teacher_temperature=0.1",), "loss", (*SCORED_JSONL, "loss=listwise_kl")
+            ),
+            **loss_probes("listwise_kl", SCORED_JSONL),
         },
     ),
     **option_probes(
@@ -548,12 +571,17 @@ def folders(tmp_path_factory, minilm_path, tiny_beir_path) -> dict[str, str]:
         record["negatives"] = [train.corpus[others[i % len(others)]].full_text]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in records[:40]))
     pairs2.write_text("".join(json.dumps(r) + "\n" for r in records[40:80]))
+    scored = root / "scored.jsonl"
+    for i, record in enumerate(records):
+        record["scores"] = [2.0, 0.5 + 0.1 * (i % 7)]
+    scored.write_text("".join(json.dumps(r) + "\n" for r in records[:40]))
     return {
         "beir2": tiny_beir_path,
         "sts2": str(sts2),
         "model2": str(model2),
         "pairs": str(pairs),
         "pairs2": str(pairs2),
+        "scored": str(scored),
         "identical_ids": str(identical),
         "unknown_ids": str(unknown),
     }

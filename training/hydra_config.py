@@ -50,6 +50,8 @@ from training.tasks import (
     CoSENTTask,
     CosineSimilarityTask,
     InfoNCETask,
+    ListwiseKLTask,
+    MarginMSETask,
     TripletTask,
 )
 
@@ -141,6 +143,8 @@ SCHEMAS: dict[str, type] = {
     "loss/contrastive": target_schema(ContrastiveTask),
     "loss/cosent": target_schema(CoSENTTask),
     "loss/cosine": target_schema(CosineSimilarityTask),
+    "loss/margin_mse": target_schema(MarginMSETask),
+    "loss/listwise_kl": target_schema(ListwiseKLTask),
     # The optimiser's knobs are the ones its YAML sets; AdamW's other parameters stay torch's.
     "optim/adamw": target_schema(
         torch.optim.AdamW, include=("lr", "betas", "eps", "weight_decay", "fused"), partial=True

@@ -29,6 +29,8 @@ from losses import (
     CoSENTLoss,
     CosineSimilarityLoss,
     InfoNCELoss,
+    ListwiseKLLoss,
+    MarginMSELoss,
     MatryoshkaLoss,
     TripletLoss,
 )
@@ -602,3 +604,102 @@ class CosineSimilarityTask(ScoredPairTask):
     def check_examples(self, examples: Sequence[Example]) -> None:
         # Targets outside [0, 1] ask the cosine for values it reaches only for opposite texts.
         _check_score_range(examples, self.score_scale)
+
+
+class DistillationTask(Task):
+    """Base of the tasks that learn a teacher's scores of each query's candidates.
+
+    Examples are Triplets with teacher ``scores`` (``mine.py teacher.path=...`` writes them):
+    the candidates of query i are its positive and then its K negatives, all Triplets of a
+    batch with the same K. Columns: queries (query tower), positives, then the negatives
+    flattened row-major (doc tower); targets: the ``[B, 1 + K]`` teacher scores. The loss
+    sees ``queries [B, D]`` and ``docs [B, 1 + K, D]``.
+
+    Statistic: ``accuracy``, the fraction of queries whose student score of the positive
+    is above every negative's, and ``teacher_agreement``, the fraction of queries whose
+    student and teacher pick the same top candidate.
+    """
+
+    accepts = (Triplet,)
+    data_hint = (
+        "triplets with teacher scores, e.g. train_data=jsonl written by mine.py teacher.path=..."
+    )
+
+    def make_batch(self, examples: Sequence[Triplet]) -> TextBatch:
+        self._example_type(examples)
+        self.check_examples(examples)
+        counts = sorted({len(e.negatives) for e in examples})
+        if len(counts) > 1:
+            raise ValueError(
+                f"{type(self).__name__} needs the same number of negatives in every Triplet "
+                f"of a batch; got {_join([str(c) for c in counts], 'and')}"
+            )
+        return TextBatch(
+            columns=[
+                [e.query for e in examples],
+                [e.positive for e in examples],
+                _negatives(examples),
+            ],
+            kinds=["query", "doc", "doc"],
+            targets=torch.tensor([e.scores for e in examples], dtype=torch.float32),
+            size=len(examples),
+            owners=[_each(examples), _each(examples), _per_negative(examples)],
+        )
+
+    def check_examples(self, examples: Sequence[Example]) -> None:
+        for example in examples:
+            if isinstance(example, Triplet) and example.scores is None:
+                where = f"{example.source}: " if example.source else ""
+                raise ValueError(
+                    f"{where}{type(self).__name__} needs teacher scores, and this Triplet has "
+                    'none: give each record "scores" (mine.py teacher.path=... writes them)'
+                )
+
+    def compute(
+        self, embeddings: list[torch.Tensor], batch: TextBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        queries, positives, negatives = embeddings
+        size, dim = queries.shape
+        docs = torch.cat([positives.unsqueeze(1), negatives.reshape(size, -1, dim)], dim=1)
+        teacher = batch.targets.to(queries.device)
+        loss = self.loss(queries, docs, teacher=teacher)
+        with torch.no_grad():
+            student = torch.einsum("bd,bkd->bk", queries.float(), docs.float())
+            stats = {
+                "accuracy": (student[:, 0] > student[:, 1:].amax(dim=1)).float().mean().item(),
+                "teacher_agreement": (student.argmax(dim=1) == teacher.argmax(dim=1))
+                .float()
+                .mean()
+                .item(),
+            }
+        return loss, stats
+
+
+class MarginMSETask(DistillationTask):
+    """MarginMSE distillation (:class:`losses.MarginMSELoss`): the student's margins
+    s(q, positive) − s(q, negative_k) regress onto the teacher's. Dot products of the
+    embeddings as they are (normalised by default: the margins are cosines'), so the
+    teacher's scores should be on a comparable scale or the model learns to stretch them."""
+
+    def __init__(
+        self,
+        matryoshka_dims: Sequence[int] = (),
+        matryoshka_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(MarginMSELoss(), matryoshka_dims, matryoshka_weights)
+
+
+class ListwiseKLTask(DistillationTask):
+    """Listwise KL distillation (:class:`losses.ListwiseKLLoss`): the student's softmax over
+    each query's candidates, at ``student_temperature``, learns the teacher's at
+    ``teacher_temperature``."""
+
+    def __init__(
+        self,
+        student_temperature: float = 0.05,
+        teacher_temperature: float = 1.0,
+        matryoshka_dims: Sequence[int] = (),
+        matryoshka_weights: Sequence[float] | None = None,
+    ) -> None:
+        loss = ListwiseKLLoss(student_temperature, teacher_temperature)
+        super().__init__(loss, matryoshka_dims, matryoshka_weights)
