@@ -42,7 +42,9 @@ import eval as eval_cli
 from data import (
     BeirEvalSet,
     BeirTrainingSet,
+    HfTrainingSet,
     JsonlTrainingSet,
+    MultiTrainingSet,
     StsEvalSet,
     StsTrainingSet,
     TrainingSet,
@@ -104,7 +106,9 @@ WANDB_TAG_LIMIT = 64
 # Hard negatives mined for this run, reused on resume: dense mining with the resumed
 # checkpoint's model would otherwise give other negatives than the run started with.
 HARD_NEGATIVES = "hard_negatives.json"
-TrainingSpec = BeirTrainingSet | StsTrainingSet | JsonlTrainingSet
+TrainingSpec = (
+    BeirTrainingSet | StsTrainingSet | JsonlTrainingSet | HfTrainingSet | MultiTrainingSet
+)
 
 
 def prepare_run_folder(
@@ -144,20 +148,44 @@ class RunPlan:
     scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
+def build_training_spec(node: DictConfig) -> TrainingSpec:
+    """The ``train_data`` node built; with several sets, each is built under its own key
+    (``train_data.sets.<name>``), so that a bad value names the set."""
+    if get_method(node._target_) is not MultiTrainingSet:
+        return build(node, "train_data")
+    if OmegaConf.is_missing(node, "sets") or not node.sets:
+        raise ConfigError(
+            "train_data.sets: no training set; add them as "
+            "+train_data@train_data.sets.NAME=OPTION (e.g. =scifact, =hf)"
+        )
+    sets = {name: build(child, f"train_data.sets.{name}") for name, child in node.sets.items()}
+    # Called directly: instantiate would merge the built sets, dataclasses, back into the
+    # config as nodes of their own.
+    options = {k: v for k, v in node.items() if k not in ("_target_", "sets")}
+    with naming("train_data", MultiTrainingSet):
+        return MultiTrainingSet(sets=sets, **options)
+
+
+def training_specs(spec: TrainingSpec) -> list[tuple[str, TrainingSpec]]:
+    """(config key, set) for the one training set, or for each set of a several-set run."""
+    if isinstance(spec, MultiTrainingSet):
+        return [(f"train_data.sets.{name}", s) for name, s in spec.sets.items()]
+    return [("train_data", spec)]
+
+
 def plan_run(cfg: DictConfig) -> RunPlan:
     """Build every cheap part of ``cfg`` and check that they fit together; a bad value
     raises a ConfigError that names its key. Nothing is loaded."""
     trainer = settings(cfg.trainer, "trainer", TrainerConfig)
     evaluation = settings(cfg.evaluation, "evaluation", EvalConfig)
     task: Task = build(cfg.loss, "loss")
-    train_data = build(cfg.train_data, "train_data")
+    train_data = build_training_spec(cfg.train_data)
     eval_data = build(cfg.eval_data, "eval_data") if trainer.eval else None
-    try:
-        task.check_accepts(train_data.example_type())
-    except ValueError as err:
-        raise ConfigError(
-            f"loss: {err}; train_data ({type(train_data).__name__}) gives those"
-        ) from err
+    for key, spec in training_specs(train_data):
+        try:
+            task.check_accepts(spec.example_type())
+        except ValueError as err:
+            raise ConfigError(f"loss: {err}; {key} ({type(spec).__name__}) gives those") from err
     width = model_width(cfg.model)
     check_dims("loss.matryoshka_dims", task.matryoshka_dims, width)
     check_dims("evaluation.matryoshka_dims", evaluation.matryoshka_dims, width)

@@ -1,4 +1,5 @@
-"""Data loading and validation: BEIR retrieval sets, STS Benchmark, training files.
+"""Data loading and validation: BEIR retrieval sets, STS Benchmark, training files, 🤗
+datasets (memory-mapped), and several training sets in one run.
 
 ``BUNDLED_DIR`` holds compressed copies of SciFact (BEIR layout) and the STS Benchmark, so a
 fresh clone can train and evaluate without downloads; see ``bundled/README.md`` for sources
@@ -10,9 +11,10 @@ from pathlib import Path
 from .beir import BeirDataset, Document, load_beir, subsample_corpus
 from .errors import DataError
 from .eval_sets import BeirEvalSet, StsEvalSet
+from .hf import HfExamples, HfTrainingSet
 from .io import iter_jsonl, open_text, resolve
 from .mining import BM25, mine_hard_negatives, triplets_from_beir
-from .sampler import NoDuplicateBatchSampler
+from .sampler import MultiSetBatchSampler, NoDuplicateBatchSampler
 from .sts import ScoredPair, load_sts
 from .training import (
     LabelledText,
@@ -24,7 +26,13 @@ from .training import (
     load_triplets,
     pairs_from_beir,
 )
-from .training_sets import BeirTrainingSet, JsonlTrainingSet, StsTrainingSet, TrainingSet
+from .training_sets import (
+    BeirTrainingSet,
+    JsonlTrainingSet,
+    MultiTrainingSet,
+    StsTrainingSet,
+    TrainingSet,
+)
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 SCIFACT_DIR = BUNDLED_DIR / "scifact"
@@ -43,8 +51,12 @@ __all__ = [
     "BeirTrainingSet",
     "DataError",
     "Document",
+    "HfExamples",
+    "HfTrainingSet",
     "JsonlTrainingSet",
     "LabelledText",
+    "MultiSetBatchSampler",
+    "MultiTrainingSet",
     "NoDuplicateBatchSampler",
     "Pair",
     "ScoredPair",

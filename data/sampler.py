@@ -1,4 +1,5 @@
-"""Batches without duplicate texts, in an order that depends on the seed only, resumable.
+"""Batches without duplicate texts, in an order that depends on the seed only, resumable;
+and batches from several training sets, each from one set (:class:`MultiSetBatchSampler`).
 
 In-batch negatives assume every other text in the batch is irrelevant to a query; the same
 text twice in a batch (one query with two positives, a popular document) breaks that and
@@ -7,10 +8,13 @@ teaches the model to push a text away from itself.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -100,6 +104,24 @@ class NoDuplicateBatchSampler(Sampler[list[int]]):
             self.batches_done += 1
             yield list(batch)
         self.set_epoch(self.epoch + 1)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._texts)
+
+    def next_batch(self) -> list[int]:
+        """The next batch, moving on to the next epoch when this one is done: a stream of
+        batches for a caller that interleaves several samplers (:class:`MultiSetBatchSampler`).
+        """
+        plan = self._epoch_plan()
+        if self.batches_done >= len(plan):
+            self.set_epoch(self.epoch + 1)
+            plan = self._epoch_plan()
+        if not plan:
+            raise ValueError(f"batch_size: {self.explain_empty_epoch()}")
+        batch = plan[self.batches_done]
+        self.batches_done += 1
+        return list(batch)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first batch; the current epoch's position is kept, so a
@@ -201,3 +223,92 @@ class NoDuplicateBatchSampler(Sampler[list[int]]):
                 batches.append(batch)
                 if not waiting:
                     return batches, 0
+
+
+SAMPLING = ("proportional", "round_robin")
+
+
+class MultiSetBatchSampler(Sampler[list[int]]):
+    """Batches from several training sets, each batch from one set, so that in-batch
+    negatives never mix sets (sentence-transformers' multi-dataset batches).
+
+    ``samplers[s]`` draws set s's duplicate-free batches of indices into that set; batches
+    come out as indices into the sets' concatenation, in the order of ``samplers``. Epoch
+    ``e`` is a plan of which set each batch comes from: with ``proportional``, every set's
+    number of batches in its first epoch, shuffled by a generator seeded with ``seed + e``
+    (so the sets come up in proportion to their size); with ``round_robin``, the sets in
+    turn until the smallest has given all its batches. Each set's sampler goes on from
+    where it stopped in the next epoch, starting an epoch of its own when it runs out.
+    ``state_dict()`` holds the position in the plan and every set's position, so a resumed
+    run draws the same batches.
+    """
+
+    def __init__(
+        self, samplers: Sequence[NoDuplicateBatchSampler], sampling: str, seed: int
+    ) -> None:
+        if sampling not in SAMPLING:
+            raise ValueError(f"sampling: {sampling!r} is not one of {', '.join(SAMPLING)}")
+        self.samplers = list(samplers)
+        self.sampling = sampling
+        self.seed = seed
+        self.starts = list(
+            itertools.accumulate((s.num_examples for s in self.samplers[:-1]), initial=0)
+        )
+        # Fixed at the first epoch's counts, so that an epoch's plan is a function of the
+        # seed alone, whatever epoch each set has reached.
+        self._batches = [len(s) for s in self.samplers]
+        self.epoch = 0
+        self.batches_done = 0
+        self._plan: list[int] | None = None
+        self._plan_epoch = -1
+
+    def __len__(self) -> int:
+        """Batches in an epoch."""
+        return len(self._epoch_plan())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan = self._epoch_plan()
+        while self.batches_done < len(plan):
+            which = plan[self.batches_done]
+            batch = self.samplers[which].next_batch()
+            self.batches_done += 1
+            yield [self.starts[which] + index for index in batch]
+        self.set_epoch(self.epoch + 1)
+
+    def set_of(self, index: int) -> int:
+        """The set that example ``index`` (of the concatenation) belongs to."""
+        return bisect.bisect_right(self.starts, index) - 1
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.batches_done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "sets": [s.state_dict() for s in self.samplers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["sets"]) != len(self.samplers):
+            raise ValueError(
+                f"the sampler state holds {len(state['sets'])} training sets, this run has "
+                f"{len(self.samplers)}"
+            )
+        self.epoch = state["epoch"]
+        self.batches_done = state["batches_done"]
+        for sampler, saved in zip(self.samplers, state["sets"], strict=True):
+            sampler.load_state_dict(saved)
+
+    def _epoch_plan(self) -> list[int]:
+        if self._plan is None or self._plan_epoch != self.epoch:
+            if self.sampling == "round_robin":
+                self._plan = list(range(len(self.samplers))) * min(self._batches)
+            else:
+                plan = [s for s, count in enumerate(self._batches) for _ in range(count)]
+                generator = torch.Generator().manual_seed(self.seed + self.epoch)
+                self._plan = [plan[i] for i in torch.randperm(len(plan), generator=generator)]
+            self._plan_epoch = self.epoch
+        return self._plan

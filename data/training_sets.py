@@ -8,11 +8,14 @@ the examples will be (so a loss that cannot use them is refused up front), and
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import logging
 import random
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .beir import BeirDataset, load_beir, subsample_corpus
 from .mining import mine_hard_negatives, triplets_from_beir
@@ -36,16 +39,34 @@ Example = Pair | Triplet | ScoredPair
 
 MINING_METHODS = ("bm25", "dense")
 JSONL_FORMATS = ("pairs", "triplets", "scored_pairs")
+SAMPLING = ("proportional", "round_robin")
+
+
+@dataclass
+class NamedSet:
+    """One set of a several-set run: its name (its key under ``train_data.sets``) and
+    examples."""
+
+    name: str
+    examples: Sequence[Example]
 
 
 @dataclass
 class TrainingSet:
     """Training examples, the dev set (None without one) and, when they were mined, the hard
-    negatives as query id -> doc ids (what a resumed run reuses instead of mining again)."""
+    negatives as query id -> doc ids (what a resumed run reuses instead of mining again).
 
-    examples: list[Example]
+    ``examples`` is any sequence: a list, or rows read lazily (:class:`data.hf.HfExamples`).
+    A run on several sets has them in ``sets`` (``examples`` is then their concatenation,
+    in that order) and draws each batch from one set as ``sampling`` says; its
+    ``negatives`` are keyed by set name.
+    """
+
+    examples: Sequence[Example]
     dev: BeirDataset | list[ScoredPair] | None = None
-    negatives: dict[str, list[str]] | None = None
+    negatives: dict[str, Any] | None = None
+    sets: list[NamedSet] | None = None
+    sampling: str = "proportional"
 
 
 @dataclass
@@ -176,6 +197,75 @@ class JsonlTrainingSet:
             "scored_pairs": load_scored_pairs,
         }
         return TrainingSet(list(readers[self.format](self.path)))
+
+
+class ConcatenatedExamples(Sequence[Example]):
+    """Several example sequences as one, indexed without copying them."""
+
+    def __init__(self, parts: Sequence[Sequence[Example]]) -> None:
+        self.parts = list(parts)
+        self.starts = list(itertools.accumulate((len(p) for p in self.parts[:-1]), initial=0))
+        self._len = sum(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> Example:  # type: ignore[override]
+        if not 0 <= index < self._len:
+            raise IndexError(f"example {index} of {self._len}")
+        part = bisect.bisect_right(self.starts, index) - 1
+        return self.parts[part][index - self.starts[part]]
+
+    def __iter__(self) -> Iterator[Example]:
+        return itertools.chain.from_iterable(self.parts)
+
+
+@dataclass
+class MultiTrainingSet:
+    """Several training sets in one run, each batch drawn from one of them so that in-batch
+    negatives stay within a set (sentence-transformers' multi-dataset training).
+
+    ``sets`` maps a name (used in ``train/loss/<name>``) to any other training set;
+    ``sampling`` picks the set of each batch: ``proportional`` draws every set's batches
+    of an epoch in a seeded shuffle (so sets come up in proportion to their size), and
+    ``round_robin`` takes the sets in turn, an epoch ending when the smallest runs out.
+    The dev set is the first set's that has one, in the order of ``sets``.
+    """
+
+    sets: Mapping[str, Any]
+    sampling: str = "proportional"
+
+    def __post_init__(self) -> None:
+        if not self.sets:
+            raise ValueError("sets: no training set given")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"sampling: {self.sampling!r} is not one of {', '.join(SAMPLING)}")
+        self.sets = dict(self.sets)
+
+    def load(
+        self,
+        model: BiEncoder | None = None,
+        negatives: dict[str, dict[str, list[str]]] | None = None,
+    ) -> TrainingSet:
+        """Load every set (``negatives`` holds the mined negatives of a resumed run, by set
+        name); a set's error is raised again with its name in front (``sets.<name>: ...``)."""
+        loaded: dict[str, TrainingSet] = {}
+        for name, spec in self.sets.items():
+            try:
+                loaded[name] = spec.load(model, (negatives or {}).get(name))
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"sets.{name}: {err}") from err
+            except ValueError as err:
+                raise ValueError(f"sets.{name}: {err}") from err
+        mined = {name: s.negatives for name, s in loaded.items() if s.negatives is not None}
+        dev = next((s.dev for s in loaded.values() if s.dev is not None), None)
+        return TrainingSet(
+            ConcatenatedExamples([s.examples for s in loaded.values()]),
+            dev,
+            mined or None,
+            [NamedSet(name, s.examples) for name, s in loaded.items()],
+            self.sampling,
+        )
 
 
 def _restrict(dataset: BeirDataset, query_ids: list[str]) -> BeirDataset:

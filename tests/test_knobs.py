@@ -56,7 +56,7 @@ OPTIONS = {
         "margin_mse",
         "listwise_kl",
     ],
-    "train_data": ["beir", "sts", "jsonl"],
+    "train_data": ["beir", "sts", "jsonl", "hf", "multi"],
     "eval_data": ["sts"],
     "trainer": ["gpu"],
     "sched": ["cosine", "constant"],
@@ -71,7 +71,8 @@ class Run:
     """Train with ``base`` overrides, then with ``base + change``; ``observe`` must differ.
 
     Overrides may name the fixture folders ``{beir2}``, ``{sts2}``, ``{model2}``,
-    ``{pairs}``, ``{pairs2}``, ``{scored}``, ``{identical_ids}`` and ``{unknown_ids}``."""
+    ``{pairs}``, ``{pairs2}``, ``{scored}``, ``{identical_ids}``, ``{unknown_ids}``,
+    ``{hf}``, ``{hf2}`` and ``{hf_splits}``."""
 
     change: tuple[str, ...]
     observe: str
@@ -93,6 +94,7 @@ STS = ("experiment=sts", "trainer.eval=false")
 STS_FINAL = ("experiment=sts", "train_data.dev_split=null")
 IVF = (*FINAL, "evaluation.index.factory='IVF4,Flat'")  # an index with lists and training
 JSONL = ("trainer.eval=false", "train_data=jsonl", "train_data.path={pairs}")
+HF = ("trainer.eval=false", "train_data=hf", "train_data.path={hf}")
 # Triplets with teacher scores, for the distillation losses.
 SCORED_JSONL = (*JSONL[:2], "train_data.path={scored}", "train_data.format=triplets")
 
@@ -277,6 +279,33 @@ PROBES: dict[str, Run | Proven] = {
         {
             "train_data.path": Run(("train_data.path={pairs2}",), "batch_texts", JSONL),
             "train_data.format": Run(("train_data.format=triplets",), "batch_texts", JSONL),
+        },
+    ),
+    **option_probes(
+        "train_data=hf",
+        {
+            "train_data.path": Run(("train_data.path={hf2}",), "batch_texts", HF),
+            "train_data.split": Run(
+                ("train_data.split=other",),
+                "batch_texts",
+                (*HF, "train_data.path={hf_splits}", "train_data.split=train"),
+            ),
+            # Braces doubled: Run overrides go through str.format.
+            "train_data.columns": Run(
+                ("train_data.columns={{anchor: answer, positive: question}}",), "batch_texts", HF
+            ),
+        },
+    ),
+    # debug=tiny, under every Run probe, sets train_data.path, which a several-set node lacks.
+    **option_probes(
+        "train_data=multi",
+        {
+            "train_data.sets": Proven(
+                "test_multiset::test_the_sets_and_sampling_decide_the_batches"
+            ),
+            "train_data.sampling": Proven(
+                "test_multiset::test_the_sets_and_sampling_decide_the_batches"
+            ),
         },
     ),
     **option_probes(
@@ -575,6 +604,18 @@ def folders(tmp_path_factory, minilm_path, tiny_beir_path) -> dict[str, str]:
     for i, record in enumerate(records):
         record["scores"] = [2.0, 0.5 + 0.1 * (i % 7)]
     scored.write_text("".join(json.dumps(r) + "\n" for r in records[:40]))
+    # Saved 🤗 datasets of the same pairs, columns named otherwise: read by position.
+    import datasets
+
+    def qa(rows: list[dict]) -> datasets.Dataset:
+        return datasets.Dataset.from_dict(
+            {"question": [r["query"] for r in rows], "answer": [r["positive"] for r in rows]}
+        )
+
+    qa(records[:40]).save_to_disk(str(root / "hf"))
+    qa(records[40:80]).save_to_disk(str(root / "hf2"))
+    splits = datasets.DatasetDict({"train": qa(records[:40]), "other": qa(records[40:80])})
+    splits.save_to_disk(str(root / "hf_splits"))
     return {
         "beir2": tiny_beir_path,
         "sts2": str(sts2),
@@ -584,6 +625,9 @@ def folders(tmp_path_factory, minilm_path, tiny_beir_path) -> dict[str, str]:
         "scored": str(scored),
         "identical_ids": str(identical),
         "unknown_ids": str(unknown),
+        "hf": str(root / "hf"),
+        "hf2": str(root / "hf2"),
+        "hf_splits": str(root / "hf_splits"),
     }
 
 

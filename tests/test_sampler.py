@@ -168,3 +168,18 @@ def test_an_empty_epoch_from_too_few_examples_says_so(examples, message):
     sampler = NoDuplicateBatchSampler(examples, batch_size=4, seed=0)
     assert len(sampler) == 0
     assert sampler.explain_empty_epoch() == message
+
+
+def test_next_batch_streams_the_epochs_that_iteration_yields():
+    examples = duplicated_examples()
+    streamed = NoDuplicateBatchSampler(examples, batch_size=16, seed=5)
+    iterated = NoDuplicateBatchSampler(examples, batch_size=16, seed=5)
+    first, second = epoch(iterated), epoch(iterated)
+    assert [streamed.next_batch() for _ in first + second] == first + second
+    assert streamed.state_dict() == {"epoch": 1, "batches_done": len(second)}
+
+
+def test_next_batch_names_the_shared_text_when_no_batch_fills():
+    sampler = NoDuplicateBatchSampler([("what is x", "x is y")] * 10, batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="batch_size: the sampler can put only 1 of the 10"):
+        sampler.next_batch()

@@ -34,7 +34,9 @@ from data import (
     BUNDLED_DIR,
     BeirEvalSet,
     BeirTrainingSet,
+    HfTrainingSet,
     JsonlTrainingSet,
+    MultiTrainingSet,
     StsEvalSet,
     StsTrainingSet,
 )
@@ -136,6 +138,8 @@ SCHEMAS: dict[str, type] = {
     "train_data/beir": target_schema(BeirTrainingSet),
     "train_data/sts": target_schema(StsTrainingSet),
     "train_data/jsonl": target_schema(JsonlTrainingSet),
+    "train_data/hf": target_schema(HfTrainingSet),
+    "train_data/multi": target_schema(MultiTrainingSet),
     "eval_data/beir": target_schema(BeirEvalSet),
     "eval_data/sts": target_schema(StsEvalSet),
     "loss/infonce": target_schema(InfoNCETask),

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from data import BeirDataset
-from data.sampler import NoDuplicateBatchSampler
+from data.sampler import MultiSetBatchSampler, NoDuplicateBatchSampler
 from data.training_sets import TrainingSet
 from evaluation import EvalConfig, score
 from model import BiEncoder
@@ -148,10 +148,12 @@ def matmul_precision(tf32: bool) -> Iterator[None]:
 
 @dataclass
 class PreparedBatch:
-    """A batch ready for its step, and the sampler's state right after drawing it."""
+    """A batch ready for its step, the sampler's state right after drawing it, and the
+    name of the training set it came from (None in a one-set run)."""
 
     tokenized: TokenizedBatch
     sampler_state: dict[str, Any]
+    set_name: str | None = None
 
 
 def example_texts(example) -> tuple[str, ...]:
@@ -160,7 +162,36 @@ def example_texts(example) -> tuple[str, ...]:
     return (example.text1, example.text2)
 
 
-def endless_batches(sampler: NoDuplicateBatchSampler) -> Iterator[list[int]]:
+def batch_sampler(
+    train_set: TrainingSet, batch_size: int, seed: int
+) -> NoDuplicateBatchSampler | MultiSetBatchSampler:
+    """The duplicate-free batch sampler over ``train_set``; over its ``sets``, one per set
+    drawn from as ``train_set.sampling`` says. Raises a ValueError naming the set when a
+    set cannot fill a single batch."""
+    if train_set.sets is None:
+        sampler = NoDuplicateBatchSampler(
+            [example_texts(e) for e in train_set.examples], batch_size, seed=seed
+        )
+        if len(sampler) == 0:
+            raise ValueError(f"batch_size: {sampler.explain_empty_epoch()}")
+        return sampler
+    samplers = []
+    for part in train_set.sets:
+        # One seed for every set: each set's order is its own permutation already.
+        sampler = NoDuplicateBatchSampler(
+            [example_texts(e) for e in part.examples], batch_size, seed=seed
+        )
+        if len(sampler) == 0:
+            raise ValueError(
+                f"batch_size: training set {part.name!r}: {sampler.explain_empty_epoch()}"
+            )
+        samplers.append(sampler)
+    return MultiSetBatchSampler(samplers, train_set.sampling, seed)
+
+
+def endless_batches(
+    sampler: NoDuplicateBatchSampler | MultiSetBatchSampler,
+) -> Iterator[list[int]]:
     """Batches across epochs: each pass over the sampler ends by moving it to its next
     epoch, and its state says where a resumed run continues."""
     while True:
@@ -219,11 +250,7 @@ class Trainer:
         self.checkpoints, self.logger, self.run_id = checkpoints, logger, run_id
         self.max_length = max_length
         self.dist = dist or Distributed(device=model.device)
-        self.sampler = NoDuplicateBatchSampler(
-            [example_texts(e) for e in train_set.examples], config.batch_size, seed=seed
-        )
-        if len(self.sampler) == 0:
-            raise ValueError(f"batch_size: {self.sampler.explain_empty_epoch()}")
+        self.sampler = batch_sampler(train_set, config.batch_size, seed)
         self.total_steps = config.max_steps or config.epochs * len(self.sampler)
         self.params = [p for p in (*model.parameters(), *task.parameters()) if p.requires_grad]
         self.optimizer = build_optimizer(optimizer, self.params, model.device)
@@ -240,6 +267,8 @@ class Trainer:
         self.tokenizer_lock = threading.Lock()
         self.best: dict[str, float] | None = None
         self.nonfinite_steps = 0
+        # Each set's step losses since the last metrics line, for train/loss/<set>.
+        self.set_losses: dict[str, list[float]] = {}
         self.encoder = ColumnEncoder(model)
         if self.dist.enabled:
             # A tower that a GradCache chunk does not use has parameters DDP must not wait for.
@@ -294,6 +323,7 @@ class Trainer:
         can be saved; Ctrl-C saves ``last`` too."""
         self.model.train()
         batches = endless_batches(self.sampler)
+        train_set = self.train_set
 
         def prepare() -> PreparedBatch:
             indices = next(batches)
@@ -304,7 +334,10 @@ class Trainer:
                 tokenized = tokenize_batch(
                     self.model, batch, self.config.cache_chunk_size, self.max_length
                 )
-            return PreparedBatch(tokenized, self.sampler.state_dict())
+            set_name = None
+            if train_set.sets is not None:
+                set_name = train_set.sets[self.sampler.set_of(indices[0])].name
+            return PreparedBatch(tokenized, self.sampler.state_dict(), set_name)
 
         progress = tqdm(
             total=self.total_steps,
@@ -356,6 +389,8 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip or math.inf))
         # Every rank sees the same (all-reduced) gradients, hence takes the same branch.
         loss = self.dist.mean({"loss": result.loss})["loss"]
+        if prepared.set_name is not None:
+            self.set_losses.setdefault(prepared.set_name, []).append(loss)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
         else:
@@ -382,12 +417,19 @@ class Trainer:
                     "train/seq_len_max": longest,
                     "train/epoch": self.sampler_state["epoch"],
                     "train/world_size": self.dist.world_size,
+                    # A set's mean since the last line: with log_every > 1 the logged step
+                    # alone would show some sets never (round robin) or rarely.
+                    **{
+                        f"train/loss/{name}": sum(losses) / len(losses)
+                        for name, losses in self.set_losses.items()
+                    },
                     **{
                         f"train/{k}": v
                         for k, v in self.dist.mean_where_present(result.stats).items()
                     },
                 }
             )
+            self.set_losses.clear()
         every = config.eval_every
         if self.train_set.dev is not None and every and self.step % every == 0:
             self.evaluate_dev()
