@@ -10,6 +10,10 @@ products use Hopper's wgmma tensor-core instructions::
     python -m kernels.compile_check            # with doc ids only, a Markdown table
     python -m kernels.compile_check --all --json
 
+Besides the plain loss (one direction, no guide, no hardness) it compiles the
+specialisations of the other directions, the guide filter and the hardness modes
+(:data:`FEATURES`): bf16 in the fast subset, every dtype with ``--all``.
+
 It must run in a process without ``TRITON_INTERPRET``: the kernels in
 :mod:`kernels.infonce` are decorated once, at import, as either interpreted or compiled
 functions, and only the latter can be compiled.
@@ -49,10 +53,33 @@ _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16
 # Pointers to int64 tensors when their flag is on; every other pointer the host passes is
 # fp32 (the inputs take their dtype), including the placeholders for unused pointers.
 _INT64_POINTERS = {
-    "doc_ids_ptr": "HAS_DOC_IDS",
-    "best_other_index_ptr": "WITH_STATS",
-    "false_negatives_ptr": "WITH_STATS",
+    "doc_ids_ptr": lambda flags: flags.get("HAS_DOC_IDS"),
+    "best_other_index_ptr": lambda flags: flags.get("WITH_STATS"),
+    "false_negatives_ptr": lambda flags: flags.get("WITH_STATS"),
+    # Read for doc_to_doc's exclusions and the owner-based hardness modes (1, 2).
+    "owners_ptr": lambda flags: flags.get("EXCLUDE_OWN") or flags.get("HARDNESS") in (1, 2),
 }
+# The guide embeddings, cast to the inputs' dtype by the host.
+_INPUT_POINTERS = ("q_ptr", "d_ptr", "guide_q_ptr", "guide_d_ptr")
+# Per-direction constexprs of kernels.infonce (see its Math comment). "plain" is the loss
+# without options; the others are the specialisations the options launch. Each names the
+# kernel flag values that apply: WITH_STATS only on query_to_doc's forward.
+_PLAIN = {"DIAGONAL": 0, "EXCLUDE_OWN": False, "HARDNESS": 0, "HAS_GUIDE": False}
+FEATURES: dict[str, dict[str, object]] = {
+    "plain": _PLAIN,
+    "q2q": _PLAIN | {"DIAGONAL": 2},
+    "d2q-joint": _PLAIN | {"DIAGONAL": 1},
+    "d2d": _PLAIN | {"DIAGONAL": 2, "EXCLUDE_OWN": True},
+    "hard-in-batch": _PLAIN | {"HARDNESS": 1},
+    "hard-own": _PLAIN | {"HARDNESS": 2},
+    "hard-all": _PLAIN | {"HARDNESS": 3},
+    "guide": _PLAIN | {"HAS_GUIDE": True},
+    "q2d-guide-hard": _PLAIN | {"HARDNESS": 1, "HAS_GUIDE": True},
+    "d2d-guide": _PLAIN | {"DIAGONAL": 2, "EXCLUDE_OWN": True, "HAS_GUIDE": True},
+}
+# The fast subset: the heaviest combinations (most registers) and the diagonal kinds.
+FAST_FEATURES = ("q2d-guide-hard", "d2q-joint", "d2d-guide")
+FAST_FEATURE_DTYPE = "bf16"
 _KERNELS = {
     "fwd": (infonce._infonce_fwd_kernel, "WITH_STATS"),
     "bwd_dq": (infonce._infonce_bwd_dq_kernel, "ATOMIC_DD"),
@@ -71,11 +98,13 @@ class Variant:
     flag_value: bool
     dims: tuple[int, ...]
     blocks: infonce.BlockSizes
+    feature: str = "plain"
 
     @property
     def name(self) -> str:
         flag = f" {self.flag}={int(self.flag_value)}" if self.flag else ""
-        return f"{self.kernel} {self.dtype} HAS_DOC_IDS={int(self.has_doc_ids)}{flag}"
+        feature = f" {self.feature}" if self.feature != "plain" else ""
+        return f"{self.kernel} {self.dtype}{feature} HAS_DOC_IDS={int(self.has_doc_ids)}{flag}"
 
 
 @dataclass(frozen=True)
@@ -97,25 +126,50 @@ def variants(dims: tuple[int, ...] = DIMS, fast: bool = False) -> list[Variant]:
     """Every variant for embedding dims ``dims``; dims whose default block sizes agree
     share one compilation, since D is a runtime argument.
 
-    ``fast`` keeps, per kernel and dtype, the variants with doc ids (training always
+    ``fast`` keeps, per kernel and dtype, the plain variants with doc ids (training always
     passes them) and its flag both off and on: the flags pick code paths of different
-    register pressure (atomic dd, the statistics), so both are compiled.
+    register pressure (atomic dd, the statistics), so both are compiled; and of the
+    option features only :data:`FAST_FEATURES` in bf16.
     """
     result = []
     for kernel, (_, flag) in _KERNELS.items():
         for dtype_name, (dtype, _) in DTYPES.items():
-            by_blocks: dict[infonce.BlockSizes, list[int]] = {}
-            for dim in dims:
-                by_blocks.setdefault(infonce.default_block_sizes(dim, dtype), []).append(dim)
             doc_id_options = (True,) if fast else (False, True)
-            flag_options = (False,) if flag is None else (False, True)
-            result += [
-                Variant(kernel, dtype_name, has_ids, flag, flag_on, tuple(shared_dims), blocks)
-                for blocks, shared_dims in by_blocks.items()
-                for has_ids in doc_id_options
-                for flag_on in flag_options
-            ]
+            features = list(FEATURES) if not fast else ["plain"]
+            if fast and dtype_name == FAST_FEATURE_DTYPE:
+                features += FAST_FEATURES
+            for feature in features:
+                guide = bool(FEATURES[feature]["HAS_GUIDE"])
+                by_blocks: dict[infonce.BlockSizes, list[int]] = {}
+                for dim in dims:
+                    blocks = infonce.default_block_sizes(dim, dtype, guide=guide)
+                    by_blocks.setdefault(blocks, []).append(dim)
+                flag_options = (False,) if flag is None else (False, True)
+                if flag == "WITH_STATS" and not _is_query_to_doc(feature):
+                    flag_options = (False,)
+                result += [
+                    Variant(
+                        kernel,
+                        dtype_name,
+                        has_ids,
+                        flag,
+                        flag_on,
+                        tuple(shared_dims),
+                        blocks,
+                        feature,
+                    )
+                    for blocks, shared_dims in by_blocks.items()
+                    for has_ids in doc_id_options
+                    for flag_on in flag_options
+                ]
     return result
+
+
+def _is_query_to_doc(feature: str) -> bool:
+    """Whether the feature is a specialisation of query_to_doc, the direction whose forward
+    launch takes the statistics."""
+    values = FEATURES[feature]
+    return values["DIAGONAL"] == 0 and not values["EXCLUDE_OWN"]
 
 
 def _constexprs(variant: Variant) -> dict[str, object]:
@@ -127,6 +181,7 @@ def _constexprs(variant: Variant) -> dict[str, object]:
         "BLOCK_D": blocks.d,
         "BLOCK_DOUT": blocks.d_out,
         "HAS_DOC_IDS": variant.has_doc_ids,
+        **FEATURES[variant.feature],
         **infonce._kernel_flags(dtype),
     }
     if precision is not None:
@@ -148,19 +203,21 @@ def _source(variant: Variant) -> triton.compiler.ASTSource:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             int64_flag = _INT64_POINTERS.get(name)
-            if name in ("q_ptr", "d_ptr"):
+            if name in _INPUT_POINTERS:
                 signature[name] = input_type
-            elif int64_flag is not None and constexprs.get(int64_flag):
+            elif int64_flag is not None and int64_flag(constexprs):
                 signature[name] = "*i64"
             else:
                 signature[name] = "*fp32"
             # Torch allocations are 16-byte aligned, as the launcher would specialise.
             attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name == "hardness_strength":
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            # D and the row strides (D for contiguous rows) are multiples of 16 for the
-            # dims checked here; B and N are left general.
-            if name == "D" or name.startswith("stride"):
+            # D, G and the row strides (D or G for contiguous rows) are multiples of 16 for
+            # the dims checked here (guide dims like the model's); B and N are left general.
+            if name in ("D", "G") or name.startswith("stride"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return triton.compiler.ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
 

@@ -2,7 +2,8 @@
 
 The B×N logit matrix is never materialised: the forward pass keeps only the per-row
 logsumexp, the backward pass recomputes each logit tile from q and d. Memory is O(B + N)
-beyond the inputs and their gradients.
+beyond the inputs and their gradients. Every direction, partition, the guide-model filter
+and the hardness weighting of :mod:`losses.infonce` run on the same kernels.
 
 On a machine without CUDA the kernels run under Triton's interpreter on CPU tensors; set
 ``TRITON_INTERPRET=1`` before this module is imported (Triton reads it when the kernels are
@@ -19,13 +20,27 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from losses.infonce import InfoNCEStats, call_info_nce_op, check_inputs, scale_as_tensor
+from losses.infonce import (
+    PLAIN,
+    Direction,
+    InfoNCEStats,
+    LossTerms,
+    _resolve_extras,
+    _validated_options,
+    call_info_nce_op,
+    check_inputs,
+    guide_thresholds,
+    loss_terms,
+    scale_as_tensor,
+)
 
 # ------------------------------------------------------------------------------------------
-# Math. q: [B, D] queries, d: [N, D] documents, N >= B; d[i] is the positive of q[i] and
-# d[B:] are hard negatives shared by every query. s = 1/τ.
+# Math. The kernels rank B row vectors against C column vectors; in the kernels' names the
+# rows are q [B, D] and the columns d [C, D]. For query→document, the plain loss, they are
+# the queries and the documents (C = N >= B): d[i] is the positive of q[i] and d[B:] are
+# hard negatives shared by every query. s = 1/τ.
 #
-#   logits_ij = s·q_i·d_j                       excluded (−inf) when j >= N, or when
+#   logits_ij = s·q_i·d_j                       excluded (−inf) when j >= C, or when
 #                                               j != i and doc_ids[j] == doc_ids[i]
 #   loss_i    = lse_i − logits_ii,   lse_i = logsumexp_j logits_ij,   L = mean_i loss_i
 #
@@ -52,8 +67,29 @@ from losses.infonce import InfoNCEStats, call_info_nce_op, check_inputs, scale_a
 # g·p_ij below fp16's smallest subnormal at large B (3e-9 at B=16k, τ=0.05), and the cast
 # to fp16 before the tile product would zero every negative's gradient.
 #
-# The symmetric (document→query) term over the B positives is the same problem with the
-# roles swapped, (d[:B], q, doc_ids[:B]), so it reuses these kernels.
+# Directions. Each is this problem with other rows, columns and exclusions (the host
+# launches one per direction, see losses.infonce.Direction):
+#   query→document   q vs d       diagonal = the positive (the onehot target)
+#   query→query      q vs q       diagonal excluded (DIAGONAL=2)
+#   document→query   d[:B] vs q   diagonal = the positive: the target per direction, kept
+#                                 without a target in a joint partition (DIAGONAL=1)
+#   document→doc     d[:B] vs d   diagonal and the docs mined by row i excluded
+#                                 (EXCLUDE_OWN: j >= B and owners[j] == i)
+# doc_ids apply unchanged: row i carries doc_ids[i] and column j doc_ids[j] (a query column
+# j < B the id of its positive). A joint partition's lse_i is the logaddexp of the
+# directions' row lse (host, O(B)); every direction's backward is the recomputation above
+# with p_ij = exp(logits_ij − joint lse_i) and the onehot only where DIAGONAL=0. Per
+# direction, each uses its own lse and g is divided by the number of directions.
+#
+# Guide filter (HAS_GUIDE): with guide rows/columns gq [B, G], gd [C, G] of the same texts
+# and the host's O(B) thresholds t_i (the guide's positive score minus the margin), a tile
+# also computes h_ij = gq_i·gd_j (fp32 accumulation, a second K loop over G) and excludes
+# h_ij > t_i, except on a diagonal that is the positive pair. No B×N guide matrix exists.
+#
+# Hardness (HARDNESS = 1 in-batch, 2 own hard negatives, 3 all negatives; query→document
+# only): logits_ij += α·r_ij on the selected columns, r_ij = q_i·d_j. It is a stop-gradient:
+# the backward's p uses the penalised logits, while ∂logits/∂q = s·d, ∂logits/∂s = r as
+# before, so nothing else changes.
 #
 # Ranking statistics (forward with WITH_STATS, launched for the q→d direction only), taken
 # from the same tiles in the same pass, on the unscaled products r_ij = q_i·d_j:
@@ -68,12 +104,16 @@ from losses.infonce import InfoNCEStats, call_info_nce_op, check_inputs, scale_a
 #
 # Every tile product accumulates in fp32 whatever the input dtype; p − onehot is cast to
 # the input dtype before the backward products, as FlashAttention does with P, so
-# fp16/bf16 use tensor cores.
+# fp16/bf16 use tensor cores. The new features are constexpr flags: with them off (one
+# direction, no guide, no hardness) the kernels compile to the plain loss's code.
 # ------------------------------------------------------------------------------------------
 
 # Finite stand-in for −inf as the initial running max: a row whose first column tiles are
 # all excluded then gives exp(−inf − (−1e30)) = 0 instead of exp(−inf + inf) = nan.
 _RUNNING_MAX_INIT = tl.constexpr(-1e30)
+_DIAGONAL_EXCLUDED = tl.constexpr(2)
+_HARDNESS_ALL = tl.constexpr(3)
+_HARDNESS_OWN = tl.constexpr(2)
 
 
 @triton.jit
@@ -134,6 +174,16 @@ def _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS: tl.constexpr):
 
 
 @triton.jit
+def _load_row_thresholds(threshold_ptr, rows, B, HAS_GUIDE: tl.constexpr):
+    # As _load_row_doc_ids: one return, a placeholder tensor without the guide.
+    if HAS_GUIDE:
+        thresholds = tl.load(threshold_ptr + rows, mask=rows < B, other=0.0)
+    else:
+        thresholds = tl.zeros(rows.shape, dtype=tl.float32)
+    return thresholds
+
+
+@triton.jit
 def _excluded_columns(
     doc_ids_ptr,
     rows,
@@ -152,29 +202,119 @@ def _excluded_columns(
 
 
 @triton.jit
+def _mined_by_row(owners_ptr, rows, cols, B, N):
+    """Mask of the hard negatives (columns j >= B) that row i mined: owners[j] == i."""
+    owners = tl.load(owners_ptr + cols, mask=cols < N, other=-1)
+    return (cols[None, :] >= B) & (owners[None, :] == rows[:, None])
+
+
+@triton.jit
+def _direction_exclusions(
+    excluded,
+    owners_ptr,
+    guide_q_ptr,
+    guide_d_ptr,
+    rows,
+    cols,
+    row_thresholds,
+    B,
+    N,
+    G,
+    stride_guide_q,
+    stride_guide_d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DIAGONAL: tl.constexpr,
+    EXCLUDE_OWN: tl.constexpr,
+    HAS_GUIDE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """``excluded`` plus the direction's own exclusions: the diagonal (DIAGONAL=2), the
+    documents row i mined (EXCLUDE_OWN) and the columns the guide scores above t_i."""
+    diagonal = rows[:, None] == cols[None, :]
+    if DIAGONAL == _DIAGONAL_EXCLUDED:
+        excluded = excluded | diagonal
+    if EXCLUDE_OWN:
+        excluded = excluded | _mined_by_row(owners_ptr, rows, cols, B, N)
+    if HAS_GUIDE:
+        guide_scores = _raw_dot_tile(
+            guide_q_ptr,
+            guide_d_ptr,
+            rows,
+            cols,
+            B,
+            N,
+            G,
+            stride_guide_q,
+            stride_guide_d,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            INPUT_PRECISION,
+            UPCAST_DOT,
+        )
+        dropped = guide_scores > row_thresholds[:, None]
+        if DIAGONAL != _DIAGONAL_EXCLUDED:
+            # The positive pair is never the guide's to drop.
+            dropped = dropped & ~diagonal
+        excluded = excluded | dropped
+    return excluded
+
+
+@triton.jit
+def _with_hardness(
+    logits, raw, owners_ptr, rows, cols, B, N, hardness_strength, HARDNESS: tl.constexpr
+):
+    """logits + α·r on the columns HARDNESS selects (a stop-gradient term; see the Math)."""
+    if HARDNESS != 0:
+        not_positive = rows[:, None] != cols[None, :]
+        if HARDNESS == _HARDNESS_ALL:
+            selected = not_positive
+        else:
+            mined = _mined_by_row(owners_ptr, rows, cols, B, N)
+            selected = mined if HARDNESS == _HARDNESS_OWN else not_positive & ~mined
+        logits = logits + tl.where(selected, hardness_strength * raw, 0.0)
+    return logits
+
+
+@triton.jit
 def _unweighted_dlogits_tile(
     q_ptr,
     d_ptr,
     doc_ids_ptr,
+    owners_ptr,
+    guide_q_ptr,
+    guide_d_ptr,
     rows,
     cols,
     row_lse,
     row_doc_ids,
+    row_thresholds,
     scale,
+    hardness_strength,
     B,
     N,
     D,
+    G,
     stride_q,
     stride_d,
+    stride_guide_q,
+    stride_guide_d,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DOC_IDS: tl.constexpr,
+    DIAGONAL: tl.constexpr,
+    EXCLUDE_OWN: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    HAS_GUIDE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
     """dlogits / g = softmax − onehot for one tile, recomputed from q and d; 0 outside the
-    problem."""
+    problem. The onehot is on the diagonal only when it is the target (DIAGONAL=0)."""
     raw = _raw_dot_tile(
         q_ptr,
         d_ptr,
@@ -192,11 +332,38 @@ def _unweighted_dlogits_tile(
         UPCAST_DOT,
     )
     excluded = _excluded_columns(doc_ids_ptr, rows, cols, row_doc_ids, N, HAS_DOC_IDS)
+    excluded = _direction_exclusions(
+        excluded,
+        owners_ptr,
+        guide_q_ptr,
+        guide_d_ptr,
+        rows,
+        cols,
+        row_thresholds,
+        B,
+        N,
+        G,
+        stride_guide_q,
+        stride_guide_d,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+        DIAGONAL,
+        EXCLUDE_OWN,
+        HAS_GUIDE,
+        INPUT_PRECISION,
+        UPCAST_DOT,
+    )
     # Padding rows have lse 0, where exp(logits) may overflow; they must contribute exactly 0.
     excluded = excluded | (rows[:, None] >= B)
-    probs = tl.where(excluded, 0.0, tl.exp(raw * scale - row_lse[:, None]))
-    is_positive = (rows[:, None] == cols[None, :]) & (rows[:, None] < B)
-    return probs - is_positive.to(tl.float32)
+    logits = _with_hardness(
+        raw * scale, raw, owners_ptr, rows, cols, B, N, hardness_strength, HARDNESS
+    )
+    probs = tl.where(excluded, 0.0, tl.exp(logits - row_lse[:, None]))
+    if DIAGONAL == 0:
+        is_positive = (rows[:, None] == cols[None, :]) & (rows[:, None] < B)
+        probs = probs - is_positive.to(tl.float32)
+    return probs
 
 
 @triton.jit
@@ -204,6 +371,10 @@ def _infonce_fwd_kernel(
     q_ptr,
     d_ptr,
     doc_ids_ptr,
+    owners_ptr,
+    guide_q_ptr,
+    guide_d_ptr,
+    threshold_ptr,
     scale_ptr,
     lse_ptr,
     loss_ptr,
@@ -214,25 +385,37 @@ def _infonce_fwd_kernel(
     B,
     N,
     D,
+    G,
+    hardness_strength,
     stride_q,
     stride_d,
+    stride_guide_q,
+    stride_guide_d,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DOC_IDS: tl.constexpr,
+    DIAGONAL: tl.constexpr,
+    EXCLUDE_OWN: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    HAS_GUIDE: tl.constexpr,
     WITH_STATS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    """Per-row lse and loss; with WITH_STATS also the four ranking statistics.
+    """Per-row lse and loss (lse − the diagonal logit); with WITH_STATS also the four
+    ranking statistics.
 
-    Without WITH_STATS the four statistics pointers are placeholders and never touched.
+    Pointers of switched-off features (statistics without WITH_STATS, owners without
+    EXCLUDE_OWN or an owner-based HARDNESS, guides and thresholds without HAS_GUIDE) are
+    placeholders and never touched.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < B
     # The scale is read on the device so that a learnable temperature needs no host sync.
     scale = tl.load(scale_ptr).to(tl.float32)
     row_doc_ids = _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS)
+    row_thresholds = _load_row_thresholds(threshold_ptr, rows, B, HAS_GUIDE)
 
     running_max = tl.full((BLOCK_M,), _RUNNING_MAX_INIT, dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -262,7 +445,29 @@ def _infonce_fwd_kernel(
         logits = scale * raw
         is_positive = rows[:, None] == cols[None, :]
         positive_logit += tl.sum(tl.where(is_positive, logits, 0.0), axis=1)
-        excluded = _excluded_columns(doc_ids_ptr, rows, cols, row_doc_ids, N, HAS_DOC_IDS)
+        doc_id_excluded = _excluded_columns(doc_ids_ptr, rows, cols, row_doc_ids, N, HAS_DOC_IDS)
+        excluded = _direction_exclusions(
+            doc_id_excluded,
+            owners_ptr,
+            guide_q_ptr,
+            guide_d_ptr,
+            rows,
+            cols,
+            row_thresholds,
+            B,
+            N,
+            G,
+            stride_guide_q,
+            stride_guide_d,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            DIAGONAL,
+            EXCLUDE_OWN,
+            HAS_GUIDE,
+            INPUT_PRECISION,
+            UPCAST_DOT,
+        )
         if WITH_STATS:
             positive += tl.sum(tl.where(is_positive, raw, 0.0), axis=1)
             others = tl.where(excluded | is_positive, float("-inf"), raw)
@@ -273,9 +478,13 @@ def _infonce_fwd_kernel(
             best_other = tl.where(improved, tile_best, best_other)
             best_other_index = tl.where(improved, col_start + tile_best_index, best_other_index)
             if HAS_DOC_IDS:
-                # `excluded` also holds the padding columns j >= N, which are not documents.
-                false_negative = excluded & (cols[None, :] < N)
+                # Counted from the doc ids alone: the padding columns j >= N are not
+                # documents, and the guide's drops are not false negatives by text.
+                false_negative = doc_id_excluded & (cols[None, :] < N)
                 false_negatives += tl.sum(false_negative.to(tl.int32), axis=1)
+        logits = _with_hardness(
+            logits, raw, owners_ptr, rows, cols, B, N, hardness_strength, HARDNESS
+        )
         logits = tl.where(excluded, float("-inf"), logits)
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
@@ -298,6 +507,10 @@ def _infonce_bwd_dq_kernel(
     q_ptr,
     d_ptr,
     doc_ids_ptr,
+    owners_ptr,
+    guide_q_ptr,
+    guide_d_ptr,
+    threshold_ptr,
     scale_ptr,
     lse_ptr,
     dq_ptr,
@@ -305,8 +518,12 @@ def _infonce_bwd_dq_kernel(
     B,
     N,
     D,
+    G,
+    hardness_strength,
     stride_q,
     stride_d,
+    stride_guide_q,
+    stride_guide_d,
     stride_dq,
     stride_dd,
     BLOCK_M: tl.constexpr,
@@ -314,6 +531,10 @@ def _infonce_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DOUT: tl.constexpr,
     HAS_DOC_IDS: tl.constexpr,
+    DIAGONAL: tl.constexpr,
+    EXCLUDE_OWN: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    HAS_GUIDE: tl.constexpr,
     ATOMIC_DD: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -332,6 +553,7 @@ def _infonce_bwd_dq_kernel(
     scale = tl.load(scale_ptr).to(tl.float32)
     row_lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
     row_doc_ids = _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS)
+    row_thresholds = _load_row_thresholds(threshold_ptr, rows, B, HAS_GUIDE)
     q_out = tl.load(
         q_ptr + rows.to(tl.int64)[:, None] * stride_q + ks[None, :],
         mask=row_in[:, None] & k_in[None, :],
@@ -346,20 +568,32 @@ def _infonce_bwd_dq_kernel(
             q_ptr,
             d_ptr,
             doc_ids_ptr,
+            owners_ptr,
+            guide_q_ptr,
+            guide_d_ptr,
             rows,
             cols,
             row_lse,
             row_doc_ids,
+            row_thresholds,
             scale,
+            hardness_strength,
             B,
             N,
             D,
+            G,
             stride_q,
             stride_d,
+            stride_guide_q,
+            stride_guide_d,
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
             HAS_DOC_IDS,
+            DIAGONAL,
+            EXCLUDE_OWN,
+            HARDNESS,
+            HAS_GUIDE,
             INPUT_PRECISION,
             UPCAST_DOT,
         )
@@ -398,20 +632,32 @@ def _infonce_bwd_dd_kernel(
     q_ptr,
     d_ptr,
     doc_ids_ptr,
+    owners_ptr,
+    guide_q_ptr,
+    guide_d_ptr,
+    threshold_ptr,
     scale_ptr,
     lse_ptr,
     dd_ptr,
     B,
     N,
     D,
+    G,
+    hardness_strength,
     stride_q,
     stride_d,
+    stride_guide_q,
+    stride_guide_d,
     stride_dd,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DOUT: tl.constexpr,
     HAS_DOC_IDS: tl.constexpr,
+    DIAGONAL: tl.constexpr,
+    EXCLUDE_OWN: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    HAS_GUIDE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
@@ -433,24 +679,37 @@ def _infonce_bwd_dd_kernel(
         row_in = rows < B
         row_lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
         row_doc_ids = _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS)
+        row_thresholds = _load_row_thresholds(threshold_ptr, rows, B, HAS_GUIDE)
         dlogits = _unweighted_dlogits_tile(
             q_ptr,
             d_ptr,
             doc_ids_ptr,
+            owners_ptr,
+            guide_q_ptr,
+            guide_d_ptr,
             rows,
             cols,
             row_lse,
             row_doc_ids,
+            row_thresholds,
             scale,
+            hardness_strength,
             B,
             N,
             D,
+            G,
             stride_q,
             stride_d,
+            stride_guide_q,
+            stride_guide_d,
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
             HAS_DOC_IDS,
+            DIAGONAL,
+            EXCLUDE_OWN,
+            HARDNESS,
+            HAS_GUIDE,
             INPUT_PRECISION,
             UPCAST_DOT,
         )
@@ -526,8 +785,9 @@ _HOPPER_BLOCK_SIZES: dict[tuple[int, torch.dtype], BlockSizes] = {
 }
 
 
-def default_block_sizes(dim: int, dtype: torch.dtype) -> BlockSizes:
-    """Tile shape for embedding dimension ``dim`` and input ``dtype``.
+def default_block_sizes(dim: int, dtype: torch.dtype, guide: bool = False) -> BlockSizes:
+    """Tile shape for embedding dimension ``dim`` and input ``dtype`` (``guide``: with the
+    guide filter).
 
     D = 384 and 768 take the compile-checked Hopper table above. Other dims get one
     gradient slice up to 128 (fp32) or 256 (fp16/bf16) dims, so that each logit tile is
@@ -539,7 +799,9 @@ def default_block_sizes(dim: int, dtype: torch.dtype) -> BlockSizes:
         # the tests' small odd shapes still span several tiles.
         return BlockSizes(m=32, n=32, d=min(padded_dim, 128), d_out=min(padded_dim, 128))
     if (dim, dtype) in _HOPPER_BLOCK_SIZES:
-        return _HOPPER_BLOCK_SIZES[dim, dtype]
+        # The guide's score tile is a second fp32 accumulator: at 128 rows the forward with
+        # statistics and the backward spilled (sm_90, bf16), at 64 rows nothing did.
+        return _FP32_TILES if guide else _HOPPER_BLOCK_SIZES[dim, dtype]
     half = dtype in (torch.float16, torch.bfloat16)
     d_out = min(padded_dim, 256 if half else 128)
     return BlockSizes(
@@ -549,19 +811,41 @@ def default_block_sizes(dim: int, dtype: torch.dtype) -> BlockSizes:
 
 @dataclass(frozen=True)
 class InfoNCEForward:
-    """Result of :func:`infonce_forward`: the mean loss, the O(B) softmax statistics and,
-    when asked for, the query→document ranking statistics."""
+    """Result of :func:`infonce_forward`: the mean loss, the O(B) softmax statistics ``lse``
+    [num_lse, B] (the joint partition's row logsumexp, or one row per direction) and, when
+    asked for, the query→document ranking statistics."""
 
     loss: torch.Tensor
-    row_lse: torch.Tensor
-    col_lse: torch.Tensor | None
+    lse: torch.Tensor
     stats: InfoNCEStats | None = None
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """Validated, contiguous inputs of one loss: what the launches of its directions read."""
+
+    q: torch.Tensor
+    d: torch.Tensor
+    doc_ids: torch.Tensor | None
+    owners: torch.Tensor | None
+    guide_q: torch.Tensor | None
+    guide_d: torch.Tensor | None
+    thresholds: torch.Tensor | None
+    terms: LossTerms
+
+
 def _validated(
-    q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Checks shapes, dtypes and devices; returns contiguous q, d and int64 doc ids."""
+    q: torch.Tensor,
+    d: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    terms: LossTerms = PLAIN,
+    doc_owners: torch.Tensor | None = None,
+    guide_q: torch.Tensor | None = None,
+    guide_d: torch.Tensor | None = None,
+) -> _Inputs:
+    """Checks shapes, dtypes and devices; returns contiguous q, d and guides (in q's dtype),
+    int64 doc ids and owners (the default owners when the terms need them), and the guide
+    thresholds in fp32."""
     if q.dim() != 2 or d.dim() != 2:
         raise ValueError(f"q and d must be 2-D, got {tuple(q.shape)} and {tuple(d.shape)}")
     if q.shape[1] != d.shape[1]:
@@ -594,7 +878,20 @@ def _validated(
         if doc_ids.device != q.device:
             raise ValueError(f"doc_ids is on {doc_ids.device} but q is on {q.device}")
         doc_ids = doc_ids.to(torch.int64).contiguous()
-    return q.contiguous(), d.contiguous(), doc_ids
+    check_inputs(q, d, None, doc_owners, guide_q, guide_d)
+    for name, tensor in (("doc_owners", doc_owners), ("guide_q", guide_q), ("guide_d", guide_d)):
+        if tensor is not None and tensor.device != q.device:
+            raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}")
+    extras = _resolve_extras(q, d, terms, doc_owners, guide_q, guide_d)
+    owners = extras.doc_owners.contiguous() if extras.doc_owners is not None else None
+    thresholds = None
+    if guide_q is not None:
+        guide_q = extras.guide_q.to(q.dtype).contiguous()
+        guide_d = extras.guide_d.to(q.dtype).contiguous()
+        thresholds = guide_thresholds(guide_q, guide_d, terms, q.dtype).float().contiguous()
+    return _Inputs(
+        q.contiguous(), d.contiguous(), doc_ids, owners, guide_q, guide_d, thresholds, terms
+    )
 
 
 def _scale_tensor(scale: float | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -632,58 +929,88 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _direction_args(inputs: _Inputs, spec: Direction, placeholder: torch.Tensor):
+    """(rows, cols, pointer args, scalar args, stride args, constexprs) of one direction's
+    launch; pointers of switched-off features are ``placeholder``."""
+    rows, cols = spec.rows(inputs.q, inputs.d), spec.cols(inputs.q, inputs.d)
+    has_guide = inputs.guide_q is not None
+    if has_guide:
+        guide_rows = spec.rows(inputs.guide_q, inputs.guide_d)
+        guide_cols = spec.cols(inputs.guide_q, inputs.guide_d)
+    else:
+        guide_rows = guide_cols = placeholder
+    uses_owners = spec.exclude_own or spec.hardness in (1, 2)
+    pointers = (
+        inputs.doc_ids if inputs.doc_ids is not None else placeholder,
+        inputs.owners if uses_owners else placeholder,
+        guide_rows,
+        guide_cols,
+        inputs.thresholds if has_guide else placeholder,
+    )
+    guide_dim = inputs.guide_q.shape[1] if has_guide else 0
+    hardness_strength = inputs.terms.hardness_strength if spec.hardness else 0.0
+    strides = (rows.stride(0), cols.stride(0), guide_rows.stride(0), guide_cols.stride(0))
+    constexprs = {
+        "HAS_DOC_IDS": inputs.doc_ids is not None,
+        "DIAGONAL": spec.diagonal,
+        "EXCLUDE_OWN": spec.exclude_own,
+        "HARDNESS": spec.hardness,
+        "HAS_GUIDE": has_guide,
+    }
+    return rows, cols, pointers, (guide_dim, hardness_strength), strides, constexprs
+
+
 def _launch_forward(
-    q: torch.Tensor,
-    d: torch.Tensor,
-    doc_ids: torch.Tensor | None,
+    inputs: _Inputs,
+    spec: Direction,
     scale: torch.Tensor,
     blocks: BlockSizes,
     with_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, InfoNCEStats | None]:
-    """One direction: per-row (lse, loss) in fp32 for queries q against documents d, and
-    the ranking statistics of that direction when ``with_stats``."""
-    batch, dim = q.shape
-    num_docs = d.shape[0]
-    lse = torch.empty(batch, device=q.device, dtype=torch.float32)
+    """One direction: per-row (lse, lse − diagonal logit) in fp32, and the ranking
+    statistics of that direction when ``with_stats``."""
+    batch, dim = inputs.q.shape
+    lse = torch.empty(batch, device=inputs.q.device, dtype=torch.float32)
     row_loss = torch.empty_like(lse)
+    rows, cols, pointers, scalars, strides, constexprs = _direction_args(inputs, spec, lse)
+    num_cols = cols.shape[0]
     stats = None
     if with_stats:
         stats = InfoNCEStats(
             positive=torch.empty_like(lse),
             best_other=torch.empty_like(lse),
-            best_other_index=torch.empty(batch, device=q.device, dtype=torch.int64),
+            best_other_index=torch.empty(batch, device=lse.device, dtype=torch.int64),
             # Zeros: without doc ids the kernel leaves the counts alone.
-            false_negatives=torch.zeros(batch, device=q.device, dtype=torch.int64),
-            num_docs=num_docs,
+            false_negatives=torch.zeros(batch, device=lse.device, dtype=torch.int64),
+            num_docs=num_cols,
         )
-    # Pointers the kernel never dereferences (doc ids without HAS_DOC_IDS, statistics
-    # without WITH_STATS) still need a tensor on the right device.
-    placeholder = lse
+    # Pointers the kernel never dereferences (statistics without WITH_STATS) still need a
+    # tensor on the right device.
     stats_outputs = (
         (stats.positive, stats.best_other, stats.best_other_index, stats.false_negatives)
         if stats is not None
-        else (placeholder,) * 4
+        else (lse,) * 4
     )
     grid = (triton.cdiv(batch, blocks.m),)
     _infonce_fwd_kernel[grid](
-        q,
-        d,
-        doc_ids if doc_ids is not None else placeholder,
+        rows,
+        cols,
+        *pointers,
         scale,
         lse,
         row_loss,
         *stats_outputs,
         batch,
-        num_docs,
+        num_cols,
         dim,
-        q.stride(0),
-        d.stride(0),
+        *scalars,
+        *strides,
         BLOCK_M=blocks.m,
         BLOCK_N=blocks.n,
         BLOCK_D=blocks.d,
-        HAS_DOC_IDS=doc_ids is not None,
+        **constexprs,
         WITH_STATS=with_stats,
-        **_kernel_flags(q.dtype),
+        **_kernel_flags(rows.dtype),
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
@@ -691,74 +1018,81 @@ def _launch_forward(
 
 
 def _launch_backward(
-    q: torch.Tensor,
-    d: torch.Tensor,
-    doc_ids: torch.Tensor | None,
+    inputs: _Inputs,
+    spec: Direction,
     scale: torch.Tensor,
     lse: torch.Tensor,
     deterministic: bool,
     blocks: BlockSizes,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One direction: fp32 (Σ_j (p − onehot)·d, Σ_i (p − onehot)ᵀ·q), i.e. the gradients
-    over s·g (scale times the uniform upstream weight)."""
-    batch, dim = q.shape
-    num_docs = d.shape[0]
-    dq = torch.empty(batch, dim, device=q.device, dtype=torch.float32)
-    dd = (torch.empty if deterministic else torch.zeros)(
-        num_docs, dim, device=q.device, dtype=torch.float32
+    """One direction: fp32 (Σ_j (p − onehot)·cols, Σ_i (p − onehot)ᵀ·rows), i.e. the
+    gradients of its rows and columns over s·g (scale times the uniform upstream weight)."""
+    batch, dim = inputs.q.shape
+    rows, cols, pointers, scalars, strides, constexprs = _direction_args(inputs, spec, lse)
+    num_cols = cols.shape[0]
+    d_rows = torch.empty(batch, dim, device=rows.device, dtype=torch.float32)
+    d_cols = (torch.empty if deterministic else torch.zeros)(
+        num_cols, dim, device=rows.device, dtype=torch.float32
     )
-    doc_ids_arg = doc_ids if doc_ids is not None else lse
-    flags = _kernel_flags(q.dtype)
+    flags = _kernel_flags(rows.dtype)
     k_slices = triton.cdiv(dim, blocks.d_out)
     _infonce_bwd_dq_kernel[(triton.cdiv(batch, blocks.m), k_slices)](
-        q,
-        d,
-        doc_ids_arg,
+        rows,
+        cols,
+        *pointers,
         scale,
         lse,
-        dq,
-        dd,
+        d_rows,
+        d_cols,
         batch,
-        num_docs,
+        num_cols,
         dim,
-        q.stride(0),
-        d.stride(0),
-        dq.stride(0),
-        dd.stride(0),
+        *scalars,
+        *strides,
+        d_rows.stride(0),
+        d_cols.stride(0),
         BLOCK_M=blocks.m,
         BLOCK_N=blocks.n,
         BLOCK_D=blocks.d,
         BLOCK_DOUT=blocks.d_out,
-        HAS_DOC_IDS=doc_ids is not None,
+        **constexprs,
         ATOMIC_DD=not deterministic,
         **flags,
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
     if deterministic:
-        _infonce_bwd_dd_kernel[(triton.cdiv(num_docs, blocks.n), k_slices)](
-            q,
-            d,
-            doc_ids_arg,
+        _infonce_bwd_dd_kernel[(triton.cdiv(num_cols, blocks.n), k_slices)](
+            rows,
+            cols,
+            *pointers,
             scale,
             lse,
-            dd,
+            d_cols,
             batch,
-            num_docs,
+            num_cols,
             dim,
-            q.stride(0),
-            d.stride(0),
-            dd.stride(0),
+            *scalars,
+            *strides,
+            d_cols.stride(0),
             BLOCK_M=blocks.m,
             BLOCK_N=blocks.n,
             BLOCK_D=blocks.d,
             BLOCK_DOUT=blocks.d_out,
-            HAS_DOC_IDS=doc_ids is not None,
+            **constexprs,
             **flags,
             num_warps=blocks.num_warps,
             num_stages=blocks.num_stages,
         )
-    return dq, dd
+    return d_rows, d_cols
+
+
+def _terms_of(symmetric: bool, terms: LossTerms | None) -> LossTerms:
+    if terms is None:
+        return loss_terms(symmetric)
+    if symmetric:
+        raise ValueError("pass either symmetric or terms")
+    return terms
 
 
 def infonce_forward(
@@ -769,29 +1103,41 @@ def infonce_forward(
     symmetric: bool = False,
     block_sizes: BlockSizes | None = None,
     return_stats: bool = False,
+    *,
+    terms: LossTerms | None = None,
+    doc_owners: torch.Tensor | None = None,
+    guide_q: torch.Tensor | None = None,
+    guide_d: torch.Tensor | None = None,
 ) -> InfoNCEForward:
-    """Mean InfoNCE loss (fp32 scalar) plus the per-row logsumexp needed by the backward.
+    """Mean InfoNCE loss (fp32 scalar) plus the per-row logsumexps the backward needs.
 
-    ``col_lse`` is the document→query logsumexp over the B positives when ``symmetric``;
-    ``stats`` the query→document ranking statistics when ``return_stats``, from the same
-    kernel launch as the loss. Non-contiguous inputs are copied to contiguous ones.
+    ``terms`` (:func:`losses.infonce.loss_terms`; ``symmetric`` is the shorthand for its
+    per-direction pair) picks the directions, partition, hardness and guide margin; one
+    launch per direction. ``stats`` are the query→document ranking statistics when
+    ``return_stats``, from the same launch as that direction's loss. Non-contiguous inputs
+    are copied to contiguous ones.
     """
-    q, d, doc_ids = _validated(q, d, doc_ids)
-    scale = _scale_tensor(scale, q.device)
-    blocks = block_sizes or default_block_sizes(q.shape[1], q.dtype)
-    with _on_device(q.device):
-        row_lse, row_loss, stats = _launch_forward(q, d, doc_ids, scale, blocks, return_stats)
-        if not symmetric:
-            return InfoNCEForward(loss=row_loss.mean(), row_lse=row_lse, col_lse=None, stats=stats)
-        batch = q.shape[0]
-        positive_ids = doc_ids[:batch] if doc_ids is not None else None
-        col_lse, col_loss, _ = _launch_forward(d[:batch], q, positive_ids, scale, blocks)
-    return InfoNCEForward(
-        loss=(row_loss.mean() + col_loss.mean()) / 2,
-        row_lse=row_lse,
-        col_lse=col_lse,
-        stats=stats,
+    terms = _terms_of(symmetric, terms)
+    inputs = _validated(q, d, doc_ids, terms, doc_owners, guide_q, guide_d)
+    scale = _scale_tensor(scale, inputs.q.device)
+    blocks = block_sizes or default_block_sizes(
+        inputs.q.shape[1], inputs.q.dtype, guide=inputs.guide_q is not None
     )
+    with _on_device(inputs.q.device):
+        launches = [
+            _launch_forward(inputs, spec, scale, blocks, return_stats and index == 0)
+            for index, spec in enumerate(terms.specs())
+        ]
+    lse, row_loss, stats = launches[0]
+    if len(launches) == 1:
+        return InfoNCEForward(loss=row_loss.mean(), lse=lse[None], stats=stats)
+    stacked = torch.stack([launch[0] for launch in launches])
+    if terms.joint:
+        # loss_i = joint lse_i − positive logit_i, the latter as lse_i − loss_i of q→d.
+        joint = torch.logsumexp(stacked, dim=0)
+        return InfoNCEForward(loss=(row_loss + (joint - lse)).mean(), lse=joint[None], stats=stats)
+    loss = sum(launch[1].mean() for launch in launches) / len(launches)
+    return InfoNCEForward(loss=loss, lse=stacked, stats=stats)
 
 
 def infonce_backward(
@@ -799,37 +1145,50 @@ def infonce_backward(
     d: torch.Tensor,
     scale: float | torch.Tensor,
     grad_loss: torch.Tensor,
-    row_lse: torch.Tensor,
-    col_lse: torch.Tensor | None = None,
+    lse: torch.Tensor,
     doc_ids: torch.Tensor | None = None,
     deterministic: bool = True,
     block_sizes: BlockSizes | None = None,
+    *,
+    terms: LossTerms = PLAIN,
+    doc_owners: torch.Tensor | None = None,
+    guide_q: torch.Tensor | None = None,
+    guide_d: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dd, dscale) of the mean loss scaled by the upstream ``grad_loss``.
 
-    The symmetric term is included when ``col_lse`` is given. ``deterministic=False``
-    accumulates dd with atomic adds from the dq pass: one logit recomputation instead of
-    two, but the fp32 summation order (hence the last bits) varies between runs on a GPU.
+    ``lse`` and ``terms`` are those of :func:`infonce_forward`. ``deterministic=False``
+    accumulates the column gradients with atomic adds from the row pass: one logit
+    recomputation instead of two, but the fp32 summation order (hence the last bits)
+    varies between runs on a GPU.
     """
-    q, d, doc_ids = _validated(q, d, doc_ids)
-    scale = _scale_tensor(scale, q.device)
-    blocks = block_sizes or default_block_sizes(q.shape[1], q.dtype)
+    inputs = _validated(q, d, doc_ids, terms, doc_owners, guide_q, guide_d)
+    q, d = inputs.q, inputs.d
     batch = q.shape[0]
-    directions = 1 if col_lse is None else 2
-    row_grad = grad_loss.detach().to(device=q.device, dtype=torch.float32) / (batch * directions)
+    if lse.shape != (terms.num_lse, batch):
+        raise ValueError(f"lse must be [{terms.num_lse}, {batch}], got {tuple(lse.shape)}")
+    scale = _scale_tensor(scale, q.device)
+    blocks = block_sizes or default_block_sizes(
+        q.shape[1], q.dtype, guide=inputs.guide_q is not None
+    )
+    specs = terms.specs()
+    per_row = 1 if terms.joint else len(specs)
+    row_grad = grad_loss.detach().to(device=q.device, dtype=torch.float32) / (batch * per_row)
 
+    dq = dd = dscale = None
     with _on_device(q.device):
-        dq, dd = _launch_backward(q, d, doc_ids, scale, row_lse, deterministic, blocks)
-        dscale = torch.dot(q.float().flatten(), dq.flatten())
-        if col_lse is not None:
-            positives = d[:batch]
-            positive_ids = doc_ids[:batch] if doc_ids is not None else None
-            d_positives, dq_from_columns = _launch_backward(
-                positives, q, positive_ids, scale, col_lse, deterministic, blocks
-            )
-            dscale = dscale + torch.dot(positives.float().flatten(), d_positives.flatten())
-            dq += dq_from_columns
-            dd[:batch] += d_positives
+        for index, spec in enumerate(specs):
+            term_lse = lse[0 if terms.joint else index].float().contiguous()
+            d_rows, d_cols = _launch_backward(inputs, spec, scale, term_lse, deterministic, blocks)
+            rows = spec.rows(q, d)
+            term_dscale = torch.dot(rows.float().flatten(), d_rows.flatten())
+            if dq is None:
+                # query_to_doc comes first: its gradients are the totals' first terms.
+                dq, dd, dscale = d_rows, d_cols, term_dscale
+                continue
+            dscale = dscale + term_dscale
+            (dd[:batch] if spec.rows_are_docs else dq).add_(d_rows)
+            (dq if spec.cols_are_queries else dd).add_(d_cols)
     weight = row_grad * scale
     return (dq * weight).to(q.dtype), (dd * weight).to(d.dtype), dscale * row_grad
 
@@ -842,6 +1201,7 @@ def fused_info_nce(
     doc_ids: torch.Tensor | None = None,
     deterministic: bool = True,
     return_stats: bool = False,
+    **options,
 ) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
     """Mean InfoNCE loss of queries ``q`` [B, D] against documents ``d`` [N, D], fused.
 
@@ -849,22 +1209,24 @@ def fused_info_nce(
     queries; logits are ``scale · q · dᵀ`` (scale = 1/temperature, a float or a 0-dim tensor
     that may require grad). ``symmetric`` averages in the document→query loss over the B
     positives. ``doc_ids`` [N] removes false negatives: column j != i leaves row i's softmax
-    when ``doc_ids[j] == doc_ids[i]``. ``deterministic=False`` trades bitwise
-    reproducibility of dd for one fewer logit recomputation (atomic adds). Returns an fp32
-    scalar whatever the input dtype (fp32, fp16 or bf16); memory beyond the inputs and
-    their gradients is O(B + N). ``return_stats=True`` returns ``(loss, InfoNCEStats)``, the
-    query→document ranking statistics from the same forward launch (detached; the loss and
-    gradients are those without them). Runs as the custom op ``biencoder::info_nce``, so
-    torch.compile traces it without a graph break.
+    when ``doc_ids[j] == doc_ids[i]``. ``options`` are :func:`losses.infonce.info_nce`'s
+    keywords (directions, partition, guide filter, hardness). ``deterministic=False`` trades
+    bitwise reproducibility of dd for one fewer logit recomputation (atomic adds). Returns
+    an fp32 scalar whatever the input dtype (fp32, fp16 or bf16); memory beyond the inputs
+    and their gradients is O(B + N). ``return_stats=True`` returns ``(loss,
+    InfoNCEStats)``, the query→document ranking statistics from the same forward launch
+    (detached; the loss and gradients are those without them). Runs as the custom op
+    ``biencoder::info_nce``, so torch.compile traces it without a graph break.
     """
-    check_inputs(q, d, doc_ids)
+    terms, extras = _validated_options(q, d, doc_ids, symmetric, options)
     return call_info_nce_op(
         q,
         d,
         scale_as_tensor(scale, q.device),
         doc_ids,
-        symmetric,
+        terms,
         return_stats,
         fused=True,
         deterministic=deterministic,
+        extras=extras,
     )

@@ -8,6 +8,8 @@ and trace the autograd formula, without Inductor's C++ build); one runs Inductor
 loss, and the ``slow`` one on the encoder as well.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,15 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 from losses import info_nce
-from losses.infonce import info_nce_backward_op, info_nce_op, naive_info_nce
+from losses.infonce import (
+    DIRECTIONS,
+    SYMMETRIC,
+    LossTerms,
+    info_nce_backward_op,
+    info_nce_op,
+    loss_terms,
+    naive_info_nce,
+)
 from model import Encoder, EncoderConfig
 from model.pooling import MeanPooling
 
@@ -196,22 +206,44 @@ def test_inductor_compiles_loss_and_backward():
             assert_relative_close(a, b, COMPILED_RTOL)
 
 
+GUIDE_Q = F.normalize(torch.randn(BATCH, 4, generator=torch.Generator().manual_seed(1)), dim=1)
+GUIDE_D = F.normalize(torch.randn(NUM_DOCS, 4, generator=torch.Generator().manual_seed(2)), dim=1)
+# (terms, doc_ids, doc_owners, guides): the plain loss, the symmetric one with ids, and
+# every option at once (all four directions jointly, hardness, guide, owners).
+OP_CASES = [
+    (LossTerms(), None, None, (None, None)),
+    (SYMMETRIC, DOC_IDS, None, (None, None)),
+    (
+        loss_terms(
+            directions=DIRECTIONS,
+            hardness_mode="in_batch_negatives",
+            hardness_strength=3.0,
+            guide_margin=0.1,
+        ),
+        DOC_IDS,
+        torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, -1]),
+        (GUIDE_Q, GUIDE_D),
+    ),
+]
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["chunked", "triton"])
 @pytest.mark.parametrize(
-    ("symmetric", "return_stats", "doc_ids"),
-    [(False, False, None), (True, True, DOC_IDS)],
-    ids=["asym-loss", "sym-stats-ids"],
+    ("terms", "doc_ids", "doc_owners", "guides", "return_stats"),
+    [(*OP_CASES[0], False), (*OP_CASES[1], True), (*OP_CASES[2], True)],
+    ids=["asym-loss", "sym-stats-ids", "all-options-stats"],
 )
-def test_opcheck(fused, symmetric, return_stats, doc_ids):
+def test_opcheck(fused, terms, doc_ids, doc_owners, guides, return_stats):
     """torch.library.opcheck: schema, fake tensor metadata against the real outputs,
     autograd registration, and AOT tracing with dynamic shapes of forward and backward."""
     q, d, temperature = make_inputs()
     scale = (1 / temperature).detach().requires_grad_()
+    tensors = (doc_ids, doc_owners, *guides)
     torch.library.opcheck(
-        info_nce_op, (q, d, scale, doc_ids, symmetric, return_stats, fused, True, 4)
+        info_nce_op,
+        (q, d, scale, *tensors, *terms.op_args(), return_stats, fused, True, 4),
     )
-    row_lse = torch.randn(BATCH)
-    col_lse = torch.randn(BATCH) if symmetric else None
+    lse = torch.randn(terms.num_lse, BATCH)
     torch.library.opcheck(
         info_nce_backward_op,
         (
@@ -219,9 +251,9 @@ def test_opcheck(fused, symmetric, return_stats, doc_ids):
             q.detach(),
             d.detach(),
             scale.detach(),
-            doc_ids,
-            row_lse,
-            col_lse,
+            *tensors,
+            lse,
+            *terms.op_args(),
             fused,
             True,
             4,
@@ -229,13 +261,20 @@ def test_opcheck(fused, symmetric, return_stats, doc_ids):
     )
 
 
-def test_op_gradcheck_float64():
-    """The op's registered autograd formula against finite differences, learnable scale."""
+@pytest.mark.parametrize("case", [1, 2], ids=["sym-ids", "all-options"])
+def test_op_gradcheck_float64(case):
+    """The op's registered autograd formula against finite differences, learnable scale.
+    Without the hardness term: it is a stop-gradient, which finite differences see."""
     q, d, temperature = make_inputs(torch.float64)
     scale = (1 / temperature).detach().requires_grad_()
+    terms, doc_ids, doc_owners, guides = OP_CASES[case]
+    terms = dataclasses.replace(terms, hardness_mode=None, hardness_strength=0.0)
+    guides = tuple(g.double() if g is not None else None for g in guides)
 
     def loss(q, d, scale):
-        return info_nce_op(q, d, scale, DOC_IDS, True, False, False, True, 4)[0]
+        return info_nce_op(
+            q, d, scale, doc_ids, doc_owners, *guides, *terms.op_args(), False, False, True, 4
+        )[0]
 
     assert torch.autograd.gradcheck(loss, (q, d, scale))
 

@@ -20,7 +20,7 @@ from kernels.infonce import (
     infonce_forward,
 )
 from losses import InfoNCELoss, info_nce
-from losses.infonce import InfoNCEStats, chunked_info_nce, naive_info_nce
+from losses.infonce import InfoNCEStats, chunked_info_nce, loss_terms, naive_info_nce
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -134,8 +134,9 @@ class WithBlockSizes(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, d, scale, doc_ids, symmetric, deterministic, blocks, return_stats=False):
         result = infonce_forward(q, d, scale, doc_ids, symmetric, blocks, return_stats)
-        ctx.save_for_backward(q, d, scale, doc_ids, result.row_lse, result.col_lse)
+        ctx.save_for_backward(q, d, scale, doc_ids, result.lse)
         ctx.deterministic, ctx.blocks = deterministic, blocks
+        ctx.terms = loss_terms(symmetric)
         if result.stats is None:
             return result.loss
         stats = result.stats
@@ -150,9 +151,9 @@ class WithBlockSizes(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_stats_grads):
-        q, d, scale, doc_ids, row_lse, col_lse = ctx.saved_tensors
+        q, d, scale, doc_ids, lse = ctx.saved_tensors
         dq, dd, dscale = infonce_backward(
-            q, d, scale, grad_loss, row_lse, col_lse, doc_ids, ctx.deterministic, ctx.blocks
+            q, d, scale, grad_loss, lse, doc_ids, ctx.deterministic, ctx.blocks, terms=ctx.terms
         )
         return dq, dd, dscale.reshape(scale.shape), None, None, None, None, None
 
@@ -279,7 +280,8 @@ def test_triton_scale_float_or_tensor(seed):
 @pytest.mark.parametrize("return_stats", [False, True], ids=["loss", "with-stats"])
 def test_triton_saves_only_linear_state(seed, return_stats):
     """No saved tensor is B×N: D=8 keeps q and d smaller than the 37×111 logits; the
-    statistics are outputs, not saved state."""
+    statistics are outputs, not saved state. The 1-D ones are the doc ids; the symmetric
+    loss's two row logsumexps are one [2, B] tensor."""
     batch, num_docs = 37, 111
     q, d = make_embeddings(batch, num_docs, 8)
     q.requires_grad_()
@@ -288,7 +290,8 @@ def test_triton_saves_only_linear_state(seed, return_stats):
     loss = output[0] if return_stats else output
     saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
     assert max(t.numel() for t in saved) <= num_docs * 8 < batch * num_docs
-    assert sorted(t.numel() for t in saved if t.dim() == 1) == [batch, batch, num_docs]
+    assert [t.numel() for t in saved if t.dim() == 1] == [num_docs]
+    assert [tuple(t.shape) for t in saved if t.dim() == 2 and t.shape[1] == batch] == [(2, batch)]
 
 
 @needs_triton
@@ -297,7 +300,7 @@ def test_triton_host_functions_compose(seed):
     q, d = make_embeddings(16, 40, 24)
     forward = infonce_forward(q, d, 20.0, symmetric=True)
     dq, dd, dscale = infonce_backward(
-        q, d, 20.0, torch.tensor(UPSTREAM, device=DEVICE), forward.row_lse, forward.col_lse
+        q, d, 20.0, torch.tensor(UPSTREAM, device=DEVICE), forward.lse, terms=loss_terms(True)
     )
     _, ref_dq, ref_dd, ref_dt = reference(q, d, True, None)
     assert_close(forward.loss, reference(q, d, True, None)[0], *FP32_TOLERANCE)
