@@ -5,6 +5,9 @@
     python train.py pooling=cls loss=triplet trainer.batch_size=64 optim.lr=3e-5
     python train.py logger=wandb                         # also log to Weights & Biases
     python train.py debug=tiny                           # two steps on tiny data, in seconds
+    python train.py train_data=hf train_data.path=DIR    # a 🤗 datasets folder or files
+    python train.py train_data=multi +train_data@train_data.sets.a=scifact \
+        +train_data@train_data.sets.b=hf train_data.sets.b.path=DIR   # several sets
     python train.py trainer.max_steps=N hydra.run.dir=DIR
     python train.py hydra.run.dir=DIR trainer.resume=true   # continue a stopped run
 
@@ -182,8 +185,12 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     train_data = build_training_spec(cfg.train_data)
     eval_data = build(cfg.eval_data, "eval_data") if trainer.eval else None
     for key, spec in training_specs(train_data):
+        # Outside the try: a set that cannot tell its type (an hf set's missing column) is
+        # its own error, not the loss's.
+        with naming(key, type(spec)):
+            example_type = spec.example_type()
         try:
-            task.check_accepts(spec.example_type())
+            task.check_accepts(example_type)
         except ValueError as err:
             raise ConfigError(f"loss: {err}; {key} ({type(spec).__name__}) gives those") from err
     width = model_width(cfg.model)

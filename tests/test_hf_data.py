@@ -63,6 +63,18 @@ def test_a_missing_column_is_named_with_the_folder_and_the_columns_there(tmp_pat
     )
 
 
+def test_a_missing_column_fails_before_training_under_the_sets_key(tmp_path):
+    path = saved(tmp_path, {"question": ROWS["anchor"], "answer": ROWS["positive"]})
+    cfg = compose_train(
+        "train_data=hf", f"train_data.path={path}", "train_data.columns={anchor: q, positive: a}"
+    )
+    with pytest.raises(ConfigError) as err:
+        train_cli.plan_run(cfg)
+    assert str(err.value) == (
+        f"train_data: {path}: field 'q': no such column (columns: question, answer)"
+    )
+
+
 def test_a_default_named_anchor_without_a_positive_column_is_named(tmp_path):
     path = saved(tmp_path, {"anchor": ROWS["anchor"], "answer": ROWS["positive"]})
     with pytest.raises(DataError, match=r"field 'positive': no such column \(columns: anchor, "):

@@ -17,6 +17,10 @@ needs from the others (:meth:`training.tasks.TextBatch.shard_for`): the run is t
 single-process run at the same global batch. Rank 0 alone writes checkpoints, metrics
 and the progress bar; every rank takes part in evaluations, which encode their share of
 the texts (:class:`ShardedEncoder`).
+
+A training set with several ``sets`` (``train_data=multi``) draws each batch from one set
+(:class:`data.sampler.MultiSetBatchSampler`) and logs ``train/loss/<set>``, the mean loss of
+that set's batches since the previous metrics line, beside ``train/loss``.
 """
 
 from __future__ import annotations
