@@ -20,6 +20,16 @@ Problems (``--problems``), B queries against N documents, temperature 0.05:
   (its rows call ``cal_flash_loss`` once per direction). ``--symmetric`` is the same as
   ``--problems symmetric``.
 
+Loss options (``--variants``, :data:`VARIANTS`), each timed beside ``plain`` in the same run
+so that the table's ``time / plain`` column is the option's cost for that implementation:
+``gte`` (all four directions, one joint partition), ``d2q-joint`` (query→doc and doc→query
+in one partition), ``hardness`` (in-batch hardness weighting, α = 9), ``hard-negatives``
+(own hard negatives, α = 5; only meaningful with hard negatives), ``guide`` (the GISTEmbed
+guide filter, guide embeddings of dimension D, margin 0) and ``everything`` (all of them).
+The guide embeddings are random unit rows made beside q and d, not counted in the time.
+A variant that cannot combine with a problem (directions with ``symmetric``; any option
+with Inf-CL) is reported as an error row.
+
 Peak extra memory is what the loss allocates beyond its inputs: on CPU the growth of the
 resident set size, on GPU ``torch.cuda.max_memory_allocated`` minus what was allocated
 before the call. On CPU each configuration runs in a fresh process (freed heap would
@@ -69,6 +79,22 @@ DTYPES = ("fp32", "bf16")
 IMPLS = ("naive", "triton", "inf_cl", "torch", "compiled")
 PROBLEMS = ("in_batch", "hard_neg", "symmetric")
 TEMPERATURE = 0.05
+ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+# Keyword options of losses.infonce.info_nce per variant; "guide" asks for guide embeddings.
+VARIANTS = {
+    "plain": {},
+    "gte": {"directions": ALL_DIRECTIONS},
+    "d2q-joint": {"directions": ("query_to_doc", "doc_to_query")},
+    "hardness": {"hardness_mode": "in_batch_negatives", "hardness_strength": 9.0},
+    "hard-negatives": {"hardness_mode": "hard_negatives", "hardness_strength": 5.0},
+    "guide": {"guide": True},
+    "everything": {
+        "directions": ALL_DIRECTIONS,
+        "hardness_mode": "in_batch_negatives",
+        "hardness_strength": 9.0,
+        "guide": True,
+    },
+}
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +118,13 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="implementations; those that cannot run here are listed as skipped",
     )
     parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=["in_batch"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=["plain"],
+        help="loss options; plain is always measured too, for the time / plain ratio",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--symmetric", action="store_true", help="same as --problems symmetric")
     parser.add_argument("--chunk-size", type=int, default=4096, help="chunk of impl=torch")
@@ -132,6 +165,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.symmetric:
         args.problems = ["symmetric"]
+    args.variants = ["plain", *(v for v in args.variants if v != "plain")]
     return args
 
 
@@ -253,16 +287,28 @@ def _ceilings_report(facts: dict) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def _loss_fn(impl: str, symmetric: bool, chunk_size: int, dim: int):
+def _options(variant: str, symmetric: bool) -> dict:
+    """info_nce's keyword options of ``variant`` (without the guide tensors)."""
+    options = {k: v for k, v in VARIANTS[variant].items() if k != "guide"}
+    if symmetric and "directions" in options:
+        raise ValueError(f"variant {variant} sets directions, which symmetric fixes")
+    return options
+
+
+def _loss_fn(impl: str, symmetric: bool, chunk_size: int, dim: int, variant: str = "plain"):
+    """fn(q, d, **guides) -> loss of ``impl`` with ``variant``'s options."""
     import torch
 
     scale = 1 / TEMPERATURE
+    if impl == "inf_cl" and variant != "plain":
+        raise ValueError("inf_cl has no loss options")
+    options = _options(variant, symmetric)
     if impl == "inf_cl":
         from inf_cl import cal_flash_loss
 
         head_dim = next(h for h in (256, 128, 64, 32, 16) if dim % h == 0)
 
-        def inf_cl_loss(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        def inf_cl_loss(q: torch.Tensor, d: torch.Tensor, **_guides) -> torch.Tensor:
             loss = cal_flash_loss(q, d, scale=scale, head_dim=head_dim).mean()
             if symmetric:
                 backward = cal_flash_loss(d[: q.shape[0]], q, scale=scale, head_dim=head_dim)
@@ -274,9 +320,16 @@ def _loss_fn(impl: str, symmetric: bool, chunk_size: int, dim: int):
 
     if impl == "compiled":
         compiled = torch.compile(naive_info_nce, dynamic=True)
-        return lambda q, d: compiled(q, d, scale, symmetric)
-    return lambda q, d: info_nce(
-        q, d, TEMPERATURE, symmetric=symmetric, impl=impl, chunk_size=chunk_size
+        return lambda q, d, **guides: compiled(q, d, scale, symmetric, **options, **guides)
+    return lambda q, d, **guides: info_nce(
+        q,
+        d,
+        TEMPERATURE,
+        symmetric=symmetric,
+        impl=impl,
+        chunk_size=chunk_size,
+        **options,
+        **guides,
     )
 
 
@@ -297,34 +350,49 @@ class _Runner:
         self.generator = torch.Generator(device=self.device).manual_seed(0)
         self.losses: dict[tuple, object] = {}
 
-    def _embeddings(self, rows: int, dim: int, dtype):
+    def _embeddings(self, rows: int, dim: int, dtype, requires_grad: bool = True):
         import torch
 
         x = torch.randn(rows, dim, device=self.device, generator=self.generator)
-        return torch.nn.functional.normalize(x, dim=1).to(dtype).requires_grad_()
+        return torch.nn.functional.normalize(x, dim=1).to(dtype).requires_grad_(requires_grad)
+
+    def _guides(self, config: dict, size: int, dtype) -> dict:
+        """The guide embeddings the variant needs (none, or [B, D] and [N, D]), no grad."""
+        if not VARIANTS[config.get("variant", "plain")].get("guide"):
+            return {}
+        num_docs = _num_docs(size, config["problem"])
+        return {
+            "guide_q": self._embeddings(size, config["dim"], dtype, requires_grad=False),
+            "guide_d": self._embeddings(num_docs, config["dim"], dtype, requires_grad=False),
+        }
 
     def _loss(self, config: dict):
         import torch
 
-        key = (config["dim"], config["dtype"], config["problem"])
+        variant = config.get("variant", "plain")
+        key = (config["dim"], config["dtype"], config["problem"], variant)
         if key not in self.losses:
             loss = _loss_fn(
-                self.impl, config["problem"] == "symmetric", self.chunk_size, config["dim"]
+                self.impl,
+                config["problem"] == "symmetric",
+                self.chunk_size,
+                config["dim"],
+                variant,
             )
             # A tiny warm-up loads kernels, compiles and starts thread pools before a
             # baseline is taken.
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[config["dtype"]]
             q = self._embeddings(64, config["dim"], dtype)
             d = self._embeddings(_num_docs(64, config["problem"]), config["dim"], dtype)
-            loss(q, d).backward()
+            loss(q, d, **self._guides(config, 64, dtype)).backward()
             self.losses[key] = loss
         return self.losses[key]
 
-    def _step(self, loss_fn, q, d) -> float:
+    def _step(self, loss_fn, q, d, guides) -> float:
         q.grad = d.grad = None
         _synchronize(self.device.type)
         start = time.perf_counter()
-        loss_fn(q, d).backward()
+        loss_fn(q, d, **guides).backward()
         _synchronize(self.device.type)
         return time.perf_counter() - start
 
@@ -337,14 +405,15 @@ class _Runner:
             loss_fn = self._loss(config)
             q = self._embeddings(config["size"], config["dim"], dtype)
             d = self._embeddings(_num_docs(config["size"], config["problem"]), config["dim"], dtype)
+            guides = self._guides(config, config["size"], dtype)
             if self.on_gpu:
                 baseline = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                first = self._step(loss_fn, q, d)
+                first = self._step(loss_fn, q, d, guides)
                 peak_extra = torch.cuda.max_memory_allocated() - baseline
             else:
-                first, peak_extra = peak_extra_rss(lambda: self._step(loss_fn, q, d))
-            times = [self._step(loss_fn, q, d) for _ in range(repeats)] or [first]
+                first, peak_extra = peak_extra_rss(lambda: self._step(loss_fn, q, d, guides))
+            times = [self._step(loss_fn, q, d, guides) for _ in range(repeats)] or [first]
         except Exception as error:
             # One configuration failing (a kernel that does not compile for a shape, say)
             # leaves a reason in its row and the worker goes on to the next.
@@ -362,7 +431,7 @@ class _Runner:
         finally:
             # The inputs go before the cache is emptied, so that the next configuration
             # (or the retry after an OOM) starts from an empty device.
-            q = d = None
+            q = d = guides = None
             if self.on_gpu:
                 torch.cuda.empty_cache()
         return result
@@ -417,7 +486,7 @@ def _run_worker(job: dict) -> dict:
             (
                 measured[i]
                 for i, c in enumerate(job["configs"])
-                if all(c[k] == fit[k] for k in ("size", "dim", "dtype", "problem"))
+                if all(c[k] == fit[k] for k in ("size", "dim", "dtype", "problem", "variant"))
             ),
             None,
         )
@@ -482,7 +551,8 @@ def _flops(config: dict) -> float:
 
 
 def _columns(on_gpu: bool, peak: float | None) -> list[str]:
-    columns = ["impl", "problem", "B", "N", "D", "dtype", "fwd+bwd ms", "time / naive"]
+    columns = ["impl", "problem", "variant", "B", "N", "D", "dtype", "fwd+bwd ms"]
+    columns += ["time / naive", "time / plain"]
     columns += ["peak extra MiB", "naive mem / mem"]
     if on_gpu:
         columns.append("TFLOP/s")
@@ -491,9 +561,13 @@ def _columns(on_gpu: bool, peak: float | None) -> list[str]:
     return columns
 
 
-def _format_row(config: dict, result: dict, naive: dict | None, columns: list[str]) -> str:
+def _format_row(
+    config: dict, result: dict, naive: dict | None, plain: dict | None, columns: list[str]
+) -> str:
+    """One table row; ``naive`` is the naive loss's result for the same configuration and
+    ``plain`` this implementation's without loss options (None where not measured)."""
     size = config["size"]
-    cells = [config["impl"], config["problem"], str(size)]
+    cells = [config["impl"], config["problem"], config["variant"], str(size)]
     cells += [str(_num_docs(size, config["problem"])), str(config["dim"]), config["dtype"]]
     if result["status"] != "ok":
         cells.append(result["status"].replace("|", "/"))
@@ -501,9 +575,11 @@ def _format_row(config: dict, result: dict, naive: dict | None, columns: list[st
         return "| " + " | ".join(cells) + " |"
     seconds, peak_extra = result["seconds"], result["peak_extra_bytes"]
     naive_ok = naive is not None and naive["status"] == "ok"
+    plain_ok = plain is not None and plain["status"] == "ok"
     cells += [
         f"{seconds * 1e3:.1f}",
         f"{seconds / naive['seconds']:.2f}×" if naive_ok else "–",
+        f"{seconds / plain['seconds']:.2f}×" if plain_ok else "–",
         f"{peak_extra / MIB:.1f}",
         # Under a MiB the ratio measures allocator noise, not the loss.
         f"{naive['peak_extra_bytes'] / peak_extra:.1f}×"
@@ -522,15 +598,21 @@ def _table(columns: list[str]) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
-def _jobs(args: argparse.Namespace, impls: list[str], device: str, isolate: str) -> list[dict]:
-    """Worker jobs: each a list of configurations of one implementation, in table order."""
-    grid = [
-        {"problem": problem, "dtype": dtype, "dim": dim, "size": size}
+def _grid(args: argparse.Namespace) -> list[dict]:
+    """Every configuration but the implementation, in table order."""
+    return [
+        {"problem": problem, "variant": variant, "dtype": dtype, "dim": dim, "size": size}
         for problem in args.problems
+        for variant in args.variants
         for dtype in args.dtypes
         for dim in args.dims
         for size in args.sizes
     ]
+
+
+def _jobs(args: argparse.Namespace, impls: list[str], device: str, isolate: str) -> list[dict]:
+    """Worker jobs: each a list of configurations of one implementation, in table order."""
+    grid = _grid(args)
     common_fields = {"device": device, "chunk_size": args.chunk_size, "repeats": args.repeats}
     jobs = []
     for impl in impls:
@@ -542,6 +624,7 @@ def _jobs(args: argparse.Namespace, impls: list[str], device: str, isolate: str)
     if args.fit_search:
         fit = {
             "problem": args.problems[0],
+            "variant": args.variants[0],
             "dtype": args.dtypes[0],
             "dim": max(args.dims),
             "size": max(args.sizes),
@@ -599,15 +682,9 @@ def _run_driver(args: argparse.Namespace) -> str:
             fits[job["impl"]] = fit or {"largest": None, "stop": problem or "no result"}
 
     rows = _table(columns)
-    for problem in args.problems:
-        for dtype in args.dtypes:
-            for dim in args.dims:
-                for size in args.sizes:
-                    config = {"problem": problem, "dtype": dtype, "dim": dim, "size": size}
-                    for impl in impls:
-                        rows.append(
-                            _row(config | {"impl": impl}, results, args.peak_tflops, columns)
-                        )
+    for config in _grid(args):
+        for impl in impls:
+            rows.append(_row(config | {"impl": impl}, results, args.peak_tflops, columns))
     notes = [
         f"fwd+bwd ms: median of {args.repeats} runs after a first run that measures memory;"
         f" temperature {TEMPERATURE}, chunk_size={args.chunk_size} (impl=torch),"
@@ -615,7 +692,7 @@ def _run_driver(args: argparse.Namespace) -> str:
         *(f"{impl}: skipped: {reason}" for impl, reason in skipped.items()),
     ]
     if on_gpu:
-        notes.append("TFLOP/s counts 8·B·N·D per direction")
+        notes.append("TFLOP/s counts 8·B·N·D per direction of the problem, not the variant's")
     if args.peak_tflops:
         notes.append(f"bf16 matmul peak measured on this device: {args.peak_tflops:.0f} TFLOP/s")
     header = report_header("InfoNCE benchmark", device, load_at_start, notes)
@@ -632,11 +709,14 @@ def _run_driver(args: argparse.Namespace) -> str:
 
 def _row(config: dict, results: dict, peak: float | None, columns: list[str]) -> str:
     naive = results.get(_key(config | {"impl": "naive"}))
-    return _format_row(config | {"peak": peak}, results[_key(config)], naive, columns)
+    plain = (
+        results.get(_key(config | {"variant": "plain"})) if config["variant"] != "plain" else None
+    )
+    return _format_row(config | {"peak": peak}, results[_key(config)], naive, plain, columns)
 
 
 def _key(config: dict) -> tuple:
-    return tuple(config[k] for k in ("impl", "problem", "dtype", "dim", "size"))
+    return tuple(config[k] for k in ("impl", "problem", "variant", "dtype", "dim", "size"))
 
 
 def _fit_table(args: argparse.Namespace, fits: dict[str, dict]) -> list[str]:
@@ -662,6 +742,7 @@ def _summary(args, impls: list[str], skipped: dict[str, str], results: dict) -> 
     """Each implementation's time at the largest size of the first setting."""
     config = {
         "problem": args.problems[0],
+        "variant": args.variants[0],
         "dtype": args.dtypes[0],
         "dim": max(args.dims),
         "size": max(args.sizes),
