@@ -1,0 +1,219 @@
+"""Mine hard negatives into a training file: `python mine.py [key=value ...]`.
+
+    python mine.py out=mined.jsonl                    # MiniLM on bundled SciFact train
+    python mine.py data.path=/beir/nfcorpus num_negatives=8 relative_margin=0.05 out=nf.jsonl
+    python mine.py data.path=pairs.jsonl out=mined.jsonl   # {"query", "positive"} lines
+    python mine.py retriever=bm25 range_min=5 sampling=random out=bm25.jsonl
+    python mine.py index=HNSW32 teacher.path=/models/cross-encoder out=distil.jsonl
+    python mine.py out=mined.jsonl resume=true        # continue after a crash
+
+Writes ``{"query", "positive", "negatives": [...]}`` lines (plus ``"scores"`` with a
+teacher), which ``python train.py train_data=jsonl train_data.path=FILE
+train_data.format=triplets`` trains on. The options are sentence-transformers'
+``mine_hard_negatives`` ones with its meanings (see ``data.mining.MiningOptions``); every
+setting is checked, naming its key, before the model or the data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from data import load_beir, load_pairs
+from data.mining import (
+    BiEncoderTeacher,
+    BM25Retriever,
+    CrossEncoderTeacher,
+    DenseRetriever,
+    MiningOptions,
+    MiningReport,
+    Teacher,
+    is_cross_encoder,
+    mine,
+    mining_set_from_beir,
+    mining_set_from_pairs,
+    resume_state,
+)
+from evaluation.search import check_index_dims
+from model import BiEncoder, embedding_dim
+from training.hydra_config import ConfigError, register
+
+log = logging.getLogger("mine")
+
+RETRIEVERS = ("dense", "bm25")
+OUT_NAME = "negatives.jsonl"
+# Keys that may change between a run and its resumption: they do not change the output.
+RESUMABLE_KEYS = ("resume", "out", "device")
+
+
+@dataclass
+class DataNode:
+    path: str = MISSING  # a BEIR folder, or a JSONL file of {"query", "positive"} pairs
+    split: str = "train"  # the BEIR qrels split
+
+
+@dataclass
+class ModelNode:
+    path: str = MISSING
+    max_length: int | None = None  # null: the folder's own
+    batch_size: int = 64  # texts per encoder pass
+
+
+@dataclass
+class TeacherNode:
+    path: str | None = None  # a bi-encoder or cross-encoder folder; null: no scores
+    batch_size: int = 32
+    max_length: int | None = None
+
+
+@dataclass
+class MineConfig(MiningOptions):
+    """conf/mine.yaml's schema: MiningOptions' keys at the top, plus what to read, embed
+    and write."""
+
+    data: DataNode = field(default_factory=DataNode)
+    model: ModelNode = field(default_factory=ModelNode)
+    teacher: TeacherNode = field(default_factory=TeacherNode)
+    query_prompt: str | None = None
+    corpus_prompt: str | None = None
+    retriever: str = "dense"
+    index: str = "Flat"
+    out: str | None = None
+    resume: bool = False
+    query_batch_size: int = 1024
+    device: str = "auto"
+    task_name: str = "mine"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.retriever not in RETRIEVERS:
+            raise ValueError(f"retriever: {self.retriever!r} is not one of {', '.join(RETRIEVERS)}")
+        for key, value in [
+            ("model.batch_size", self.model.batch_size),
+            ("teacher.batch_size", self.teacher.batch_size),
+            ("query_batch_size", self.query_batch_size),
+        ]:
+            if value < 1:
+                raise ValueError(f"{key}: must be positive, got {value}")
+        for key, value in [
+            ("model.max_length", self.model.max_length),
+            ("teacher.max_length", self.teacher.max_length),
+        ]:
+            if value is not None and value < 1:
+                raise ValueError(f"{key}: must be positive or null, got {value}")
+
+
+def checked(cfg: DictConfig) -> MineConfig:
+    """``cfg`` as a MineConfig; any value that cannot work raises ConfigError naming it."""
+    try:
+        config = OmegaConf.to_object(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if not Path(config.data.path).exists():
+        raise ConfigError(f"data.path: {config.data.path} does not exist")
+    if config.retriever == "dense":
+        try:
+            width = embedding_dim(config.model.path)
+            check_index_dims(config.index, [width])
+        except FileNotFoundError as err:
+            raise ConfigError(f"model.path: {err}") from err
+        except ValueError as err:
+            raise ConfigError(f"index: {str(err).removeprefix('factory: ')}") from err
+    if config.teacher.path is not None and not Path(config.teacher.path).is_dir():
+        raise ConfigError(f"teacher.path: {config.teacher.path} is not a folder")
+    return config
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} but CUDA is not available; use device=cpu or auto")
+    return device
+
+
+def load_teacher(node: TeacherNode, device: torch.device) -> Teacher:
+    """A cross-encoder when the folder's config names a sequence classifier, else our
+    BiEncoder."""
+    if is_cross_encoder(node.path):
+        return CrossEncoderTeacher(
+            node.path, device=device, batch_size=node.batch_size, max_length=node.max_length
+        )
+    model = BiEncoder.from_pretrained(node.path, max_length=node.max_length, device=device)
+    return BiEncoderTeacher(model, node.batch_size)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
+    """What ``python mine.py`` does with ``cfg``: writes ``cfg.out`` (default
+    ``out_dir/negatives.jsonl``)."""
+    config = checked(cfg)
+    device = resolve_device(config.device)
+    out = Path(config.out) if config.out else out_dir / OUT_NAME
+    settings = {
+        key: value
+        for key, value in OmegaConf.to_container(cfg, resolve=True).items()
+        if key not in RESUMABLE_KEYS
+    }
+    try:
+        resume_state(out, config.resume, settings)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    options = MiningOptions(
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(MiningOptions)}
+    )
+    path = Path(config.data.path)
+    if path.is_dir():
+        source = mining_set_from_beir(load_beir(path, config.data.split))
+    else:
+        source = mining_set_from_pairs(load_pairs(path))
+    log.info("%s: %d queries, %d texts", path, len(source.queries), len(source.corpus))
+    torch.manual_seed(config.seed)
+    if config.retriever == "bm25":
+        retriever = BM25Retriever(source.corpus)
+    else:
+        model = BiEncoder.from_pretrained(
+            config.model.path,
+            max_length=config.model.max_length,
+            query_prefix=config.query_prompt,
+            doc_prefix=config.corpus_prompt,
+            device=device,
+        )
+        retriever = DenseRetriever(
+            model,
+            source.corpus,
+            factory=config.index,
+            batch_size=config.model.batch_size,
+            seed=config.seed,
+        )
+    teacher = load_teacher(config.teacher, device) if config.teacher.path else None
+    return mine(
+        source,
+        retriever,
+        options,
+        out,
+        teacher=teacher,
+        resume=config.resume,
+        settings=settings,
+        query_batch_size=config.query_batch_size,
+    )
+
+
+@hydra.main(config_path="conf", config_name="mine", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+register()
+ConfigStore.instance().store(group="schema", name="mine", node=MineConfig)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,496 @@
+"""mine.py and data.mining's mining step, against sentence-transformers' mine_hard_negatives.
+
+Most tests share one dense retriever over a SciFact train slice (40 queries, 200 abstracts,
+64 tokens) and mine with different options; the command-line test runs mine.py and
+train.py as a user does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from configs import compose_config, run_entry
+from hydra.errors import ConfigCompositionException
+
+import mine as mine_cli
+from data import SCIFACT_DIR, TINY_DIR, DataError, Pair, load_beir, load_triplets
+from data.mining import (
+    BiEncoderTeacher,
+    CrossEncoderTeacher,
+    DenseRetriever,
+    MiningOptions,
+    MiningReport,
+    mine,
+    mining_set_from_beir,
+    mining_set_from_pairs,
+)
+from model import BiEncoder
+from training.hydra_config import ConfigError
+
+MAX_LENGTH = 64
+
+
+@pytest.fixture(scope="module")
+def scifact_slice():
+    """The first 40 SciFact train queries (6 with several relevant abstracts), their
+    abstracts and distractors: 200 documents."""
+    full = load_beir(SCIFACT_DIR, "train")
+    query_ids = sorted(full.qrels)[:40]
+    judged = {d for q in query_ids for d in full.qrels[q]}
+    others = [d for d in sorted(full.corpus) if d not in judged][: 200 - len(judged)]
+    keep = judged | set(others)
+    return dataclasses.replace(
+        full,
+        corpus={d: doc for d, doc in full.corpus.items() if d in keep},
+        queries={q: full.queries[q] for q in query_ids},
+        qrels={q: full.qrels[q] for q in query_ids},
+    )
+
+
+@pytest.fixture(scope="module")
+def source(scifact_slice):
+    return mining_set_from_beir(scifact_slice)
+
+
+@pytest.fixture(scope="module")
+def model(minilm_path):
+    return BiEncoder.from_pretrained(minilm_path, max_length=MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def retriever(model, source):
+    return DenseRetriever(model, source.corpus)
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def mined(source, retriever, tmp_path, name="out.jsonl", **options) -> list[dict]:
+    out = tmp_path / name
+    mine(source, retriever, MiningOptions(**options), out)
+    return read(out)
+
+
+def negatives_by_query(lines: list[dict]) -> dict[str, list[str]]:
+    """Each query's negatives (n-tuple lines: a query's lines all list the same ones)."""
+    return {line["query"]: line["negatives"] for line in lines}
+
+
+@pytest.fixture(scope="module")
+def cosine(model, retriever, source):
+    """cosine(query, texts): the retrieval model's scores, from one encoder call."""
+    queries = [query.text for query in source.queries]
+    embedded = dict(zip(queries, model.encode(queries, kind="query").numpy(), strict=True))
+    rows = {text: row for row, text in enumerate(source.corpus)}
+    return lambda query, texts: retriever.embeddings[[rows[t] for t in texts]] @ embedded[query]
+
+
+@pytest.fixture(scope="module")
+def st_cache(tmp_path_factory) -> str:
+    """sentence-transformers' embedding cache, so the parity cases embed the corpus once."""
+    return str(tmp_path_factory.mktemp("st-cache"))
+
+
+# -------------------------------------------------------------------- sentence-transformers
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(num_negatives=3, range_max=20, relative_margin=0.05, output_format="n-tuple"),
+        dict(
+            num_negatives=2,
+            range_min=2,
+            range_max=12,
+            absolute_margin=0.02,
+            max_score=0.75,
+            min_score=0.3,
+            output_format="triplet",
+        ),
+    ],
+)
+def test_negatives_equal_sentence_transformers(
+    options, source, retriever, minilm_path, st_cache, tmp_path
+):
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    st_model = SentenceTransformer(minilm_path, device="cpu")
+    st_model.max_seq_length = MAX_LENGTH
+    pairs = [
+        (query.text, source.corpus[positive])
+        for query in source.queries
+        for positive in query.positives
+    ]
+    dataset = Dataset.from_dict({"query": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
+    theirs = mine_hard_negatives(
+        dataset,
+        st_model,
+        corpus=source.corpus,
+        sampling_strategy="top",
+        use_faiss=False,
+        verbose=False,
+        cache_folder=st_cache,
+        **options,
+    )
+    ours = mined(source, retriever, tmp_path, **options)
+    if options["output_format"] == "n-tuple":
+        n = options["num_negatives"]
+        expected = [
+            [row["query"], row["positive"], [row[f"negative_{i}"] for i in range(1, n + 1)]]
+            for row in theirs
+        ]
+    else:
+        expected = [[row["query"], row["positive"], [row["negative"]]] for row in theirs]
+    assert [[line["query"], line["positive"], line["negatives"]] for line in ours] == expected
+    # Enough lines that a difference in any option's rule would show.
+    assert len(expected) > 30
+
+
+# ------------------------------------------------------------------------------ options
+
+
+def test_range_min_skips_the_best_candidates(source, retriever, tmp_path):
+    wide = mined(
+        source, retriever, tmp_path, "a", num_negatives=5, range_max=20, output_format="n-tuple"
+    )
+    skipped = mined(
+        source,
+        retriever,
+        tmp_path,
+        "b",
+        num_negatives=3,
+        range_min=2,
+        range_max=20,
+        output_format="n-tuple",
+    )
+    wide, skipped = negatives_by_query(wide), negatives_by_query(skipped)
+    assert skipped == {query: found[2:5] for query, found in wide.items()}
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "allowed"),
+    [
+        ("max_score", 0.55, lambda score, positive: score <= 0.55),
+        ("min_score", 0.45, lambda score, positive: score >= 0.45),
+        ("absolute_margin", 0.1, lambda score, positive: score + 0.1 <= positive),
+        ("relative_margin", 0.2, lambda score, positive: score <= positive - abs(positive) * 0.2),
+    ],
+)
+def test_score_filters_remove_what_they_say(
+    option, value, allowed, source, retriever, cosine, tmp_path
+):
+    base = dict(num_negatives=3, range_max=30, output_format="triplet")
+    before = mined(source, retriever, tmp_path, "a", **base)
+    after = mined(source, retriever, tmp_path, "b", **base, **{option: value})
+    positives = {q.text: [source.corpus[p] for p in q.positives] for q in source.queries}
+
+    def violations(lines: list[dict]) -> int:
+        count = 0
+        for line in lines:
+            scores = cosine(line["query"], line["negatives"])
+            lowest = cosine(line["query"], positives[line["query"]]).min()
+            count += sum(not allowed(s, lowest) for s in scores)
+        return count
+
+    assert violations(before) > 0  # the filter had something to remove
+    assert violations(after) == 0
+    assert after != before
+
+
+def test_random_sampling_draws_seeded_from_the_candidate_window(source, retriever, tmp_path):
+    common = dict(num_negatives=3, range_max=15, output_format="n-tuple")
+    top = negatives_by_query(mined(source, retriever, tmp_path, "top", **common))
+    window = negatives_by_query(
+        mined(source, retriever, tmp_path, "win", **{**common, "num_negatives": 15})
+    )
+    drawn = negatives_by_query(
+        mined(source, retriever, tmp_path, "r0", sampling="random", **common)
+    )
+    again = negatives_by_query(
+        mined(source, retriever, tmp_path, "r1", sampling="random", **common)
+    )
+    other = negatives_by_query(
+        mined(source, retriever, tmp_path, "r2", sampling="random", seed=1, **common)
+    )
+    assert drawn == again and drawn != other and drawn != top
+    for query, found in drawn.items():
+        # Drawn from the 15 candidates and kept best first.
+        assert found == [text for text in window[query] if text in found]
+
+
+def test_judged_documents_are_never_negatives(scifact_slice, source, retriever, tmp_path):
+    lines = mined(
+        source, retriever, tmp_path, num_negatives=5, range_max=30, output_format="n-tuple"
+    )
+    several = [q for q in source.queries if len(q.positives) > 1]
+    assert several
+    for query in several:
+        judged = {source.corpus[row] for row in query.excluded}
+        for line in (line for line in lines if line["query"] == query.text):
+            assert not judged & set(line["negatives"])
+    # The filter had work: another positive ranks among the top hits of some of them.
+    hits = retriever.search([q.text for q in several], 10, [q.positives for q in several])
+    assert any(
+        set(row.tolist()) & (set(q.positives) - {q.positives[0]})
+        for q, row in zip(several, hits.ids, strict=True)
+    )
+    # Judged not relevant (score 0) excludes too; it is no positive, so it writes no line.
+    query_id = sorted(scifact_slice.qrels)[0]
+    top_doc = retriever.search([scifact_slice.queries[query_id]], 1, [()]).ids[0, 0]
+    doc_id = next(
+        d for d, doc in scifact_slice.corpus.items() if doc.full_text == source.corpus[top_doc]
+    )
+    qrels = {**scifact_slice.qrels, query_id: {**scifact_slice.qrels[query_id], doc_id: 0}}
+    judged_zero = mining_set_from_beir(dataclasses.replace(scifact_slice, qrels=qrels))
+    assert judged_zero.queries[0].excluded >= {top_doc}
+
+
+def test_output_formats_and_short_queries(source, retriever, tmp_path):
+    # A wide margin leaves some queries 1-3 negatives among 6 candidates (measured: 7 of 46
+    # pairs, and one pair none).
+    common = dict(num_negatives=4, range_max=6, relative_margin=0.15)
+    tuples = mined(source, retriever, tmp_path, "n", output_format="n-tuple", **common)
+    triplets = mined(source, retriever, tmp_path, "t", output_format="triplet", **common)
+    assert all(len(line["negatives"]) == 4 for line in tuples)
+    assert all(len(line["negatives"]) == 1 for line in triplets)
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for line in triplets:
+        grouped.setdefault((line["query"], line["positive"]), []).extend(line["negatives"])
+    full = {key: found for key, found in grouped.items() if len(found) == 4}
+    assert {(t["query"], t["positive"]): t["negatives"] for t in tuples} == full
+    assert len(full) < len(grouped)  # short queries: triplet lines, no n-tuple line
+    pairs_total = sum(len(q.positives) for q in source.queries)
+    assert len(tuples) == len(full) < pairs_total
+
+
+def test_pairs_input_uses_the_positives_as_corpus():
+    pairs = [Pair("q1", "a"), Pair("q2", "b"), Pair("q1", "c"), Pair("q3", "a")]
+    source = mining_set_from_pairs(pairs)
+    assert source.corpus == ["a", "b", "c"]
+    assert [(q.text, q.positives, q.excluded) for q in source.queries] == [
+        ("q1", (0, 2), frozenset({0, 2})),
+        ("q2", (1,), frozenset({1})),
+        ("q3", (0,), frozenset({0})),
+    ]
+
+
+# ------------------------------------------------------------------------------ resuming
+
+
+def test_resume_after_a_crash_writes_the_same_file(source, retriever, tmp_path):
+    options = MiningOptions(num_negatives=3, range_max=20, sampling="random", seed=3)
+    whole = tmp_path / "whole.jsonl"
+    mine(source, retriever, options, whole, query_batch_size=8)
+
+    class Crash(Exception):
+        pass
+
+    class Crashing:
+        calls = 0
+
+        def search(self, *args):
+            self.calls += 1
+            if self.calls == 3:
+                raise Crash
+            return retriever.search(*args)
+
+    out = tmp_path / "resumed.jsonl"
+    with pytest.raises(Crash):
+        mine(source, Crashing(), options, out, query_batch_size=8)
+    with open(out, "a") as f:
+        f.write('{"query": "torn')  # a line half-written when the process died
+    with pytest.raises(ValueError, match=r"out: .* exists; resume=true continues it"):
+        mine(source, retriever, options, out, query_batch_size=8)
+    with pytest.raises(ValueError, match=r"resume: .* was mined with seed=3, now 4"):
+        mine(
+            source,
+            retriever,
+            dataclasses.replace(options, seed=4),
+            out,
+            resume=True,
+            query_batch_size=8,
+        )
+    report = mine(source, retriever, options, out, resume=True, query_batch_size=8)
+    assert report.queries == len(source.queries) - 16
+    assert out.read_bytes() == whole.read_bytes()
+    assert mine(source, retriever, options, out, resume=True, query_batch_size=8).lines == 0
+
+
+# ------------------------------------------------------------------------------ teachers
+
+
+def test_bi_encoder_teacher_scores_are_dot_products(source, retriever, tiny_model_path, tmp_path):
+    teacher_model = BiEncoder.from_pretrained(tiny_model_path)
+    out = tmp_path / "out.jsonl"
+    options = MiningOptions(num_negatives=2, range_max=10, output_format="n-tuple")
+    mine(source, retriever, options, out, teacher=BiEncoderTeacher(teacher_model))
+    lines = read(out)
+    assert lines
+    for line in lines[:10]:
+        texts = [line["positive"], *line["negatives"]]
+        query = teacher_model.encode([line["query"]], kind="query")[0]
+        expected = [float(teacher_model.encode([t], kind="doc")[0] @ query) for t in texts]
+        assert line["scores"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_path(tmp_path_factory, minilm_path) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("cross-encoder")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=1,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cross_encoder_teacher_scores_are_its_logits(
+    source, retriever, cross_encoder_path, tiny_model_path, tmp_path
+):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    device = torch.device("cpu")
+    assert isinstance(
+        mine_cli.load_teacher(mine_cli.TeacherNode(str(cross_encoder_path)), device),
+        CrossEncoderTeacher,
+    )
+    assert isinstance(
+        mine_cli.load_teacher(mine_cli.TeacherNode(tiny_model_path), device), BiEncoderTeacher
+    )
+    out = tmp_path / "out.jsonl"
+    options = MiningOptions(num_negatives=2, range_max=10, output_format="triplet")
+    mine(source, retriever, options, out, teacher=CrossEncoderTeacher(cross_encoder_path))
+    model = AutoModelForSequenceClassification.from_pretrained(cross_encoder_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(cross_encoder_path)
+    lines = read(out)
+    for line in lines[:10]:
+        assert len(line["scores"]) == 1 + len(line["negatives"])
+        for text, score in zip([line["positive"], *line["negatives"]], line["scores"], strict=True):
+            tokens = tokenizer(
+                line["query"], text, truncation=True, max_length=512, return_tensors="pt"
+            )
+            with torch.no_grad():
+                assert score == pytest.approx(model(**tokens).logits[0, 0].item(), abs=1e-5)
+    assert len({round(s, 6) for line in lines for s in line["scores"]}) > 10  # not constant
+
+
+# -------------------------------------------------------------------------- command line
+
+
+def compose_mine(*overrides: str):
+    return compose_config("mine", *overrides)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("range_min=-1", "range_min: must be >= 0, got -1"),
+        ("num_negatives=0", "num_negatives: must be >= 1"),
+        ("range_max=3 range_min=2", "range_max: 3 leaves 1 candidates"),
+        ("sampling=best", "sampling: 'best' is not one of top, random"),
+        ("output_format=pairs", "output_format: 'pairs' is not one of triplet, n-tuple"),
+        ("relative_margin=1.5", r"relative_margin: must be in \[0, 1\)"),
+        ("min_score=0.9 max_score=0.5", "min_score: 0.9 is above max_score=0.5"),
+        ("retriever=splade", "retriever: 'splade' is not one of dense, bm25"),
+        ("index=PQ7", "index: .*PQ7"),
+        ("model.batch_size=0", "model.batch_size: must be positive"),
+        ("teacher.path=/nonexistent", "teacher.path: /nonexistent is not a folder"),
+        ("data.path=/nonexistent", "data.path: /nonexistent does not exist"),
+        ("model.path=/nonexistent", "model.path: .*/nonexistent"),
+    ],
+)
+def test_bad_values_fail_before_any_work_naming_the_key(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        mine_cli.run(compose_mine(*override.split(), f"out={tmp_path / 'o.jsonl'}"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_keys_and_types_fail_at_composition(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="nonsense_key"):
+        compose_mine("nonsense_key=1")
+    with pytest.raises(ConfigCompositionException, match="num_negatives"):
+        compose_mine("num_negatives=many")
+    existing = tmp_path / "o.jsonl"
+    existing.write_text("")
+    with pytest.raises(ConfigError, match=r"out: .* exists"):
+        mine_cli.run(compose_mine(f"out={existing}"), tmp_path)
+
+
+def test_a_bad_pairs_file_is_named_with_its_line(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "q", "positive": "p"}\n{"query": "q"}\n')
+    with pytest.raises(DataError, match=f"{pairs}:2.*positive"):
+        mine_cli.run(compose_mine(f"data.path={pairs}", "retriever=bm25"), tmp_path)
+
+
+def test_prompts_reach_the_encoder(monkeypatch, tmp_path):
+    seen = {}
+
+    def spy(source, retriever, *args, **kwargs):
+        seen["retriever"] = retriever
+        return MiningReport()
+
+    monkeypatch.setattr(mine_cli, "mine", spy)
+    common = (f"data.path={TINY_DIR}", "model.max_length=16")
+    mine_cli.run(compose_mine(*common), tmp_path)
+    plain = seen["retriever"]
+    mine_cli.run(
+        compose_mine(*common, "query_prompt='query: '", "corpus_prompt='passage: '"), tmp_path
+    )
+    prompted = seen["retriever"]
+    assert (prompted.model.config.query_prefix, prompted.model.config.doc_prefix) == (
+        "query: ",
+        "passage: ",
+    )
+    assert not np.allclose(prompted.embeddings, plain.embeddings, atol=1e-3)
+    queries = ["aspirin and heart attacks"]
+    assert not np.allclose(
+        prompted.search(queries, 5, [(0,)]).scores_of[0],
+        plain.search(queries, 5, [(0,)]).scores_of[0],
+        atol=1e-3,
+    )
+
+
+def test_command_line_writes_triplets_that_train_py_trains_on(tmp_path):
+    out = tmp_path / "mined.jsonl"
+    run_entry(
+        "mine.py",
+        f"data.path={TINY_DIR}",
+        "data.split=train",
+        "num_negatives=2",
+        "range_max=30",
+        "relative_margin=0.05",
+        f"out={out}",
+    )
+    triplets = load_triplets(out)
+    tiny = load_beir(TINY_DIR, "train")
+    assert len(triplets) > len(tiny.qrels)  # a line per negative: about 2 per pair
+    assert all(t.positive != t.negatives[0] for t in triplets)
+    run_dir = tmp_path / "train"
+    run_entry(
+        "train.py",
+        "train_data=jsonl",
+        f"train_data.path={out}",
+        "train_data.format=triplets",
+        "debug=tiny",
+        f"hydra.run.dir={run_dir}",
+    )
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in step for step in steps)
