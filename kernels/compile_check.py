@@ -139,10 +139,11 @@ def variants(dims: tuple[int, ...] = DIMS, fast: bool = False) -> list[Variant]:
             if fast and dtype_name == FAST_FEATURE_DTYPE:
                 features += FAST_FEATURES
             for feature in features:
-                guide = bool(FEATURES[feature]["HAS_GUIDE"])
+                values = FEATURES[feature]
+                extra_state = bool(values["HAS_GUIDE"] or values["HARDNESS"])
                 by_blocks: dict[infonce.BlockSizes, list[int]] = {}
                 for dim in dims:
-                    blocks = infonce.default_block_sizes(dim, dtype, guide=guide)
+                    blocks = infonce.default_block_sizes(dim, dtype, extra_state)
                     by_blocks.setdefault(blocks, []).append(dim)
                 flag_options = (False,) if flag is None else (False, True)
                 if flag == "WITH_STATS" and not _is_query_to_doc(feature):

@@ -785,9 +785,9 @@ _HOPPER_BLOCK_SIZES: dict[tuple[int, torch.dtype], BlockSizes] = {
 }
 
 
-def default_block_sizes(dim: int, dtype: torch.dtype, guide: bool = False) -> BlockSizes:
-    """Tile shape for embedding dimension ``dim`` and input ``dtype`` (``guide``: with the
-    guide filter).
+def default_block_sizes(dim: int, dtype: torch.dtype, extra_state: bool = False) -> BlockSizes:
+    """Tile shape for embedding dimension ``dim`` and input ``dtype``; ``extra_state`` for
+    a launch with the guide filter or the hardness term.
 
     D = 384 and 768 take the compile-checked Hopper table above. Other dims get one
     gradient slice up to 128 (fp32) or 256 (fp16/bf16) dims, so that each logit tile is
@@ -799,9 +799,10 @@ def default_block_sizes(dim: int, dtype: torch.dtype, guide: bool = False) -> Bl
         # the tests' small odd shapes still span several tiles.
         return BlockSizes(m=32, n=32, d=min(padded_dim, 128), d_out=min(padded_dim, 128))
     if (dim, dtype) in _HOPPER_BLOCK_SIZES:
-        # The guide's score tile is a second fp32 accumulator: at 128 rows the forward with
-        # statistics and the backward spilled (sm_90, bf16), at 64 rows nothing did.
-        return _FP32_TILES if guide else _HOPPER_BLOCK_SIZES[dim, dtype]
+        # The guide's score tile (a second fp32 accumulator) and the hardness selection
+        # need registers: at 128 rows some of their fp16/bf16 variants spilled on sm_90, at
+        # 64 rows none did.
+        return _FP32_TILES if extra_state else _HOPPER_BLOCK_SIZES[dim, dtype]
     half = dtype in (torch.float16, torch.bfloat16)
     d_out = min(padded_dim, 256 if half else 128)
     return BlockSizes(
@@ -1087,6 +1088,11 @@ def _launch_backward(
     return d_rows, d_cols
 
 
+def _default_blocks(inputs: _Inputs, spec: Direction) -> BlockSizes:
+    extra_state = inputs.guide_q is not None or spec.hardness != 0
+    return default_block_sizes(inputs.q.shape[1], inputs.q.dtype, extra_state)
+
+
 def _terms_of(symmetric: bool, terms: LossTerms | None) -> LossTerms:
     if terms is None:
         return loss_terms(symmetric)
@@ -1120,12 +1126,15 @@ def infonce_forward(
     terms = _terms_of(symmetric, terms)
     inputs = _validated(q, d, doc_ids, terms, doc_owners, guide_q, guide_d)
     scale = _scale_tensor(scale, inputs.q.device)
-    blocks = block_sizes or default_block_sizes(
-        inputs.q.shape[1], inputs.q.dtype, guide=inputs.guide_q is not None
-    )
     with _on_device(inputs.q.device):
         launches = [
-            _launch_forward(inputs, spec, scale, blocks, return_stats and index == 0)
+            _launch_forward(
+                inputs,
+                spec,
+                scale,
+                block_sizes or _default_blocks(inputs, spec),
+                return_stats and index == 0,
+            )
             for index, spec in enumerate(terms.specs())
         ]
     lse, row_loss, stats = launches[0]
@@ -1168,9 +1177,6 @@ def infonce_backward(
     if lse.shape != (terms.num_lse, batch):
         raise ValueError(f"lse must be [{terms.num_lse}, {batch}], got {tuple(lse.shape)}")
     scale = _scale_tensor(scale, q.device)
-    blocks = block_sizes or default_block_sizes(
-        q.shape[1], q.dtype, guide=inputs.guide_q is not None
-    )
     specs = terms.specs()
     per_row = 1 if terms.joint else len(specs)
     row_grad = grad_loss.detach().to(device=q.device, dtype=torch.float32) / (batch * per_row)
@@ -1179,6 +1185,7 @@ def infonce_backward(
     with _on_device(q.device):
         for index, spec in enumerate(specs):
             term_lse = lse[0 if terms.joint else index].float().contiguous()
+            blocks = block_sizes or _default_blocks(inputs, spec)
             d_rows, d_cols = _launch_backward(inputs, spec, scale, term_lse, deterministic, blocks)
             rows = spec.rows(q, d)
             term_dscale = torch.dot(rows.float().flatten(), d_rows.flatten())

@@ -86,12 +86,13 @@ def assert_relative_close(actual, expected, rtol, scale=None):
     )
 
 
-def loss_with_backward_inside(impl, symmetric, return_stats):
+def loss_with_backward_inside(impl, symmetric, return_stats, options=None):
     """A train-step-like function: the loss, its backward, and the statistics it reports."""
+    options = options or {}
 
     def step(q, d, temperature):
         output = info_nce(
-            q, d, temperature, symmetric, DOC_IDS, impl=impl, return_stats=return_stats
+            q, d, temperature, symmetric, DOC_IDS, impl=impl, return_stats=return_stats, **options
         )
         loss, stats = output if return_stats else (output, None)
         loss.backward()
@@ -114,22 +115,51 @@ def run_step(step, inputs):
     return outputs, tuple(leaf.grad for leaf in leaves)
 
 
+def every_option():
+    """Every loss option at once (the default owners are made inside the traced call)."""
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "directions": DIRECTIONS,
+        "hardness_mode": "in_batch_negatives",
+        "hardness_strength": 3.0,
+        "guide_q": F.normalize(torch.randn(BATCH, 4, generator=generator), dim=1),
+        "guide_d": F.normalize(torch.randn(NUM_DOCS, 4, generator=generator), dim=1),
+        "guide_margin": 0.1,
+    }
+
+
+# The guide can drop every query_to_query candidate of a row: that direction's logsumexp is
+# log(0) = −inf, which the joint partition absorbs; only the interpreter's numpy warns.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 @pytest.mark.parametrize(
-    ("impl", "symmetric", "return_stats"),
+    ("impl", "symmetric", "return_stats", "with_options"),
     [
-        ("auto", False, False),
-        ("auto", True, False),
-        ("auto", False, True),
-        ("auto", True, True),
-        ("triton", True, True),
+        ("auto", False, False, False),
+        ("auto", True, False, False),
+        ("auto", False, True, False),
+        ("auto", True, True, False),
+        ("triton", True, True, False),
+        ("auto", False, True, True),
+        ("triton", False, True, True),
     ],
-    ids=["auto-asym", "auto-sym", "auto-asym-stats", "auto-sym-stats", "triton-sym-stats"],
+    ids=[
+        "auto-asym",
+        "auto-sym",
+        "auto-asym-stats",
+        "auto-sym-stats",
+        "triton-sym-stats",
+        "auto-options-stats",
+        "triton-options-stats",
+    ],
 )
-def test_forward_and_backward_compile_without_graph_breaks(impl, symmetric, return_stats):
+def test_forward_and_backward_compile_without_graph_breaks(
+    impl, symmetric, return_stats, with_options
+):
     """The backward inside the function (Dynamo traces it with trace_autograd_ops): explain
     sees one graph, fullgraph compiles, both ops are in the traced graph, and the compiled
     loss, statistics and every gradient equal eager's and the float64 oracle's."""
-    step = loss_with_backward_inside(impl, symmetric, return_stats)
+    options = every_option() if with_options else {}
+    step = loss_with_backward_inside(impl, symmetric, return_stats, options)
     inputs = make_inputs()
     recorder = GraphRecorder()
     with torch._dynamo.config.patch(trace_autograd_ops=True):
@@ -153,7 +183,8 @@ def test_forward_and_backward_compile_without_graph_breaks(impl, symmetric, retu
         assert_relative_close(compiled, eager, COMPILED_RTOL)
 
     q64, d64, t64 = [x.detach().double().requires_grad_() for x in inputs]
-    expected = naive_info_nce(q64, d64, 1 / t64, symmetric, DOC_IDS)
+    options64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+    expected = naive_info_nce(q64, d64, 1 / t64, symmetric, DOC_IDS, **options64)
     expected_grads = torch.autograd.grad(expected, (q64, d64, t64))
     assert_relative_close(compiled_outputs[0], expected, ORACLE_RTOL)
     for compiled, wanted in zip(compiled_grads, expected_grads, strict=True):
