@@ -37,6 +37,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 
 from kernels import infonce
+from losses.infonce import HARDNESS_CODES
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Opt-in dynamic shared memory per block on sm_90 (227 KiB); a kernel that needs more
@@ -56,8 +57,12 @@ _INT64_POINTERS = {
     "doc_ids_ptr": lambda flags: flags.get("HAS_DOC_IDS"),
     "best_other_index_ptr": lambda flags: flags.get("WITH_STATS"),
     "false_negatives_ptr": lambda flags: flags.get("WITH_STATS"),
-    # Read for doc_to_doc's exclusions and the owner-based hardness modes (1, 2).
-    "owners_ptr": lambda flags: flags.get("EXCLUDE_OWN") or flags.get("HARDNESS") in (1, 2),
+    # Read for doc_to_doc's exclusions and the owner-based hardness modes.
+    "owners_ptr": lambda flags: (
+        flags.get("EXCLUDE_OWN")
+        or flags.get("HARDNESS")
+        in (HARDNESS_CODES["in_batch_negatives"], HARDNESS_CODES["hard_negatives"])
+    ),
 }
 # The guide embeddings, cast to the inputs' dtype by the host.
 _INPUT_POINTERS = ("q_ptr", "d_ptr", "guide_q_ptr", "guide_d_ptr")

@@ -21,6 +21,8 @@ import triton.language as tl
 from triton import knobs
 
 from losses.infonce import (
+    DIAGONAL_EXCLUDED,
+    HARDNESS_CODES,
     PLAIN,
     Direction,
     InfoNCEStats,
@@ -111,9 +113,10 @@ from losses.infonce import (
 # Finite stand-in for −inf as the initial running max: a row whose first column tiles are
 # all excluded then gives exp(−inf − (−1e30)) = 0 instead of exp(−inf + inf) = nan.
 _RUNNING_MAX_INIT = tl.constexpr(-1e30)
-_DIAGONAL_EXCLUDED = tl.constexpr(2)
-_HARDNESS_ALL = tl.constexpr(3)
-_HARDNESS_OWN = tl.constexpr(2)
+# losses.infonce.DIAGONAL_EXCLUDED and HARDNESS_CODES, as constexprs the kernels can read.
+_DIAGONAL_EXCLUDED = tl.constexpr(DIAGONAL_EXCLUDED)
+_HARDNESS_OWN = tl.constexpr(HARDNESS_CODES["hard_negatives"])
+_HARDNESS_ALL = tl.constexpr(HARDNESS_CODES["all_negatives"])
 
 
 @triton.jit
@@ -940,10 +943,9 @@ def _direction_args(inputs: _Inputs, spec: Direction, placeholder: torch.Tensor)
         guide_cols = spec.cols(inputs.guide_q, inputs.guide_d)
     else:
         guide_rows = guide_cols = placeholder
-    uses_owners = spec.exclude_own or spec.hardness in (1, 2)
     pointers = (
         inputs.doc_ids if inputs.doc_ids is not None else placeholder,
-        inputs.owners if uses_owners else placeholder,
+        inputs.owners if spec.uses_owners else placeholder,
         guide_rows,
         guide_cols,
         inputs.thresholds if has_guide else placeholder,

@@ -187,6 +187,14 @@ class Direction:
     exclude_own: bool
     hardness: int = 0
 
+    @property
+    def uses_owners(self) -> bool:
+        """Whether the exclusions or the hardness selection read the document owners."""
+        return self.exclude_own or self.hardness in (
+            HARDNESS_CODES["in_batch_negatives"],
+            HARDNESS_CODES["hard_negatives"],
+        )
+
     def rows(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         return d[: q.shape[0]] if self.rows_are_docs else q
 
@@ -218,10 +226,7 @@ class LossTerms:
 
     @property
     def needs_owners(self) -> bool:
-        return "doc_to_doc" in self.directions or self.hardness_code in (
-            HARDNESS_CODES["in_batch_negatives"],
-            HARDNESS_CODES["hard_negatives"],
-        )
+        return any(spec.uses_owners for spec in self.specs())
 
     def specs(self) -> tuple[Direction, ...]:
         """The directions as row/column problems, query_to_doc first."""
@@ -306,8 +311,8 @@ def loss_terms(
         )
     if hardness_mode not in HARDNESS_MODES:
         raise ValueError(f"hardness_mode must be one of {HARDNESS_MODES}, got {hardness_mode!r}")
-    if not hardness_strength >= 0:
-        raise ValueError(f"hardness_strength must be non-negative, got {hardness_strength}")
+    if not (hardness_strength >= 0 and math.isfinite(hardness_strength)):
+        raise ValueError(f"hardness_strength must be finite and >= 0, got {hardness_strength}")
     if hardness_mode is None and hardness_strength != 0:
         raise ValueError("hardness_strength has no effect without a hardness_mode")
     if guide_margin_strategy not in GUIDE_MARGIN_STRATEGIES:

@@ -713,7 +713,7 @@ Q, D = "<q>", "<d>"
         ({"symmetric": True, "directions": ALL4}, "pass either symmetric or directions"),
         ({"symmetric": True, "partition_mode": "joint"}, "pass either symmetric or directions"),
         ({"hardness_mode": "hardest"}, "hardness_mode must be"),
-        ({"hardness_mode": "all_negatives", "hardness_strength": -1.0}, "non-negative"),
+        ({"hardness_mode": "all_negatives", "hardness_strength": -1.0}, "finite and >= 0"),
         ({"hardness_strength": 2.0}, "no effect without a hardness_mode"),
         ({"guide_q": Q}, "needs both guide_q and guide_d"),
         ({"guide_q": Q, "guide_d": Q}, "guide_d must be"),
