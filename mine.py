@@ -20,6 +20,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -152,6 +153,18 @@ def load_teacher(node: TeacherNode, device: torch.device) -> Teacher:
     return BiEncoderTeacher(model, node.batch_size)
 
 
+def _leaves(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``node``'s values by dotted key, so that a refused resumption names the leaf that
+    changed (``teacher.path``), not its whole node."""
+    leaves: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            leaves.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
 def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
     """What ``python mine.py`` does with ``cfg``: writes ``cfg.out`` (default
     ``out_dir/negatives.jsonl``)."""
@@ -160,7 +173,7 @@ def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
     out = Path(config.out) if config.out else out_dir / OUT_NAME
     settings = {
         key: value
-        for key, value in OmegaConf.to_container(cfg, resolve=True).items()
+        for key, value in _leaves(OmegaConf.to_container(cfg, resolve=True)).items()
         if key not in RESUMABLE_KEYS
     }
     try:

@@ -651,10 +651,11 @@ def resume_state(out: Path, resume: bool, settings: dict[str, Any]) -> dict[str,
             )
         return fresh
     progress = json.loads(progress_path.read_text())
+    before = progress["settings"]
     changed = [
-        f"{key}={progress['settings'].get(key)!r}, now {value!r}"
-        for key, value in settings.items()
-        if progress["settings"].get(key) != value
+        f"{key}={before.get(key)!r}, now {settings.get(key)!r}"
+        for key in dict.fromkeys([*before, *settings])
+        if before.get(key) != settings.get(key)
     ]
     if changed:
         raise ValueError(f"resume: {out} was mined with " + "; ".join(changed))

@@ -1,4 +1,4 @@
-"""BM25 against its formula and BEIR's published SciFact number; hard-negative mining."""
+"""BM25 against its formula, bm25s and BEIR's published SciFact number; hard-negative mining."""
 
 import dataclasses
 import logging
@@ -41,6 +41,25 @@ def test_bm25_scores_match_the_formula():
         assert score == pytest.approx(expected[doc], rel=1e-6)
     # A repeated query word counts twice, as in Anserini's bag-of-words queries.
     assert index.search("cat cat", k=1)[0][1] == pytest.approx(2 * term(2, 2, 3), rel=1e-6)
+
+
+def test_bm25_ranks_scifact_as_bm25s_does():
+    # bm25s (MTEB's BM25) is slower (bench/results/bm25.md) but an independent oracle: the
+    # same words and parameters must give the same top 10, and the same scores once its
+    # Lucene variant's missing constant factor k1 + 1 is put back.
+    import bm25s
+
+    train = load_beir(SCIFACT_DIR, "train")
+    docs = [doc.full_text for doc in train.corpus.values()]
+    queries = [train.queries[q] for q in sorted(train.queries)][:200]
+    oracle = bm25s.BM25(k1=0.9, b=0.4, method="lucene")
+    oracle.index([tokenize(text) for text in docs], show_progress=False)
+    ids, scores = oracle.retrieve([tokenize(q) for q in queries], k=10, show_progress=False)
+    index = BM25(docs)
+    for query, their_ids, their_scores in zip(queries, ids, scores, strict=True):
+        hits = index.search(query, 10)
+        assert [doc for doc, _ in hits] == their_ids.tolist()
+        assert [score for _, score in hits] == pytest.approx(1.9 * their_scores, rel=1e-5)
 
 
 def test_bm25_top_k_breaks_ties_by_lower_index():
