@@ -828,3 +828,31 @@ def test_saved_state_is_linear(impl):
     loss = info_nce(q, d, TEMPERATURE, impl=impl, **options)
     saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
     assert max(t.numel() for t in saved) <= num_docs * 4 < batch * num_docs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(
+    ("dtype", "atol", "rtol"),
+    [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-2, 5e-2)],
+    ids=["fp32", "bf16"],
+)
+@pytest.mark.parametrize("option", ["gte-all4", "d2q-per-direction", "everything"])
+def test_gpu_options_match_naive(option, dtype, atol, rtol):
+    """The compiled kernels (the interpreter cannot show what the code generator does) at
+    a size with many tiles, deterministic and atomic column gradients."""
+    batch, num_docs, dim = 1000, 3000, 384
+    q, d, guide_q, guide_d = make_problem(batch, num_docs, dim, guide_dim=256)
+    ids = torch.randint(0, num_docs // 2, (num_docs,), generator=torch.Generator().manual_seed(0))
+    options = on(DEVICE, dtype, options_for(option, guide_q, guide_d, batch, num_docs))
+    q_low, d_low, ids_on = q.to(DEVICE, dtype), d.to(DEVICE, dtype), ids.to(DEVICE)
+    expected = reference(q_low, d_low, ids, options)
+    for deterministic in (True, False):
+        results = loss_and_grads(
+            lambda q, d, t, deterministic=deterministic: kernel.fused_info_nce(
+                q, d, 1 / t, doc_ids=ids_on, deterministic=deterministic, **options
+            ),
+            q_low,
+            d_low,
+        )
+        assert_matches(results, expected, atol, rtol)
