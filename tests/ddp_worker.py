@@ -59,6 +59,16 @@ CASES: dict[str, tuple[Callable[[], Task], list]] = {
         TRIPLETS,
     ),
     "infonce-naive": (lambda: InfoNCETask(temperature=0.1, impl="naive"), TRIPLETS),
+    # Computed on the gathered batch: the rank-local path covers q→d and symmetric only.
+    "infonce-gte-hardness": (
+        lambda: InfoNCETask(
+            temperature=0.1,
+            directions=["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"],
+            hardness_mode="all_negatives",
+            hardness_strength=5.0,
+        ),
+        TRIPLETS,
+    ),
     "triplet-triplets": (TripletTask, TRIPLETS),
     "triplet-pairs": (TripletTask, PAIRS),
     "contrastive-pairs": (ContrastiveTask, PAIRS),

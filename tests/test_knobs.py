@@ -94,6 +94,7 @@ STS = ("experiment=sts", "trainer.eval=false")
 STS_FINAL = ("experiment=sts", "train_data.dev_split=null")
 IVF = (*FINAL, "evaluation.index.factory='IVF4,Flat'")  # an index with lists and training
 JSONL = ("trainer.eval=false", "train_data=jsonl", "train_data.path={pairs}")
+HARDNESS = ("loss.hardness_mode=all_negatives", "loss.hardness_strength=5.0")
 HF = ("trainer.eval=false", "train_data=hf", "train_data.path={hf}")
 # Triplets with teacher scores, for the distillation losses.
 SCORED_JSONL = (*JSONL[:2], "train_data.path={scored}", "train_data.format=triplets")
@@ -175,6 +176,23 @@ PROBES: dict[str, Run | Proven] = {
     ),
     "loss.symmetric": Run(("loss.symmetric=true",), "loss", TRAIN),
     "loss.impl": Run(("loss.impl=naive",), "infonce_impl", TRAIN),
+    "loss.directions": Run(("loss.directions=[query_to_doc,query_to_query]",), "loss", TRAIN),
+    "loss.partition_mode": Run(
+        ("loss.partition_mode=per_direction",),
+        "loss",
+        (*TRAIN, "loss.directions=[query_to_doc,doc_to_query]"),
+    ),
+    "loss.hardness_mode": Run(("loss.hardness_mode=hard_negatives",), "loss", (*TRAIN, *HARDNESS)),
+    "loss.hardness_strength": Run(("loss.hardness_strength=1.0",), "loss", (*TRAIN, *HARDNESS)),
+    "loss.guide": Run(("loss.guide={model2}",), "loss", TRAIN),
+    "loss.guide_margin": Run(("loss.guide_margin=0.1",), "loss", (*TRAIN, "loss.guide={model2}")),
+    "loss.guide_margin_strategy": Run(
+        ("loss.guide_margin_strategy=relative",),
+        "loss",
+        # The real MiniLM as the guide: a random model scores every pair near the same
+        # cosine, where an absolute and a relative margin drop the same candidates.
+        (*TRAIN, "loss.guide={minilm}", "loss.guide_margin=0.3"),
+    ),
     "loss.matryoshka_dims": Run(("loss.matryoshka_dims=[16]",), "loss", TRAIN),
     "loss.matryoshka_weights": Run(
         ("loss.matryoshka_weights=[1.0,3.0]",), "loss", (*TRAIN, "loss.matryoshka_dims=[32,16]")
@@ -623,6 +641,7 @@ def folders(tmp_path_factory, minilm_path, tiny_beir_path) -> dict[str, str]:
         "pairs": str(pairs),
         "pairs2": str(pairs2),
         "scored": str(scored),
+        "minilm": minilm_path,
         "identical_ids": str(identical),
         "unknown_ids": str(unknown),
         "hf": str(root / "hf"),

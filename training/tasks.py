@@ -35,7 +35,7 @@ from losses import (
     TripletLoss,
 )
 from losses.pairwise import pair_distance
-from model.biencoder import Kind
+from model.biencoder import BiEncoder, Kind
 from training.distributed import Distributed, gather
 
 Example = Pair | Triplet | ScoredPair
@@ -297,6 +297,15 @@ class InfoNCETask(Task):
     ``false_negative_fraction`` (masked pairs out of B·(N − 1)),
     ``hardest_negative_mined_fraction`` (rows whose best other column is a mined negative,
     with hard negatives) and ``temperature``.
+
+    Options (see :mod:`losses.infonce`): ``directions`` adds query→query, document→query
+    and document→document negatives, in one softmax (``partition_mode="joint"``, GTE's
+    improved contrastive loss) or averaged per direction; ``symmetric`` is the
+    per-direction query→document and document→query pair. ``hardness_mode`` and
+    ``hardness_strength`` weight harder negatives up. ``guide`` is a model folder whose
+    embeddings of the batch drop every candidate it scores above the positive (minus
+    ``guide_margin``), as GISTEmbed does; the guide is frozen and not saved with the model.
+    Hard negatives belong to the query of their Triplet (``doc_owners``).
     """
 
     accepts = (Pair, Triplet)
@@ -308,11 +317,43 @@ class InfoNCETask(Task):
         learnable_temperature: bool = False,
         symmetric: bool = False,
         impl: str = "auto",
+        directions: Sequence[str] | None = None,
+        partition_mode: str | None = None,
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+        guide: str | None = None,
+        guide_margin: float = 0.0,
+        guide_margin_strategy: str = "absolute",
         matryoshka_dims: Sequence[int] = (),
         matryoshka_weights: Sequence[float] | None = None,
     ) -> None:
-        loss = InfoNCELoss(temperature, learnable_temperature, symmetric, impl)
+        if guide is None and (guide_margin != 0 or guide_margin_strategy != "absolute"):
+            raise ValueError("guide_margin and guide_margin_strategy need a guide model (guide=)")
+        loss = InfoNCELoss(
+            temperature,
+            learnable_temperature,
+            symmetric,
+            impl,
+            directions=directions,
+            partition_mode=partition_mode,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+            guide_margin=guide_margin,
+            guide_margin_strategy=guide_margin_strategy,
+        )
         super().__init__(loss, matryoshka_dims, matryoshka_weights)
+        # Frozen and outside the module tree: neither trained, nor checkpointed, nor moved
+        # by .to() (it follows the embeddings' device when used).
+        self._guide = _Frozen(BiEncoder.from_pretrained(guide).eval()) if guide else None
+        # The rank-local path handles the plain and symmetric losses; the other options are
+        # computed on the gathered batch (Task.compute_sharded), which is exact for any loss.
+        terms = self.base_loss.terms
+        self._local_sharding = (
+            guide is None
+            and terms.hardness_code == 0
+            and terms.directions in (("query_to_doc",), ("query_to_doc", "doc_to_query"))
+            and not (terms.joint and len(terms.directions) == 2)
+        )
 
     def make_batch(self, examples: Sequence[Pair | Triplet]) -> TextBatch:
         example_type = self._example_type(examples)
@@ -336,9 +377,27 @@ class InfoNCETask(Task):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         q, d = embeddings[0], torch.cat(embeddings[1:])
         doc_ids = batch.doc_ids.to(q.device) if batch.doc_ids is not None else None
+        owners = torch.tensor([o for column in batch.owners[1:] for o in column], device=q.device)
         # The loss computes the ranking statistics in its own pass: O(B), never the B×N scores.
-        loss, stats = self.loss(q, d, doc_ids, return_stats=True)
+        loss, stats = self.loss(
+            q, d, doc_ids, return_stats=True, doc_owners=owners, **self._guide_embeddings(batch, q)
+        )
         return loss, {**stats.summary(), **self._temperature_stats()}
+
+    def _guide_embeddings(self, batch: TextBatch, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The guide model's embeddings of the batch's queries and documents (no gradient)."""
+        if self._guide is None:
+            return {}
+        guide = self._guide.model.to(like.device)
+        docs = [text for column in batch.columns[1:] for text in column]
+        guide_q = guide.encode(batch.columns[0], kind="query", show_progress=False)
+        guide_d = guide.encode(docs, kind="doc", show_progress=False)
+        # encode() runs in inference mode; the loss saves its inputs for the backward, which
+        # inference tensors refuse, so hand it ordinary copies.
+        return {
+            "guide_q": guide_q.to(like.device).clone(),
+            "guide_d": guide_d.to(like.device).clone(),
+        }
 
     def compute_sharded(
         self, embeddings: list[torch.Tensor], batch: TextBatch
@@ -347,6 +406,8 @@ class InfoNCETask(Task):
         or repeats another's queries. The gathered documents are reordered so that this
         rank's positives come first, where the loss expects a query's positive; the loss is
         a sum over columns, so the order of the others does not matter."""
+        if not self._local_sharding:
+            return super().compute_sharded(embeddings, batch)
         shard = batch.shard
         whole = shard.whole
         q = embeddings[0]
@@ -365,6 +426,14 @@ class InfoNCETask(Task):
         loss, stats = self.loss(q, d[columns], doc_ids[columns], return_stats=True, **extra)
         stats = stats.with_columns(columns, num_positives=whole.size)
         return loss, {**stats.summary(), **self._temperature_stats()}
+
+
+class _Frozen:
+    """Holds a model as a plain attribute, so that nn.Module does not register it."""
+
+    def __init__(self, model: BiEncoder) -> None:
+        self.model = model
+        model.requires_grad_(False)
 
 
 def _except(rows: torch.Tensor, count: int) -> torch.Tensor:
