@@ -424,6 +424,9 @@ class Hits:
 
 
 class Retriever(Protocol):
+    """What :func:`mine` searches with: the top ``k`` corpus rows of each query, and the
+    scores of the given ``rows`` (its positives) on the same scale."""
+
     def search(self, queries: list[str], k: int, rows: list[tuple[int, ...]]) -> Hits: ...
 
 
@@ -455,6 +458,8 @@ class DenseRetriever:
         batch_size: int = 64,
         seed: int = 0,
     ):
+        # Imported here: the evaluation package imports data, so a module-level import
+        # would be circular.
         from evaluation.search import build_index
 
         self.model, self.batch_size = model, batch_size
@@ -464,7 +469,7 @@ class DenseRetriever:
         self.index = build_index(self.embeddings, factory, metric="ip", seed=seed)
 
     def search(self, queries: list[str], k: int, rows: list[tuple[int, ...]]) -> Hits:
-        from evaluation.search import search
+        from evaluation.search import search  # see __init__
 
         embedded = self.model.encode(
             queries,
@@ -499,6 +504,8 @@ class BM25Retriever:
 
 
 class Teacher(Protocol):
+    """What scores the written lines: one float per (query, text) pair, pairwise."""
+
     def score(self, queries: list[str], texts: list[str]) -> list[float]: ...
 
 
