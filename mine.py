@@ -9,20 +9,24 @@
 
 Writes ``{"query", "positive", "negatives": [...]}`` lines (plus ``"scores"`` with a
 teacher), which ``python train.py train_data=jsonl train_data.path=FILE
-train_data.format=triplets`` trains on. The options are sentence-transformers'
-``mine_hard_negatives`` ones with its meanings (see ``data.mining.MiningOptions``); every
-setting is checked, naming its key, before the model or the data is loaded.
+train_data.format=triplets`` trains on; ``resume=true`` continues an interrupted run where
+it stopped, with the corpus embeddings it kept beside ``out``. The options are
+sentence-transformers' ``mine_hard_negatives`` ones with its meanings (see
+``data.mining.MiningOptions``); every setting is checked, naming its key, before the model
+or the data is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -41,6 +45,7 @@ from data.mining import (
     mine,
     mining_set_from_beir,
     mining_set_from_pairs,
+    progress_path,
     resume_state,
 )
 from evaluation.search import check_index_dims
@@ -153,6 +158,38 @@ def load_teacher(node: TeacherNode, device: torch.device) -> Teacher:
     return BiEncoderTeacher(model, node.batch_size)
 
 
+def _corpus_cache(out: Path) -> Path:
+    return out.with_name(out.name + ".corpus.npy")
+
+
+def embedded_retriever(
+    model: BiEncoder, corpus: list[str], config: MineConfig, out: Path
+) -> DenseRetriever:
+    """A DenseRetriever whose corpus embeddings are kept beside ``out`` until mining ends,
+    so that ``resume=true`` after a crash does not embed a large corpus again. The run's
+    settings are checked equal before, so the kept embeddings are this run's."""
+    cache = _corpus_cache(out)
+    # Only with a progress record: resume_state has then checked that it has this run's
+    # settings, and mine() writes one before searching anything.
+    continuing = config.resume and progress_path(out).exists() and cache.exists()
+    embeddings = np.load(cache) if continuing else None
+    retriever = DenseRetriever(
+        model,
+        corpus,
+        factory=config.index,
+        batch_size=config.model.batch_size,
+        seed=config.seed,
+        embeddings=embeddings,
+    )
+    if embeddings is None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Written under another name and renamed, so a crash never leaves half a cache.
+        partial_path = cache.with_name(cache.name + ".tmp.npy")
+        np.save(partial_path, retriever.embeddings)
+        os.replace(partial_path, cache)
+    return retriever
+
+
 def _leaves(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``node``'s values by dotted key, so that a refused resumption names the leaf that
     changed (``teacher.path``), not its whole node."""
@@ -177,9 +214,12 @@ def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
         if key not in RESUMABLE_KEYS
     }
     try:
-        resume_state(out, config.resume, settings)
+        progress = resume_state(out, config.resume, settings)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    if progress["complete"]:
+        log.info("%s is complete: %d lines", out, progress["lines"])
+        return MiningReport()
     options = MiningOptions(
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(MiningOptions)}
     )
@@ -200,15 +240,9 @@ def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
             doc_prefix=config.corpus_prompt,
             device=device,
         )
-        retriever = DenseRetriever(
-            model,
-            source.corpus,
-            factory=config.index,
-            batch_size=config.model.batch_size,
-            seed=config.seed,
-        )
+        retriever = embedded_retriever(model, source.corpus, config, out)
     teacher = load_teacher(config.teacher, device) if config.teacher.path else None
-    return mine(
+    report = mine(
         source,
         retriever,
         options,
@@ -218,6 +252,8 @@ def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
         settings=settings,
         query_batch_size=config.query_batch_size,
     )
+    _corpus_cache(out).unlink(missing_ok=True)
+    return report
 
 
 @hydra.main(config_path="conf", config_name="mine", version_base="1.3")

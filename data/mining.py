@@ -443,10 +443,11 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 class DenseRetriever:
     """Nearest neighbours by inner product of ``model``'s normalised embeddings.
 
-    The corpus is embedded once (``kind="doc"``, the model's document prefix) and indexed
-    with FAISS through :func:`evaluation.search.build_index`: ``factory="Flat"`` is exact,
-    any other factory string (``"HNSW32"``, ``"IVF1024,PQ32"``) approximate, on the GPUs
-    when faiss sees any. Positives are scored exactly, from the stored embeddings.
+    The corpus is embedded once (``kind="doc"``, the model's document prefix), unless
+    ``embeddings`` gives them already (one row per corpus text, from an earlier run), and
+    indexed with FAISS through :func:`evaluation.search.build_index`: ``factory="Flat"`` is
+    exact, any other factory string (``"HNSW32"``, ``"IVF1024,PQ32"``) approximate, on the
+    GPUs when faiss sees any. Positives are scored exactly, from the stored embeddings.
     """
 
     def __init__(
@@ -457,15 +458,20 @@ class DenseRetriever:
         factory: str = "Flat",
         batch_size: int = 64,
         seed: int = 0,
+        embeddings: np.ndarray | None = None,
     ):
         # Imported here: the evaluation package imports data, so a module-level import
         # would be circular.
         from evaluation.search import build_index
 
         self.model, self.batch_size = model, batch_size
-        self.embeddings = model.encode(
-            corpus, kind="doc", batch_size=batch_size, normalize=True, show_progress=True
-        ).numpy()
+        if embeddings is None:
+            embeddings = model.encode(
+                corpus, kind="doc", batch_size=batch_size, normalize=True, show_progress=True
+            ).numpy()
+        elif len(embeddings) != len(corpus):
+            raise ValueError(f"embeddings: {len(embeddings)} rows for {len(corpus)} texts")
+        self.embeddings = embeddings
         self.index = build_index(self.embeddings, factory, metric="ip", seed=seed)
 
     def search(self, queries: list[str], k: int, rows: list[tuple[int, ...]]) -> Hits:
@@ -634,7 +640,8 @@ def select_negatives(
     ]
 
 
-def _progress_path(out: Path) -> Path:
+def progress_path(out: Path) -> Path:
+    """Where :func:`mine` records how far it has written ``out``."""
     return out.with_name(out.name + ".progress.json")
 
 
@@ -644,20 +651,20 @@ def resume_state(out: Path, resume: bool, settings: dict[str, Any]) -> dict[str,
     ``resume``, else a fresh one. Raises ValueError, naming ``out`` or ``resume``, where it
     would refuse: ``out`` exists without ``resume``, has no progress record, or was
     written with other settings. Cheap: call it before loading anything."""
-    progress_path = _progress_path(out)
+    record = progress_path(out)
     fresh = {"settings": settings, "queries": 0, "lines": 0, "bytes": 0, "complete": False}
     if not resume:
         if out.exists():
             raise ValueError(f"out: {out} exists; resume=true continues it, or delete it")
         return fresh
-    if not progress_path.exists():
+    if not record.exists():
         if out.exists():
             raise ValueError(
-                f"resume: {out} has no {progress_path.name} beside it, so which queries it "
+                f"resume: {out} has no {record.name} beside it, so which queries it "
                 "holds is unknown; delete it to start again"
             )
         return fresh
-    progress = json.loads(progress_path.read_text())
+    progress = json.loads(record.read_text())
     before = progress["settings"]
     changed = [
         f"{key}={before.get(key)!r}, now {settings.get(key)!r}"
@@ -670,7 +677,7 @@ def resume_state(out: Path, resume: bool, settings: dict[str, Any]) -> dict[str,
 
 
 def _save_progress(out: Path, progress: dict[str, Any]) -> None:
-    path = _progress_path(out)
+    path = progress_path(out)
     partial_path = path.with_name(path.name + ".tmp")
     partial_path.write_text(json.dumps(progress, indent=2) + "\n")
     os.replace(partial_path, path)
@@ -725,6 +732,8 @@ def mine(
     written = tqdm(desc="write", unit="line", initial=progress["lines"])
     with open(out, "ab") as file:
         file.truncate(progress["bytes"])
+        # Recorded before any work, so a crash in the first batch still resumes.
+        _save_progress(out, progress)
         for start in range(0, len(todo), query_batch_size):
             batch = todo[start : start + query_batch_size]
             hits = retriever.search(

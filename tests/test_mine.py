@@ -324,6 +324,41 @@ def test_resume_after_a_crash_writes_the_same_file(source, retriever, tmp_path):
     assert mine(source, retriever, options, out, resume=True, query_batch_size=8).lines == 0
 
 
+def test_command_line_resume_reuses_the_kept_corpus_embeddings(monkeypatch, tmp_path):
+    out = tmp_path / "o.jsonl"
+    cache = out.with_name(out.name + ".corpus.npy")
+    common = (f"data.path={TINY_DIR}", "model.max_length=16", f"out={out}")
+    real_mine, real_encode = mine_cli.mine, BiEncoder.encode
+
+    class Crash(Exception):
+        pass
+
+    class Broken:
+        def search(self, *args):
+            raise Crash
+
+    monkeypatch.setattr(
+        mine_cli, "mine", lambda source, _, *a, **k: real_mine(source, Broken(), *a, **k)
+    )
+    with pytest.raises(Crash):
+        mine_cli.run(compose_mine(*common), tmp_path)
+    kept = np.load(cache)
+    assert kept.shape == (158, 384)
+    monkeypatch.setattr(mine_cli, "mine", real_mine)
+
+    def queries_only(self, texts, kind="query", **kwargs):
+        assert kind == "query", "the corpus was embedded again"
+        return real_encode(self, texts, kind, **kwargs)
+
+    monkeypatch.setattr(BiEncoder, "encode", queries_only)
+    with pytest.raises(ConfigError, match=r"resume: .* was mined with num_negatives=3, now 2"):
+        mine_cli.run(compose_mine(*common, "resume=true", "num_negatives=2"), tmp_path)
+    report = mine_cli.run(compose_mine(*common, "resume=true"), tmp_path)
+    assert report.queries == 100 and report.lines == len(read(out))
+    assert not cache.exists()  # removed once mining is complete
+    assert mine_cli.run(compose_mine(*common, "resume=true"), tmp_path).lines == 0
+
+
 # ------------------------------------------------------------------------------ teachers
 
 
