@@ -296,7 +296,8 @@ class MiningOptions:
     ``output_format="n-tuple"`` writes one line per (query, positive) with the negatives
     listed; ``"triplet"`` one line per negative. As in sentence-transformers, a query left
     with fewer than ``num_negatives`` negatives writes no n-tuple line, and triplet lines
-    for the negatives it has.
+    for the negatives it has. Scores are the retriever's; a teacher only scores the written
+    lines (sentence-transformers' ``cross_encoder`` rescoring before filtering is not done).
     """
 
     num_negatives: int = 3
