@@ -21,6 +21,7 @@ import mine as mine_cli
 from data import SCIFACT_DIR, TINY_DIR, DataError, Pair, load_beir, load_triplets
 from data.mining import (
     BiEncoderTeacher,
+    BM25Retriever,
     CrossEncoderTeacher,
     DenseRetriever,
     MiningOptions,
@@ -475,7 +476,9 @@ def test_a_bad_pairs_file_is_named_with_its_line(tmp_path):
         mine_cli.run(compose_mine(f"data.path={pairs}", "retriever=bm25"), tmp_path)
 
 
-def test_prompts_reach_the_encoder(monkeypatch, tmp_path):
+def test_prompts_index_and_retriever_reach_the_search(monkeypatch, tmp_path):
+    import faiss
+
     seen = {}
 
     def spy(source, retriever, *args, **kwargs):
@@ -486,9 +489,8 @@ def test_prompts_reach_the_encoder(monkeypatch, tmp_path):
     common = (f"data.path={TINY_DIR}", "model.max_length=16")
     mine_cli.run(compose_mine(*common), tmp_path)
     plain = seen["retriever"]
-    mine_cli.run(
-        compose_mine(*common, "query_prompt='query: '", "corpus_prompt='passage: '"), tmp_path
-    )
+    prompts = ("query_prompt='query: '", "corpus_prompt='passage: '", "index=HNSW32")
+    mine_cli.run(compose_mine(*common, *prompts), tmp_path)
     prompted = seen["retriever"]
     assert (prompted.model.config.query_prefix, prompted.model.config.doc_prefix) == (
         "query: ",
@@ -501,6 +503,20 @@ def test_prompts_reach_the_encoder(monkeypatch, tmp_path):
         plain.search(queries, 5, [(0,)]).scores_of[0],
         atol=1e-3,
     )
+    assert isinstance(faiss.downcast_index(plain.index), faiss.IndexFlat)
+    assert plain.index.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert isinstance(faiss.downcast_index(prompted.index), faiss.IndexHNSWFlat)
+    mine_cli.run(compose_mine(*common, "retriever=bm25"), tmp_path)
+    assert isinstance(seen["retriever"], BM25Retriever)
+
+
+def test_an_approximate_index_finds_nearly_what_exact_search_does(model, source, retriever):
+    hnsw = DenseRetriever(model, source.corpus, factory="HNSW32", embeddings=retriever.embeddings)
+    queries = [query.text for query in source.queries]
+    exact = retriever.search(queries, 10, [()] * len(queries))
+    approx = hnsw.search(queries, 10, [()] * len(queries))
+    assert (exact.ids == approx.ids).mean() > 0.9
+    np.testing.assert_allclose(approx.scores, exact.scores, atol=1e-5)
 
 
 def test_command_line_writes_triplets_that_train_py_trains_on(tmp_path):
