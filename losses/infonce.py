@@ -1285,6 +1285,8 @@ class InfoNCELoss(nn.Module):
     MIN_TEMPERATURE = 0.01
     MAX_TEMPERATURE = 1.0
     expects_normalized = True
+    # A guide model's embeddings have the guide's width: Matryoshka must not truncate them.
+    not_embeddings = ("guide_q", "guide_d")
 
     def __init__(
         self,

@@ -88,3 +88,28 @@ def test_pairs_with_extra_directions():
     st_loss = MultipleNegativesRankingLoss(model=None, scale=20.0, directions=tuple(GTE))
     expected = st_loss.compute_loss_from_embeddings([q, pos], None)
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+
+
+def test_matryoshka_truncates_the_embeddings_but_not_the_guides(tiny_model_path):
+    dims = [8, 16]
+    task = InfoNCETask(temperature=0.05, guide=tiny_model_path, matryoshka_dims=dims)
+    batch = task.make_batch(TRIPLETS)
+    columns = [e.float() for e in embeddings(len(TRIPLETS), K)]
+    loss, _ = task(columns, batch)
+
+    guide = BiEncoder.from_pretrained(tiny_model_path)
+    guide_q = guide.encode(batch.columns[0], kind="query")
+    guide_d = guide.encode(batch.columns[1] + batch.columns[2], kind="doc")
+    q, d = columns[0], torch.cat(columns[1:])
+    expected = sum(
+        info_nce(
+            F.normalize(q[:, :dim], dim=-1),
+            F.normalize(d[:, :dim], dim=-1),
+            0.05,
+            doc_ids=batch.doc_ids,
+            guide_q=guide_q,
+            guide_d=guide_d,
+        )
+        for dim in dims
+    )
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
