@@ -50,6 +50,7 @@ from data.mining import (
 )
 from evaluation.search import check_index_dims
 from model import BiEncoder, embedding_dim
+from training.distributed import resolve_device
 from training.hydra_config import ConfigError, register
 
 log = logging.getLogger("mine")
@@ -138,15 +139,6 @@ def checked(cfg: DictConfig) -> MineConfig:
     return config
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} but CUDA is not available; use device=cpu or auto")
-    return device
-
-
 def load_teacher(node: TeacherNode, device: torch.device) -> Teacher:
     """A cross-encoder when the folder's config names a sequence classifier, else our
     BiEncoder."""
@@ -206,7 +198,10 @@ def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
     """What ``python mine.py`` does with ``cfg``: writes ``cfg.out`` (default
     ``out_dir/negatives.jsonl``)."""
     config = checked(cfg)
-    device = resolve_device(config.device)
+    try:
+        device = resolve_device(config.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     out = Path(config.out) if config.out else out_dir / OUT_NAME
     settings = {
         key: value

@@ -450,6 +450,12 @@ def compose_mine(*overrides: str):
         ("teacher.path=/nonexistent", "teacher.path: /nonexistent is not a folder"),
         ("data.path=/nonexistent", "data.path: /nonexistent does not exist"),
         ("model.path=/nonexistent", "model.path: .*/nonexistent"),
+        ("device=gpu0", "device: 'gpu0' is not a device"),
+        pytest.param(
+            "device=cuda:3",
+            "device: 'cuda:3' but CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+        ),
     ],
 )
 def test_bad_values_fail_before_any_work_naming_the_key(override, message, tmp_path):
