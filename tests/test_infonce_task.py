@@ -28,6 +28,13 @@ def embeddings(batch_size: int, negatives: int) -> list[torch.Tensor]:
     return [F.normalize(torch.randn(rows, 16, dtype=torch.float64), dim=-1) for rows in columns]
 
 
+def guide_embeddings(path: str, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guide's embeddings of a batch's queries and of its documents, computed here."""
+    guide = BiEncoder.from_pretrained(path)
+    docs = [text for column in batch.columns[1:] for text in column]
+    return guide.encode(batch.columns[0], kind="query"), guide.encode(docs, kind="doc")
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -67,9 +74,7 @@ def test_guide_embeds_the_batch_texts_and_is_neither_trained_nor_saved(tiny_mode
     columns = [e.float() for e in embeddings(len(TRIPLETS), K)]
     loss, _ = task(columns, batch)
 
-    guide = BiEncoder.from_pretrained(tiny_model_path)
-    guide_q = guide.encode(batch.columns[0], kind="query")
-    guide_d = guide.encode(batch.columns[1] + batch.columns[2], kind="doc")
+    guide_q, guide_d = guide_embeddings(tiny_model_path, batch)
     q, d = columns[0], torch.cat(columns[1:])
     expected = info_nce(
         q, d, 0.05, doc_ids=batch.doc_ids, guide_q=guide_q, guide_d=guide_d, guide_margin=0.1
@@ -97,9 +102,7 @@ def test_matryoshka_truncates_the_embeddings_but_not_the_guides(tiny_model_path)
     columns = [e.float() for e in embeddings(len(TRIPLETS), K)]
     loss, _ = task(columns, batch)
 
-    guide = BiEncoder.from_pretrained(tiny_model_path)
-    guide_q = guide.encode(batch.columns[0], kind="query")
-    guide_d = guide.encode(batch.columns[1] + batch.columns[2], kind="doc")
+    guide_q, guide_d = guide_embeddings(tiny_model_path, batch)
     q, d = columns[0], torch.cat(columns[1:])
     expected = sum(
         info_nce(
