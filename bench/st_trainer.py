@@ -96,12 +96,20 @@ def main(argv: list[str] | None = None) -> None:
     model = SentenceTransformer(cfg.model.path, device="cpu")
     if cfg.trainer.max_length is not None:
         model.max_seq_length = min(cfg.trainer.max_length, model.max_seq_length)
-    directions = ("query_to_doc", "doc_to_query") if loss_cfg.symmetric else ("query_to_doc",)
+    if loss_cfg.guide is not None:
+        raise SystemExit("loss.guide: GISTEmbed is not mapped onto sentence-transformers here")
+    if loss_cfg.symmetric:
+        directions, partition_mode = ("query_to_doc", "doc_to_query"), "per_direction"
+    else:
+        directions = tuple(loss_cfg.directions or ("query_to_doc",))
+        partition_mode = loss_cfg.partition_mode or "joint"
     loss = losses.MultipleNegativesRankingLoss(
         model,
         scale=1.0 / loss_cfg.temperature,
         directions=directions,
-        partition_mode="per_direction" if loss_cfg.symmetric else "joint",
+        partition_mode=partition_mode,
+        hardness_mode=loss_cfg.hardness_mode,
+        hardness_strength=loss_cfg.hardness_strength,
     )
     if loss_cfg.matryoshka_dims:
         loss = losses.MatryoshkaLoss(model, loss, list(loss_cfg.matryoshka_dims))
