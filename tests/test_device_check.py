@@ -137,7 +137,8 @@ def test_report_sections(rehearsal):
     # Inf-CL needs CUDA: its rows are replaced by a reason.
     assert "inf_cl: skipped: " in report
     for impl in ("naive", "compiled", "torch", "triton"):
-        assert re.search(rf"\| {impl} \| symmetric \| plain \| 32 \| 32 \| 16 \| bf16 \| \d", report), impl
+        row = rf"\| {impl} \| symmetric \| plain \| 32 \| 32 \| 16 \| bf16 \| \d"
+        assert re.search(row, report), impl
     assert "| training job | steps | examples/s | tokens/s |" in report
     assert re.search(r"\| ours: train_step \+ InfoNCETask, GradCache \| \d+ \|", report)
     assert re.search(r"\| sentence-transformers: CachedMultipleNegativesRankingLoss \| \d+", report)
