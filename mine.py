@@ -23,7 +23,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import hydra
 import numpy as np
@@ -33,6 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data import load_beir, load_pairs
+from data.io import dotted_leaves, progress_path
 from data.mining import (
     BiEncoderTeacher,
     BM25Retriever,
@@ -45,7 +45,6 @@ from data.mining import (
     mine,
     mining_set_from_beir,
     mining_set_from_pairs,
-    progress_path,
     resume_state,
 )
 from evaluation.search import check_index_dims
@@ -182,18 +181,6 @@ def embedded_retriever(
     return retriever
 
 
-def _leaves(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``node``'s values by dotted key, so that a refused resumption names the leaf that
-    changed (``teacher.path``), not its whole node."""
-    leaves: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            leaves.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            leaves[f"{prefix}{key}"] = value
-    return leaves
-
-
 def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
     """What ``python mine.py`` does with ``cfg``: writes ``cfg.out`` (default
     ``out_dir/negatives.jsonl``)."""
@@ -205,7 +192,7 @@ def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
     out = Path(config.out) if config.out else out_dir / OUT_NAME
     settings = {
         key: value
-        for key, value in _leaves(OmegaConf.to_container(cfg, resolve=True)).items()
+        for key, value in dotted_leaves(OmegaConf.to_container(cfg, resolve=True)).items()
         if key not in RESUMABLE_KEYS
     }
     try:

@@ -1,4 +1,5 @@
-"""File helpers shared by the readers: gzip-transparent opening, lookup, lines and JSONL."""
+"""File helpers shared by the readers: gzip-transparent opening, lookup, lines and JSONL;
+and the dotted keys that progress records store settings under."""
 
 from __future__ import annotations
 
@@ -82,3 +83,66 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, An
         if not isinstance(record, dict):
             raise DataError(f"expected a JSON object, got {describe(record)}", path, line_no)
         yield line_no, record
+
+
+def dotted_leaves(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``node``'s values by dotted key (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``), so that a
+    refused resumption names the leaf that changed (``teacher.path``), not its node."""
+    leaves: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            leaves.update(dotted_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+# ------------------------------------------------------------------ progress records
+# mine.py and synthesize.py append to an output file in batches and record after each how
+# far it is written; a resumed run cuts the file back to the record and continues.
+
+
+def progress_path(out: Path) -> Path:
+    """Where the progress of writing ``out`` is recorded: ``<out>.progress.json``."""
+    return out.with_name(out.name + ".progress.json")
+
+
+def read_progress(
+    out: Path, resume: bool, settings: dict[str, Any], fresh: dict[str, Any], unit: str
+) -> dict[str, Any]:
+    """The progress record to continue ``out`` from when ``resume``, else ``fresh`` (with
+    ``settings``). Raises ValueError, naming ``out`` or ``resume``, where it would refuse:
+    ``out`` exists without ``resume``, has no record (so which ``unit`` it holds is
+    unknown), or was written with other ``settings`` (each changed key is named). Cheap:
+    call it before loading anything."""
+    record = progress_path(out)
+    fresh = {"settings": settings, **fresh}
+    if not resume:
+        if out.exists():
+            raise ValueError(f"out: {out} exists; resume=true continues it, or delete it")
+        return fresh
+    if not record.exists():
+        if out.exists():
+            raise ValueError(
+                f"resume: {out} has no {record.name} beside it, so which {unit} it holds is "
+                "unknown; delete it to start again"
+            )
+        return fresh
+    progress = json.loads(record.read_text())
+    before = progress["settings"]
+    changed = [
+        f"{key}={before.get(key)!r}, now {settings.get(key)!r}"
+        for key in dict.fromkeys([*before, *settings])
+        if before.get(key) != settings.get(key)
+    ]
+    if changed:
+        raise ValueError(f"resume: {out} was written with " + "; ".join(changed))
+    return progress
+
+
+def save_progress(out: Path, progress: dict[str, Any]) -> None:
+    """Record ``progress`` for ``out``, atomically (written aside, then renamed)."""
+    path = progress_path(out)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(progress, indent=1) + "\n")
+    os.replace(partial, path)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .beir import BeirDataset
 from .errors import DataError
+from .io import read_progress, save_progress
 from .training import Pair, Triplet
 
 if TYPE_CHECKING:
@@ -641,47 +642,12 @@ def select_negatives(
     ]
 
 
-def progress_path(out: Path) -> Path:
-    """Where :func:`mine` records how far it has written ``out``."""
-    return out.with_name(out.name + ".progress.json")
-
-
 def resume_state(out: Path, resume: bool, settings: dict[str, Any]) -> dict[str, Any]:
     """Where :func:`mine` would start writing ``out``: the progress record (``queries``
     done, filling ``bytes`` of ``out``) of a run with the same ``settings`` when
-    ``resume``, else a fresh one. Raises ValueError, naming ``out`` or ``resume``, where it
-    would refuse: ``out`` exists without ``resume``, has no progress record, or was
-    written with other settings. Cheap: call it before loading anything."""
-    record = progress_path(out)
-    fresh = {"settings": settings, "queries": 0, "lines": 0, "bytes": 0, "complete": False}
-    if not resume:
-        if out.exists():
-            raise ValueError(f"out: {out} exists; resume=true continues it, or delete it")
-        return fresh
-    if not record.exists():
-        if out.exists():
-            raise ValueError(
-                f"resume: {out} has no {record.name} beside it, so which queries it "
-                "holds is unknown; delete it to start again"
-            )
-        return fresh
-    progress = json.loads(record.read_text())
-    before = progress["settings"]
-    changed = [
-        f"{key}={before.get(key)!r}, now {settings.get(key)!r}"
-        for key in dict.fromkeys([*before, *settings])
-        if before.get(key) != settings.get(key)
-    ]
-    if changed:
-        raise ValueError(f"resume: {out} was mined with " + "; ".join(changed))
-    return progress
-
-
-def _save_progress(out: Path, progress: dict[str, Any]) -> None:
-    path = progress_path(out)
-    partial_path = path.with_name(path.name + ".tmp")
-    partial_path.write_text(json.dumps(progress, indent=2) + "\n")
-    os.replace(partial_path, path)
+    ``resume``, else a fresh one; refusals as :func:`data.io.read_progress`'s."""
+    fresh = {"queries": 0, "lines": 0, "bytes": 0, "complete": False}
+    return read_progress(out, resume, settings, fresh, "queries")
 
 
 def mine(
@@ -734,7 +700,7 @@ def mine(
     with open(out, "ab") as file:
         file.truncate(progress["bytes"])
         # Recorded before any work, so a crash in the first batch still resumes.
-        _save_progress(out, progress)
+        save_progress(out, progress)
         for start in range(0, len(todo), query_batch_size):
             batch = todo[start : start + query_batch_size]
             hits = retriever.search(
@@ -770,11 +736,11 @@ def mine(
                 lines=progress["lines"] + len(lines),
                 bytes=progress["bytes"] + len(data),
             )
-            _save_progress(out, progress)
+            save_progress(out, progress)
     searched.close()
     written.close()
     progress["complete"] = True
-    _save_progress(out, progress)
+    save_progress(out, progress)
     _log_report(report, options, out, progress["lines"])
     return report
 

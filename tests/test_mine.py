@@ -310,7 +310,7 @@ def test_resume_after_a_crash_writes_the_same_file(source, retriever, tmp_path):
         f.write('{"query": "torn')  # a line half-written when the process died
     with pytest.raises(ValueError, match=r"out: .* exists; resume=true continues it"):
         mine(source, retriever, options, out, query_batch_size=8)
-    with pytest.raises(ValueError, match=r"resume: .* was mined with seed=3, now 4"):
+    with pytest.raises(ValueError, match=r"resume: .* was written with seed=3, now 4"):
         mine(
             source,
             retriever,
@@ -352,7 +352,7 @@ def test_command_line_resume_reuses_the_kept_corpus_embeddings(monkeypatch, tmp_
         return real_encode(self, texts, kind, **kwargs)
 
     monkeypatch.setattr(BiEncoder, "encode", queries_only)
-    with pytest.raises(ConfigError, match=r"resume: .* was mined with num_negatives=3, now 2"):
+    with pytest.raises(ConfigError, match=r"resume: .* was written with num_negatives=3, now 2"):
         mine_cli.run(compose_mine(*common, "resume=true", "num_negatives=2"), tmp_path)
     report = mine_cli.run(compose_mine(*common, "resume=true"), tmp_path)
     assert report.queries == 100 and report.lines == len(read(out))
