@@ -154,14 +154,18 @@ class RunPlan:
 def build_training_spec(node: DictConfig) -> TrainingSpec:
     """The ``train_data`` node built; with several sets, each is built under its own key
     (``train_data.sets.<name>``), so that a bad value names the set."""
+    # "object": typed nested nodes (train_data=synthetic's synthesis) arrive as dataclasses.
     if get_method(node._target_) is not MultiTrainingSet:
-        return build(node, "train_data")
+        return build(node, "train_data", _convert_="object")
     if OmegaConf.is_missing(node, "sets") or not node.sets:
         raise ConfigError(
             "train_data.sets: no training set; add them as "
             "+train_data@train_data.sets.NAME=OPTION (e.g. =scifact, =hf)"
         )
-    sets = {name: build(child, f"train_data.sets.{name}") for name, child in node.sets.items()}
+    sets = {
+        name: build(child, f"train_data.sets.{name}", _convert_="object")
+        for name, child in node.sets.items()
+    }
     # Called directly: instantiate would merge the built sets, dataclasses, back into the
     # config as nodes of their own.
     options = {k: v for k, v in node.items() if k not in ("_target_", "sets")}

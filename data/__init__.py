@@ -8,7 +8,7 @@ and licences.
 
 from pathlib import Path
 
-from .beir import BeirDataset, Document, load_beir, subsample_corpus
+from .beir import BeirDataset, Document, load_beir, load_corpus, subsample_corpus
 from .errors import DataError
 from .eval_sets import BeirEvalSet, StsEvalSet
 from .hf import HfExamples, HfTrainingSet
@@ -16,6 +16,7 @@ from .io import iter_jsonl, open_text, resolve
 from .mining import BM25, mine_hard_negatives, triplets_from_beir
 from .sampler import MultiSetBatchSampler, NoDuplicateBatchSampler
 from .sts import ScoredPair, load_sts
+from .synthetic import SyntheticTrainingSet
 from .training import (
     LabelledText,
     Pair,
@@ -62,10 +63,12 @@ __all__ = [
     "ScoredPair",
     "StsEvalSet",
     "StsTrainingSet",
+    "SyntheticTrainingSet",
     "TrainingSet",
     "Triplet",
     "iter_jsonl",
     "load_beir",
+    "load_corpus",
     "load_labelled",
     "load_pairs",
     "load_scored_pairs",

@@ -106,6 +106,13 @@ def load_beir(
     return dataset
 
 
+def load_corpus(path: str | os.PathLike[str]) -> dict[str, Document]:
+    """The documents of a BEIR folder's ``corpus.jsonl`` (no queries or qrels needed), or of
+    a JSONL file in that format (``_id``, optional ``title``, ``text``), by id in file order."""
+    path = Path(path)
+    return _read_corpus(resolve(path, "corpus.jsonl") if path.is_dir() else path)
+
+
 def subsample_corpus(dataset: BeirDataset, size: int, rng: random.Random) -> BeirDataset:
     """``dataset`` with its corpus cut to the judged documents of its queries plus random
     distractors drawn with ``rng``, ``size`` documents in all (more if more are judged)."""

@@ -36,6 +36,7 @@ import torch
 from configs import compose_train, tiny_overrides
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
+from test_synthesize import SYNTH_PROBES
 
 import train as train_cli
 from losses import infonce as infonce_module
@@ -56,12 +57,15 @@ OPTIONS = {
         "margin_mse",
         "listwise_kl",
     ],
-    "train_data": ["beir", "sts", "jsonl", "hf", "multi"],
+    "train_data": ["beir", "sts", "jsonl", "hf", "multi", "synthetic"],
     "eval_data": ["sts"],
     "trainer": ["gpu"],
     "sched": ["cosine", "constant"],
     "evaluation/index": ["hnsw", "ivf_pq"],
 }
+# train_data=synthetic's synthesis node: conf/synthesize.yaml's keys but task_name, out
+# and resume (which SYNTH_PROBES does not list).
+SYNTHESIS_KEYS = sorted(set(SYNTH_PROBES) - {"task_name", "out"})
 # Wall-clock values differ between any two runs.
 TIMINGS = ("_s", "per_s", "time")
 
@@ -323,6 +327,25 @@ PROBES: dict[str, Run | Proven] = {
             ),
             "train_data.sampling": Proven(
                 "test_multiset::test_the_sets_and_sampling_decide_the_batches"
+            ),
+        },
+    ),
+    # synthesize.py and train_data=synthetic share one schema (SynthesisConfig), whose keys
+    # test_synthesize probes one by one.
+    **option_probes(
+        "train_data=synthetic",
+        {
+            **{
+                f"train_data.synthesis.{key}": Proven(
+                    "test_synthesize::test_changing_a_synthesize_knob_changes_behaviour"
+                )
+                for key in SYNTHESIS_KEYS
+            },
+            "train_data.file": Proven(
+                "test_synthesize::test_train_py_synthesises_then_trains_and_reuses_the_file"
+            ),
+            "train_data.cache_dir": Proven(
+                "test_synthesize::test_train_py_synthesises_then_trains_and_reuses_the_file"
             ),
         },
     ),

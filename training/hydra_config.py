@@ -39,6 +39,7 @@ from data import (
     MultiTrainingSet,
     StsEvalSet,
     StsTrainingSet,
+    SyntheticTrainingSet,
 )
 from evaluation.config import EvalConfig, FunnelConfig, IndexSpec, QuantizationConfig
 from evaluation.search import check_index_dims
@@ -68,7 +69,8 @@ class ConfigError(ValueError):
 
 
 def _schema_type(annotation: Any) -> Any:
-    """The nearest type OmegaConf can validate: unions with None stay Optional, tensors and
+    """The nearest type OmegaConf can validate: dataclasses stay (a typed nested node),
+    unions with None stay Optional, tensors and
     paths fall back to their plain-value alternative, sequences become lists, and Literal
     becomes its value type (the constructor checks membership)."""
     origin = typing.get_origin(annotation)
@@ -83,7 +85,7 @@ def _schema_type(annotation: Any) -> Any:
         items = [a for a in args if a is not Ellipsis]
         item = _schema_type(items[0]) if items and len(set(items)) == 1 else Any
         return list[item]
-    if annotation in (int, float, bool, str):
+    if annotation in (int, float, bool, str) or dataclasses.is_dataclass(annotation):
         return annotation
     if annotation is Path or annotation is os.PathLike:
         return str
@@ -140,6 +142,7 @@ SCHEMAS: dict[str, type] = {
     "train_data/jsonl": target_schema(JsonlTrainingSet),
     "train_data/hf": target_schema(HfTrainingSet),
     "train_data/multi": target_schema(MultiTrainingSet),
+    "train_data/synthetic": target_schema(SyntheticTrainingSet),
     "eval_data/beir": target_schema(BeirEvalSet),
     "eval_data/sts": target_schema(StsEvalSet),
     "loss/infonce": target_schema(InfoNCETask),
@@ -225,8 +228,9 @@ def _parameter_keys(obj: Any) -> list[tuple[str, str]]:
 @contextmanager
 def naming(key: str, target: Any) -> Iterator[None]:
     """Re-raise a ValueError from ``target`` (a class, function or dataclass instance) as a
-    ConfigError under ``key``: a message that starts with one of its parameter names,
-    ``"temperature: ..."`` or ``"temperature must ..."``, becomes ``"loss.temperature: ..."``."""
+    ConfigError under ``key`` (empty: the config's top level): a message that starts with
+    one of its parameter names, ``"temperature: ..."`` or ``"temperature must ..."``,
+    becomes ``"loss.temperature: ..."``."""
     try:
         yield
     except ConfigError:
@@ -237,8 +241,8 @@ def naming(key: str, target: Any) -> Iterator[None]:
         for name, suffix in sorted(_parameter_keys(target), key=lambda k: -len(k[0])):
             if message.startswith((f"{name}:", f"{name} ")):
                 rest = message[len(name) :].lstrip(":").strip()
-                raise ConfigError(f"{key}.{suffix}: {rest}") from err
-        raise ConfigError(f"{key}: {message}") from err
+                raise ConfigError(f"{key}.{suffix}: {rest}".lstrip(".")) from err
+        raise ConfigError(f"{key}: {message}" if key else message) from err
 
 
 def model_width(node: DictConfig) -> int:
