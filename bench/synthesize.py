@@ -5,7 +5,7 @@ bfloat16, for the generator synthesize.py uses.
     python bench/synthesize.py --generator /models/qwen --docs 32 --batch-sizes 1 8 32
 
 Each configuration writes ``--queries`` queries for the same ``--docs`` SciFact abstracts
-(the claim prompt, cut to 160 words, as experiment=scifact_synthetic) after one warm-up
+(the question prompt, cut to 160 words, as experiment=scifact_synthetic) after one warm-up
 batch. Prints generated texts per second and the ratio to the first configuration (one
 document per call, float32) measured in the same run, and the share of texts the parser
 accepts (a dtype that broke the model would show there).
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--style", default="claim")
+    parser.add_argument("--style", default="question")
     args = parser.parse_args()
 
     corpus = list(load_corpus(SCIFACT_DIR).values())

@@ -453,6 +453,17 @@ class SynthesisReport:
     removed: Counter = field(default_factory=Counter)
     seconds: float = 0.0
 
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> SynthesisReport:
+        """The report :meth:`as_dict` wrote (a progress record's), or an empty one."""
+        return cls(
+            documents=record.get("documents", 0),
+            generated=record.get("generated", 0),
+            kept=record.get("kept", 0),
+            removed=Counter(record.get("removed", {})),
+            seconds=record.get("generation_seconds", 0.0),
+        )
+
     @property
     def keep_rate(self) -> float:
         return self.kept / self.generated if self.generated else 0.0
@@ -525,13 +536,7 @@ def synthesize(
         }
     fresh = {"done": [], "lines": 0, "bytes": 0, "rejected_bytes": 0, "report": {}}
     progress = read_progress(out, resume, settings, fresh, "documents")
-    report = SynthesisReport(
-        documents=progress["report"].get("documents", 0),
-        generated=progress["report"].get("generated", 0),
-        kept=progress["report"].get("kept", 0),
-        removed=Counter(progress["report"].get("removed", {})),
-        seconds=progress["report"].get("generation_seconds", 0.0),
-    )
+    report = SynthesisReport.from_dict(progress["report"])
     row_of = {doc.id: row for row, doc in enumerate(corpus)}
     if unknown := [d.id for d in documents if d.id not in row_of]:
         raise ValueError(f"documents: {unknown[0]} is not in the corpus")
@@ -846,10 +851,14 @@ def run_synthesis(config: SynthesisConfig, out: Path, resume: bool = False) -> S
     prompt = config.prompt.load()
     settings = config.settings()
     # Cheap refusals (a changed setting, an existing file) before loading anything.
-    read_progress(out, resume, settings, {}, "documents")
+    progress = read_progress(out, resume, settings, {"done": []}, "documents")
     corpus = list(load_corpus(config.corpus.path).values())
     documents = sample_documents(corpus, config.num_docs, config.seed, config.corpus.strata)
     log.info("%s: %d documents, %d sampled", config.corpus.path, len(corpus), len(documents))
+    if {doc.id for doc in documents} <= set(progress["done"]):
+        # Nothing left to write: no generator or retriever to load.
+        log.info("%s holds every sampled document: nothing to generate", out)
+        return SynthesisReport.from_dict(progress["report"])
     names = set(config.filters.retrievers)
     if config.negatives.num:
         names.add(config.negatives.retriever)
@@ -930,13 +939,17 @@ class SyntheticTrainingSet:
         return Triplet if self.synthesis.negatives.num else Pair
 
     def load(self, model: BiEncoder | None = None, negatives: None = None) -> TrainingSet:
+        import torch
         import torch.distributed as dist
 
         out = self.output()
         # One process writes; the others wait for it, then read.
         distributed = dist.is_available() and dist.is_initialized()
         if not distributed or dist.get_rank() == 0:
-            run_synthesis(self.synthesis, out, resume=True)
+            # Sampling draws from torch's global generator, which training then uses: a
+            # run that generates must train as one that found the file in the cache.
+            with torch.random.fork_rng():
+                run_synthesis(self.synthesis, out, resume=True)
         if distributed:
             dist.barrier()
         log.info("training on %s", out)

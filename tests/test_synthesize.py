@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from configs import compose_config, compose_train, run_entry
+from safetensors.torch import load_file
 
 import synthesize as synthesize_cli
 import train as train_cli
@@ -666,9 +667,17 @@ def test_train_py_synthesises_then_trains_and_reuses_the_file(
     assert path.parent == tmp_path / "cache" and path.name.startswith("tiny-")
     train_cli.train(cfg, tmp_path / "run1")
     first = path.read_bytes()
+    # Generating left torch's generator as it found it: training from the cached file
+    # gives the same weights as the run that generated it.
+    train_cli.train(cfg, tmp_path / "run2")
+    weights = [
+        load_file(tmp_path / run / "checkpoints" / "last" / "model.safetensors")
+        for run in ("run1", "run2")
+    ]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert first and (tmp_path / "run1" / "checkpoints").is_dir()
-    # The same settings reuse the file: no generation at all.
-    monkeypatch.setattr(QueryGenerator, "generate", lambda *a, **k: pytest.fail("generated again"))
+    # The same settings reuse the file: no generator is even loaded.
+    monkeypatch.setattr(QueryGenerator, "load", lambda *a, **k: pytest.fail("loaded again"))
     examples = spec.load().examples
     assert [e.query for e in examples] == [line["query"] for line in read(path)]
     # A larger sample extends the file rather than starting over.
@@ -916,3 +925,14 @@ def test_the_throughput_benchmark_runs_and_prints_a_row_per_setting(tiny_lm):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| float32")]
     assert [row.split("|")[2].strip() for row in rows] == ["1", "2"]
     assert rows[0].split("|")[4].strip() == "1.00x"
+
+
+def test_the_scifact_synthetic_experiment_trains_on_synthetic_queries_only():
+    from data import SCIFACT_DIR
+
+    cfg = compose_train("experiment=scifact_synthetic")
+    spec = train_cli.build_training_spec(cfg.train_data)
+    assert isinstance(spec, SyntheticTrainingSet)
+    assert Path(spec.synthesis.corpus.path) == SCIFACT_DIR
+    assert spec.synthesis.generator.path is None  # the packaged SmolLM2
+    assert (cfg.eval_data.path, cfg.eval_data.split) == (str(SCIFACT_DIR), "test")
