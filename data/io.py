@@ -140,6 +140,14 @@ def read_progress(
     return progress
 
 
+def append_durably(file: BinaryIO, data: bytes) -> None:
+    """Append ``data`` to ``file`` and push it to disk, so that a progress record saved
+    afterwards never counts bytes a crash could still lose."""
+    file.write(data)
+    file.flush()
+    os.fsync(file.fileno())
+
+
 def save_progress(out: Path, progress: dict[str, Any]) -> None:
     """Record ``progress`` for ``out``, atomically (written aside, then renamed)."""
     path = progress_path(out)

@@ -23,7 +23,6 @@ import array
 import dataclasses
 import json
 import logging
-import os
 import random
 import re
 from collections import Counter
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .beir import BeirDataset
 from .errors import DataError
-from .io import read_progress, save_progress
+from .io import append_durably, read_progress, save_progress
 from .training import Pair, Triplet
 
 if TYPE_CHECKING:
@@ -725,9 +724,7 @@ def mine(
             data = b"".join(
                 (json.dumps(line, ensure_ascii=False) + "\n").encode() for line in lines
             )
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+            append_durably(file, data)
             written.update(len(lines))
             report.queries += len(batch)
             report.lines += len(lines)

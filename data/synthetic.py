@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from .beir import Document
 from .errors import DataError
 from .generator import QueryGenerator, Sampling
-from .io import dotted_leaves, read_progress, save_progress
+from .io import append_durably, dotted_leaves, read_progress, save_progress
 from .mining import (
     BM25Retriever,
     DenseRetriever,
@@ -543,7 +543,7 @@ def synthesize(
     done = set(progress["done"])
     todo = [d for d in documents if d.id not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept_before = [line["query"] for _, line in _read_lines(out, progress["bytes"])]
+    kept_before = [line["query"] for line in _recorded_lines(out, progress["bytes"])]
     dedup = Deduplicator(options.filters.dedup_threshold, kept_before)
     mining = options.negatives.mining_options(options.seed) if options.negatives.num else None
     bar = tqdm(
@@ -586,10 +586,10 @@ def synthesize(
                 }
                 dedup.add(line["query"])
             data = _jsonl(lines)
-            _append(file, data)
+            append_durably(file, data)
             if options.save_rejected:
                 removed = _jsonl(rejected)
-                _append(rejects, removed)
+                append_durably(rejects, removed)
                 progress["rejected_bytes"] += len(removed)
             report.documents += len(batch)
             report.kept += len(lines)
@@ -617,25 +617,18 @@ def _jsonl(records: list[dict[str, Any]]) -> bytes:
     return b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in records)
 
 
-def _append(file: Any, data: bytes) -> None:
-    file.write(data)
-    file.flush()
-    os.fsync(file.fileno())
-
-
 def _cut(text: str, max_words: int | None) -> str:
     if max_words is None:
         return text
     return " ".join(text.split()[:max_words])
 
 
-def _read_lines(out: Path, size: int) -> Iterable[tuple[int, dict[str, Any]]]:
-    """The complete lines of ``out``'s first ``size`` bytes (a torn last line is left)."""
-    if not size or not out.exists():
+def _recorded_lines(out: Path, size: int) -> list[dict[str, Any]]:
+    """The lines in ``out``'s first ``size`` bytes: those its progress record counts."""
+    if not size:
         return []
     with open(out, "rb") as file:
-        data = file.read(size)
-    return [(i, json.loads(line)) for i, line in enumerate(data.splitlines(), 1) if line.strip()]
+        return [json.loads(line) for line in file.read(size).splitlines() if line.strip()]
 
 
 def _parse_batch(
