@@ -204,7 +204,14 @@ record ceilings "$stage_status" $((SECONDS - start)) "$ceilings_result"
 # --- (b) the CUDA-only tests. Modules needing hydra, faiss or wandb, which the image
 # lacks, are reported as skipped by tests/conftest.py.
 start=$SECONDS
-TESTS_SKIP_MISSING=1 run_stage pytest "$limit_pytest" "$python" -m pytest -m gpu -ra -q -p no:cacheprovider
+# Triton compiles each kernel variant on the host's CPU, one at a time per process: on the
+# GPU machine's 16 cores, pytest-xdist (in its image) runs the modules side by side.
+parallel=()
+if [[ $cpu == 0 ]] && "$python" -c 'import xdist' 2>/dev/null; then
+  parallel=(-n 4 --dist loadfile)
+fi
+TESTS_SKIP_MISSING=1 run_stage pytest "$limit_pytest" "$python" -m pytest -m gpu -ra -q \
+  -p no:cacheprovider "${parallel[@]}"
 {
   echo '```text'
   if grep -q 'short test summary info' "$out/pytest.log"; then

@@ -310,19 +310,34 @@ def test_op_gradcheck_float64(case):
     assert torch.autograd.gradcheck(loss, (q, d, scale))
 
 
-def encoder_step(encoder, pooling):
+def encoder_step(encoder, pooling, doc_ids):
     """Embed queries and documents with the encoder, mean-pool, normalise, InfoNCE."""
 
     def step(query_ids, query_mask, doc_token_ids, doc_mask, temperature):
         q = F.normalize(pooling(encoder(query_ids, query_mask), query_mask), dim=-1)
         d = F.normalize(pooling(encoder(doc_token_ids, doc_mask), doc_mask), dim=-1)
-        return info_nce(q, d, temperature, symmetric=True, doc_ids=DOC_IDS)
+        return info_nce(q, d, temperature, symmetric=True, doc_ids=doc_ids)
 
     return step
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_encoder_and_loss_compile_fullgraph(backend):
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [
+        ("aot_eager", "cpu"),
+        pytest.param("inductor", "cpu", marks=pytest.mark.slow),
+        # On CUDA the op runs the Triton kernels, inside the compiled graph.
+        pytest.param(
+            "aot_eager",
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
+def test_encoder_and_loss_compile_fullgraph(backend, device):
     """A tiny BERT, mean pooling and InfoNCE compiled as one graph: loss and the gradients
     of every encoder parameter and the temperature equal eager's.
 
@@ -332,17 +347,17 @@ def test_encoder_and_loss_compile_fullgraph(backend):
     """
     torch.manual_seed(0)
     encoder = Encoder(EncoderConfig.tiny())
-    encoder.eval()
+    encoder.eval().to(device)
     pooling = MeanPooling()
     length = 8
-    query_ids = torch.randint(1000, 2000, (BATCH, length))
-    doc_token_ids = torch.randint(1000, 2000, (NUM_DOCS, length))
-    query_mask = torch.ones(BATCH, length, dtype=torch.long)
-    doc_mask = torch.ones(NUM_DOCS, length, dtype=torch.long)
+    query_ids = torch.randint(1000, 2000, (BATCH, length), device=device)
+    doc_token_ids = torch.randint(1000, 2000, (NUM_DOCS, length), device=device)
+    query_mask = torch.ones(BATCH, length, dtype=torch.long, device=device)
+    doc_mask = torch.ones(NUM_DOCS, length, dtype=torch.long, device=device)
     query_mask[0, 5:] = 0
     doc_mask[3, 2:] = 0
-    temperature = torch.tensor(TEMPERATURE, requires_grad=True)
-    step = encoder_step(encoder, pooling)
+    temperature = torch.tensor(TEMPERATURE, requires_grad=True, device=device)
+    step = encoder_step(encoder, pooling, DOC_IDS.to(device))
     parameters = [temperature, *encoder.parameters()]
 
     def loss_and_grads(fn):

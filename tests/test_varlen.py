@@ -130,3 +130,48 @@ def test_unpadded_matches_transformers_on_minilm(minilm, minilm_path):
         actual = ours(batch["input_ids"], mask, batch["token_type_ids"])
     real = mask.bool()
     assert_close_to_scale(actual[real], expected[real], terms=ours.config.intermediate_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pooling", sorted(POOLING_HEADS))
+def test_gpu_unpadded_equals_padded_and_the_cpu(seed, pooling):
+    """On CUDA SDPA picks other kernels than on CPU: the varlen path must still give the
+    padded path's embeddings and gradients, and both the CPU's."""
+    tower = Tower(Encoder(CONFIG), pooling, projection_dim=None).train()
+    if pooling == "attention":
+        with torch.no_grad():
+            tower.pooling.query.normal_()
+    ids, mask = make_batch(LENGTHS["ragged"])
+    weights = torch.randn(len(LENGTHS["ragged"]), CONFIG.hidden_size)
+    on_cpu, cpu_grads = pooled_and_grads(tower, True, ids, mask, weights)
+    tower.cuda()
+    ids, mask, weights = ids.cuda(), mask.cuda(), weights.cuda()
+    padded, padded_grads = pooled_and_grads(tower, False, ids, mask, weights)
+    unpadded, unpadded_grads = pooled_and_grads(tower, True, ids, mask, weights)
+    assert_close_to_scale(unpadded, padded, terms=TERMS)
+    # Two devices, two summation orders in every layer: the tolerance of twice the terms.
+    assert_close_to_scale(unpadded.cpu(), on_cpu, terms=2 * TERMS)
+    for name, grad in cpu_grads.items():
+        if name.endswith("attn.key.bias"):
+            continue  # rounding noise around an exact zero, as in the CPU test above
+        assert_close_to_scale(unpadded_grads[name], padded_grads[name], terms=TERMS, msg=name)
+        assert_close_to_scale(unpadded_grads[name].cpu(), grad, terms=2 * TERMS, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_autocast_keeps_the_fp32_embeddings(seed):
+    """bf16 autocast, as training and encode use it on a GPU: pooled embeddings within
+    bf16 rounding of fp32 ones (cosine > 0.999), on both execution paths."""
+    tower = Tower(Encoder(CONFIG), "mean", projection_dim=None).eval().cuda()
+    ids, mask = (t.cuda() for t in make_batch(LENGTHS["ragged"]))
+    for unpadded in (False, True):
+        tower.encoder.unpadded = unpadded
+        with torch.no_grad():
+            full = tower(ids, mask)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                half = tower(ids, mask)
+        assert half.dtype == torch.bfloat16
+        cosine = torch.nn.functional.cosine_similarity(half.float(), full, dim=-1)
+        assert cosine.min() > 0.999, (unpadded, cosine)
