@@ -11,9 +11,10 @@
 # Writes report.md and one log per stage to $OUT (default outputs/device_check, which git
 # ignores) and prints the report's summary table last. Exit status 0 when no stage failed.
 #
-# Environment: PYTHON (python3); LIMIT_CEILINGS, LIMIT_PYTEST, LIMIT_KERNELS, LIMIT_TRAIN
-# (seconds per stage); INFONCE_ARGS, TRAIN_ARGS (replace the default arguments of
-# bench/infonce.py and bench/gpu_train.py); WHEELS (.whl: wheels installed first, GPU only).
+# Environment: PYTHON (python3); LIMIT_CEILINGS, LIMIT_PYTEST, LIMIT_KERNELS, LIMIT_TILES,
+# LIMIT_TRAIN (seconds per stage); INFONCE_ARGS, TILES_ARGS, TRAIN_ARGS (replace the default
+# arguments of bench/infonce.py, bench/infonce_tiles.py and bench/gpu_train.py); WHEELS
+# (.whl: wheels installed first, GPU only).
 set -euo pipefail
 
 cpu=${DEVICE_CHECK_CPU:-0}
@@ -52,19 +53,24 @@ if [[ $cpu == 1 ]]; then
   device=cpu
   infonce_args=(--isolate impl --sizes 32 --dims 16 --dtypes bf16
     --problems in_batch hard_neg symmetric --repeats 1 --fit-search --fit-max 64)
+  tiles_args=(--size 64 --dim 32 --repeats 1 --warmups 0)
   train_args=(--batch-size 8 --chunk-size 4 --layers 1 --hidden 32 --heads 4
     --intermediate 64 --vocab-size 200 --seconds 1 --max-steps 2 --query-words 2 4
-    --doc-words 4 8 --encode-texts 16 --encode-batch 8)
+    --doc-words 4 8 --encode-texts 16 --encode-batch 8 --profile)
 else
   mode="GPU"
   device=cuda
   # B=262,144 costs minutes per implementation: it is for a lease of its own.
   infonce_args=(--sizes 16384 65536 --dims 768 --dtypes bf16
     --problems in_batch hard_neg symmetric --repeats 2 --fit-search --fit-seconds 5)
-  train_args=(--seconds 35 --batch-size 4096 --chunk-size 256)
+  tiles_args=(--size 16384 --dim 768)
+  train_args=(--seconds 35 --batch-size 4096 --chunk-size 256 --profile)
 fi
 if [[ -n ${INFONCE_ARGS:-} ]]; then
   read -ra infonce_args <<<"$INFONCE_ARGS"
+fi
+if [[ -n ${TILES_ARGS:-} ]]; then
+  read -ra tiles_args <<<"$TILES_ARGS"
 fi
 if [[ -n ${TRAIN_ARGS:-} ]]; then
   read -ra train_args <<<"$TRAIN_ARGS"
@@ -72,6 +78,7 @@ fi
 limit_ceilings=${LIMIT_CEILINGS:-45}
 limit_pytest=${LIMIT_PYTEST:-80}
 limit_kernels=${LIMIT_KERNELS:-170}
+limit_tiles=${LIMIT_TILES:-60}
 limit_train=${LIMIT_TRAIN:-150}
 
 names=()
@@ -210,7 +217,7 @@ parallel=()
 if [[ $cpu == 0 ]] && "$python" -c 'import xdist' 2>/dev/null; then
   parallel=(-n 4 --dist loadfile)
 fi
-TESTS_SKIP_MISSING=1 run_stage pytest "$limit_pytest" "$python" -m pytest -m gpu -ra -q \
+TESTS_SKIP_MISSING=1 run_stage pytest "$limit_pytest" "$python" -m pytest -m gpu -ra -q --durations=8 \
   -p no:cacheprovider "${parallel[@]}"
 {
   echo '```text'
@@ -239,6 +246,13 @@ run_stage kernels "$limit_kernels" "$python" bench/infonce.py --device "$device"
   --budget $((limit_kernels - 15)) "${peak_args[@]}" "${infonce_args[@]}" \
   --out "$out/kernels.md" --summary "$work/kernels.summary"
 record kernels "$stage_status" $((SECONDS - start)) "$(summary_of kernels)"
+
+# --- (c') the kernels' tile shapes and the gemm backward's column chunk, each against the
+# default in the same run.
+start=$SECONDS
+run_stage tiles "$limit_tiles" "$python" bench/infonce_tiles.py --device "$device" \
+  "${tiles_args[@]}" --out "$out/tiles.md" --summary "$work/tiles.summary"
+record tiles "$stage_status" $((SECONDS - start)) "$(summary_of tiles)"
 
 # --- (d) training steps and encoding, ours against sentence-transformers.
 start=$SECONDS

@@ -91,6 +91,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="our InfoNCE implementation (auto: triton on CUDA)",
     )
     parser.add_argument("--systems", nargs="+", choices=("ours", "st"), default=["ours", "st"])
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one more step of each job (torch.profiler, top ops)",
+    )
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     parser.add_argument("--summary", type=Path, help="write a one-line summary here")
     return parser.parse_args(argv)
@@ -255,7 +260,36 @@ def time_training(step, batches: Iterator[list[Pair]], device: torch.device, arg
     result["examples"] = steps * args.batch_size
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile:
+        result["profile"] = profile_step(step, next(batches), device)
     return result
+
+
+def profile_step(step, examples: list[Pair], device: torch.device) -> str:
+    """The ops of one step by their own device time (CPU time without CUDA): where a
+    step's time goes, and how much of the wall time the GPU sat idle."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step(examples)
+        _synchronize(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    busy = ""
+    if on_gpu:
+        # The kernels themselves (device events), not the ops that launched them as well.
+        device_us = sum(
+            event.self_device_time_total
+            for event in events
+            if event.device_type == torch.autograd.DeviceType.CUDA
+        )
+        busy = f", GPU busy {device_us / 1e6:.2f} s ({100 * device_us / 1e6 / wall:.0f}%)"
+    header = f"one step: {wall:.2f} s wall (under the profiler){busy}"
+    return header + "\n" + events.table(sort_by=sort_by, row_limit=15, max_name_column_width=60)
 
 
 def time_encoding(encode, texts: list[str], device: torch.device, dtype) -> dict:
@@ -381,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
                 device,
             )
             print(f"train {system}: {_rate(training[system], 'train')}", flush=True)
+            if isinstance(training[system], dict) and "profile" in training[system]:
+                print(training[system]["profile"], flush=True)
 
     doc_tokens = sum(len(text.split()) + 2 for text in doc_texts)
     report = _report(args, device, precision, load_at_start, training, encoding, doc_tokens)
@@ -441,6 +477,11 @@ def _report(args, device, precision, load_at_start, training, encoding, doc_toke
         st_emb = encoding["st"]["embeddings"].float()
         difference = (ours_emb - st_emb).abs().max().item()
         lines += ["", f"- max |ours − sentence-transformers| over the embeddings: {difference:.2e}"]
+    for system in args.systems:
+        result = training.get(system)
+        if isinstance(result, dict) and "profile" in result:
+            lines += ["", f"Profile of one step, {JOB_NAMES[system]}:", "", "```text"]
+            lines += [result["profile"], "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -6,8 +6,11 @@ Implementations (``--impls``):
 * ``compiled``: the same function through ``torch.compile`` (dynamic shapes, so one
   compilation serves every size);
 * ``torch``: the chunked online-logsumexp path of ``losses.infonce``;
-* ``triton``: the fused kernel (``kernels.infonce``); CUDA, or CPU tensors when
-  ``TRITON_INTERPRET=1`` is set (tiny sizes only);
+* ``triton``: the fused kernel (``kernels.infonce``), its default "gemm" backward
+  (``--chunk-size`` columns of p − onehot at a time, multiplied out by cuBLAS); CUDA, or
+  CPU tensors when ``TRITON_INTERPRET=1`` is set (tiny sizes only);
+* ``triton_recompute``: the same forward with the "recompute" backward, which never
+  stores a logit (O(B + N) memory);
 * ``inf_cl``: Inf-CL's single-GPU ``inf_cl.cal_flash_loss`` (``pip install inf-cl``; CUDA
   only), reported as not installed when it does not import. It upcasts its inputs to fp32
   and multiplies them in TF32 whatever the input dtype.
@@ -76,7 +79,7 @@ SIZES = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 DIMS = (128, 384, 768)
 DTYPES = ("fp32", "bf16")
 # The order workers run in under a --budget: the comparisons that matter most come first.
-IMPLS = ("naive", "triton", "inf_cl", "torch", "compiled")
+IMPLS = ("naive", "triton", "inf_cl", "triton_recompute", "torch", "compiled")
 PROBLEMS = ("in_batch", "hard_neg", "symmetric")
 TEMPERATURE = 0.05
 ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
@@ -321,6 +324,12 @@ def _loss_fn(impl: str, symmetric: bool, chunk_size: int, dim: int, variant: str
     if impl == "compiled":
         compiled = torch.compile(naive_info_nce, dynamic=True)
         return lambda q, d, **guides: compiled(q, d, scale, symmetric, **options, **guides)
+    if impl == "triton_recompute":
+        from kernels.infonce import fused_info_nce
+
+        return lambda q, d, **guides: fused_info_nce(
+            q, d, scale, symmetric, backward="recompute", **options, **guides
+        )
     return lambda q, d, **guides: info_nce(
         q,
         d,
@@ -388,6 +397,16 @@ class _Runner:
             self.losses[key] = loss
         return self.losses[key]
 
+    def _forward(self, loss_fn, q, d, guides) -> float:
+        import torch
+
+        with torch.no_grad():
+            _synchronize(self.device.type)
+            start = time.perf_counter()
+            loss_fn(q, d, **guides)
+            _synchronize(self.device.type)
+        return time.perf_counter() - start
+
     def _step(self, loss_fn, q, d, guides) -> float:
         q.grad = d.grad = None
         _synchronize(self.device.type)
@@ -414,6 +433,7 @@ class _Runner:
             else:
                 first, peak_extra = peak_extra_rss(lambda: self._step(loss_fn, q, d, guides))
             times = [self._step(loss_fn, q, d, guides) for _ in range(repeats)] or [first]
+            forward = [self._forward(loss_fn, q, d, guides) for _ in range(max(repeats, 1))]
         except Exception as error:
             # One configuration failing (a kernel that does not compile for a shape, say)
             # leaves a reason in its row and the worker goes on to the next.
@@ -426,6 +446,7 @@ class _Runner:
             result = {
                 "status": "ok",
                 "seconds": statistics.median(times),
+                "forward_seconds": statistics.median(forward),
                 "peak_extra_bytes": peak_extra,
             }
         finally:
@@ -507,7 +528,11 @@ def _skipped_impls(impls: list[str], device: str) -> dict[str, str]:
             reasons[impl] = "not installed (`pip install inf-cl`)"
         elif impl == "inf_cl" and device != "cuda":
             reasons[impl] = "needs CUDA"
-        elif impl == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        elif (
+            impl.startswith("triton")
+            and device != "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1"
+        ):
             reasons[impl] = "needs CUDA or TRITON_INTERPRET=1"
     return reasons
 
@@ -551,7 +576,7 @@ def _flops(config: dict) -> float:
 
 
 def _columns(on_gpu: bool, peak: float | None) -> list[str]:
-    columns = ["impl", "problem", "variant", "B", "N", "D", "dtype", "fwd+bwd ms"]
+    columns = ["impl", "problem", "variant", "B", "N", "D", "dtype", "fwd+bwd ms", "fwd ms"]
     columns += ["time / naive", "time / plain"]
     columns += ["peak extra MiB", "naive mem / mem"]
     if on_gpu:
@@ -578,6 +603,7 @@ def _format_row(
     plain_ok = plain is not None and plain["status"] == "ok"
     cells += [
         f"{seconds * 1e3:.1f}",
+        f"{result['forward_seconds'] * 1e3:.1f}",
         f"{seconds / naive['seconds']:.2f}×" if naive_ok else "–",
         f"{seconds / plain['seconds']:.2f}×" if plain_ok else "–",
         f"{peak_extra / MIB:.1f}",
@@ -687,7 +713,9 @@ def _run_driver(args: argparse.Namespace) -> str:
             rows.append(_row(config | {"impl": impl}, results, args.peak_tflops, columns))
     notes = [
         f"fwd+bwd ms: median of {args.repeats} runs after a first run that measures memory;"
-        f" temperature {TEMPERATURE}, chunk_size={args.chunk_size} (impl=torch),"
+        f"; fwd ms: median of as many forward-only runs without autograd;"
+        f" temperature {TEMPERATURE}, chunk_size={args.chunk_size} (torch's tile,"
+        f" triton's backward column chunk),"
         f" one process per {isolate}",
         *(f"{impl}: skipped: {reason}" for impl, reason in skipped.items()),
     ]

@@ -65,7 +65,7 @@ _INT64_POINTERS = {
     ),
 }
 # The guide embeddings, cast to the inputs' dtype by the host.
-_INPUT_POINTERS = ("q_ptr", "d_ptr", "guide_q_ptr", "guide_d_ptr")
+_INPUT_POINTERS = ("q_ptr", "d_ptr", "guide_q_ptr", "guide_d_ptr", "probs_ptr")
 # Per-direction constexprs of kernels.infonce (see its Math comment). "plain" is the loss
 # without options; the others are the specialisations the options launch. Each names the
 # kernel flag values that apply: WITH_STATS only on query_to_doc's forward.
@@ -89,7 +89,10 @@ _KERNELS = {
     "fwd": (infonce._infonce_fwd_kernel, "WITH_STATS"),
     "bwd_dq": (infonce._infonce_bwd_dq_kernel, "ATOMIC_DD"),
     "bwd_dd": (infonce._infonce_bwd_dd_kernel, None),
+    "bwd_probs": (infonce._infonce_bwd_probs_kernel, None),
 }
+# The "gemm" backward's probability kernel has tiles of its own.
+_BLOCK_SIZES = {"bwd_probs": infonce.default_probs_block_sizes}
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,9 @@ def variants(dims: tuple[int, ...] = DIMS, fast: bool = False) -> list[Variant]:
                 values = FEATURES[feature]
                 extra_state = bool(values["HAS_GUIDE"] or values["HARDNESS"])
                 by_blocks: dict[infonce.BlockSizes, list[int]] = {}
+                block_sizes = _BLOCK_SIZES.get(kernel, infonce.default_block_sizes)
                 for dim in dims:
-                    blocks = infonce.default_block_sizes(dim, dtype, extra_state)
+                    blocks = block_sizes(dim, dtype, extra_state)
                     by_blocks.setdefault(blocks, []).append(dim)
                 flag_options = (False,) if flag is None else (False, True)
                 if flag == "WITH_STATS" and not _is_query_to_doc(feature):

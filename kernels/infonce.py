@@ -104,6 +104,18 @@ from losses.infonce import (
 # tile is excluded keep −1. r rather than s·r, so the values are the similarities users
 # read and their order is that of q·d whatever s is. Four more O(B) outputs, nothing saved.
 #
+# Two backward strategies (``backward=``):
+#   "recompute"  the kernels above: O(B + N) memory, but each logit tile is recomputed by
+#                the dq kernel once per BLOCK_DOUT slice of D and again by the dd kernel
+#                (with deterministic=True): 2·BND for the forward's logits becomes up to
+#                ~18·BND executed at D=768, in small tiles.
+#   "gemm"       column chunks of C documents: _infonce_bwd_probs_kernel recomputes each
+#                logit tile of the chunk once and writes P = p − onehot [B, C] in the
+#                input dtype; the two products dq += P·d_C and dd_C = Pᵀ·q run as
+#                tensor-core GEMMs (cuBLAS) with fp32 output. 8·BND in all and O(B·C)
+#                memory, bounded by the chunk; deterministic, since nothing is atomic.
+# Both compute the same unscaled accumulators, so the host's g·s and ∂/∂s are shared.
+#
 # Every tile product accumulates in fp32 whatever the input dtype; p − onehot is cast to
 # the input dtype before the backward products, as FlashAttention does with P, so
 # fp16/bf16 use tensor cores. The new features are constexpr flags: with them off (one
@@ -730,6 +742,92 @@ def _infonce_bwd_dd_kernel(
     )
 
 
+@triton.jit
+def _infonce_bwd_probs_kernel(
+    q_ptr,
+    d_ptr,
+    doc_ids_ptr,
+    owners_ptr,
+    guide_q_ptr,
+    guide_d_ptr,
+    threshold_ptr,
+    scale_ptr,
+    lse_ptr,
+    probs_ptr,
+    B,
+    N,
+    D,
+    G,
+    col_start,
+    chunk_cols,
+    hardness_strength,
+    stride_q,
+    stride_d,
+    stride_guide_q,
+    stride_guide_d,
+    stride_probs,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DOC_IDS: tl.constexpr,
+    DIAGONAL: tl.constexpr,
+    EXCLUDE_OWN: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    HAS_GUIDE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """probs[rows, j − col_start] = (p − onehot)[rows, j] for the chunk's columns
+    j ∈ [col_start, col_start + chunk_cols), in probs' dtype: the backward's left factor,
+    each logit tile recomputed once."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_start + local
+    row_in = rows < B
+    scale = tl.load(scale_ptr).to(tl.float32)
+    row_lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+    row_doc_ids = _load_row_doc_ids(doc_ids_ptr, rows, B, HAS_DOC_IDS)
+    row_thresholds = _load_row_thresholds(threshold_ptr, rows, B, HAS_GUIDE)
+    dlogits = _unweighted_dlogits_tile(
+        q_ptr,
+        d_ptr,
+        doc_ids_ptr,
+        owners_ptr,
+        guide_q_ptr,
+        guide_d_ptr,
+        rows,
+        cols,
+        row_lse,
+        row_doc_ids,
+        row_thresholds,
+        scale,
+        hardness_strength,
+        B,
+        N,
+        D,
+        G,
+        stride_q,
+        stride_d,
+        stride_guide_q,
+        stride_guide_d,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+        HAS_DOC_IDS,
+        DIAGONAL,
+        EXCLUDE_OWN,
+        HARDNESS,
+        HAS_GUIDE,
+        INPUT_PRECISION,
+        UPCAST_DOT,
+    )
+    tl.store(
+        probs_ptr + rows.to(tl.int64)[:, None] * stride_probs + local[None, :],
+        dlogits.to(probs_ptr.dtype.element_ty),
+        mask=row_in[:, None] & (local < chunk_cols)[None, :],
+    )
+
+
 # ------------------------------------------------------------------------------------------
 # Host side.
 # ------------------------------------------------------------------------------------------
@@ -737,6 +835,7 @@ def _infonce_bwd_dd_kernel(
 # Decided when the kernels above were decorated, so it must be read at import, not per call.
 _INTERPRETED = knobs.runtime.interpret
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKWARDS = ("gemm", "recompute")
 
 
 @dataclass(frozen=True)
@@ -811,6 +910,22 @@ def default_block_sizes(dim: int, dtype: torch.dtype, extra_state: bool = False)
     return BlockSizes(
         m=64, n=64, d=64 if half else 32, d_out=d_out, num_warps=8 if d_out >= 128 else 4
     )
+
+
+def default_probs_block_sizes(
+    dim: int, dtype: torch.dtype, extra_state: bool = False
+) -> BlockSizes:
+    """Tile shape of the "gemm" backward's probability kernel (``d_out`` unused).
+
+    It keeps no running state and no gradient accumulator, only one fp32 logit tile, so
+    fp16/bf16 take 128×128 tiles with 64-wide K steps (wgmma m64n128k16 on Hopper); the
+    guide's second score tile and the hardness selection take the smaller fp32 tiles.
+    """
+    if _INTERPRETED:
+        return default_block_sizes(dim, dtype, extra_state)
+    if dtype in (torch.float16, torch.bfloat16) and not extra_state:
+        return BlockSizes(m=128, n=128, d=64, d_out=16, num_warps=8, num_stages=3)
+    return BlockSizes(m=64, n=64, d=32, d_out=16, num_warps=4, num_stages=3)
 
 
 @dataclass(frozen=True)
@@ -1090,9 +1205,76 @@ def _launch_backward(
     return d_rows, d_cols
 
 
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32. fp16/bf16 operands stay on the tensor cores on CUDA, with cuBLAS'
+    fp32 accumulator written out unrounded (``out_dtype``), so that the sum over column
+    chunks is not rounded to the input dtype at every chunk."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _launch_backward_gemm(
+    inputs: _Inputs,
+    spec: Direction,
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    blocks: BlockSizes,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One direction, as :func:`_launch_backward` returns it, by column chunks: the
+    probability kernel writes P = p − onehot [B, chunk] once per chunk, and two GEMMs
+    take dq += P·cols and dd_chunk = Pᵀ·rows (see the Math comment)."""
+    batch, dim = inputs.q.shape
+    rows, cols, pointers, scalars, strides, constexprs = _direction_args(inputs, spec, lse)
+    num_cols = cols.shape[0]
+    chunk = min(chunk_size, num_cols)
+    probs = torch.empty(batch, chunk, device=rows.device, dtype=rows.dtype)
+    d_rows = torch.zeros(batch, dim, device=rows.device, dtype=torch.float32)
+    d_cols = torch.empty(num_cols, dim, device=rows.device, dtype=torch.float32)
+    guide_dim, hardness_strength = scalars
+    for col_start in range(0, num_cols, chunk):
+        width = min(chunk, num_cols - col_start)
+        _infonce_bwd_probs_kernel[(triton.cdiv(batch, blocks.m), triton.cdiv(width, blocks.n))](
+            rows,
+            cols,
+            *pointers,
+            scale,
+            lse,
+            probs,
+            batch,
+            num_cols,
+            dim,
+            guide_dim,
+            col_start,
+            width,
+            hardness_strength,
+            *strides,
+            probs.stride(0),
+            BLOCK_M=blocks.m,
+            BLOCK_N=blocks.n,
+            BLOCK_D=blocks.d,
+            **constexprs,
+            **_kernel_flags(rows.dtype),
+            num_warps=blocks.num_warps,
+            num_stages=blocks.num_stages,
+        )
+        tile = probs[:, :width]  # [B, width]
+        d_rows += _matmul_fp32(tile, cols[col_start : col_start + width])
+        d_cols[col_start : col_start + width] = _matmul_fp32(tile.T, rows)
+    return d_rows, d_cols
+
+
 def _default_blocks(inputs: _Inputs, spec: Direction) -> BlockSizes:
     extra_state = inputs.guide_q is not None or spec.hardness != 0
     return default_block_sizes(inputs.q.shape[1], inputs.q.dtype, extra_state)
+
+
+def _default_probs_blocks(inputs: _Inputs, spec: Direction) -> BlockSizes:
+    extra_state = inputs.guide_q is not None or spec.hardness != 0
+    return default_probs_block_sizes(inputs.q.shape[1], inputs.q.dtype, extra_state)
 
 
 def _terms_of(symmetric: bool, terms: LossTerms | None) -> LossTerms:
@@ -1165,14 +1347,24 @@ def infonce_backward(
     doc_owners: torch.Tensor | None = None,
     guide_q: torch.Tensor | None = None,
     guide_d: torch.Tensor | None = None,
+    backward: str = "gemm",
+    chunk_size: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dd, dscale) of the mean loss scaled by the upstream ``grad_loss``.
 
-    ``lse`` and ``terms`` are those of :func:`infonce_forward`. ``deterministic=False``
+    ``lse`` and ``terms`` are those of :func:`infonce_forward`. ``backward`` picks the
+    strategy (see the Math comment): ``"gemm"`` writes p − onehot for ``chunk_size``
+    columns at a time (B × chunk_size in the input dtype) and multiplies it out with
+    cuBLAS; ``"recompute"`` never stores a logit, recomputing them inside the gradient
+    kernels. ``deterministic=False`` (``"recompute"`` only; ``"gemm"`` is deterministic)
     accumulates the column gradients with atomic adds from the row pass: one logit
     recomputation instead of two, but the fp32 summation order (hence the last bits)
-    varies between runs on a GPU.
+    varies between runs on a GPU. ``block_sizes`` are the tiles of the chosen kernels.
     """
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     inputs = _validated(q, d, doc_ids, terms, doc_owners, guide_q, guide_d)
     q, d = inputs.q, inputs.d
     batch = q.shape[0]
@@ -1187,8 +1379,16 @@ def infonce_backward(
     with _on_device(q.device):
         for index, spec in enumerate(specs):
             term_lse = lse[0 if terms.joint else index].float().contiguous()
-            blocks = block_sizes or _default_blocks(inputs, spec)
-            d_rows, d_cols = _launch_backward(inputs, spec, scale, term_lse, deterministic, blocks)
+            if backward == "gemm":
+                blocks = block_sizes or _default_probs_blocks(inputs, spec)
+                d_rows, d_cols = _launch_backward_gemm(
+                    inputs, spec, scale, term_lse, blocks, chunk_size
+                )
+            else:
+                blocks = block_sizes or _default_blocks(inputs, spec)
+                d_rows, d_cols = _launch_backward(
+                    inputs, spec, scale, term_lse, deterministic, blocks
+                )
             rows = spec.rows(q, d)
             term_dscale = torch.dot(rows.float().flatten(), d_rows.flatten())
             if dq is None:
@@ -1210,6 +1410,8 @@ def fused_info_nce(
     doc_ids: torch.Tensor | None = None,
     deterministic: bool = True,
     return_stats: bool = False,
+    backward: str = "gemm",
+    chunk_size: int = 4096,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
     """Mean InfoNCE loss of queries ``q`` [B, D] against documents ``d`` [N, D], fused.
@@ -1219,10 +1421,14 @@ def fused_info_nce(
     that may require grad). ``symmetric`` averages in the document→query loss over the B
     positives. ``doc_ids`` [N] removes false negatives: column j != i leaves row i's softmax
     when ``doc_ids[j] == doc_ids[i]``. ``options`` are :func:`losses.infonce.info_nce`'s
-    keywords (directions, partition, guide filter, hardness). ``deterministic=False`` trades
-    bitwise reproducibility of dd for one fewer logit recomputation (atomic adds). Returns
-    an fp32 scalar whatever the input dtype (fp32, fp16 or bf16); memory beyond the inputs
-    and their gradients is O(B + N). ``return_stats=True`` returns ``(loss,
+    keywords (directions, partition, guide filter, hardness). ``backward="gemm"`` (the
+    default) materialises p − onehot ``chunk_size`` columns at a time and takes the two
+    gradient products as GEMMs; ``"recompute"`` keeps memory O(B + N) by recomputing the
+    logits in the gradient kernels, where ``deterministic=False`` trades bitwise
+    reproducibility of dd for one fewer recomputation (atomic adds). Returns an fp32
+    scalar whatever the input dtype (fp32, fp16 or bf16); memory beyond the inputs and
+    their gradients is O(B + N), plus B × chunk_size in the backward with ``"gemm"``.
+    ``return_stats=True`` returns ``(loss,
     InfoNCEStats)``, the query→document ranking statistics from the same forward launch
     (detached; the loss and gradients are those without them). Runs as the custom op
     ``biencoder::info_nce``, so torch.compile traces it without a graph break.
@@ -1237,5 +1443,7 @@ def fused_info_nce(
         return_stats,
         fused=True,
         deterministic=deterministic,
+        backward=backward,
+        chunk_size=chunk_size,
         extras=extras,
     )

@@ -900,14 +900,17 @@ def info_nce_op(
     return_stats: bool,
     fused: bool,
     deterministic: bool,
+    backward: str,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, lse, positive, best_other, best_other_index, false_negatives)``.
 
     ``scale`` is a 0-dim tensor (it may require grad); ``directions`` … ``guide_relative``
     are :meth:`LossTerms.op_args`; ``doc_owners`` is resolved (not None) when the terms
-    need it; ``fused`` runs the Triton kernels, whose backward accumulates dd atomically
-    unless ``deterministic``; ``chunk_size`` is the chunked path's tile. ``lse``
+    need it; ``fused`` runs the Triton kernels with the ``backward`` strategy of
+    :func:`kernels.infonce.infonce_backward` ("gemm" or "recompute", whose dd is
+    accumulated atomically unless ``deterministic``); ``chunk_size`` is the chunked
+    path's tile, and the "gemm" backward's column chunk. ``lse``
     [num_lse, B] is what the backward needs; the four statistics are empty unless
     ``return_stats``. Use :func:`info_nce`, which validates the arguments and wraps the
     statistics.
@@ -962,6 +965,7 @@ def _info_nce_fake(
     return_stats,
     fused,
     deterministic,
+    backward,
     chunk_size,
 ):
     batch = q.shape[0]
@@ -997,6 +1001,7 @@ def info_nce_backward_op(
     guide_relative: bool,
     fused: bool,
     deterministic: bool,
+    backward: str,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dd, dscale) of ``info_nce_op``'s loss for the upstream gradient ``grad_loss``."""
@@ -1016,6 +1021,8 @@ def info_nce_backward_op(
             doc_owners=doc_owners,
             guide_q=guide_q,
             guide_d=guide_d,
+            backward=backward,
+            chunk_size=chunk_size,
         )
     else:
         dq, dd, dscale = _chunked_backward(
@@ -1035,13 +1042,14 @@ _TERM_ARGS = slice(7, 13)
 
 def _info_nce_setup_context(ctx, inputs, output) -> None:
     q, d, scale, doc_ids, doc_owners, guide_q, guide_d = inputs[:7]
-    fused, deterministic, chunk_size = inputs[14:]
+    fused, deterministic, backward, chunk_size = inputs[14:]
     _, lse, *stats_tensors = output
     ctx.mark_non_differentiable(lse, *stats_tensors)
     # The inputs and O(B) logsumexps only: the backward recomputes the logits.
     ctx.save_for_backward(q, d, scale, doc_ids, doc_owners, guide_q, guide_d, lse)
     ctx.term_args = inputs[_TERM_ARGS]
     ctx.fused, ctx.deterministic, ctx.chunk_size = fused, deterministic, chunk_size
+    ctx.backward = backward
 
 
 def _info_nce_backward(ctx, grad_loss, *_other_grads):
@@ -1051,10 +1059,11 @@ def _info_nce_backward(ctx, grad_loss, *_other_grads):
         *ctx.term_args,
         ctx.fused,
         ctx.deterministic,
+        ctx.backward,
         ctx.chunk_size,
     )
     # The guides come from a frozen model: no gradient, like the ids and the options.
-    return dq, dd, dscale, *([None] * 14)
+    return dq, dd, dscale, *([None] * 15)
 
 
 info_nce_op.register_autograd(_info_nce_backward, setup_context=_info_nce_setup_context)
@@ -1110,6 +1119,7 @@ def call_info_nce_op(
     deterministic: bool = True,
     chunk_size: int = 4096,
     extras: _Extras = _Extras(),
+    backward: str = "gemm",
 ) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
     """``info_nce_op`` with its outputs as the public functions return them: the loss, or
     ``(loss, InfoNCEStats)`` with ``return_stats``."""
@@ -1125,6 +1135,7 @@ def call_info_nce_op(
         return_stats,
         fused,
         deterministic,
+        backward,
         chunk_size,
     )
     if not return_stats:
@@ -1211,7 +1222,9 @@ def info_nce(
 
     ``temperature`` is a float or a scalar tensor (learnable: it receives a gradient in every
     implementation). ``impl`` is one of ``"auto"``, ``"triton"``, ``"torch"``, ``"naive"``
-    (see the module docstring); ``chunk_size`` only applies to ``"torch"``.
+    (see the module docstring); ``chunk_size`` is the chunked path's tile with ``"torch"``
+    and the backward's column chunk with ``"triton"`` (B × chunk_size probabilities in
+    the input dtype, multiplied out as GEMMs).
 
     Options (all off by default; the module docstring defines each):
 
@@ -1260,6 +1273,7 @@ def info_nce(
             terms,
             return_stats,
             fused=True,
+            chunk_size=chunk_size,
             extras=extras,
         )
     if impl == "torch":

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 # The GPU machine's image lacks these. Under bench/device_check.sh (TESTS_SKIP_MISSING=1) a
 # test module that imports one is reported as skipped, so that `pytest -m gpu` still
 # collects and runs every other module; anywhere else a missing module stays an error.
-_OPTIONAL_MODULES = ("faiss", "hydra", "omegaconf", "wandb")
+_OPTIONAL_MODULES = ("datasets", "faiss", "hydra", "omegaconf", "pytrec_eval", "wandb")
 _MISSING_MODULE = re.compile(
     r"ModuleNotFoundError: No module named '(" + "|".join(_OPTIONAL_MODULES) + r")[.']"
 )

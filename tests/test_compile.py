@@ -272,7 +272,7 @@ def test_opcheck(fused, terms, doc_ids, doc_owners, guides, return_stats):
     tensors = (doc_ids, doc_owners, *guides)
     torch.library.opcheck(
         info_nce_op,
-        (q, d, scale, *tensors, *terms.op_args(), return_stats, fused, True, 4),
+        (q, d, scale, *tensors, *terms.op_args(), return_stats, fused, True, "gemm", 4),
     )
     lse = torch.randn(terms.num_lse, BATCH)
     torch.library.opcheck(
@@ -287,6 +287,7 @@ def test_opcheck(fused, terms, doc_ids, doc_owners, guides, return_stats):
             *terms.op_args(),
             fused,
             True,
+            "gemm",
             4,
         ),
     )
@@ -303,9 +304,8 @@ def test_op_gradcheck_float64(case):
     guides = tuple(g.double() if g is not None else None for g in guides)
 
     def loss(q, d, scale):
-        return info_nce_op(
-            q, d, scale, doc_ids, doc_owners, *guides, *terms.op_args(), False, False, True, 4
-        )[0]
+        options = (False, False, True, "gemm", 4)  # return_stats … chunk_size
+        return info_nce_op(q, d, scale, doc_ids, doc_owners, *guides, *terms.op_args(), *options)[0]
 
     assert torch.autograd.gradcheck(loss, (q, d, scale))
 

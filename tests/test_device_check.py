@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("wheels", "ceilings", "pytest", "kernels", "train")
+STAGES = ("wheels", "ceilings", "pytest", "kernels", "tiles", "train")
 
 BLOCKER = '''
 import importlib.util
@@ -136,13 +136,18 @@ def test_report_sections(rehearsal):
     assert "Largest B that ran" in report
     # Inf-CL needs CUDA: its rows are replaced by a reason.
     assert "inf_cl: skipped: " in report
-    for impl in ("naive", "compiled", "torch", "triton"):
+    for impl in ("naive", "compiled", "torch", "triton", "triton_recompute"):
         row = rf"\| {impl} \| symmetric \| plain \| 32 \| 32 \| 16 \| bf16 \| \d"
         assert re.search(row, report), impl
+    # Every sweep of the tile benchmark ran its default.
+    for sweep in ("forward", "forward + stats", "probs", "chunk"):
+        default_row = rf"\| {re.escape(sweep)} \| [^|]*\(default\) \| [\d.]+ \| 1.00× \|"
+        assert re.search(default_row, report), sweep
     assert "| training job | steps | examples/s | tokens/s |" in report
     assert re.search(r"\| ours: train_step \+ InfoNCETask, GradCache \| \d+ \|", report)
     assert re.search(r"\| sentence-transformers: CachedMultipleNegativesRankingLoss \| \d+", report)
     assert re.search(r"\| ours: BiEncoder.encode \| [\d,]+ \|", report)
+    assert re.search(r"Profile of one step, ours: .*\n\n```text\none step: [\d.]+ s wall", report)
 
 
 def test_modules_missing_on_the_gpu_image_skip_cleanly(rehearsal):

@@ -132,10 +132,10 @@ class WithBlockSizes(torch.autograd.Function):
     several times. Outputs as the op's: the loss, then the statistics with ``return_stats``."""
 
     @staticmethod
-    def forward(ctx, q, d, scale, doc_ids, symmetric, deterministic, blocks, return_stats=False):
+    def forward(ctx, q, d, scale, doc_ids, symmetric, strategy, blocks, return_stats=False):
         result = infonce_forward(q, d, scale, doc_ids, symmetric, blocks, return_stats)
         ctx.save_for_backward(q, d, scale, doc_ids, result.lse)
-        ctx.deterministic, ctx.blocks = deterministic, blocks
+        ctx.strategy, ctx.blocks = strategy, blocks
         ctx.terms = loss_terms(symmetric)
         if result.stats is None:
             return result.loss
@@ -153,7 +153,15 @@ class WithBlockSizes(torch.autograd.Function):
     def backward(ctx, grad_loss, *_stats_grads):
         q, d, scale, doc_ids, lse = ctx.saved_tensors
         dq, dd, dscale = infonce_backward(
-            q, d, scale, grad_loss, lse, doc_ids, ctx.deterministic, ctx.blocks, terms=ctx.terms
+            q,
+            d,
+            scale,
+            grad_loss,
+            lse,
+            doc_ids,
+            block_sizes=ctx.blocks,
+            terms=ctx.terms,
+            **ctx.strategy,
         )
         return dq, dd, dscale.reshape(scale.shape), None, None, None, None, None
 
@@ -184,16 +192,26 @@ def test_triton_dtypes_match_naive(seed, shape, dtype, atol, rtol):
     assert_matches_reference(results, reference(q, d, True, doc_ids), atol, rtol)
 
 
+# The backward strategies of kernels.infonce.infonce_backward: column chunks multiplied out
+# as GEMMs (a chunk of 32 splits 111 columns into three full chunks and a partial one), and
+# the in-kernel recomputation with the column gradients owned or added atomically.
+STRATEGIES = {
+    "gemm": {"backward": "gemm", "chunk_size": 32},
+    "owned-dd": {"backward": "recompute", "deterministic": True},
+    "atomic-dd": {"backward": "recompute", "deterministic": False},
+}
+
+
 @needs_triton
-@pytest.mark.parametrize("deterministic", [True, False], ids=["owned-dd", "atomic-dd"])
-def test_triton_small_tiles_loop_over_d_and_tiles(seed, deterministic):
+@pytest.mark.parametrize("strategy", STRATEGIES.values(), ids=STRATEGIES.keys())
+def test_triton_small_tiles_loop_over_d_and_tiles(seed, strategy):
     """16-wide tiles make every loop run several times: row and column tiles, D slices of
-    the logit products and of the gradient accumulators."""
+    the logit products and of the gradient accumulators, column chunks."""
     q, d = make_embeddings(37, 111, 48)
     doc_ids = doc_ids_with_duplicates(37, 111)
     blocks = BlockSizes(m=16, n=16, d=16, d_out=16)
     results = loss_and_grads(
-        lambda q, d, t: WithBlockSizes.apply(q, d, 1 / t, doc_ids, True, deterministic, blocks),
+        lambda q, d, t: WithBlockSizes.apply(q, d, 1 / t, doc_ids, True, strategy, blocks),
         q,
         d,
     )
@@ -202,20 +220,52 @@ def test_triton_small_tiles_loop_over_d_and_tiles(seed, deterministic):
 
 @needs_triton
 def test_triton_deterministic_flag(seed):
-    """deterministic=True is bitwise reproducible; the atomic variant agrees to rounding."""
+    """deterministic=True and the gemm backward are bitwise reproducible; the atomic
+    variant agrees to rounding."""
     q, d = make_embeddings(37, 111, 48)
     doc_ids = doc_ids_with_duplicates(37, 111)
 
-    def run(deterministic):
+    def run(**strategy):
         return loss_and_grads(
-            lambda q, d, t: fused_info_nce(q, d, 1 / t, True, doc_ids, deterministic), q, d
+            lambda q, d, t: fused_info_nce(q, d, 1 / t, True, doc_ids, **strategy), q, d
         )
 
-    first, second, atomic = run(True), run(True), run(False)
-    for a, b in zip(first, second, strict=True):
-        assert torch.equal(a, b)
+    for strategy in (STRATEGIES["owned-dd"], STRATEGIES["gemm"]):
+        first, second = run(**strategy), run(**strategy)
+        for a, b in zip(first, second, strict=True):
+            assert torch.equal(a, b)
     expected = reference(q, d, True, doc_ids)
-    assert_matches_reference(atomic, expected, *FP32_TOLERANCE)
+    assert_matches_reference(run(**STRATEGIES["atomic-dd"]), expected, *FP32_TOLERANCE)
+
+
+@needs_triton
+def test_triton_chunk_size_sets_the_gemm_backwards_column_chunks(seed, monkeypatch):
+    """info_nce(impl="triton", chunk_size=c) launches the probability kernel once per c
+    columns, each writing a [B, c] tile, and every chunking gives the same gradients."""
+    q, d = make_embeddings(37, 111, 48)
+    doc_ids = doc_ids_with_duplicates(37, 111)
+    launched = []
+    probs_kernel = kernel._infonce_bwd_probs_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(args[9].shape)  # probs_ptr, the tenth argument
+                return probs_kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernel, "_infonce_bwd_probs_kernel", Recording())
+    expected = reference(q, d, True, doc_ids)
+    for chunk_size, launches in ((16, 7), (111, 1), (4096, 1)):
+        launched.clear()
+        results = loss_and_grads(
+            lambda q, d, t, c=chunk_size: info_nce(q, d, t, True, doc_ids, "triton", c), q, d
+        )
+        # Two directions (symmetric), each over its own 111 or 37 columns.
+        assert launched[:launches] == [(37, min(chunk_size, 111))] * launches
+        assert len(launched) == launches + -(-37 // chunk_size)
+        assert_matches_reference(results, expected, *FP32_TOLERANCE)
 
 
 @needs_triton
@@ -381,6 +431,15 @@ def test_triton_larger_odd_shape_matches_naive(seed):
     assert_matches_reference(results, reference(q, d, True, doc_ids), *FP32_TOLERANCE)
 
 
+# At GPU sizes: the default chunk (several chunks at N = 4096, one partial at 3001), and
+# the recomputation with owned and atomic column gradients.
+GPU_STRATEGIES = (
+    {"backward": "gemm", "chunk_size": 1024},
+    {"backward": "recompute", "deterministic": True},
+    {"backward": "recompute", "deterministic": False},
+)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize(
@@ -392,10 +451,10 @@ def test_triton_larger_odd_shape_matches_naive(seed):
 def test_gpu_triton_matches_naive(seed, shape, dtype, atol, rtol):
     q, d = make_embeddings(*shape, dtype=dtype)
     doc_ids = torch.randint(0, shape[1] // 2, (shape[1],), device=DEVICE)
-    for deterministic in (True, False):
+    for strategy in GPU_STRATEGIES:
         results = loss_and_grads(
-            lambda q, d, t, deterministic=deterministic: fused_info_nce(
-                q, d, 1 / t, True, doc_ids, deterministic
+            lambda q, d, t, strategy=strategy: fused_info_nce(
+                q, d, 1 / t, True, doc_ids, **strategy
             ),
             q,
             d,
@@ -405,10 +464,12 @@ def test_gpu_triton_matches_naive(seed, shape, dtype, atol, rtol):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_gpu_deterministic_is_bitwise_reproducible(seed):
+@pytest.mark.parametrize("backward", ["gemm", "recompute"])
+def test_gpu_deterministic_is_bitwise_reproducible(seed, backward):
     q, d = make_embeddings(2048, 4096, 384, dtype=torch.bfloat16)
     runs = [
-        loss_and_grads(lambda q, d, t: fused_info_nce(q, d, 1 / t, True), q, d) for _ in range(2)
+        loss_and_grads(lambda q, d, t: fused_info_nce(q, d, 1 / t, True, backward=backward), q, d)
+        for _ in range(2)
     ]
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)

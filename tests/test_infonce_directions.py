@@ -558,8 +558,16 @@ def test_triton_matches_naive(shape, option):
 
 @needs_triton
 @pytest.mark.parametrize("option", ["gte-all4", "everything"])
-@pytest.mark.parametrize("deterministic", [True, False], ids=["owned-dd", "atomic-dd"])
-def test_triton_small_tiles(option, deterministic):
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {"backward": "gemm", "chunk_size": 16},
+        {"backward": "recompute", "deterministic": True},
+        {"backward": "recompute", "deterministic": False},
+    ],
+    ids=["gemm", "owned-dd", "atomic-dd"],
+)
+def test_triton_small_tiles(option, strategy):
     """16-wide tiles: every loop (rows, columns, D and G slices) runs several times; the
     host functions with an explicit upstream gradient."""
     batch, num_docs, dim = 21, 63, 40
@@ -582,10 +590,10 @@ def test_triton_small_tiles(option, deterministic):
         torch.tensor(UPSTREAM, device=DEVICE),
         forward.lse,
         ids_on,
-        deterministic,
-        blocks,
+        block_sizes=blocks,
         terms=terms,
         **tensors,
+        **strategy,
     )
     expected_loss, expected_dq, expected_dd, expected_dt = reference(q32, d32, ids, options)
     assert_close(forward.loss, expected_loss, *FP32_TOLERANCE, "loss")
@@ -840,17 +848,22 @@ def test_saved_state_is_linear(impl):
 @pytest.mark.parametrize("option", ["gte-all4", "d2q-per-direction", "everything"])
 def test_gpu_options_match_naive(option, dtype, atol, rtol):
     """The compiled kernels (the interpreter cannot show what the code generator does) at
-    a size with many tiles, deterministic and atomic column gradients."""
+    a size with many tiles, each backward strategy."""
     batch, num_docs, dim = 1000, 3000, 384
     q, d, guide_q, guide_d = make_problem(batch, num_docs, dim, guide_dim=256)
     ids = torch.randint(0, num_docs // 2, (num_docs,), generator=torch.Generator().manual_seed(0))
     options = on(DEVICE, dtype, options_for(option, guide_q, guide_d, batch, num_docs))
     q_low, d_low, ids_on = q.to(DEVICE, dtype), d.to(DEVICE, dtype), ids.to(DEVICE)
     expected = reference(q_low, d_low, ids, options)
-    for deterministic in (True, False):
+    strategies = (
+        {"backward": "gemm", "chunk_size": 1024},
+        {"backward": "recompute", "deterministic": True},
+        {"backward": "recompute", "deterministic": False},
+    )
+    for strategy in strategies:
         results = loss_and_grads(
-            lambda q, d, t, deterministic=deterministic: kernel.fused_info_nce(
-                q, d, 1 / t, doc_ids=ids_on, deterministic=deterministic, **options
+            lambda q, d, t, strategy=strategy: kernel.fused_info_nce(
+                q, d, 1 / t, doc_ids=ids_on, **strategy, **options
             ),
             q_low,
             d_low,

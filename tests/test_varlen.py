@@ -166,12 +166,16 @@ def test_gpu_bf16_autocast_keeps_the_fp32_embeddings(seed):
     bf16 rounding of fp32 ones (cosine > 0.999), on both execution paths."""
     tower = Tower(Encoder(CONFIG), "mean", projection_dim=None).eval().cuda()
     ids, mask = (t.cuda() for t in make_batch(LENGTHS["ragged"]))
+    # LayerNorm runs in fp32 under autocast, so the states leave each block in fp32: the
+    # MLP's projection shows whether the matrix products ran in bf16.
+    seen = []
+    tower.encoder.layers[0].mlp.up.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     for unpadded in (False, True):
         tower.encoder.unpadded = unpadded
         with torch.no_grad():
             full = tower(ids, mask)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 half = tower(ids, mask)
-        assert half.dtype == torch.bfloat16
+        assert seen[-2:] == [torch.float32, torch.bfloat16]
         cosine = torch.nn.functional.cosine_similarity(half.float(), full, dim=-1)
         assert cosine.min() > 0.999, (unpadded, cosine)
