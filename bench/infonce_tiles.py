@@ -1,9 +1,10 @@
 """Tile shapes and column chunks of the fused InfoNCE kernels, timed on one problem.
 
-The defaults in ``kernels.infonce`` (``default_block_sizes``, ``default_probs_block_sizes``
-and the "gemm" backward's ``chunk_size``) were chosen by compiling for sm_90 on a CPU;
-this script times the candidates on the GPU, at one size, so that the table can be
-chosen by measurement. Three sweeps, each against the current default in the same run:
+The defaults in ``kernels.infonce`` (``default_forward_block_sizes``,
+``default_probs_block_sizes`` and the "gemm" backward's ``chunk_size``) are chosen by
+measurement: this script times the candidates on the GPU at one size, each against the
+current default in the same run, and checks that each computes what the default does.
+Three sweeps:
 
 * ``forward``: :func:`kernels.infonce.infonce_forward` with doc ids (as training calls
   it), with and without the ranking statistics, per candidate tile;
@@ -31,6 +32,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,7 +42,7 @@ from common import report_header
 
 from kernels.infonce import (
     BlockSizes,
-    default_block_sizes,
+    default_forward_block_sizes,
     default_probs_block_sizes,
     infonce_backward,
     infonce_forward,
@@ -108,30 +110,69 @@ def _median_seconds(work: Callable[[], object], device: str, args) -> float:
     return statistics.median(once() for _ in range(max(args.repeats, 1)))
 
 
-def _timed(work: Callable[[], object], device: str, args) -> float | str:
+class Result(NamedTuple):
+    label: str
+    is_default: bool
+    seconds: float | str  # or why the candidate did not run
+    deviation: float | None = None  # max |output − default's| / max |default's|
+
+
+def _run(
+    label: str,
+    is_default: bool,
+    work: Callable[[], torch.Tensor],
+    device: str,
+    args,
+    reference: torch.Tensor | None,
+) -> tuple[Result, torch.Tensor | None]:
+    """Times ``work`` and compares its output with ``reference`` (the default's): a tile
+    that runs fast but computes something else must not pass for a win."""
     try:
-        return _median_seconds(work, device, args)
+        output = work()
+        seconds = _median_seconds(work, device, args)
     except Exception as error:  # a candidate the GPU cannot run is a row, not the end
         line = (str(error).splitlines() or [""])[0][:90]
-        return f"{type(error).__name__}: {line}"
+        return Result(label, is_default, f"{type(error).__name__}: {line}"), None
+    deviation = None
+    if reference is not None:
+        difference = (output.float() - reference.float()).abs().max()
+        deviation = (difference / reference.float().abs().max()).item()
+    return Result(label, is_default, seconds, deviation), output
 
 
-def _rows(name: str, results: list[tuple[str, bool, float | str]]) -> list[str]:
+def _sweep(
+    candidates: list[tuple[str, bool, Callable[[], torch.Tensor]]], device: str, args
+) -> list[Result]:
+    """The default first: its output is what the others are compared with."""
+    candidates = sorted(candidates, key=lambda candidate: not candidate[1])
+    results, reference = [], None
+    for label, is_default, work in candidates:
+        result, output = _run(label, is_default, work, device, args, reference)
+        if is_default:
+            reference = output
+        results.append(result)
+    return results
+
+
+def _rows(name: str, results: list[Result]) -> list[str]:
     """Rows of one sweep; the ratio is against the default, timed in the same sweep."""
-    default = next((t for _, is_default, t in results if is_default), None)
+    default = next((r.seconds for r in results if r.is_default), None)
     rows = []
-    for label, is_default, seconds in results:
-        mark = " (default)" if is_default else ""
-        if isinstance(seconds, str):
-            rows.append(f"| {name} | {label}{mark} | {seconds.replace('|', '/')} | – |")
-            continue
-        ratio = f"{seconds / default:.2f}×" if isinstance(default, float) else "–"
-        rows.append(f"| {name} | {label}{mark} | {seconds * 1e3:.2f} | {ratio} |")
+    for result in results:
+        mark = " (default)" if result.is_default else ""
+        cells = [name, result.label + mark]
+        if isinstance(result.seconds, str):
+            cells += [result.seconds.replace("|", "/"), "–", "–"]
+        else:
+            ratio = f"{result.seconds / default:.2f}×" if isinstance(default, float) else "–"
+            deviation = f"{result.deviation:.1e}" if result.deviation is not None else "–"
+            cells += [f"{result.seconds * 1e3:.2f}", ratio, deviation]
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
-def _best(results: list[tuple[str, bool, float | str]]) -> str:
-    timed = [(seconds, label) for label, _, seconds in results if isinstance(seconds, float)]
+def _best(results: list[Result]) -> str:
+    timed = [(r.seconds, r.label) for r in results if isinstance(r.seconds, float)]
     return min(timed)[1] if timed else "none ran"
 
 
@@ -152,70 +193,71 @@ def main(argv: list[str] | None = None) -> None:
     grad = torch.ones((), device=device)
     lse = infonce_forward(q, d, scale, doc_ids).lse
 
-    sweeps: dict[str, list[tuple[str, bool, float | str]]] = {}
-    default_forward = default_block_sizes(args.dim, dtype)
+    sweeps: dict[str, list[Result]] = {}
     for stats in (False, True):
         name = "forward + stats" if stats else "forward"
-        candidates = [default_forward] + [
+        default = default_forward_block_sizes(args.dim, dtype, with_stats=stats)
+        tiles = [default] + [
             blocks
-            for blocks in (_blocks(c, default_forward.d_out) for c in FORWARD_CANDIDATES)
-            if blocks != default_forward
+            for blocks in (_blocks(c, default.d_out) for c in FORWARD_CANDIDATES)
+            if blocks != default
         ]
-        sweeps[name] = [
-            (
-                _label(blocks),
-                blocks == default_forward,
-                _timed(
-                    lambda b=blocks, s=stats: infonce_forward(
-                        q, d, scale, doc_ids, block_sizes=b, return_stats=s
+        sweeps[name] = _sweep(
+            [
+                (
+                    _label(blocks),
+                    blocks == default,
+                    lambda b=blocks, s=stats: (
+                        infonce_forward(q, d, scale, doc_ids, block_sizes=b, return_stats=s).lse
                     ),
-                    device,
-                    args,
-                ),
-            )
-            for blocks in candidates
-        ]
+                )
+                for blocks in tiles
+            ],
+            device,
+            args,
+        )
         print("\n".join(_rows(name, sweeps[name])), flush=True)
 
-    def gemm_backward(blocks: BlockSizes | None, chunk: int) -> Callable[[], object]:
+    def gemm_backward(blocks: BlockSizes | None, chunk: int) -> Callable[[], torch.Tensor]:
         return lambda: infonce_backward(
             q, d, scale, grad, lse, doc_ids, block_sizes=blocks, backward="gemm", chunk_size=chunk
-        )
+        )[0]
 
-    default_probs = default_probs_block_sizes(args.dim, dtype)
-    candidates = [default_probs] + [
-        blocks for blocks in map(_blocks, PROBS_CANDIDATES) if blocks != default_probs
-    ]
-    sweeps["probs"] = [
-        (
-            _label(blocks),
-            blocks == default_probs,
-            _timed(gemm_backward(blocks, DEFAULT_CHUNK), device, args),
-        )
-        for blocks in candidates
+    default = default_probs_block_sizes(args.dim, dtype)
+    tiles = [default] + [blocks for blocks in map(_blocks, PROBS_CANDIDATES) if blocks != default]
+    candidates = [
+        (_label(blocks), blocks == default, gemm_backward(blocks, DEFAULT_CHUNK))
+        for blocks in tiles
     ]
     # The in-kernel recomputation, for the ratio of the two backward strategies.
-    recompute = _timed(
-        lambda: infonce_backward(q, d, scale, grad, lse, doc_ids, backward="recompute"),
+    candidates.append(
+        (
+            "recompute backward, its default tiles",
+            False,
+            lambda: infonce_backward(q, d, scale, grad, lse, doc_ids, backward="recompute")[0],
+        )
+    )
+    sweeps["probs"] = _sweep(candidates, device, args)
+    print("\n".join(_rows("probs", sweeps["probs"])), flush=True)
+    sweeps["chunk"] = _sweep(
+        [(str(chunk), chunk == DEFAULT_CHUNK, gemm_backward(None, chunk)) for chunk in CHUNKS],
         device,
         args,
     )
-    sweeps["probs"].append(("recompute backward, its default tiles", False, recompute))
-    print("\n".join(_rows("probs", sweeps["probs"])), flush=True)
-    sweeps["chunk"] = [
-        (str(chunk), chunk == DEFAULT_CHUNK, _timed(gemm_backward(None, chunk), device, args))
-        for chunk in CHUNKS
-    ]
     print("\n".join(_rows("chunk", sweeps["chunk"])), flush=True)
 
     notes = [
         f"B = N = {args.size}, D = {args.dim}, {args.dtype}, doc ids, temperature {TEMPERATURE};"
         f" median of {args.repeats} after {args.warmups} warm-ups",
         "tiles m×n×d (rows, columns, K step), warps, pipeline stages; time / default is"
-        " against the default of the same sweep",
+        " against the default of the same sweep; deviation: max |output − default's output|"
+        " / max |default's output|, of lse (forward) or dq (backward)",
     ]
     header = report_header("InfoNCE kernel tiles", device, load_at_start, notes)
-    table = ["| sweep | candidate | ms | time / default |", "|---|---|---|---|"]
+    table = [
+        "| sweep | candidate | ms | time / default | deviation |",
+        "|---|---|---|---|---|",
+    ]
     for name, results in sweeps.items():
         table += _rows(name, results)
     text = "\n".join(header + table) + "\n"

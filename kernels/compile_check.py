@@ -91,8 +91,6 @@ _KERNELS = {
     "bwd_dd": (infonce._infonce_bwd_dd_kernel, None),
     "bwd_probs": (infonce._infonce_bwd_probs_kernel, None),
 }
-# The "gemm" backward's probability kernel has tiles of its own.
-_BLOCK_SIZES = {"bwd_probs": infonce.default_probs_block_sizes}
 
 
 @dataclass(frozen=True)
@@ -149,30 +147,41 @@ def variants(dims: tuple[int, ...] = DIMS, fast: bool = False) -> list[Variant]:
             for feature in features:
                 values = FEATURES[feature]
                 extra_state = bool(values["HAS_GUIDE"] or values["HARDNESS"])
-                by_blocks: dict[infonce.BlockSizes, list[int]] = {}
-                block_sizes = _BLOCK_SIZES.get(kernel, infonce.default_block_sizes)
-                for dim in dims:
-                    blocks = block_sizes(dim, dtype, extra_state)
-                    by_blocks.setdefault(blocks, []).append(dim)
                 flag_options = (False,) if flag is None else (False, True)
                 if flag == "WITH_STATS" and not _is_query_to_doc(feature):
                     flag_options = (False,)
-                result += [
-                    Variant(
-                        kernel,
-                        dtype_name,
-                        has_ids,
-                        flag,
-                        flag_on,
-                        tuple(shared_dims),
-                        blocks,
-                        feature,
-                    )
-                    for blocks, shared_dims in by_blocks.items()
-                    for has_ids in doc_id_options
-                    for flag_on in flag_options
-                ]
+                for flag_on in flag_options:
+                    by_blocks: dict[infonce.BlockSizes, list[int]] = {}
+                    for dim in dims:
+                        blocks = _block_sizes(kernel, dim, dtype, extra_state, flag_on)
+                        by_blocks.setdefault(blocks, []).append(dim)
+                    result += [
+                        Variant(
+                            kernel,
+                            dtype_name,
+                            has_ids,
+                            flag,
+                            flag_on,
+                            tuple(shared_dims),
+                            blocks,
+                            feature,
+                        )
+                        for blocks, shared_dims in by_blocks.items()
+                        for has_ids in doc_id_options
+                    ]
     return result
+
+
+def _block_sizes(
+    kernel: str, dim: int, dtype: torch.dtype, extra_state: bool, flag_on: bool
+) -> infonce.BlockSizes:
+    """The tiles a launch of ``kernel`` gets by default: the forward's depend on whether it
+    takes the statistics, the "gemm" backward's probability kernel has its own."""
+    if kernel == "fwd":
+        return infonce.default_forward_block_sizes(dim, dtype, extra_state, with_stats=flag_on)
+    if kernel == "bwd_probs":
+        return infonce.default_probs_block_sizes(dim, dtype, extra_state)
+    return infonce.default_block_sizes(dim, dtype, extra_state)
 
 
 def _is_query_to_doc(feature: str) -> bool:

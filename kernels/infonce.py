@@ -861,16 +861,16 @@ class BlockSizes:
                 raise ValueError(f"block size {name}={value} must be a power of two >= 16")
 
 
-# Tiles for Hopper (sm_90) at the usual embedding dims, keyed on (D, dtype). Compile-checked,
-# not measured: no GPU has run them yet. `python -m kernels.compile_check` (and
-# tests/test_kernel_compile.py) shows every kernel variant compiling with these for sm_90
-# without register spills, within the 227 KiB of shared memory, and with wgmma for
-# fp16/bf16 and TF32. 128-row tiles halve how often d is streamed past the queries (one
-# pass per 128 rows, not 64), but with the 256-dim gradient slice or 64-wide K steps, or at
-# 128×128, the forward's running statistics or the dq accumulators spilled; 128×64 with
-# 32-wide K steps and 128-dim slices is the largest that did not. At D=768 that means 6
-# gradient slices instead of 3, each recomputing the logits: whether the larger MMA tiles
-# win that back needs a GPU to tell.
+# Tiles of the "recompute" backward kernels for Hopper (sm_90) at the usual embedding dims,
+# keyed on (D, dtype); also the forward's where the measured table below does not apply.
+# Compile-checked, and correct on an H200, but only timed as they are: 34.8 ms for the
+# backward at B = N = 16,384, D = 768, bf16, against 2.8 ms for the "gemm" backward
+# (bench/results/gpu_h200.md), which is why that one is the default.
+# `python -m kernels.compile_check` (and tests/test_kernel_compile.py) shows every kernel
+# variant compiling with these for sm_90 without register spills, within the 227 KiB of
+# shared memory, and with wgmma for fp16/bf16 and TF32. With the 256-dim gradient slice or
+# 64-wide K steps, or at 128×128, the dq accumulators spilled; 128×64 with 32-wide K steps
+# and 128-dim slices is the largest that did not.
 # fp32 keeps the 64×64 tiles: with TF32 they compile spill-free; without TF32 (FMA only,
 # no tensor cores) two forward variants spill 4–16 bytes and the atomic-dd backward spills
 # 2–3 KB with every tile shape tried.
@@ -910,6 +910,28 @@ def default_block_sizes(dim: int, dtype: torch.dtype, extra_state: bool = False)
     return BlockSizes(
         m=64, n=64, d=64 if half else 32, d_out=d_out, num_warps=8 if d_out >= 128 else 4
     )
+
+
+# The forward's tiles, measured on an H200 (bench/results/gpu_h200.md: bench/infonce_tiles.py
+# at B = N = 16,384, D = 768, bf16, doc ids). Without the ranking statistics 64×128 with
+# 64-wide K steps and 4 warps took 1.34 ms against 3.04 ms for the 128×64×32 tile the
+# recompute kernels use (0.44×), the fastest of eight shapes. With them it tied with
+# 64×64×64 in 4 stages (2.44 ms against 3.49), but spills 640 bytes on sm_90 (Triton
+# 3.9's ptxas here) where the latter spills 16.
+_HALF_FORWARD_TILES = BlockSizes(m=64, n=128, d=64, d_out=128, num_warps=4, num_stages=3)
+_HALF_FORWARD_STATS_TILES = BlockSizes(m=64, n=64, d=64, d_out=128, num_warps=4, num_stages=4)
+
+
+def default_forward_block_sizes(
+    dim: int, dtype: torch.dtype, extra_state: bool = False, with_stats: bool = False
+) -> BlockSizes:
+    """Tile shape of the forward kernel (``d_out`` unused), with or without the ranking
+    statistics: the measured Hopper tiles for fp16/bf16 at D = 384 and 768 without the
+    guide or hardness state, otherwise :func:`default_block_sizes`."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if not _INTERPRETED and half and not extra_state and (dim, dtype) in _HOPPER_BLOCK_SIZES:
+        return _HALF_FORWARD_STATS_TILES if with_stats else _HALF_FORWARD_TILES
+    return default_block_sizes(dim, dtype, extra_state)
 
 
 def default_probs_block_sizes(
@@ -1272,6 +1294,11 @@ def _default_blocks(inputs: _Inputs, spec: Direction) -> BlockSizes:
     return default_block_sizes(inputs.q.shape[1], inputs.q.dtype, extra_state)
 
 
+def _default_forward_blocks(inputs: _Inputs, spec: Direction, with_stats: bool) -> BlockSizes:
+    extra_state = inputs.guide_q is not None or spec.hardness != 0
+    return default_forward_block_sizes(inputs.q.shape[1], inputs.q.dtype, extra_state, with_stats)
+
+
 def _default_probs_blocks(inputs: _Inputs, spec: Direction) -> BlockSizes:
     extra_state = inputs.guide_q is not None or spec.hardness != 0
     return default_probs_block_sizes(inputs.q.shape[1], inputs.q.dtype, extra_state)
@@ -1316,7 +1343,7 @@ def infonce_forward(
                 inputs,
                 spec,
                 scale,
-                block_sizes or _default_blocks(inputs, spec),
+                block_sizes or _default_forward_blocks(inputs, spec, return_stats and index == 0),
                 return_stats and index == 0,
             )
             for index, spec in enumerate(terms.specs())
