@@ -5,12 +5,15 @@ Both jobs train the same randomly initialised BERT (MiniLM's shape by default: 6
 optimiser (AdamW, lr 2e-5) for ``--seconds`` each after ``--warmup-steps``:
 
 * ours: ``training.train_step`` with GradCache (``--chunk-size`` texts per encoder pass)
-  on an ``InfoNCETask`` (temperature 0.05, ``--loss-impl``) and a ``model.BiEncoder``;
+  on an ``InfoNCETask`` (temperature 0.05, ``--loss-impl``) and a ``model.BiEncoder``,
+  the next batch tokenized on a background thread as ``Trainer`` does by default
+  (``--no-prefetch``: on the main thread);
 * sentence-transformers: ``CachedMultipleNegativesRankingLoss`` (scale 20 = 1/0.05,
   ``mini_batch_size`` = ``--chunk-size``) on a ``SentenceTransformer`` of the same folder,
-  called as its trainer calls it (``loss(features, labels).backward()``). Its trainer
-  needs ``datasets``, which the GPU image lacks; the loop around the loss is ours for
-  both jobs, so the comparison is of the model, the loss and GradCache.
+  called as its trainer calls it (``loss(features, labels).backward()``), tokenizing on
+  the main thread as its trainer does with its default ``dataloader_num_workers=0``. Its
+  trainer needs ``datasets``, which the GPU image lacks; the loop around the loss is ours
+  for both jobs, so the comparison is of the model, the loss, GradCache and tokenization.
 
 With bf16 (the default on CUDA) ours autocasts the encoder passes itself, and the
 SentenceTransformer's forward is wrapped in ``torch.autocast`` the way accelerate wraps
@@ -55,6 +58,8 @@ from data.training import Pair
 from model import BiEncoder, EncoderConfig
 from model.weights import save_random_bert
 from training import InfoNCETask, train_step
+from training.prefetch import Prefetcher
+from training.step import TokenizedBatch, tokenize_batch
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TEMPERATURE = 0.05
@@ -91,6 +96,12 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="our InfoNCE implementation (auto: triton on CUDA)",
     )
     parser.add_argument("--systems", nargs="+", choices=("ours", "st"), default=["ours", "st"])
+    parser.add_argument(
+        "--no-prefetch",
+        dest="prefetch",
+        action="store_false",
+        help="tokenize our next batch on the main thread (Trainer's trainer.prefetch=false)",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -180,18 +191,30 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def our_step(folder: Path, device: torch.device, dtype, args) -> Callable[[list[Pair]], int]:
+def our_step(
+    folder: Path, device: torch.device, dtype, args, batches: Iterator[list[Pair]]
+) -> Callable[[], int]:
+    """One training step of ours per call, as ``Trainer`` runs it: the next batch is drawn
+    and tokenized on a background thread during the current step (``--no-prefetch``: on
+    the main thread, when the step asks for it)."""
     model = BiEncoder.from_pretrained(folder, max_length=args.max_length, device=device).train()
     task = InfoNCETask(temperature=TEMPERATURE, impl=args.loss_impl).to(device)
     optimizer = torch.optim.AdamW([*model.parameters(), *task.parameters()], lr=LEARNING_RATE)
 
-    def step(examples: list[Pair]) -> int:
-        batch = task.make_batch(examples)
-        result = train_step(model, task, batch, cache_chunk_size=args.chunk_size, autocast=dtype)
+    def prepare() -> TokenizedBatch:
+        return tokenize_batch(model, task.make_batch(next(batches)), args.chunk_size, None)
+
+    prepared = Prefetcher(prepare, enabled=args.prefetch)
+
+    def step() -> int:
+        result = train_step(
+            model, task, next(prepared), cache_chunk_size=args.chunk_size, autocast=dtype
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return result.tokens
 
+    step.close = prepared.close
     return step
 
 
@@ -205,7 +228,11 @@ def _sentence_transformer(folder: Path, device: torch.device, dtype, args):
     return model
 
 
-def st_step(folder: Path, device: torch.device, dtype, args) -> Callable[[list[Pair]], int]:
+def st_step(
+    folder: Path, device: torch.device, dtype, args, batches: Iterator[list[Pair]]
+) -> Callable[[], int]:
+    """One step of sentence-transformers per call, tokenizing as its trainer does with its
+    default ``dataloader_num_workers=0``: on the main thread."""
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
     )
@@ -222,7 +249,8 @@ def st_step(folder: Path, device: torch.device, dtype, args) -> Callable[[list[P
             for name, value in model.preprocess(texts).items()
         }
 
-    def step(examples: list[Pair]) -> int:
+    def step() -> int:
+        examples = next(batches)
         columns = [
             features([e.query for e in examples]),
             features([e.positive for e in examples]),
@@ -240,16 +268,23 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_training(step, batches: Iterator[list[Pair]], device: torch.device, args) -> dict:
+def time_training(step: Callable[[], int], device: torch.device, args) -> dict:
+    try:
+        return _time_steps(step, device, args)
+    finally:
+        getattr(step, "close", lambda: None)()
+
+
+def _time_steps(step: Callable[[], int], device: torch.device, args) -> dict:
     for _ in range(args.warmup_steps):
-        step(next(batches))
+        step()
     _synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     steps = tokens = 0
     start = time.perf_counter()
     while True:
-        tokens += step(next(batches))
+        tokens += step()
         steps += 1
         # Synchronised every step, so that the time bound is checked against work done.
         _synchronize(device)
@@ -261,11 +296,11 @@ def time_training(step, batches: Iterator[list[Pair]], device: torch.device, arg
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if args.profile:
-        result["profile"] = profile_step(step, next(batches), device)
+        result["profile"] = profile_step(step, device)
     return result
 
 
-def profile_step(step, examples: list[Pair], device: torch.device) -> str:
+def profile_step(step: Callable[[], int], device: torch.device) -> str:
     """The ops of one step by their own device time (CPU time without CUDA): where a
     step's time goes, and how much of the wall time the GPU sat idle."""
     from torch.profiler import ProfilerActivity, profile
@@ -274,7 +309,7 @@ def profile_step(step, examples: list[Pair], device: torch.device) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
-        step(examples)
+        step()
         _synchronize(device)
         wall = time.perf_counter() - start
     events = prof.key_averages()
@@ -407,8 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         for system in args.systems:
             training[system] = _measure(
                 lambda system=system: time_training(
-                    STEPS[system](folder, device, dtype, args),
-                    _batches(pairs, args.batch_size),
+                    STEPS[system](folder, device, dtype, args, _batches(pairs, args.batch_size)),
                     device,
                     args,
                 ),
@@ -447,7 +481,8 @@ def _report(args, device, precision, load_at_start, training, encoding, doc_toke
         f" {args.doc_words[0]}–{args.doc_words[1]} words (one token each), max_length"
         f" {args.max_length}",
         f"- training: batch {args.batch_size}, GradCache chunk {args.chunk_size}, {precision},"
-        f" AdamW lr {LEARNING_RATE}, temperature {TEMPERATURE}, our loss impl={args.loss_impl};"
+        f" AdamW lr {LEARNING_RATE}, temperature {TEMPERATURE}, our loss impl={args.loss_impl},"
+        f" our tokenization {'prefetched' if args.prefetch else 'inline'};"
         f" {args.seconds:.0f} s per job after {args.warmup_steps} untimed step(s); tokens"
         " are non-padding tokens embedded (queries and documents)",
         "",

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("wheels", "ceilings", "pytest", "kernels", "tiles", "train")
@@ -156,3 +157,35 @@ def test_modules_missing_on_the_gpu_image_skip_cleanly(rehearsal):
     assert "tests/test_search.py: needs faiss, which is not installed" in pytest_section
     assert re.search(r"tests/test_train.py: needs (hydra|omegaconf), which is not", pytest_section)
     assert not re.search(r"^ERROR|\berrors?\b in ", pytest_section, re.MULTILINE)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_gpu_train_tokenizes_ours_as_the_trainer_does(tmp_path, monkeypatch, prefetch):
+    """bench/gpu_train.py's job for ours tokenizes the next batch on the prefetch thread
+    (Trainer's default), or with --no-prefetch on the caller's thread."""
+    import threading
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
+    import gpu_train
+
+    flags = "--device cpu --batch-size 4 --chunk-size 2 --layers 1 --hidden 32 --heads 4"
+    flags += " --intermediate 64 --vocab-size 200 --query-words 2 3 --doc-words 3 4"
+    args = gpu_train._parse_args([*flags.split(), *([] if prefetch else ["--no-prefetch"])])
+    threads = []
+    tokenize = gpu_train.tokenize_batch
+
+    def recording(*a, **k):
+        threads.append(threading.current_thread().name)
+        return tokenize(*a, **k)
+
+    monkeypatch.setattr(gpu_train, "tokenize_batch", recording)
+    folder = gpu_train.build_model_folder(tmp_path, args)
+    pairs = gpu_train.make_pairs(16, args)
+    step = gpu_train.our_step(folder, torch.device("cpu"), None, args, iter([pairs[:4]] * 3))
+    try:
+        assert step() > 0
+    finally:
+        step.close()
+    assert threads
+    on_helper = [name.startswith("prefetch") for name in threads]
+    assert all(on_helper) if prefetch else not any(on_helper)
