@@ -64,7 +64,7 @@ else
   infonce_args=(--sizes 16384 65536 --dims 768 --dtypes bf16
     --problems in_batch hard_neg symmetric --repeats 2 --fit-search --fit-seconds 5)
   tiles_args=(--size 16384 --dim 768)
-  train_args=(--seconds 35 --batch-size 4096 --chunk-size 256 --profile)
+  train_args=(--seconds 30 --batch-size 4096 --chunk-size 256 --profile)
 fi
 if [[ -n ${INFONCE_ARGS:-} ]]; then
   read -ra infonce_args <<<"$INFONCE_ARGS"
@@ -75,11 +75,13 @@ fi
 if [[ -n ${TRAIN_ARGS:-} ]]; then
   read -ra train_args <<<"$TRAIN_ARGS"
 fi
-limit_ceilings=${LIMIT_CEILINGS:-45}
-limit_pytest=${LIMIT_PYTEST:-80}
-limit_kernels=${LIMIT_KERNELS:-170}
-limit_tiles=${LIMIT_TILES:-60}
-limit_train=${LIMIT_TRAIN:-150}
+# Sized from the H200 runs of 2026-11-26 (bench/results/gpu_h200.md): ceilings took 5 s,
+# pytest 117 s on 4 workers, tiles 24 s; the others stop at their budget.
+limit_ceilings=${LIMIT_CEILINGS:-30}
+limit_pytest=${LIMIT_PYTEST:-130}
+limit_kernels=${LIMIT_KERNELS:-150}
+limit_tiles=${LIMIT_TILES:-40}
+limit_train=${LIMIT_TRAIN:-120}
 
 names=()
 statuses=()
@@ -181,7 +183,7 @@ start=$SECONDS
 if [[ $cpu == 1 ]]; then
   record wheels "skipped: the CPU rehearsal uses this machine's packages" 0
 elif compgen -G "$wheels/*.whl" >/dev/null; then
-  run_stage wheels 30 "$python" -m pip install -q --no-index --no-deps --no-compile \
+  run_stage wheels 15 "$python" -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --target "$work/site" "$wheels"/*.whl
   export PYTHONPATH="$work/site:$PYTHONPATH"
   record wheels "$stage_status" $((SECONDS - start)) "$(cd "$wheels" && echo *.whl)"
