@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation import EvalConfig, evaluate
 from evaluation.compressed import check_funnel, check_quantization
 from evaluation.config import FunnelConfig, QuantizationConfig
+from training.distributed import resolve_device
 from training.hydra_config import (
     SCHEMAS,
     ConfigError,
@@ -42,15 +43,6 @@ from training.hydra_config import (
 log = logging.getLogger("eval")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} but CUDA is not available; use device=cpu or auto")
-    return device
-
-
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     """What ``python eval.py`` does with ``cfg``, writing into ``out_dir``. Every setting is
     checked, naming its key, before the model or the data is loaded."""
@@ -62,7 +54,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     funnel = settings(cfg.funnel, "funnel", FunnelConfig)
     quantization = settings(cfg.quantization, "quantization", QuantizationConfig)
     check_compressed(funnel, quantization, evaluation, width, cfg.eval_data)
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, "model").to(device)
     log.info(

@@ -45,6 +45,7 @@ from data.sampler import MultiSetBatchSampler, NoDuplicateBatchSampler
 from data.training_sets import TrainingSet
 from evaluation import EvalConfig, score
 from model import BiEncoder
+from model.biencoder import bf16_supported
 from training.checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
@@ -103,18 +104,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     ):
-        if device.type == "cpu" and not cpu_has_bf16():
+        if device.type == "cpu" and not bf16_supported(device):
             log.warning(
                 "trainer.precision=bf16: this CPU has no bf16 instructions (AVX-512-BF16 or "
                 "AMX), so bf16 is emulated and slower than fp32"
             )
         return torch.bfloat16
     return None
-
-
-def cpu_has_bf16() -> bool:
-    """Whether torch's CPU kernels (oneDNN) run bf16 natively on this CPU."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def compile_towers(model: BiEncoder) -> None:
