@@ -30,6 +30,7 @@ from losses.infonce import (
     _resolve_extras,
     _validated_options,
     call_info_nce_op,
+    check_fused_backward,
     check_inputs,
     guide_thresholds,
     loss_terms,
@@ -835,7 +836,6 @@ def _infonce_bwd_probs_kernel(
 # Decided when the kernels above were decorated, so it must be read at import, not per call.
 _INTERPRETED = knobs.runtime.interpret
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKWARDS = ("gemm", "recompute")
 
 
 @dataclass(frozen=True)
@@ -1257,6 +1257,7 @@ def _launch_backward_gemm(
     d_rows = torch.zeros(batch, dim, device=rows.device, dtype=torch.float32)
     d_cols = torch.empty(num_cols, dim, device=rows.device, dtype=torch.float32)
     guide_dim, hardness_strength = scalars
+    flags = _kernel_flags(rows.dtype)
     for col_start in range(0, num_cols, chunk):
         width = min(chunk, num_cols - col_start)
         _infonce_bwd_probs_kernel[(triton.cdiv(batch, blocks.m), triton.cdiv(width, blocks.n))](
@@ -1279,7 +1280,7 @@ def _launch_backward_gemm(
             BLOCK_N=blocks.n,
             BLOCK_D=blocks.d,
             **constexprs,
-            **_kernel_flags(rows.dtype),
+            **flags,
             num_warps=blocks.num_warps,
             num_stages=blocks.num_stages,
         )
@@ -1289,19 +1290,11 @@ def _launch_backward_gemm(
     return d_rows, d_cols
 
 
-def _default_blocks(inputs: _Inputs, spec: Direction) -> BlockSizes:
+def _default_blocks(inputs: _Inputs, spec: Direction, tiles=default_block_sizes, **flags):
+    """The tiles ``tiles`` (one of the ``default_*block_sizes``) gives this launch: the
+    guide and the hardness term are the extra state that needs smaller ones."""
     extra_state = inputs.guide_q is not None or spec.hardness != 0
-    return default_block_sizes(inputs.q.shape[1], inputs.q.dtype, extra_state)
-
-
-def _default_forward_blocks(inputs: _Inputs, spec: Direction, with_stats: bool) -> BlockSizes:
-    extra_state = inputs.guide_q is not None or spec.hardness != 0
-    return default_forward_block_sizes(inputs.q.shape[1], inputs.q.dtype, extra_state, with_stats)
-
-
-def _default_probs_blocks(inputs: _Inputs, spec: Direction) -> BlockSizes:
-    extra_state = inputs.guide_q is not None or spec.hardness != 0
-    return default_probs_block_sizes(inputs.q.shape[1], inputs.q.dtype, extra_state)
+    return tiles(inputs.q.shape[1], inputs.q.dtype, extra_state, **flags)
 
 
 def _terms_of(symmetric: bool, terms: LossTerms | None) -> LossTerms:
@@ -1338,16 +1331,13 @@ def infonce_forward(
     inputs = _validated(q, d, doc_ids, terms, doc_owners, guide_q, guide_d)
     scale = _scale_tensor(scale, inputs.q.device)
     with _on_device(inputs.q.device):
-        launches = [
-            _launch_forward(
-                inputs,
-                spec,
-                scale,
-                block_sizes or _default_forward_blocks(inputs, spec, return_stats and index == 0),
-                return_stats and index == 0,
+        launches = []
+        for index, spec in enumerate(terms.specs()):
+            with_stats = return_stats and index == 0
+            blocks = block_sizes or _default_blocks(
+                inputs, spec, default_forward_block_sizes, with_stats=with_stats
             )
-            for index, spec in enumerate(terms.specs())
-        ]
+            launches.append(_launch_forward(inputs, spec, scale, blocks, with_stats))
     lse, row_loss, stats = launches[0]
     if len(launches) == 1:
         return InfoNCEForward(loss=row_loss.mean(), lse=lse[None], stats=stats)
@@ -1388,10 +1378,7 @@ def infonce_backward(
     recomputation instead of two, but the fp32 summation order (hence the last bits)
     varies between runs on a GPU. ``block_sizes`` are the tiles of the chosen kernels.
     """
-    if backward not in BACKWARDS:
-        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    check_fused_backward(backward, chunk_size)
     inputs = _validated(q, d, doc_ids, terms, doc_owners, guide_q, guide_d)
     q, d = inputs.q, inputs.d
     batch = q.shape[0]
@@ -1407,7 +1394,7 @@ def infonce_backward(
         for index, spec in enumerate(specs):
             term_lse = lse[0 if terms.joint else index].float().contiguous()
             if backward == "gemm":
-                blocks = block_sizes or _default_probs_blocks(inputs, spec)
+                blocks = block_sizes or _default_blocks(inputs, spec, default_probs_block_sizes)
                 d_rows, d_cols = _launch_backward_gemm(
                     inputs, spec, scale, term_lse, blocks, chunk_size
                 )

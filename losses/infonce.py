@@ -87,6 +87,8 @@ import torch
 from torch import nn
 
 IMPLEMENTATIONS = ("auto", "triton", "torch", "naive")
+# The fused kernel's backward strategies (kernels.infonce.infonce_backward).
+FUSED_BACKWARDS = ("gemm", "recompute")
 
 
 @dataclass(frozen=True)
@@ -1108,6 +1110,14 @@ def _resolve_extras(q, d, terms, doc_owners, guide_q, guide_d) -> _Extras:
     )
 
 
+def check_fused_backward(backward: str, chunk_size: int) -> None:
+    """Raises ValueError for a backward strategy or column chunk the fused kernel lacks."""
+    if backward not in FUSED_BACKWARDS:
+        raise ValueError(f"backward must be one of {FUSED_BACKWARDS}, got {backward!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+
 def call_info_nce_op(
     q: torch.Tensor,
     d: torch.Tensor,
@@ -1123,6 +1133,9 @@ def call_info_nce_op(
 ) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
     """``info_nce_op`` with its outputs as the public functions return them: the loss, or
     ``(loss, InfoNCEStats)`` with ``return_stats``."""
+    if fused:
+        # Before the forward runs, not when the backward first reads them.
+        check_fused_backward(backward, chunk_size)
     loss, _, *stats_tensors = info_nce_op(
         q,
         d,

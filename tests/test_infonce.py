@@ -415,6 +415,20 @@ def test_triton_validates_inputs(q_shape, d_shape, kwargs, error):
         fused_info_nce(q, d, 20.0, doc_ids=doc_ids.to(DEVICE) if doc_ids is not None else None)
 
 
+@needs_triton
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"backward": "gem"}, "backward must be one of"),
+        ({"chunk_size": 0}, "chunk_size must be positive"),
+    ],
+)
+def test_triton_backward_options_are_checked_before_the_forward(seed, options, message):
+    q, d = make_embeddings(8, 16, 16)
+    with pytest.raises(ValueError, match=message):
+        fused_info_nce(q, d, 20.0, **options)
+
+
 def test_block_sizes_must_suit_tl_dot():
     with pytest.raises(ValueError):
         BlockSizes(m=8, n=16, d=16, d_out=16)
@@ -431,8 +445,8 @@ def test_triton_larger_odd_shape_matches_naive(seed):
     assert_matches_reference(results, reference(q, d, True, doc_ids), *FP32_TOLERANCE)
 
 
-# At GPU sizes: the default chunk (several chunks at N = 4096, one partial at 3001), and
-# the recomputation with owned and atomic column gradients.
+# At GPU sizes: chunks of 1,024 columns (four at N = 4096, the last one partial at 3001
+# and 3000), and the recomputation with owned and atomic column gradients.
 GPU_STRATEGIES = (
     {"backward": "gemm", "chunk_size": 1024},
     {"backward": "recompute", "deterministic": True},

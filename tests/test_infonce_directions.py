@@ -17,6 +17,7 @@ from sentence_transformers.sentence_transformer.losses.gist_embed import GISTEmb
 from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (
     MultipleNegativesRankingLoss,
 )
+from test_infonce import GPU_STRATEGIES, STRATEGIES
 from torch.profiler import ProfilerActivity, profile
 
 from kernels import infonce as kernel
@@ -558,15 +559,7 @@ def test_triton_matches_naive(shape, option):
 
 @needs_triton
 @pytest.mark.parametrize("option", ["gte-all4", "everything"])
-@pytest.mark.parametrize(
-    "strategy",
-    [
-        {"backward": "gemm", "chunk_size": 16},
-        {"backward": "recompute", "deterministic": True},
-        {"backward": "recompute", "deterministic": False},
-    ],
-    ids=["gemm", "owned-dd", "atomic-dd"],
-)
+@pytest.mark.parametrize("strategy", STRATEGIES.values(), ids=STRATEGIES.keys())
 def test_triton_small_tiles(option, strategy):
     """16-wide tiles: every loop (rows, columns, D and G slices) runs several times; the
     host functions with an explicit upstream gradient."""
@@ -855,12 +848,7 @@ def test_gpu_options_match_naive(option, dtype, atol, rtol):
     options = on(DEVICE, dtype, options_for(option, guide_q, guide_d, batch, num_docs))
     q_low, d_low, ids_on = q.to(DEVICE, dtype), d.to(DEVICE, dtype), ids.to(DEVICE)
     expected = reference(q_low, d_low, ids, options)
-    strategies = (
-        {"backward": "gemm", "chunk_size": 1024},
-        {"backward": "recompute", "deterministic": True},
-        {"backward": "recompute", "deterministic": False},
-    )
-    for strategy in strategies:
+    for strategy in GPU_STRATEGIES:
         results = loss_and_grads(
             lambda q, d, t, strategy=strategy: kernel.fused_info_nce(
                 q, d, 1 / t, doc_ids=ids_on, **strategy, **options
