@@ -141,8 +141,9 @@ record() {
   write_report
 }
 
+# The last non-blank line of a log; empty, not a failure, for a log with none.
 last_line() {
-  grep -v '^[[:space:]]*$' "$1" | tail -n 1 | cut -c1-160
+  { grep -v '^[[:space:]]*$' "$1" || true; } | tail -n 1 | cut -c1-160
 }
 
 # run_stage NAME LIMIT COMMAND...: COMMAND under a time limit (timeout signals its whole

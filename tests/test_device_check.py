@@ -189,3 +189,44 @@ def test_gpu_train_tokenizes_ours_as_the_trainer_does(tmp_path, monkeypatch, pre
     assert threads
     on_helper = [name.startswith("prefetch") for name in threads]
     assert all(on_helper) if prefetch else not any(on_helper)
+
+
+def test_limits_and_arguments_from_the_environment_reach_their_stages(tmp_path):
+    """LIMIT_<STAGE> sets each stage's time limit and <BENCH>_ARGS replaces a benchmark's
+    arguments: run with a stand-in python that records the command lines it is given."""
+    calls = tmp_path / "calls.txt"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    stand_in.chmod(0o755)
+    env = {
+        **os.environ,
+        "PYTHON": str(stand_in),
+        "OUT": str(tmp_path / "out"),
+        "LIMIT_CEILINGS": "11",
+        "LIMIT_PYTEST": "12",
+        "LIMIT_KERNELS": "33",
+        "LIMIT_TILES": "14",
+        "LIMIT_TRAIN": "15",
+        "INFONCE_ARGS": "--sizes 48",
+        "TILES_ARGS": "--size 40",
+        "TRAIN_ARGS": "--seconds 2",
+    }
+    completed = subprocess.run(
+        ["bash", str(REPO_ROOT / "bench" / "device_check.sh"), "--cpu"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    for stage, limit in [("ceilings", 11), ("pytest", 12), ("kernels", 33), ("tiles", 14)]:
+        assert f"== {stage} (limit {limit} s)" in completed.stdout, stage
+    assert "== train (limit 15 s)" in completed.stdout
+    recorded = calls.read_text().splitlines()
+    kernels = next(line for line in recorded if line.startswith("bench/infonce.py --device"))
+    tiles = next(line for line in recorded if line.startswith("bench/infonce_tiles.py"))
+    train = next(line for line in recorded if line.startswith("bench/gpu_train.py"))
+    # The kernels stage's --budget is its limit less 15 s; the defaults are replaced.
+    assert "--budget 18 --sizes 48 --out" in kernels and "--dims" not in kernels
+    assert "--size 40 --out" in tiles and "--size 64" not in tiles
+    assert "--seconds 2 --out" in train and "--batch-size" not in train
