@@ -20,7 +20,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from evaluation.sweeps import compare_runs, find_runs, markdown_table, read_run, write_report
+from biencoder.evaluation.sweeps import (
+    compare_runs,
+    find_runs,
+    markdown_table,
+    read_run,
+    write_report,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,14 +21,11 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-
-from evaluation import EvalConfig, evaluate
-from evaluation.compressed import check_funnel, check_quantization
-from evaluation.config import FunnelConfig, QuantizationConfig
-from training.distributed import resolve_device
-from training.hydra_config import (
+from biencoder.evaluation.compressed import check_funnel, check_quantization
+from biencoder.evaluation.config import EvalConfig, FunnelConfig, QuantizationConfig
+from biencoder.evaluation.scoring import evaluate
+from biencoder.training.distributed import resolve_device
+from biencoder.training.hydra_config import (
     SCHEMAS,
     ConfigError,
     build,
@@ -39,6 +36,8 @@ from training.hydra_config import (
     register,
     settings,
 )
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("eval")
 

@@ -27,13 +27,9 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import MISSING, DictConfig, OmegaConf
-
-from data import load_beir, load_pairs
-from data.io import dotted_leaves, progress_path
-from data.mining import (
+from biencoder.data.beir import load_beir
+from biencoder.data.io import dotted_leaves, progress_path
+from biencoder.data.mining import (
     BiEncoderTeacher,
     BM25Retriever,
     CrossEncoderTeacher,
@@ -47,10 +43,14 @@ from data.mining import (
     mining_set_from_pairs,
     resume_state,
 )
-from evaluation.search import check_index_dims
-from model import BiEncoder, embedding_dim
-from training.distributed import resolve_device
-from training.hydra_config import ConfigError, register
+from biencoder.data.training import load_pairs
+from biencoder.evaluation.search import check_index_dims
+from biencoder.model.biencoder import BiEncoder, embedding_dim
+from biencoder.training.distributed import resolve_device
+from biencoder.training.hydra_config import ConfigError, register
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 log = logging.getLogger("mine")
 

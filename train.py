@@ -35,27 +35,20 @@ import hydra
 import numpy as np
 import torch
 import torch.utils.deterministic
-from hydra import compose
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf
-
-import eval as eval_cli
-from data import (
-    BeirEvalSet,
+from biencoder import eval as eval_cli
+from biencoder.data.eval_sets import BeirEvalSet, StsEvalSet
+from biencoder.data.hf import HfTrainingSet
+from biencoder.data.training_sets import (
     BeirTrainingSet,
-    HfTrainingSet,
     JsonlTrainingSet,
     MultiTrainingSet,
-    StsEvalSet,
     StsTrainingSet,
     TrainingSet,
 )
-from evaluation import EvalConfig, evaluate
-from model import BiEncoder
-from training import Task
-from training.checkpoint import (
+from biencoder.evaluation.config import EvalConfig
+from biencoder.evaluation.scoring import evaluate
+from biencoder.model.biencoder import BiEncoder
+from biencoder.training.checkpoint import (
     LEGACY_TRAINER_STATE,
     TRAINER_STATE,
     check_writable,
@@ -63,9 +56,9 @@ from training.checkpoint import (
     load_trainer_state,
     write_json,
 )
-from training.config import TrainerConfig
-from training.distributed import Distributed, init_distributed, shutdown
-from training.hydra_config import (
+from biencoder.training.config import TrainerConfig
+from biencoder.training.distributed import Distributed, init_distributed, shutdown
+from biencoder.training.hydra_config import (
     ConfigError,
     build,
     check_dims,
@@ -75,8 +68,8 @@ from training.hydra_config import (
     register,
     settings,
 )
-from training.loggers import JsonlLogger, MultiLogger
-from training.run_folder import (
+from biencoder.training.loggers import JsonlLogger, MultiLogger
+from biencoder.training.run_folder import (
     CHANGEABLE_ON_RESUME,
     LAUNCH,
     Launch,
@@ -87,13 +80,19 @@ from training.run_folder import (
     read_launch,
     write_launch,
 )
-from training.trainer import (
+from biencoder.training.tasks import Task
+from biencoder.training.trainer import (
     EXIT_TERMINATED,
     ShardedEncoder,
     Terminated,
     Trainer,
     compile_towers,
 )
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("train")
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import bm25s
 import numpy as np
-
-from data import SCIFACT_DIR, load_beir
-from data.mining import BM25, tokenize
+from biencoder.data.beir import load_beir
+from biencoder.data.mining import BM25, tokenize
+from biencoder.data.paths import SCIFACT_DIR
 
 K1, B = 0.9, 0.4
 

@@ -18,11 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from biencoder.data.beir import load_beir
+from biencoder.data.paths import SCIFACT_DIR
+from biencoder.evaluation.config import FunnelConfig, QuantizationConfig
+from biencoder.evaluation.retrieval import evaluate_retrieval
+from biencoder.model.biencoder import BiEncoder
+from biencoder.model.weights import packaged_model_path
+
 from bench.common import report_header
-from data import SCIFACT_DIR, load_beir
-from evaluation import evaluate_retrieval
-from evaluation.config import FunnelConfig, QuantizationConfig
-from model import BiEncoder, packaged_model_path
 
 PACKAGED = "PACKAGED"
 VARIANTS = {

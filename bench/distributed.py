@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 
 def _worker(rank: int, world: int, config: dict, rendezvous: str, out: str) -> None:
-    from data.training import Triplet
-    from training import InfoNCETask
-    from training.distributed import Distributed
+    from biencoder.data.training import Triplet
+    from biencoder.training.distributed import Distributed
+    from biencoder.training.tasks import InfoNCETask
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = torch.device(config["device"])

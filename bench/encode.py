@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import SCIFACT_DIR, load_beir
-from model import BiEncoder, packaged_model_path
-from model.biencoder import bf16_supported
+from biencoder.data.beir import load_beir
+from biencoder.data.paths import SCIFACT_DIR
+from biencoder.model.biencoder import BiEncoder, bf16_supported
+from biencoder.model.weights import packaged_model_path
 
 
 def print_profile(name: str, encode: Callable[[], object]) -> None:

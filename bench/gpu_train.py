@@ -52,14 +52,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from biencoder.data.training import Pair
+from biencoder.model.biencoder import BiEncoder
+from biencoder.model.config import EncoderConfig
+from biencoder.model.weights import save_random_bert
+from biencoder.training.prefetch import Prefetcher
+from biencoder.training.step import TokenizedBatch, tokenize_batch, train_step
+from biencoder.training.tasks import InfoNCETask
 from common import device_name, package_version
-
-from data.training import Pair
-from model import BiEncoder, EncoderConfig
-from model.weights import save_random_bert
-from training import InfoNCETask, train_step
-from training.prefetch import Prefetcher
-from training.step import TokenizedBatch, tokenize_batch
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TEMPERATURE = 0.05

@@ -319,13 +319,13 @@ def _loss_fn(impl: str, symmetric: bool, chunk_size: int, dim: int, variant: str
             return loss
 
         return inf_cl_loss
-    from losses.infonce import info_nce, naive_info_nce
+    from biencoder.losses.infonce import info_nce, naive_info_nce
 
     if impl == "compiled":
         compiled = torch.compile(naive_info_nce, dynamic=True)
         return lambda q, d, **guides: compiled(q, d, scale, symmetric, **options, **guides)
     if impl == "triton_recompute":
-        from kernels.infonce import fused_info_nce
+        from biencoder.kernels.infonce import fused_info_nce
 
         return lambda q, d, **guides: fused_info_nce(
             q, d, scale, symmetric, backward="recompute", **options, **guides

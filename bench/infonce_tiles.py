@@ -38,15 +38,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import report_header
-
-from kernels.infonce import (
+from biencoder.kernels.infonce import (
     BlockSizes,
     default_forward_block_sizes,
     default_probs_block_sizes,
     infonce_backward,
     infonce_forward,
 )
+from common import report_header
 
 TEMPERATURE = 0.05
 DEFAULT_CHUNK = 4096

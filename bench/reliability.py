@@ -34,7 +34,7 @@ from common import REPO_ROOT, report_header
 
 sys.path.insert(0, str(REPO_ROOT))
 
-from model.weights import TOKENIZER_FILES
+from biencoder.model.weights import TOKENIZER_FILES
 
 TIMEOUT_S = 600
 
@@ -69,16 +69,15 @@ class Kind:
 
 def tiny_model(work: Path, name: str = "model", **config) -> Path:
     import torch
-
-    from model import EncoderConfig, packaged_model_path
-    from model.weights import save_random_bert
+    from biencoder.model.config import EncoderConfig
+    from biencoder.model.weights import packaged_model_path, save_random_bert
 
     torch.manual_seed(0)
     return save_random_bert(work / name, Path(packaged_model_path()), EncoderConfig.tiny(**config))
 
 
 def tiny_beir(work: Path, name: str = "beir") -> Path:
-    from data import TINY_DIR
+    from biencoder.data.paths import TINY_DIR
 
     folder = work / name
     if not folder.exists():
@@ -287,9 +286,9 @@ import errno, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, {str(REPO_ROOT)!r})
-import training.checkpoint
+import biencoder.training.checkpoint
 from model import BiEncoder
-from training.checkpoint import save_checkpoint, load_trainer_state, latest_checkpoint
+from biencoder.training.checkpoint import save_checkpoint, load_trainer_state, latest_checkpoint
 root = Path({str(work / "ckpt")!r})
 model = BiEncoder.from_pretrained({str(work / "model")!r})
 save_checkpoint(root, "last", model, {{"step": 1}})

@@ -59,14 +59,14 @@ def _texts(count: int, kind: str) -> list[str]:
 
 
 def _pairs(count: int):
-    from data.training import Pair
+    from biencoder.data.training import Pair
 
     return [Pair(q, p) for q, p in zip(_texts(count, "query"), _texts(count, "doc"), strict=True)]
 
 
 def _tiny_model_folder(root: Path) -> Path:
-    from model import EncoderConfig, packaged_model_path
-    from model.weights import save_random_bert
+    from biencoder.model.config import EncoderConfig
+    from biencoder.model.weights import packaged_model_path, save_random_bert
 
     torch.manual_seed(0)
     return save_random_bert(root / "tiny-bert", Path(packaged_model_path()), EncoderConfig.tiny())
@@ -95,8 +95,9 @@ def _legacy_ranking_stats(q, d, doc_ids) -> dict[str, float]:
 
 
 def _run_step_worker(config: dict) -> dict:
-    from model import BiEncoder
-    from training import InfoNCETask, train_step
+    from biencoder.model.biencoder import BiEncoder
+    from biencoder.training.step import train_step
+    from biencoder.training.tasks import InfoNCETask
 
     torch.set_num_threads(os.cpu_count() or 1)
     size = config["size"]

@@ -45,8 +45,7 @@ from .training_sets import TrainingSet
 
 if TYPE_CHECKING:
     import datasets
-
-    from model import BiEncoder
+    from biencoder.model.biencoder import BiEncoder
 
 log = logging.getLogger(__name__)
 

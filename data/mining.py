@@ -42,7 +42,7 @@ from .io import append_durably, read_progress, save_progress
 from .training import Pair, Triplet
 
 if TYPE_CHECKING:
-    from model import BiEncoder
+    from biencoder.model.biencoder import BiEncoder
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +463,7 @@ class DenseRetriever:
     ):
         # Imported here: the evaluation package imports data, so a module-level import
         # would be circular.
-        from evaluation.search import build_index
+        from biencoder.evaluation.search import build_index
 
         self.model, self.batch_size = model, batch_size
         if embeddings is None:
@@ -476,7 +476,7 @@ class DenseRetriever:
         self.index = build_index(self.embeddings, factory, metric="ip", seed=seed)
 
     def search(self, queries: list[str], k: int, rows: list[tuple[int, ...]]) -> Hits:
-        from evaluation.search import search  # see __init__
+        from biencoder.evaluation.search import search  # see __init__
 
         embedded = self.model.encode(
             queries,

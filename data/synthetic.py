@@ -63,7 +63,7 @@ from .training import Pair, Triplet, load_pairs, load_triplets
 from .training_sets import TrainingSet
 
 if TYPE_CHECKING:
-    from model import BiEncoder
+    from biencoder.model.biencoder import BiEncoder
 
 log = logging.getLogger(__name__)
 
@@ -834,9 +834,9 @@ def run_synthesis(config: SynthesisConfig, out: Path, resume: bool = False) -> S
     """Load the corpus, the generator and the retrievers ``config`` names, and synthesise
     into ``out``, continuing it with ``resume`` (see :func:`synthesize`)."""
     import torch
-
-    from model import BiEncoder, packaged_model_path
-    from training.distributed import resolve_device
+    from biencoder.model.biencoder import BiEncoder
+    from biencoder.model.weights import packaged_model_path
+    from biencoder.training.distributed import resolve_device
 
     from .beir import load_corpus
 

@@ -30,7 +30,7 @@ from .training import (
 )
 
 if TYPE_CHECKING:
-    from model import BiEncoder
+    from biencoder.model.biencoder import BiEncoder
 
 log = logging.getLogger(__name__)
 

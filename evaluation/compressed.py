@@ -14,10 +14,9 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 import torch
-
-from evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
-from evaluation.search import build_index, check_index_dims, search
-from model import truncate_embeddings
+from biencoder.evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
+from biencoder.evaluation.search import build_index, check_index_dims, search
+from biencoder.model.biencoder import truncate_embeddings
 
 # Queries re-ranked per batch: gathering candidates takes queries × candidates × dim floats.
 _RERANK_QUERIES = 1024

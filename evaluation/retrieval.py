@@ -22,15 +22,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from data import BeirDataset, ScoredPair
-from evaluation.compressed import QuantizedIndex, funnel_index, funnel_search, quantized_search
-from evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
-from evaluation.geometry import geometry_metrics
-from evaluation.metrics import Run, retrieval_metrics
-from evaluation.search import build_index, check_index_dims, search, to_run
-from evaluation.sts import sts_metrics
-from model import BiEncoder, truncate_embeddings
+from biencoder.data.beir import BeirDataset
+from biencoder.data.sts import ScoredPair
+from biencoder.evaluation.compressed import (
+    QuantizedIndex,
+    funnel_index,
+    funnel_search,
+    quantized_search,
+)
+from biencoder.evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
+from biencoder.evaluation.geometry import geometry_metrics
+from biencoder.evaluation.metrics import Run, retrieval_metrics
+from biencoder.evaluation.search import build_index, check_index_dims, search, to_run
+from biencoder.evaluation.sts import sts_metrics
+from biencoder.model.biencoder import BiEncoder, truncate_embeddings
 
 log = logging.getLogger(__name__)
 

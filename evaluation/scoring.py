@@ -10,12 +10,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from data import BeirDataset
-from evaluation.config import EvalConfig, FunnelConfig, QuantizationConfig
-from evaluation.retrieval import evaluate_retrieval, evaluate_sts
-from evaluation.table import format_table
-from evaluation.trec import write_trec_run
-from model import BiEncoder
+from biencoder.data.beir import BeirDataset
+from biencoder.evaluation.config import EvalConfig, FunnelConfig, QuantizationConfig
+from biencoder.evaluation.retrieval import evaluate_retrieval, evaluate_sts
+from biencoder.evaluation.table import format_table
+from biencoder.evaluation.trec import write_trec_run
+from biencoder.model.biencoder import BiEncoder
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 import torch
-
-from evaluation.metrics import Run
+from biencoder.evaluation.metrics import Run
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from biencoder.data._fields import describe
+from biencoder.data.errors import DataError
+from biencoder.data.io import iter_jsonl
 from scipy import stats as scipy_stats
-
-from data import DataError, iter_jsonl
-from data._fields import describe
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from evaluation.metrics import Qrels, Run, trec_order
+from biencoder.evaluation.metrics import Qrels, Run, trec_order
 
 
 def _check_token(value: str, what: str) -> None:

@@ -33,11 +33,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import triton
+from biencoder.kernels import infonce
+from biencoder.losses.infonce import HARDNESS_CODES
 from triton import knobs
 from triton.backends.compiler import GPUTarget
-
-from kernels import infonce
-from losses.infonce import HARDNESS_CODES
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Opt-in dynamic shared memory per block on sm_90 (227 KiB); a kernel that needs more
@@ -303,7 +302,7 @@ def compile_variant(variant: Variant, target: GPUTarget = HOPPER) -> CompileResu
 def unavailable_reason(target: GPUTarget = HOPPER) -> str | None:
     """Why compiling for ``target`` cannot work in this process, or None."""
     if infonce._INTERPRETED:
-        return "kernels.infonce was imported with TRITON_INTERPRET set; run without it"
+        return "biencoder.kernels.infonce was imported with TRITON_INTERPRET set; run without it"
     if not any(b.compiler.supports_target(target) for b in triton.backends.backends.values()):
         return f"this Triton build has no backend for {target}"
     # Imported here because it exists only when the NVIDIA backend does.

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
-
-from losses.infonce import (
+from biencoder.losses.infonce import (
     DIAGONAL_EXCLUDED,
     HARDNESS_CODES,
     PLAIN,
@@ -36,6 +34,7 @@ from losses.infonce import (
     loss_terms,
     scale_as_tensor,
 )
+from triton import knobs
 
 # ------------------------------------------------------------------------------------------
 # Math. The kernels rank B row vectors against C column vectors; in the kernels' names the

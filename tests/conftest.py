@@ -49,14 +49,14 @@ def seed() -> int:
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from model import packaged_model_path
+    from biencoder.model.weights import packaged_model_path
 
     return packaged_model_path()
 
 
 @pytest.fixture(scope="session")
 def minilm(minilm_path):
-    from model import BiEncoder
+    from biencoder.model.biencoder import BiEncoder
 
     return BiEncoder.from_pretrained(minilm_path)
 
@@ -64,8 +64,8 @@ def minilm(minilm_path):
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory, minilm_path) -> str:
     """A randomly initialised 2-layer BERT folder with the MiniLM tokenizer: trains in ms."""
-    from model import EncoderConfig
-    from model.weights import save_random_bert
+    from biencoder.model.config import EncoderConfig
+    from biencoder.model.weights import save_random_bert
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-bert")
@@ -77,7 +77,8 @@ def tiny_beir_path(tmp_path_factory) -> str:
     """20 SciFact train and 8 test queries, their judged abstracts and 40 distractors."""
     import json
 
-    from data import SCIFACT_DIR, load_beir
+    from biencoder.data.beir import load_beir
+    from biencoder.data.paths import SCIFACT_DIR
 
     train, test = load_beir(SCIFACT_DIR, "train"), load_beir(SCIFACT_DIR, "test")
     splits = {"train": (train, sorted(train.qrels)[:20]), "test": (test, sorted(test.qrels)[:8])}
@@ -105,7 +106,7 @@ def tiny_sts_path(tmp_path_factory) -> str:
     """The first 40 rows of each STS-B split."""
     import gzip
 
-    from data import STSB_DIR
+    from biencoder.data.paths import STSB_DIR
 
     folder = tmp_path_factory.mktemp("tiny-sts")
     for split in ("train", "dev", "test"):

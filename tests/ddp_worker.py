@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from examples import SCORED
-from torch.nn.parallel import DistributedDataParallel
-
-from data.training import Pair, Triplet
-from model import BiEncoder
-from training import (
+from biencoder.data.training import Pair, Triplet
+from biencoder.model.biencoder import BiEncoder
+from biencoder.training.distributed import Distributed
+from biencoder.training.step import ColumnEncoder, train_step
+from biencoder.training.tasks import (
     ContrastiveTask,
     CoSENTTask,
     CosineSimilarityTask,
@@ -25,11 +24,10 @@ from training import (
     MarginMSETask,
     Task,
     TripletTask,
-    train_step,
 )
-from training.distributed import Distributed
-from training.step import ColumnEncoder
-from training.trainer import ShardedEncoder
+from biencoder.training.trainer import ShardedEncoder
+from examples import SCORED
+from torch.nn.parallel import DistributedDataParallel
 
 # Texts repeat across examples so that doc-id masking spans ranks: "Paris" is example 1's
 # positive and example 0's negative, "K2" a negative of examples 0 and 2 and of 3.

@@ -27,10 +27,15 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from biencoder.training.distributed import (
+    Distributed,
+    gather,
+    gather_ints,
+    init_distributed,
+    shutdown,
+)
 from torch.multiprocessing.spawn import ProcessException
 from torch.nn.parallel import DistributedDataParallel
-
-from training.distributed import Distributed, gather, gather_ints, init_distributed, shutdown
 
 WORLD_SIZE = 2
 # A collective that waits longer than this has lost its peer: fail rather than hang.

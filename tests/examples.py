@@ -1,6 +1,6 @@
 """Small training examples shared by the tests that compare two ways of taking a step."""
 
-from data.sts import ScoredPair
+from biencoder.data.sts import ScoredPair
 
 # Scores spread over the 0-5 range, so that every pair ranks differently for CoSENT.
 SCORED = [

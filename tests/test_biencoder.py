@@ -6,11 +6,14 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from biencoder.model.biencoder import (
+    MAX_CHARS_PER_TOKEN,
+    BiEncoder,
+    bf16_supported,
+    truncate_embeddings,
+)
 from sentence_transformers import SentenceTransformer
 from tolerances import assert_close_to_scale
-
-from model import BiEncoder, truncate_embeddings
-from model.biencoder import MAX_CHARS_PER_TOKEN, bf16_supported
 
 TEXTS = [
     "What causes antibiotic resistance in bacteria?",
@@ -181,7 +184,7 @@ def test_huge_text_is_cut_to_the_character_budget_before_tokenising(minilm, monk
     monkeypatch.setattr(minilm, "tokenizer", spy)
     # The session's model may have cut texts before: the count goes on from there.
     before = minilm.texts_cut
-    with caplog.at_level(logging.DEBUG, logger="model.biencoder"):
+    with caplog.at_level(logging.DEBUG, logger="biencoder.model.biencoder"):
         embedding = minilm.encode([huge], kind="doc")
         features = minilm.tokenize([huge, TEXTS[0], huge], "doc")
     assert spy.longest == budget
@@ -207,14 +210,14 @@ def test_texts_within_the_character_budget_tokenize_unchanged(minilm, caplog):
     filler = " ".join(TEXTS) * (budget // len(" ".join(TEXTS)) + 1)
     texts = [*TEXTS, filler[: budget - 1], filler[:budget]]
     plain = dict(padding=True, truncation=True, return_tensors="pt")
-    with caplog.at_level(logging.DEBUG, logger="model.biencoder"):
+    with caplog.at_level(logging.DEBUG, logger="biencoder.model.biencoder"):
         ours = minilm.tokenize(texts, "doc")["input_ids"]
     assert not caplog.messages
     assert_identical(ours, minilm.tokenizer(texts, max_length=256, **plain)["input_ids"])
     # At 16 tokens the budget is 1024 characters: the long texts are cut, and keep their
     # tokens, which all come from their first 100 characters or so.
     assert len(TEXTS[3]) > 16 * MAX_CHARS_PER_TOKEN
-    with caplog.at_level(logging.DEBUG, logger="model.biencoder"):
+    with caplog.at_level(logging.DEBUG, logger="biencoder.model.biencoder"):
         short = minilm.tokenize(texts, "doc", max_length=16)["input_ids"]
     assert caplog.messages[0].startswith("cut 3 of 7 texts to their first 1024 characters")
     assert_identical(short, minilm.tokenizer(texts, max_length=16, **plain)["input_ids"])
@@ -253,7 +256,7 @@ def test_bf16_encode_is_close_to_fp32_and_fp32_is_the_default(minilm):
 def test_precision_errors(minilm, monkeypatch):
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
         minilm.encode(TEXTS, precision="fp16")
-    monkeypatch.setattr("model.biencoder.bf16_supported", lambda device: False)
+    monkeypatch.setattr("biencoder.model.biencoder.bf16_supported", lambda device: False)
     with pytest.raises(RuntimeError, match="no bfloat16 support on cpu"):
         minilm.encode(TEXTS, precision="bf16")
     assert minilm.encode(TEXTS[:1], precision="fp32").dtype == torch.float32

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import SafetensorError
-
-from model import BiEncoder, Encoder, EncoderConfig
-from model.weights import save_hf_weights
-from training.checkpoint import (
+from biencoder.model.bert import Encoder
+from biencoder.model.biencoder import BiEncoder
+from biencoder.model.config import EncoderConfig
+from biencoder.model.weights import save_hf_weights
+from biencoder.training.checkpoint import (
     CHECKPOINT_META,
     LEGACY_TRAINER_STATE,
     TRAINER_STATE,
@@ -41,7 +41,8 @@ from training.checkpoint import (
     save_trainer_state,
     set_rng_state,
 )
-from training.schedules import warmup_schedule
+from biencoder.training.schedules import warmup_schedule
+from safetensors import SafetensorError
 
 TOKENIZER_FILES = (
     "vocab.txt",
@@ -289,7 +290,7 @@ WRITER = textwrap.dedent(
     from pathlib import Path
 
     from training import checkpoint
-    from training.checkpoint import save_checkpoint
+    from biencoder.training.checkpoint import save_checkpoint
 
 
     class BigModel:
@@ -448,11 +449,11 @@ def test_latest_skips_an_old_format_folder_with_a_warning(tmp_path, caplog):
     marker = tmp_path / "pwned"
     root = tmp_path / "ckpt"
     old = old_format_checkpoint(root, "step-00000300", 300, marker)
-    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="biencoder.training.checkpoint"):
         assert latest_checkpoint(root) is None
     fake_checkpoint(root, "step-00000100", 100)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="biencoder.training.checkpoint"):
         assert latest_checkpoint(root) == root / "step-00000100"
     assert str(old) in caplog.text
     assert LEGACY_TRAINER_STATE in caplog.text and "pickle" in caplog.text
@@ -499,7 +500,7 @@ def test_full_disk_says_so_cleans_up_and_keeps_the_previous_checkpoint(
         error = SafetensorError(
             "Error while serializing: I/O error: No space left on device (os error 28)"
         )
-        monkeypatch.setattr("training.checkpoint.save_file", write_then_fail(error))
+        monkeypatch.setattr("biencoder.training.checkpoint.save_file", write_then_fail(error))
     elif where == "json":
         code = errno.EDQUOT
         write_text = pathlib.Path.write_text
@@ -516,7 +517,7 @@ def test_full_disk_says_so_cleans_up_and_keeps_the_previous_checkpoint(
         def no_room(fd):
             raise enospc
 
-        monkeypatch.setattr("training.checkpoint.os.fsync", no_room)
+        monkeypatch.setattr("biencoder.training.checkpoint.os.fsync", no_room)
 
     with pytest.raises(OSError, match="no space left on device") as failed:
         save_checkpoint(root, "last", model, {"step": 200, "rng": rng_state()})

@@ -13,21 +13,21 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from functorch.compile import make_boxed_func
-from torch._dynamo.backends.common import aot_autograd
-
-from losses import info_nce
-from losses.infonce import (
+from biencoder.losses.infonce import (
     DIRECTIONS,
     SYMMETRIC,
     LossTerms,
+    info_nce,
     info_nce_backward_op,
     info_nce_op,
     loss_terms,
     naive_info_nce,
 )
-from model import Encoder, EncoderConfig
-from model.pooling import MeanPooling
+from biencoder.model.bert import Encoder
+from biencoder.model.config import EncoderConfig
+from biencoder.model.pooling import MeanPooling
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 
 TEMPERATURE = 0.05
 BATCH, NUM_DOCS, DIM = 6, 11, 8

@@ -11,29 +11,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from data import (
-    SCIFACT_DIR,
-    STSB_DIR,
-    BeirTrainingSet,
-    DataError,
-    Document,
+from biencoder.data import training_sets
+from biencoder.data.beir import Document, load_beir
+from biencoder.data.errors import DataError
+from biencoder.data.io import iter_jsonl, open_text, resolve
+from biencoder.data.paths import SCIFACT_DIR, STSB_DIR
+from biencoder.data.sts import ScoredPair, load_sts
+from biencoder.data.training import (
     LabelledText,
     Pair,
-    ScoredPair,
     Triplet,
-    iter_jsonl,
-    load_beir,
     load_labelled,
     load_pairs,
     load_scored_pairs,
-    load_sts,
     load_triplets,
-    open_text,
     pairs_from_beir,
-    resolve,
-    training_sets,
 )
+from biencoder.data.training_sets import BeirTrainingSet
 
 QRELS_HEADER = "query-id\tcorpus-id\tscore\n"
 
@@ -312,7 +306,7 @@ UNKNOWN_IDS_QRELS = QRELS + "q9\td1\t1\nq1\td9\t1\nq8\td8\t1\nq7\td1\t1\nq6\td1\
 def test_load_beir_drops_and_counts_unknown_qrels_ids(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="data.beir"):
+    with caplog.at_level(logging.WARNING, logger="biencoder.data.beir"):
         ds = load_beir(make_beir(tmp_path, qrels=UNKNOWN_IDS_QRELS))
     # q8/d8 (line 8) has both ids unknown and counts in both.
     assert ds.missing == {"qrels_unknown_query": 5, "qrels_unknown_doc": 2}
@@ -335,7 +329,7 @@ def test_load_beir_drops_and_counts_unknown_qrels_ids(
 def test_load_beir_valid_folder_logs_no_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="data.beir"):
+    with caplog.at_level(logging.WARNING, logger="biencoder.data.beir"):
         load_beir(make_beir(tmp_path))
     assert caplog.records == []
 
@@ -359,7 +353,10 @@ def test_load_beir_rejects_qrels_that_name_no_known_query_and_document(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     qrels = QRELS_HEADER + "q9\td1\t1\nq1\td9\t1\nq8\td8\t2\n"
-    with caplog.at_level(logging.WARNING, logger="data.beir"), pytest.raises(DataError) as excinfo:
+    with (
+        caplog.at_level(logging.WARNING, logger="biencoder.data.beir"),
+        pytest.raises(DataError) as excinfo,
+    ):
         load_beir(make_beir(tmp_path, qrels=qrels))
     assert_error(
         excinfo.value,

@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from biencoder import train as train_cli
 from configs import ROOT, compose_train
-
-import train as train_cli
 
 # Wall-clock measurements differ between any two runs; everything else must not.
 CLOCK_KEYS = {"time", "train/examples_per_s"}
@@ -61,8 +60,8 @@ def test_another_seed_changes_the_run(tiny_run, tmp_path):
 DATA_PLAN = """
 import hashlib, json, sys
 from data import NoDuplicateBatchSampler
-from data.training_sets import BeirTrainingSet
-from training.trainer import example_texts
+from biencoder.data.training_sets import BeirTrainingSet
+from biencoder.training.trainer import example_texts
 
 seed = int(sys.argv[1])
 data = BeirTrainingSet(sys.argv[2], dev_queries=4, dev_corpus_size=30, hard_negatives=2,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from losses import ListwiseKLLoss, MarginMSELoss, MatryoshkaLoss, listwise_kl, margin_mse
+from biencoder.losses.distillation import ListwiseKLLoss, MarginMSELoss, listwise_kl, margin_mse
+from biencoder.losses.pairwise import MatryoshkaLoss
 
 SHAPES = [(1, 2, 3), (5, 4, 16), (7, 3, 33)]  # (B, K, D): one query, odd sizes
 

@@ -1,4 +1,4 @@
-"""training.distributed: launcher environments and devices without any process group, and
+"""biencoder.training.distributed: launcher environments and devices without any process group, and
 the collectives and the gradient-carrying gather in two spawned CPU processes over Gloo
 (the checks themselves are in tests/dist_worker.py)."""
 
@@ -8,8 +8,7 @@ import dist_worker
 import pytest
 import torch
 import torch.distributed as tdist
-
-from training.distributed import (
+from biencoder.training.distributed import (
     Distributed,
     Launch,
     gather,

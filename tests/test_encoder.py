@@ -5,12 +5,18 @@ import json
 
 import pytest
 import torch
+from biencoder.model.bert import Encoder
+from biencoder.model.config import EncoderConfig
+from biencoder.model.weights import (
+    WeightLoadingError,
+    hf_to_ours,
+    load_hf_weights,
+    ours_to_hf,
+    save_hf_weights,
+)
 from safetensors.torch import load_file, save_file
 from tolerances import assert_close_to_scale
 from transformers import AutoModel
-
-from model import Encoder, EncoderConfig, WeightLoadingError
-from model.weights import hf_to_ours, load_hf_weights, ours_to_hf, save_hf_weights
 
 TEXTS = [
     "hello",

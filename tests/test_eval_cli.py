@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import pytrec_eval
 import torch
+from biencoder import eval as eval_cli
+from biencoder.data.beir import load_beir
+from biencoder.data.paths import SCIFACT_DIR, STSB_DIR
+from biencoder.data.sts import load_sts
+from biencoder.evaluation.config import EvalConfig
+from biencoder.evaluation.trec import read_trec_run
+from biencoder.training.hydra_config import ConfigError
 from configs import compose_config, run_entry
 from hydra.errors import ConfigCompositionException
 from scipy import stats
-
-import eval as eval_cli
-from data import SCIFACT_DIR, STSB_DIR, load_beir, load_sts
-from evaluation import EvalConfig, read_trec_run
-from training.hydra_config import ConfigError
 
 
 def compose_eval(*overrides: str):

@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from biencoder import eval as eval_cli
+from biencoder.data.beir import BeirDataset, Document
+from biencoder.evaluation.compressed import funnel_index, funnel_search
+from biencoder.evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
+from biencoder.evaluation.metrics import retrieval_metrics
+from biencoder.evaluation.retrieval import evaluate_retrieval
+from biencoder.evaluation.search import build_index, search
+from biencoder.evaluation.trec import read_trec_run
+from biencoder.training.hydra_config import ConfigError
 from configs import compose_config, run_entry
 from omegaconf import OmegaConf
-
-import eval as eval_cli
-from data import BeirDataset, Document
-from evaluation import build_index, evaluate_retrieval, read_trec_run, retrieval_metrics, search
-from evaluation.compressed import funnel_index, funnel_search
-from evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
-from training.hydra_config import ConfigError
 
 N_DOCS, N_QUERIES, DIM = 20, 6, 8
 

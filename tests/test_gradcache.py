@@ -2,21 +2,15 @@
 
 import pytest
 import torch
+from biencoder.data.training import Pair, Triplet
+from biencoder.losses.infonce import InfoNCELoss
+from biencoder.model.bert import Encoder
+from biencoder.model.biencoder import BiEncoder, BiEncoderConfig, Tower
+from biencoder.model.config import EncoderConfig
+from biencoder.training.step import RandomState, embed_columns, train_step
+from biencoder.training.tasks import CoSENTTask, InfoNCETask, ListwiseKLTask, MarginMSETask
 from examples import SCORED
 from transformers import AutoTokenizer
-
-from data.training import Pair, Triplet
-from losses import InfoNCELoss
-from model import BiEncoder, BiEncoderConfig, Encoder, EncoderConfig, Tower
-from training import (
-    CoSENTTask,
-    InfoNCETask,
-    ListwiseKLTask,
-    MarginMSETask,
-    embed_columns,
-    train_step,
-)
-from training.step import RandomState
 
 # 512 positions: the default, as before EncoderConfig.tiny existed, so the texts are not cut.
 TINY = EncoderConfig.tiny(

@@ -8,12 +8,13 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from biencoder import train as train_cli
+from biencoder.data.errors import DataError
+from biencoder.data.hf import HfExamples, HfTrainingSet, resolve_roles
+from biencoder.data.sts import ScoredPair
+from biencoder.data.training import Pair, Triplet
+from biencoder.training.hydra_config import ConfigError
 from configs import compose_train, run_entry
-
-import train as train_cli
-from data import DataError, HfExamples, HfTrainingSet, Pair, ScoredPair, Triplet
-from data.hf import resolve_roles
-from training.hydra_config import ConfigError
 
 ROWS = {
     "anchor": ["what is a cell", "who wrote it", "where is it"],
@@ -241,7 +242,8 @@ def test_an_example_type_the_loss_cannot_train_on_fails_before_loading(tmp_path)
 
 
 def test_train_py_trains_on_a_saved_dataset(tmp_path, tiny_model_path):
-    from data import TINY_DIR, load_beir
+    from biencoder.data.beir import load_beir
+    from biencoder.data.paths import TINY_DIR
 
     train = load_beir(TINY_DIR, "train")
     pairs = [

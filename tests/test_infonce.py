@@ -10,23 +10,28 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
-
-from kernels import infonce as kernel
-from kernels.infonce import (
+from biencoder.kernels import infonce as kernel
+from biencoder.kernels.infonce import (
     BlockSizes,
     fused_info_nce,
     infonce_backward,
     infonce_forward,
 )
-from losses import InfoNCELoss, info_nce
-from losses.infonce import InfoNCEStats, chunked_info_nce, loss_terms, naive_info_nce
+from biencoder.losses.infonce import (
+    InfoNCELoss,
+    InfoNCEStats,
+    chunked_info_nce,
+    info_nce,
+    loss_terms,
+    naive_info_nce,
+)
+from torch.profiler import ProfilerActivity, profile
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 needs_triton = pytest.mark.skipif(
     not (HAS_CUDA or kernel._INTERPRETED),
-    reason="kernels.infonce was imported without CUDA and without TRITON_INTERPRET=1",
+    reason="biencoder.kernels.infonce was imported without CUDA and without TRITON_INTERPRET=1",
 )
 
 UPSTREAM = 3.7

@@ -12,6 +12,9 @@ combinations raise, nothing B×N is kept.
 import pytest
 import torch
 import torch.nn.functional as F
+from biencoder.kernels import infonce as kernel
+from biencoder.kernels.infonce import BlockSizes, infonce_backward, infonce_forward
+from biencoder.losses.infonce import DIRECTIONS, InfoNCELoss, info_nce, loss_terms, naive_info_nce
 from sentence_transformers.base.losses.merged_forward import column_merging_disabled
 from sentence_transformers.sentence_transformer.losses.gist_embed import GISTEmbedLoss
 from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (
@@ -19,11 +22,6 @@ from sentence_transformers.sentence_transformer.losses.multiple_negatives_rankin
 )
 from test_infonce import GPU_STRATEGIES, STRATEGIES
 from torch.profiler import ProfilerActivity, profile
-
-from kernels import infonce as kernel
-from kernels.infonce import BlockSizes, infonce_backward, infonce_forward
-from losses import InfoNCELoss, info_nce
-from losses.infonce import DIRECTIONS, loss_terms, naive_info_nce
 
 # A row whose every candidate of one direction is excluded (the guide can drop all of
 # query_to_query's) has that direction's logsumexp log(0) = −inf, which the joint partition
@@ -34,7 +32,7 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 needs_triton = pytest.mark.skipif(
     not (HAS_CUDA or kernel._INTERPRETED),
-    reason="kernels.infonce was imported without CUDA and without TRITON_INTERPRET=1",
+    reason="biencoder.kernels.infonce was imported without CUDA and without TRITON_INTERPRET=1",
 )
 
 UPSTREAM = 3.7

@@ -5,14 +5,13 @@ and a guide model embeds the batch's own texts, frozen and outside the checkpoin
 import pytest
 import torch
 import torch.nn.functional as F
+from biencoder.data.training import Pair, Triplet
+from biencoder.losses.infonce import info_nce
+from biencoder.model.biencoder import BiEncoder
+from biencoder.training.tasks import InfoNCETask
 from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (
     MultipleNegativesRankingLoss,
 )
-
-from data.training import Pair, Triplet
-from losses import info_nce
-from model import BiEncoder
-from training import InfoNCETask
 
 K = 2
 TRIPLETS = [

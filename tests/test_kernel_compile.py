@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from kernels.compile_check import HOPPER_MAX_SHARED_BYTES
+from biencoder.kernels.compile_check import HOPPER_MAX_SHARED_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
 MEASURED_SPILL_BYTES = 16
@@ -25,7 +24,7 @@ MEASURED_SPILL_BYTES = 16
 def compile_in_subprocess(*args: str) -> list[dict]:
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     process = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_check", "--json", *args],
+        [sys.executable, "-m", "biencoder.kernels.compile_check", "--json", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -35,7 +34,9 @@ def compile_in_subprocess(*args: str) -> list[dict]:
     try:
         report = json.loads(process.stdout)
     except json.JSONDecodeError:
-        pytest.fail(f"kernels.compile_check crashed (rc {process.returncode}):\n{process.stderr}")
+        pytest.fail(
+            f"biencoder.kernels.compile_check crashed (rc {process.returncode}):\n{process.stderr}"
+        )
     if "unavailable" in report:
         pytest.skip(f"cannot compile for sm_90 here: {report['unavailable']}")
     print(f"\n{report['table']}")

@@ -33,17 +33,16 @@ from typing import Any
 
 import pytest
 import torch
+from biencoder import train as train_cli
+from biencoder.losses import infonce as infonce_module
+from biencoder.model import bert as bert_module
+from biencoder.model.biencoder import BiEncoder, Tower
+from biencoder.model.config import EncoderConfig
+from biencoder.model.weights import save_random_bert
 from configs import compose_train, tiny_overrides
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from test_synthesize import SYNTH_PROBES
-
-import train as train_cli
-from losses import infonce as infonce_module
-from model import EncoderConfig
-from model import bert as bert_module
-from model.biencoder import BiEncoder, Tower
-from model.weights import save_random_bert
 
 NODES = ("trainer", "train_data", "eval_data", "loss", "optim", "sched", "model", "evaluation")
 # Group options with a schema of their own: their keys are other parameters.
@@ -473,7 +472,7 @@ def spying(monkeypatch: pytest.MonkeyPatch):
 
         return call
 
-    retrieval = importlib.import_module("evaluation.retrieval")
+    retrieval = importlib.import_module("biencoder.evaluation.retrieval")
     build_index, search = retrieval.build_index, retrieval.search
 
     def spied_build_index(embeddings, factory, **kwargs):
@@ -484,7 +483,7 @@ def spying(monkeypatch: pytest.MonkeyPatch):
         spy.index_calls.append({"k": k, **kwargs})
         return search(index, queries, k, **kwargs)
 
-    scoring = importlib.import_module("evaluation.scoring")
+    scoring = importlib.import_module("biencoder.evaluation.scoring")
     evaluate_retrieval = scoring.evaluate_retrieval
 
     def spied_evaluate_retrieval(model, dataset, **kwargs):
@@ -595,7 +594,8 @@ def observations(run_dir: Path, spy: Spy, error: Exception | None) -> dict[str, 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, minilm_path, tiny_beir_path) -> dict[str, str]:
     """Data and model folders that differ from the defaults in one respect each."""
-    from data import STSB_DIR, TINY_DIR, load_beir
+    from biencoder.data.beir import load_beir
+    from biencoder.data.paths import STSB_DIR, TINY_DIR
 
     root = tmp_path_factory.mktemp("knobs")
     torch.manual_seed(1)

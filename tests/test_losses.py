@@ -5,15 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from losses import (
+from biencoder.losses.infonce import InfoNCELoss, info_nce
+from biencoder.losses.pairwise import (
     ContrastiveLoss,
     CoSENTLoss,
     CosineSimilarityLoss,
-    InfoNCELoss,
     MatryoshkaLoss,
     TripletLoss,
-    info_nce,
 )
 
 BATCH, DIM, NEGATIVES = 7, 13, 3

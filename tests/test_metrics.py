@@ -6,8 +6,7 @@ import math
 import random
 
 import pytest
-
-from evaluation.metrics import (
+from biencoder.evaluation.metrics import (
     METRIC_FAMILIES,
     per_query_metrics,
     retrieval_metrics,

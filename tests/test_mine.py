@@ -14,12 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from configs import compose_config, run_entry
-from hydra.errors import ConfigCompositionException
-
-import mine as mine_cli
-from data import SCIFACT_DIR, TINY_DIR, DataError, Pair, load_beir, load_triplets
-from data.mining import (
+from biencoder import mine as mine_cli
+from biencoder.data.beir import load_beir
+from biencoder.data.errors import DataError
+from biencoder.data.mining import (
     BiEncoderTeacher,
     BM25Retriever,
     CrossEncoderTeacher,
@@ -30,8 +28,12 @@ from data.mining import (
     mining_set_from_beir,
     mining_set_from_pairs,
 )
-from model import BiEncoder
-from training.hydra_config import ConfigError
+from biencoder.data.paths import SCIFACT_DIR, TINY_DIR
+from biencoder.data.training import Pair, load_triplets
+from biencoder.model.biencoder import BiEncoder
+from biencoder.training.hydra_config import ConfigError
+from configs import compose_config, run_entry
+from hydra.errors import ConfigCompositionException
 
 MAX_LENGTH = 64
 

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from biencoder.data.beir import load_beir
+from biencoder.data.sts import load_sts
+from biencoder.evaluation.config import IndexSpec
+from biencoder.evaluation.retrieval import evaluate_retrieval, evaluate_sts
+from biencoder.model.biencoder import BiEncoder
+from biencoder.model.config import EncoderConfig
+from biencoder.model.weights import TOKENIZER_FILES, WeightLoadingError, save_random_bert
 from safetensors.torch import load_file
-
-from data import load_beir, load_sts
-from evaluation import IndexSpec, evaluate_retrieval, evaluate_sts
-from model import BiEncoder, EncoderConfig, WeightLoadingError
-from model.weights import TOKENIZER_FILES, save_random_bert
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def test_tokenizer_far_smaller_than_the_embedding_matrix_warns(
     minilm_path, tiny_model_path, tmp_path, seed, caplog
 ):
     folder = save_random_bert(tmp_path, minilm_path, EncoderConfig.tiny(vocab_size=70000))
-    with caplog.at_level(logging.WARNING, logger="model.biencoder"):
+    with caplog.at_level(logging.WARNING, logger="biencoder.model.biencoder"):
         BiEncoder.from_pretrained(tiny_model_path)
         assert "tokenizer" not in caplog.text
         BiEncoder.from_pretrained(folder)

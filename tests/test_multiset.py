@@ -7,12 +7,11 @@ from pathlib import Path
 
 import datasets
 import pytest
+from biencoder import train as train_cli
+from biencoder.data.sampler import MultiSetBatchSampler, NoDuplicateBatchSampler
+from biencoder.training.hydra_config import ConfigError
+from biencoder.training.trainer import Trainer
 from configs import compose_train
-
-import train as train_cli
-from data import MultiSetBatchSampler, NoDuplicateBatchSampler
-from training.hydra_config import ConfigError
-from training.trainer import Trainer
 
 SIZES = (120, 40, 64)  # examples per set: 30, 10 and 16 batches of 4
 BATCH = 4
@@ -122,7 +121,8 @@ def test_an_unknown_sampling_is_refused():
 @pytest.fixture(scope="module")
 def set_files(tmp_path_factory) -> dict[str, str]:
     """Two sets of SciFact pairs: a JSONL file and a saved 🤗 dataset, no text in common."""
-    from data import TINY_DIR, load_beir
+    from biencoder.data.beir import load_beir
+    from biencoder.data.paths import TINY_DIR
 
     root = tmp_path_factory.mktemp("sets")
     train = load_beir(TINY_DIR, "train")
@@ -224,7 +224,7 @@ def test_resume_draws_the_batches_of_an_uninterrupted_run(
 
 
 def test_the_dev_set_is_the_first_sets_that_has_one(tmp_path, tiny_model_path, set_files):
-    from data import TINY_DIR
+    from biencoder.data.paths import TINY_DIR
 
     overrides = multi_overrides(
         tiny_model_path,
@@ -243,7 +243,7 @@ def test_the_dev_set_is_the_first_sets_that_has_one(tmp_path, tiny_model_path, s
 
 
 def test_a_set_the_loss_cannot_train_on_is_named(tiny_model_path, set_files):
-    from data import STSB_DIR
+    from biencoder.data.paths import STSB_DIR
 
     overrides = multi_overrides(
         tiny_model_path,

@@ -6,12 +6,11 @@ import threading
 
 import pytest
 import torch
-
-from data.training import Pair
-from model import BiEncoder
-from training import InfoNCETask, train_step
-from training.prefetch import Prefetcher
-from training.step import tokenize_batch
+from biencoder.data.training import Pair
+from biencoder.model.biencoder import BiEncoder
+from biencoder.training.prefetch import Prefetcher
+from biencoder.training.step import tokenize_batch, train_step
+from biencoder.training.tasks import InfoNCETask
 
 
 def counter():

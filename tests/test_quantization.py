@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from biencoder import eval as eval_cli
+from biencoder.evaluation.compressed import QuantizedIndex, quantized_search
+from biencoder.evaluation.config import QuantizationConfig
+from biencoder.evaluation.metrics import retrieval_metrics
+from biencoder.evaluation.retrieval import evaluate_retrieval
+from biencoder.model.config import EncoderConfig
+from biencoder.training.hydra_config import ConfigError
 from configs import compose_config, run_entry
 from test_funnel import DIM, N_DOCS, FakeModel, toy_dataset, toy_embeddings
-
-import eval as eval_cli
-from evaluation import evaluate_retrieval, retrieval_metrics
-from evaluation.compressed import QuantizedIndex, quantized_search
-from evaluation.config import QuantizationConfig
-from model import EncoderConfig
-from training.hydra_config import ConfigError
 
 KS = (1, 3, 5, 20)  # 20: every document is ranked, so ties cannot change which are kept
 

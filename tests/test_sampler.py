@@ -4,9 +4,8 @@ import random
 from collections import Counter
 
 import pytest
+from biencoder.data.sampler import NoDuplicateBatchSampler
 from torch.utils.data import DataLoader
-
-from data.sampler import NoDuplicateBatchSampler
 
 
 def duplicated_examples(n: int = 300) -> list[tuple[str, ...]]:

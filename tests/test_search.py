@@ -7,9 +7,8 @@ import logging
 import faiss
 import numpy as np
 import pytest
+from biencoder.evaluation.search import build_index, check_index_dims, search, to_run
 from tolerances import summation_tolerance
-
-from evaluation.search import build_index, check_index_dims, search, to_run
 
 DIM = 32
 
@@ -235,7 +234,7 @@ def test_gpu_routing_without_a_gpu(data, monkeypatch, caplog):
     assert len(moved) == 1
     build_index(docs, "Flat", use_gpu=False)
     assert len(moved) == 1
-    with caplog.at_level(logging.WARNING, logger="evaluation.search"):
+    with caplog.at_level(logging.WARNING, logger="biencoder.evaluation.search"):
         build_index(docs[:100], "HNSW32", use_gpu=True)
     assert len(moved) == 1
     assert "no GPU implementation of HNSW" in caplog.text

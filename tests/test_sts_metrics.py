@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from evaluation.sts import pearson, spearman, sts_metrics
+from biencoder.evaluation.sts import pearson, spearman, sts_metrics
 
 stats = pytest.importorskip("scipy.stats")
 

@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from biencoder import compare as compare_cli
+from biencoder.data.errors import DataError
+from biencoder.evaluation.sweeps import compare_runs, find_runs, markdown_table, read_run, summarize
 from configs import ROOT, tiny_overrides
 from wandb_file import run_contents
-
-import compare as compare_cli
-from data import DataError
-from evaluation.sweeps import compare_runs, find_runs, markdown_table, read_run, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -19,16 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from configs import compose_config, compose_train, run_entry
-from safetensors.torch import load_file
-
-import synthesize as synthesize_cli
-import train as train_cli
-from data import TINY_DIR, DataError, Document, load_corpus, load_pairs, load_triplets
-from data.generator import QueryGenerator, Sampling, packaged_generator, resolve_generator
-from data.io import progress_path
-from data.mining import BM25Retriever, Hits
-from data.synthetic import (
+from biencoder import synthesize as synthesize_cli
+from biencoder import train as train_cli
+from biencoder.data.beir import Document, load_corpus
+from biencoder.data.errors import DataError
+from biencoder.data.generator import QueryGenerator, Sampling, packaged_generator, resolve_generator
+from biencoder.data.io import progress_path
+from biencoder.data.mining import BM25Retriever, Hits
+from biencoder.data.paths import TINY_DIR
+from biencoder.data.synthetic import (
     FilterOptions,
     NegativeOptions,
     Prompt,
@@ -44,7 +43,10 @@ from data.synthetic import (
     synthesize,
     trigram_overlap,
 )
-from training.hydra_config import ConfigError
+from biencoder.data.training import load_pairs, load_triplets
+from biencoder.training.hydra_config import ConfigError
+from configs import compose_config, compose_train, run_entry
+from safetensors.torch import load_file
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}[unused1] {{ m['content'] }}{% endfor %}"
@@ -928,7 +930,7 @@ def test_the_throughput_benchmark_runs_and_prints_a_row_per_setting(tiny_lm):
 
 
 def test_the_scifact_synthetic_experiment_trains_on_synthetic_queries_only():
-    from data import SCIFACT_DIR
+    from biencoder.data.paths import SCIFACT_DIR
 
     cfg = compose_train("experiment=scifact_synthetic")
     spec = train_cli.build_training_spec(cfg.train_data)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from evaluation.metrics import retrieval_metrics
-from evaluation.table import format_table
+from biencoder.evaluation.metrics import retrieval_metrics
+from biencoder.evaluation.table import format_table
 
 
 def test_flat_metrics_pivot_to_families_by_cutoff():

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from data.sts import ScoredPair
-from data.training import LabelledText, Pair, Triplet
-from losses import CoSENTLoss, CosineSimilarityLoss, InfoNCELoss, MatryoshkaLoss
-from training import (
+from biencoder.data.sts import ScoredPair
+from biencoder.data.training import LabelledText, Pair, Triplet
+from biencoder.losses.infonce import InfoNCELoss
+from biencoder.losses.pairwise import CoSENTLoss, CosineSimilarityLoss, MatryoshkaLoss
+from biencoder.training.tasks import (
     ContrastiveTask,
     CoSENTTask,
     CosineSimilarityTask,

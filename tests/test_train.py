@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from biencoder import train as train_cli
+from biencoder.model.biencoder import BiEncoder
+from biencoder.model.pooling import POOLING_HEADS
+from biencoder.training.hydra_config import ConfigError
+from biencoder.training.trainer import NonFiniteError
 from configs import ROOT, compose_train
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from wandb_file import run_contents
-
-import train as train_cli
-from model import POOLING_HEADS, BiEncoder
-from training.hydra_config import ConfigError
-from training.trainer import NonFiniteError
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -469,7 +469,7 @@ def test_divergence_stops_naming_the_step_and_the_last_good_checkpoint(tiny_run,
 
 def test_nonfinite_steps_are_skipped_and_counted(tiny_run, tmp_path, monkeypatch):
     # A loss that is NaN at step 2 only: the skip policy drops that update and goes on.
-    from training import step as step_module
+    from biencoder.training import step as step_module
 
     real = step_module.train_step
     calls = []
@@ -481,7 +481,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_run, tmp_path, monkeypatch
             return dataclasses.replace(result, loss=float("nan"))
         return result
 
-    monkeypatch.setattr("training.trainer.train_step", nan_at_second_step)
+    monkeypatch.setattr("biencoder.training.trainer.train_step", nan_at_second_step)
     overrides = tiny_run(
         "beir", "trainer.on_nonfinite=skip", "trainer.max_steps=3", "trainer.eval=false"
     )

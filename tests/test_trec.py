@@ -6,9 +6,13 @@ import random
 
 import numpy as np
 import pytest
-
-from evaluation.metrics import retrieval_metrics
-from evaluation.trec import read_trec_qrels, read_trec_run, write_trec_qrels, write_trec_run
+from biencoder.evaluation.metrics import retrieval_metrics
+from biencoder.evaluation.trec import (
+    read_trec_qrels,
+    read_trec_run,
+    write_trec_qrels,
+    write_trec_run,
+)
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 

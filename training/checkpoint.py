@@ -64,7 +64,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:
-    from model import BiEncoder
+    from biencoder.model.biencoder import BiEncoder
 
 log = logging.getLogger(__name__)
 

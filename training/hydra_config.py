@@ -26,29 +26,24 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from hydra.core.config_store import ConfigStore
-from hydra.utils import get_method, instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
-
-from data import (
-    BUNDLED_DIR,
-    BeirEvalSet,
+from biencoder.data.eval_sets import BeirEvalSet, StsEvalSet
+from biencoder.data.hf import HfTrainingSet
+from biencoder.data.paths import BUNDLED_DIR
+from biencoder.data.synthetic import SyntheticTrainingSet
+from biencoder.data.training_sets import (
     BeirTrainingSet,
-    HfTrainingSet,
     JsonlTrainingSet,
     MultiTrainingSet,
-    StsEvalSet,
     StsTrainingSet,
-    SyntheticTrainingSet,
 )
-from evaluation.config import EvalConfig, FunnelConfig, IndexSpec, QuantizationConfig
-from evaluation.search import check_index_dims
-from model import BiEncoder, embedding_dim, packaged_model_path
-from model.biencoder import check_load_arguments
-from training.config import TrainerConfig
-from training.loggers import WandbLogger
-from training.schedules import warmup_schedule
-from training.tasks import (
+from biencoder.evaluation.config import EvalConfig, FunnelConfig, IndexSpec, QuantizationConfig
+from biencoder.evaluation.search import check_index_dims
+from biencoder.model.biencoder import BiEncoder, check_load_arguments, embedding_dim
+from biencoder.model.weights import packaged_model_path
+from biencoder.training.config import TrainerConfig
+from biencoder.training.loggers import WandbLogger
+from biencoder.training.schedules import warmup_schedule
+from biencoder.training.tasks import (
     ContrastiveTask,
     CoSENTTask,
     CosineSimilarityTask,
@@ -57,6 +52,9 @@ from training.tasks import (
     MarginMSETask,
     TripletTask,
 )
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_method, instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from training.checkpoint import write_json
+from biencoder.training.checkpoint import write_json
 
 LAUNCH = "launch.json"
 # Everything a training run writes besides Hydra's own .hydra/ folder and log file.

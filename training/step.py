@@ -22,10 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from biencoder.model.biencoder import BiEncoder, Kind
+from biencoder.training.tasks import Task, TextBatch
 from torch import nn
-
-from model.biencoder import BiEncoder, Kind
-from training.tasks import Task, TextBatch
 
 
 class RandomState:

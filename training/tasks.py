@@ -20,23 +20,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from data.sts import ScoredPair
-from data.training import Pair, Triplet
-from losses import (
+from biencoder.data.sts import ScoredPair
+from biencoder.data.training import Pair, Triplet
+from biencoder.losses.distillation import ListwiseKLLoss, MarginMSELoss
+from biencoder.losses.infonce import InfoNCELoss
+from biencoder.losses.pairwise import (
     ContrastiveLoss,
     CoSENTLoss,
     CosineSimilarityLoss,
-    InfoNCELoss,
-    ListwiseKLLoss,
-    MarginMSELoss,
     MatryoshkaLoss,
     TripletLoss,
+    pair_distance,
 )
-from losses.pairwise import pair_distance
-from model.biencoder import BiEncoder, Kind
-from training.distributed import Distributed, gather
+from biencoder.model.biencoder import BiEncoder, Kind
+from biencoder.training.distributed import Distributed, gather
+from torch import nn
 
 Example = Pair | Triplet | ScoredPair
 

@@ -37,28 +37,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
-
-from data import BeirDataset
-from data.sampler import MultiSetBatchSampler, NoDuplicateBatchSampler
-from data.training_sets import TrainingSet
-from evaluation import EvalConfig, score
-from model import BiEncoder
-from model.biencoder import bf16_supported
-from training.checkpoint import (
+from biencoder.data.beir import BeirDataset
+from biencoder.data.sampler import MultiSetBatchSampler, NoDuplicateBatchSampler
+from biencoder.data.training_sets import TrainingSet
+from biencoder.evaluation.config import EvalConfig
+from biencoder.evaluation.scoring import score
+from biencoder.model.biencoder import BiEncoder, bf16_supported
+from biencoder.training.checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from training.config import TrainerConfig
-from training.distributed import Distributed, gather
-from training.loggers import Logger
-from training.prefetch import Prefetcher
-from training.step import ColumnEncoder, TokenizedBatch, tokenize_batch, train_step
-from training.tasks import Task
+from biencoder.training.config import TrainerConfig
+from biencoder.training.distributed import Distributed, gather
+from biencoder.training.loggers import Logger
+from biencoder.training.prefetch import Prefetcher
+from biencoder.training.step import ColumnEncoder, TokenizedBatch, tokenize_batch, train_step
+from biencoder.training.tasks import Task
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 log = logging.getLogger("train")
 

@@ -16,7 +16,8 @@ import random
 import sys
 from pathlib import Path
 
-from data import SCIFACT_DIR, STSB_DIR, TINY_DIR, load_beir
+from biencoder.data.beir import load_beir
+from biencoder.data.paths import SCIFACT_DIR, STSB_DIR, TINY_DIR
 
 QUERIES = {"train": 100, "test": 10}
 DISTRACTORS = 40
