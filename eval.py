@@ -21,10 +21,13 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
 from biencoder.evaluation.compressed import check_funnel, check_quantization
 from biencoder.evaluation.config import EvalConfig, FunnelConfig, QuantizationConfig
 from biencoder.evaluation.scoring import evaluate
-from biencoder.training.distributed import resolve_device
+from biencoder.runtime.device import resolve_device
 from biencoder.training.hydra_config import (
     SCHEMAS,
     ConfigError,
@@ -36,8 +39,6 @@ from biencoder.training.hydra_config import (
     register,
     settings,
 )
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("eval")
 

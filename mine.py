@@ -27,6 +27,10 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+
 from biencoder.data.beir import load_beir
 from biencoder.data.io import dotted_leaves, progress_path
 from biencoder.data.mining import (
@@ -46,11 +50,8 @@ from biencoder.data.mining import (
 from biencoder.data.training import load_pairs
 from biencoder.evaluation.search import check_index_dims
 from biencoder.model.biencoder import BiEncoder, embedding_dim
-from biencoder.training.distributed import resolve_device
+from biencoder.runtime.device import resolve_device
 from biencoder.training.hydra_config import ConfigError, register
-from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import MISSING, DictConfig, OmegaConf
 
 log = logging.getLogger("mine")
 

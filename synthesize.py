@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-from biencoder.data.errors import DataError
-from biencoder.data.synthetic import SynthesisConfig, SynthesisReport, run_synthesis
-from biencoder.training.hydra_config import ConfigError, naming, register
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+
+from biencoder.data.errors import DataError
+from biencoder.data.synthetic import SynthesisConfig, SynthesisReport, run_synthesis
+from biencoder.training.hydra_config import ConfigError, naming, register
 
 log = logging.getLogger("synthesize")
 

@@ -35,6 +35,12 @@ import hydra
 import numpy as np
 import torch
 import torch.utils.deterministic
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
+
 from biencoder import eval as eval_cli
 from biencoder.data.eval_sets import BeirEvalSet, StsEvalSet
 from biencoder.data.hf import HfTrainingSet
@@ -88,11 +94,6 @@ from biencoder.training.trainer import (
     Trainer,
     compile_towers,
 )
-from hydra import compose
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("train")
 

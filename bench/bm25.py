@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import bm25s
 import numpy as np
+
 from biencoder.data.beir import load_beir
 from biencoder.data.mining import BM25, tokenize
 from biencoder.data.paths import SCIFACT_DIR

@@ -18,14 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import report_header
 from biencoder.data.beir import load_beir
 from biencoder.data.paths import SCIFACT_DIR
 from biencoder.evaluation.config import FunnelConfig, QuantizationConfig
 from biencoder.evaluation.retrieval import evaluate_retrieval
 from biencoder.model.biencoder import BiEncoder
 from biencoder.model.weights import packaged_model_path
-
-from bench.common import report_header
 
 PACKAGED = "PACKAGED"
 VARIANTS = {

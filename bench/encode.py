@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from biencoder.data.beir import load_beir
 from biencoder.data.paths import SCIFACT_DIR
-from biencoder.model.biencoder import BiEncoder, bf16_supported
+from biencoder.model.biencoder import BiEncoder
 from biencoder.model.weights import packaged_model_path
+from biencoder.runtime.device import bf16_supported
 
 
 def print_profile(name: str, encode: Callable[[], object]) -> None:

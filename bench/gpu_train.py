@@ -52,6 +52,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import device_name, package_version
+
 from biencoder.data.training import Pair
 from biencoder.model.biencoder import BiEncoder
 from biencoder.model.config import EncoderConfig
@@ -59,7 +61,6 @@ from biencoder.model.weights import save_random_bert
 from biencoder.training.prefetch import Prefetcher
 from biencoder.training.step import TokenizedBatch, tokenize_batch, train_step
 from biencoder.training.tasks import InfoNCETask
-from common import device_name, package_version
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TEMPERATURE = 0.05

@@ -38,6 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import report_header
+
 from biencoder.kernels.infonce import (
     BlockSizes,
     default_forward_block_sizes,
@@ -45,7 +47,6 @@ from biencoder.kernels.infonce import (
     infonce_backward,
     infonce_forward,
 )
-from common import report_header
 
 TEMPERATURE = 0.05
 DEFAULT_CHUNK = 4096

@@ -69,6 +69,7 @@ class Kind:
 
 def tiny_model(work: Path, name: str = "model", **config) -> Path:
     import torch
+
     from biencoder.model.config import EncoderConfig
     from biencoder.model.weights import packaged_model_path, save_random_bert
 

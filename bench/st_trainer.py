@@ -33,9 +33,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 
 def compose(overrides: list[str]):
-    from biencoder.training.hydra_config import register
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+
+    from biencoder.training.hydra_config import register
 
     register()
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
@@ -61,8 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import torch
-    from biencoder.model.biencoder import BiEncoder
-    from biencoder.training.hydra_config import build
     from omegaconf import OmegaConf
     from sentence_transformers import (
         SentenceTransformer,
@@ -74,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
         __version__ as st_version,
     )
     from sentence_transformers.base.sampler import BatchSamplers
+
+    from biencoder.model.biencoder import BiEncoder
+    from biencoder.training.hydra_config import build
 
     load_at_start = os.getloadavg()[0]
     started = time.perf_counter()

@@ -17,11 +17,12 @@ import argparse
 import time
 
 import torch
+from common import device_name
+
 from biencoder.data.beir import load_corpus
 from biencoder.data.generator import QueryGenerator, Sampling
 from biencoder.data.paths import SCIFACT_DIR
 from biencoder.data.synthetic import Prompt, builtin_prompt, parse_query, sample_documents
-from common import device_name
 
 
 def main() -> None:

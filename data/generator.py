@@ -120,8 +120,9 @@ class QueryGenerator:
         """Load ``path`` (see :func:`resolve_generator`) with ``transformers``, in ``dtype``:
         ``auto`` is bfloat16 where ``device`` runs it natively (about twice float32's speed
         for SmolLM2 on an AVX-512-BF16 CPU), else float32."""
-        from biencoder.model.biencoder import bf16_supported
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        from biencoder.runtime.device import bf16_supported
 
         if dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")

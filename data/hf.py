@@ -45,6 +45,7 @@ from .training_sets import TrainingSet
 
 if TYPE_CHECKING:
     import datasets
+
     from biencoder.model.biencoder import BiEncoder
 
 log = logging.getLogger(__name__)

@@ -834,9 +834,10 @@ def run_synthesis(config: SynthesisConfig, out: Path, resume: bool = False) -> S
     """Load the corpus, the generator and the retrievers ``config`` names, and synthesise
     into ``out``, continuing it with ``resume`` (see :func:`synthesize`)."""
     import torch
+
     from biencoder.model.biencoder import BiEncoder
     from biencoder.model.weights import packaged_model_path
-    from biencoder.training.distributed import resolve_device
+    from biencoder.runtime.device import resolve_device
 
     from .beir import load_corpus
 

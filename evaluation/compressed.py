@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 import torch
+
 from biencoder.evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
 from biencoder.evaluation.search import build_index, check_index_dims, search
 from biencoder.model.biencoder import truncate_embeddings

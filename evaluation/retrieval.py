@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from biencoder.data.beir import BeirDataset
 from biencoder.data.sts import ScoredPair
 from biencoder.evaluation.compressed import (

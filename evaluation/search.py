@@ -7,7 +7,6 @@ evaluation never falls back to searching on the CPU.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from collections.abc import Sequence
@@ -15,7 +14,9 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 import torch
+
 from biencoder.evaluation.metrics import Run
+from biencoder.runtime.device import matmul_precision
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class TorchFlatIndex:
         # FP32 throughout: TF32 matmuls would move scores by ~1e-3 and reorder neighbours.
         best_scores = torch.full((len(q), 0), float("-inf"), device=self.device)
         best_ids = torch.empty((len(q), 0), dtype=torch.int64, device=self.device)
-        with torch.inference_mode(), _full_precision_matmul():
+        with torch.inference_mode(), matmul_precision(tf32=False):
             for start in range(0, self.ntotal, self.block_rows):
                 block = self.docs[start : start + self.block_rows]
                 scores = q @ block.T  # [Q, rows]
@@ -92,16 +93,6 @@ class TorchFlatIndex:
         if l2:
             best_scores = -best_scores
         return best_scores.cpu().numpy(), best_ids.cpu().numpy()
-
-
-@contextlib.contextmanager
-def _full_precision_matmul():
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved)
 
 
 def _exact_search_device() -> torch.device | None:

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy import stats as scipy_stats
+
 from biencoder.data._fields import describe
 from biencoder.data.errors import DataError
 from biencoder.data.io import iter_jsonl
-from scipy import stats as scipy_stats
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import triton
-from biencoder.kernels import infonce
-from biencoder.losses.infonce import HARDNESS_CODES
 from triton import knobs
 from triton.backends.compiler import GPUTarget
+
+from biencoder.kernels import infonce
+from biencoder.losses.infonce import HARDNESS_CODES
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Opt-in dynamic shared memory per block on sm_90 (227 KiB); a kernel that needs more

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+
 from biencoder.losses.infonce import (
     DIAGONAL_EXCLUDED,
     HARDNESS_CODES,
@@ -34,7 +36,6 @@ from biencoder.losses.infonce import (
     loss_terms,
     scale_as_tensor,
 )
-from triton import knobs
 
 # ------------------------------------------------------------------------------------------
 # Math. The kernels rank B row vectors against C column vectors; in the kernels' names the

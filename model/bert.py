@@ -17,9 +17,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from biencoder.model.config import EncoderConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from biencoder.model.config import EncoderConfig
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),

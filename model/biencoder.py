@@ -23,14 +23,16 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from biencoder.model.bert import Encoder
-from biencoder.model.config import EncoderConfig
-from biencoder.model.pooling import POOLING_HEADS, AttentionPooling, build_pooling
-from biencoder.model.weights import find_weights, load_hf_weights, read_state_dict, save_hf_weights
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from biencoder.model.bert import Encoder
+from biencoder.model.config import EncoderConfig
+from biencoder.model.pooling import POOLING_HEADS, AttentionPooling, build_pooling
+from biencoder.model.weights import find_weights, load_hf_weights, read_state_dict, save_hf_weights
+from biencoder.runtime.device import bf16_supported
 
 log = logging.getLogger(__name__)
 
@@ -389,15 +391,6 @@ class BiEncoder(nn.Module):
             out[idx] = truncate_embeddings(emb.float(), dim, normalize).cpu()
         self.train(was_training)
         return out
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether torch can run bfloat16 matrix products on ``device`` at speed."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return False
 
 
 def embedding_dim(path: str | Path, projection_dim: int | None = None) -> int:

@@ -4,9 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from biencoder.training.hydra_config import register
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+from biencoder.training.hydra_config import register
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

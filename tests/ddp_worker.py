@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from examples import SCORED
+from torch.nn.parallel import DistributedDataParallel
+
 from biencoder.data.training import Pair, Triplet
 from biencoder.model.biencoder import BiEncoder
 from biencoder.training.distributed import Distributed
@@ -26,8 +29,6 @@ from biencoder.training.tasks import (
     TripletTask,
 )
 from biencoder.training.trainer import ShardedEncoder
-from examples import SCORED
-from torch.nn.parallel import DistributedDataParallel
 
 # Texts repeat across examples so that doc-id masking spans ranks: "Paris" is example 1's
 # positive and example 0's negative, "K2" a negative of examples 0 and 2 and of 3.

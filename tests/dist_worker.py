@@ -27,6 +27,9 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.multiprocessing.spawn import ProcessException
+from torch.nn.parallel import DistributedDataParallel
+
 from biencoder.training.distributed import (
     Distributed,
     gather,
@@ -34,8 +37,6 @@ from biencoder.training.distributed import (
     init_distributed,
     shutdown,
 )
-from torch.multiprocessing.spawn import ProcessException
-from torch.nn.parallel import DistributedDataParallel
 
 WORLD_SIZE = 2
 # A collective that waits longer than this has lost its peer: fail rather than hang.

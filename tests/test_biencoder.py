@@ -6,14 +6,15 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from sentence_transformers import SentenceTransformer
+from tolerances import assert_close_to_scale
+
 from biencoder.model.biencoder import (
     MAX_CHARS_PER_TOKEN,
     BiEncoder,
-    bf16_supported,
     truncate_embeddings,
 )
-from sentence_transformers import SentenceTransformer
-from tolerances import assert_close_to_scale
+from biencoder.runtime.device import bf16_supported
 
 TEXTS = [
     "What causes antibiotic resistance in bacteria?",

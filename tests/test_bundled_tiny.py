@@ -4,10 +4,11 @@ import gzip
 import subprocess
 import sys
 
+from configs import ROOT
+
 from biencoder.data.beir import load_beir
 from biencoder.data.paths import SCIFACT_DIR, STSB_DIR, TINY_DIR
 from biencoder.data.sts import load_sts
-from configs import ROOT
 
 
 def test_tiny_beir_is_a_slice_of_scifact():

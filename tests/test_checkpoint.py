@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
+
 from biencoder.model.bert import Encoder
 from biencoder.model.biencoder import BiEncoder
 from biencoder.model.config import EncoderConfig
@@ -42,7 +44,6 @@ from biencoder.training.checkpoint import (
     set_rng_state,
 )
 from biencoder.training.schedules import warmup_schedule
-from safetensors import SafetensorError
 
 TOKENIZER_FILES = (
     "vocab.txt",

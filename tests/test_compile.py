@@ -13,6 +13,9 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+
 from biencoder.losses.infonce import (
     DIRECTIONS,
     SYMMETRIC,
@@ -26,8 +29,6 @@ from biencoder.losses.infonce import (
 from biencoder.model.bert import Encoder
 from biencoder.model.config import EncoderConfig
 from biencoder.model.pooling import MeanPooling
-from functorch.compile import make_boxed_func
-from torch._dynamo.backends.common import aot_autograd
 
 TEMPERATURE = 0.05
 BATCH, NUM_DOCS, DIM = 6, 11, 8

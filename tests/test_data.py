@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from biencoder.data import training_sets
 from biencoder.data.beir import Document, load_beir
 from biencoder.data.errors import DataError

@@ -16,10 +16,11 @@ import ddp_worker
 import dist_worker
 import pytest
 import torch
-from biencoder.data.beir import load_beir
-from biencoder.data.paths import TINY_DIR
 from configs import ROOT
 from safetensors.torch import load_file
+
+from biencoder.data.beir import load_beir
+from biencoder.data.paths import TINY_DIR
 
 STEP_CASES = sorted(ddp_worker.CASES)
 

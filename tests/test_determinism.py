@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from biencoder import train as train_cli
 from configs import ROOT, compose_train
+
+from biencoder import train as train_cli
 
 # Wall-clock measurements differ between any two runs; everything else must not.
 CLOCK_KEYS = {"time", "train/examples_per_s"}

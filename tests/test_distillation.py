@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from biencoder.losses.distillation import ListwiseKLLoss, MarginMSELoss, listwise_kl, margin_mse
 from biencoder.losses.pairwise import MatryoshkaLoss
 

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from configs import run_entry
+
 from biencoder.data.errors import DataError
 from biencoder.data.training import Pair, Triplet, load_triplets
 from biencoder.training.tasks import ListwiseKLTask, MarginMSETask
-from configs import run_entry
 
 # Exact in fp32, where batches hold targets, so the fp64 oracle below needs no slack.
 TEACHER = [(2.0, 0.5, -1.0), (0.125, 0.875, 0.25), (1.5, 1.375, 1.625)]

@@ -8,6 +8,8 @@ import dist_worker
 import pytest
 import torch
 import torch.distributed as tdist
+
+from biencoder.runtime.device import resolve_device
 from biencoder.training.distributed import (
     Distributed,
     Launch,
@@ -16,7 +18,6 @@ from biencoder.training.distributed import (
     init_distributed,
     launch_from_env,
     parse_nodelist,
-    resolve_device,
 )
 
 # ---------------------------------------------------------------------------- node lists

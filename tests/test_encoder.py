@@ -5,6 +5,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from tolerances import assert_close_to_scale
+from transformers import AutoModel
+
 from biencoder.model.bert import Encoder
 from biencoder.model.config import EncoderConfig
 from biencoder.model.weights import (
@@ -14,9 +18,6 @@ from biencoder.model.weights import (
     ours_to_hf,
     save_hf_weights,
 )
-from safetensors.torch import load_file, save_file
-from tolerances import assert_close_to_scale
-from transformers import AutoModel
 
 TEXTS = [
     "hello",

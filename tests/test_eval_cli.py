@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 import pytrec_eval
 import torch
+from configs import compose_config, run_entry
+from hydra.errors import ConfigCompositionException
+from scipy import stats
+
 from biencoder import eval as eval_cli
 from biencoder.data.beir import load_beir
 from biencoder.data.paths import SCIFACT_DIR, STSB_DIR
@@ -18,9 +22,6 @@ from biencoder.data.sts import load_sts
 from biencoder.evaluation.config import EvalConfig
 from biencoder.evaluation.trec import read_trec_run
 from biencoder.training.hydra_config import ConfigError
-from configs import compose_config, run_entry
-from hydra.errors import ConfigCompositionException
-from scipy import stats
 
 
 def compose_eval(*overrides: str):

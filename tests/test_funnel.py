@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from configs import compose_config, run_entry
+from omegaconf import OmegaConf
+
 from biencoder import eval as eval_cli
 from biencoder.data.beir import BeirDataset, Document
 from biencoder.evaluation.compressed import funnel_index, funnel_search
@@ -20,8 +23,6 @@ from biencoder.evaluation.retrieval import evaluate_retrieval
 from biencoder.evaluation.search import build_index, search
 from biencoder.evaluation.trec import read_trec_run
 from biencoder.training.hydra_config import ConfigError
-from configs import compose_config, run_entry
-from omegaconf import OmegaConf
 
 N_DOCS, N_QUERIES, DIM = 20, 6, 8
 

@@ -10,14 +10,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
+from tolerances import assert_close_to_scale, summation_tolerance
+
 from biencoder.data.beir import load_beir
 from biencoder.data.sts import load_sts
 from biencoder.evaluation.geometry import alignment, geometry_metrics, norm_stats, uniformity
 from biencoder.evaluation.metrics import retrieval_metrics
 from biencoder.evaluation.retrieval import evaluate_retrieval, evaluate_sts
 from biencoder.model.biencoder import BiEncoder
-from scipy import stats
-from tolerances import assert_close_to_scale, summation_tolerance
 
 GEOMETRY = {"alignment", "uniformity", "norm_mean", "norm_std", "norm_min", "norm_max"}
 TEXTS = [

@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+from examples import SCORED
+from transformers import AutoTokenizer
+
 from biencoder.data.training import Pair, Triplet
 from biencoder.losses.infonce import InfoNCELoss
 from biencoder.model.bert import Encoder
@@ -9,8 +12,6 @@ from biencoder.model.biencoder import BiEncoder, BiEncoderConfig, Tower
 from biencoder.model.config import EncoderConfig
 from biencoder.training.step import RandomState, embed_columns, train_step
 from biencoder.training.tasks import CoSENTTask, InfoNCETask, ListwiseKLTask, MarginMSETask
-from examples import SCORED
-from transformers import AutoTokenizer
 
 # 512 positions: the default, as before EncoderConfig.tiny existed, so the texts are not cut.
 TINY = EncoderConfig.tiny(

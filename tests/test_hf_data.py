@@ -8,13 +8,14 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from configs import compose_train, run_entry
+
 from biencoder import train as train_cli
 from biencoder.data.errors import DataError
 from biencoder.data.hf import HfExamples, HfTrainingSet, resolve_roles
 from biencoder.data.sts import ScoredPair
 from biencoder.data.training import Pair, Triplet
 from biencoder.training.hydra_config import ConfigError
-from configs import compose_train, run_entry
 
 ROWS = {
     "anchor": ["what is a cell", "who wrote it", "where is it"],

@@ -10,6 +10,8 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
 from biencoder.kernels import infonce as kernel
 from biencoder.kernels.infonce import (
     BlockSizes,
@@ -25,7 +27,6 @@ from biencoder.losses.infonce import (
     loss_terms,
     naive_info_nce,
 )
-from torch.profiler import ProfilerActivity, profile
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

@@ -12,9 +12,6 @@ combinations raise, nothing B×N is kept.
 import pytest
 import torch
 import torch.nn.functional as F
-from biencoder.kernels import infonce as kernel
-from biencoder.kernels.infonce import BlockSizes, infonce_backward, infonce_forward
-from biencoder.losses.infonce import DIRECTIONS, InfoNCELoss, info_nce, loss_terms, naive_info_nce
 from sentence_transformers.base.losses.merged_forward import column_merging_disabled
 from sentence_transformers.sentence_transformer.losses.gist_embed import GISTEmbedLoss
 from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (
@@ -22,6 +19,10 @@ from sentence_transformers.sentence_transformer.losses.multiple_negatives_rankin
 )
 from test_infonce import GPU_STRATEGIES, STRATEGIES
 from torch.profiler import ProfilerActivity, profile
+
+from biencoder.kernels import infonce as kernel
+from biencoder.kernels.infonce import BlockSizes, infonce_backward, infonce_forward
+from biencoder.losses.infonce import DIRECTIONS, InfoNCELoss, info_nce, loss_terms, naive_info_nce
 
 # A row whose every candidate of one direction is excluded (the guide can drop all of
 # query_to_query's) has that direction's logsumexp log(0) = −inf, which the joint partition

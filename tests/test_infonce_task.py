@@ -5,13 +5,14 @@ and a guide model embeds the batch's own texts, frozen and outside the checkpoin
 import pytest
 import torch
 import torch.nn.functional as F
+from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (
+    MultipleNegativesRankingLoss,
+)
+
 from biencoder.data.training import Pair, Triplet
 from biencoder.losses.infonce import info_nce
 from biencoder.model.biencoder import BiEncoder
 from biencoder.training.tasks import InfoNCETask
-from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (
-    MultipleNegativesRankingLoss,
-)
 
 K = 2
 TRIPLETS = [

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from biencoder.kernels.compile_check import HOPPER_MAX_SHARED_BYTES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,16 +33,17 @@ from typing import Any
 
 import pytest
 import torch
+from configs import compose_train, tiny_overrides
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+from test_synthesize import SYNTH_PROBES
+
 from biencoder import train as train_cli
 from biencoder.losses import infonce as infonce_module
 from biencoder.model import bert as bert_module
 from biencoder.model.biencoder import BiEncoder, Tower
 from biencoder.model.config import EncoderConfig
 from biencoder.model.weights import save_random_bert
-from configs import compose_train, tiny_overrides
-from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
-from test_synthesize import SYNTH_PROBES
 
 NODES = ("trainer", "train_data", "eval_data", "loss", "optim", "sched", "model", "evaluation")
 # Group options with a schema of their own: their keys are other parameters.

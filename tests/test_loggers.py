@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from biencoder.training.loggers import JsonlLogger, MultiLogger, WandbLogger, resolve_wandb_mode
 from wandb_file import run_contents
+
+from biencoder.training.loggers import JsonlLogger, MultiLogger, WandbLogger, resolve_wandb_mode
 
 
 def read_jsonl(path: Path) -> list[dict]:

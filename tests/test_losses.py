@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from biencoder.losses.infonce import InfoNCELoss, info_nce
 from biencoder.losses.pairwise import (
     ContrastiveLoss,

@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+
 from biencoder.evaluation.metrics import (
     METRIC_FAMILIES,
     per_query_metrics,

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from configs import compose_config, run_entry
+from hydra.errors import ConfigCompositionException
+
 from biencoder import mine as mine_cli
 from biencoder.data.beir import load_beir
 from biencoder.data.errors import DataError
@@ -32,8 +35,6 @@ from biencoder.data.paths import SCIFACT_DIR, TINY_DIR
 from biencoder.data.training import Pair, load_triplets
 from biencoder.model.biencoder import BiEncoder
 from biencoder.training.hydra_config import ConfigError
-from configs import compose_config, run_entry
-from hydra.errors import ConfigCompositionException
 
 MAX_LENGTH = 64
 

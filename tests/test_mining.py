@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from biencoder.data.beir import BeirDataset, Document, load_beir
 from biencoder.data.errors import DataError
 from biencoder.data.mining import BM25, mine_hard_negatives, tokenize, triplets_from_beir

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from biencoder.data.beir import load_beir
 from biencoder.data.sts import load_sts
 from biencoder.evaluation.config import IndexSpec
@@ -18,7 +20,6 @@ from biencoder.evaluation.retrieval import evaluate_retrieval, evaluate_sts
 from biencoder.model.biencoder import BiEncoder
 from biencoder.model.config import EncoderConfig
 from biencoder.model.weights import TOKENIZER_FILES, WeightLoadingError, save_random_bert
-from safetensors.torch import load_file
 
 
 @pytest.fixture

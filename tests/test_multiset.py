@@ -7,11 +7,12 @@ from pathlib import Path
 
 import datasets
 import pytest
+from configs import compose_train
+
 from biencoder import train as train_cli
 from biencoder.data.sampler import MultiSetBatchSampler, NoDuplicateBatchSampler
 from biencoder.training.hydra_config import ConfigError
 from biencoder.training.trainer import Trainer
-from configs import compose_train
 
 SIZES = (120, 40, 64)  # examples per set: 30, 10 and 16 batches of 4
 BATCH = 4

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from biencoder.model.pooling import POOLING_HEADS, build_pooling
 
 B, T, H = 4, 6, 5

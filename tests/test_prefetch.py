@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+
 from biencoder.data.training import Pair
 from biencoder.model.biencoder import BiEncoder
 from biencoder.training.prefetch import Prefetcher

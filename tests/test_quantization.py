@@ -8,6 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from configs import compose_config, run_entry
+from test_funnel import DIM, N_DOCS, FakeModel, toy_dataset, toy_embeddings
+
 from biencoder import eval as eval_cli
 from biencoder.evaluation.compressed import QuantizedIndex, quantized_search
 from biencoder.evaluation.config import QuantizationConfig
@@ -15,8 +18,6 @@ from biencoder.evaluation.metrics import retrieval_metrics
 from biencoder.evaluation.retrieval import evaluate_retrieval
 from biencoder.model.config import EncoderConfig
 from biencoder.training.hydra_config import ConfigError
-from configs import compose_config, run_entry
-from test_funnel import DIM, N_DOCS, FakeModel, toy_dataset, toy_embeddings
 
 KS = (1, 3, 5, 20)  # 20: every document is ranked, so ties cannot change which are kept
 

@@ -4,8 +4,9 @@ import random
 from collections import Counter
 
 import pytest
-from biencoder.data.sampler import NoDuplicateBatchSampler
 from torch.utils.data import DataLoader
+
+from biencoder.data.sampler import NoDuplicateBatchSampler
 
 
 def duplicated_examples(n: int = 300) -> list[tuple[str, ...]]:

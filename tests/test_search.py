@@ -7,8 +7,9 @@ import logging
 import faiss
 import numpy as np
 import pytest
-from biencoder.evaluation.search import build_index, check_index_dims, search, to_run
 from tolerances import summation_tolerance
+
+from biencoder.evaluation.search import build_index, check_index_dims, search, to_run
 
 DIM = 32
 

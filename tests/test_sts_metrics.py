@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from biencoder.evaluation.sts import pearson, spearman, sts_metrics
 
 stats = pytest.importorskip("scipy.stats")

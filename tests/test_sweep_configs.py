@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from biencoder import train as train_cli
 from configs import CONF, ROOT, compose_train
 from hydra.types import RunMode
 from omegaconf import OmegaConf
+
+from biencoder import train as train_cli
 
 
 def test_infonce_optuna_search_space_and_objective():

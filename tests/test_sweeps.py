@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from configs import ROOT, tiny_overrides
+from wandb_file import run_contents
+
 from biencoder import compare as compare_cli
 from biencoder.data.errors import DataError
 from biencoder.evaluation.sweeps import compare_runs, find_runs, markdown_table, read_run, summarize
-from configs import ROOT, tiny_overrides
-from wandb_file import run_contents
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

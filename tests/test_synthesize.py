@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from configs import compose_config, compose_train, run_entry
+from safetensors.torch import load_file
+
 from biencoder import synthesize as synthesize_cli
 from biencoder import train as train_cli
 from biencoder.data.beir import Document, load_corpus
@@ -45,8 +48,6 @@ from biencoder.data.synthetic import (
 )
 from biencoder.data.training import load_pairs, load_triplets
 from biencoder.training.hydra_config import ConfigError
-from configs import compose_config, compose_train, run_entry
-from safetensors.torch import load_file
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}[unused1] {{ m['content'] }}{% endfor %}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from biencoder.evaluation.metrics import retrieval_metrics
 from biencoder.evaluation.table import format_table
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from biencoder.data.sts import ScoredPair
 from biencoder.data.training import LabelledText, Pair, Triplet
 from biencoder.losses.infonce import InfoNCELoss

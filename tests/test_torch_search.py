@@ -9,8 +9,9 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from biencoder.evaluation.search import TorchFlatIndex, build_index, search, to_run
 from test_search import _assert_same_neighbours, _brute_force, _score_tolerance, data  # noqa: F401
+
+from biencoder.evaluation.search import TorchFlatIndex, build_index, search, to_run
 
 # The package exports a function named search, which hides the module of that name.
 search_module = importlib.import_module("biencoder.evaluation.search")

@@ -17,15 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from configs import ROOT, compose_train
+from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
+from wandb_file import run_contents
+
 from biencoder import train as train_cli
 from biencoder.model.biencoder import BiEncoder
 from biencoder.model.pooling import POOLING_HEADS
 from biencoder.training.hydra_config import ConfigError
 from biencoder.training.trainer import NonFiniteError
-from configs import ROOT, compose_train
-from safetensors.torch import load_file
-from sentence_transformers import SentenceTransformer
-from wandb_file import run_contents
 
 
 def read_jsonl(path: Path) -> list[dict]:

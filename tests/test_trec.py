@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+
 from biencoder.evaluation.metrics import retrieval_metrics
 from biencoder.evaluation.trec import (
     read_trec_qrels,

@@ -4,13 +4,14 @@ import copy
 
 import pytest
 import torch
+from tolerances import assert_close_to_scale, summation_tolerance
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModel
+
 from biencoder.model.bert import Encoder
 from biencoder.model.biencoder import Tower
 from biencoder.model.config import EncoderConfig
 from biencoder.model.pooling import POOLING_HEADS
-from tolerances import assert_close_to_scale, summation_tolerance
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModel
 
 CONFIG = EncoderConfig.tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 # The longest sum behind a state: the MLP's down-projection, or a gradient summed over

@@ -46,6 +46,8 @@ import torch
 import torch.distributed as tdist
 from torch.autograd.function import once_differentiable
 
+from biencoder.runtime.device import resolve_device
+
 _REDUCE_OPS = {
     "sum": tdist.ReduceOp.SUM,
     "max": tdist.ReduceOp.MAX,
@@ -315,41 +317,6 @@ def launch_from_env(env: Mapping[str, str]) -> Launch | None:
 
 
 # ---------------------------------------------------------------------------- setup
-
-
-def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
-    """The device named by ``name`` (auto, cpu, cuda, cuda:N, or any torch device for a
-    single process) for the process with ``local_rank``.
-
-    Distributed, each process needs a GPU of its own, so ``auto`` and ``cuda`` mean
-    ``cuda:(local_rank % visible GPUs)``: the local rank when each process sees every GPU
-    of its node, 0 when the launcher binds one GPU to each task. An explicit ``cuda:N``
-    would put every rank on the same GPU and is refused, identically on every rank, so
-    that no rank is left waiting for one that stopped. Only cpu (Gloo) and cuda (NCCL) can
-    run distributed.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(
-            f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} but CUDA is not available; use device=cpu or auto")
-    if not distributed:
-        return device
-    if device.type == "cuda":
-        if device.index is not None:
-            raise ValueError(
-                f"device: {name!r} names one GPU for every process; with several processes "
-                "use device=cuda or auto, which gives each process the GPU of its local rank"
-            )
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if device.type != "cpu":
-        raise ValueError(f"device: {name!r} cannot run distributed; use cpu (Gloo) or cuda (NCCL)")
-    return device
 
 
 def init_distributed(device: str = "auto") -> Distributed:

@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_method, instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+
 from biencoder.data.eval_sets import BeirEvalSet, StsEvalSet
 from biencoder.data.hf import HfTrainingSet
 from biencoder.data.paths import BUNDLED_DIR
@@ -52,9 +56,6 @@ from biencoder.training.tasks import (
     MarginMSETask,
     TripletTask,
 )
-from hydra.core.config_store import ConfigStore
-from hydra.utils import get_method, instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
 
 T = TypeVar("T")
 

@@ -22,9 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from biencoder.model.biencoder import BiEncoder, Kind
 from biencoder.training.tasks import Task, TextBatch
-from torch import nn
 
 
 class RandomState:

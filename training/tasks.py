@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from biencoder.data.sts import ScoredPair
 from biencoder.data.training import Pair, Triplet
 from biencoder.losses.distillation import ListwiseKLLoss, MarginMSELoss
@@ -34,7 +36,6 @@ from biencoder.losses.pairwise import (
 )
 from biencoder.model.biencoder import BiEncoder, Kind
 from biencoder.training.distributed import Distributed, gather
-from torch import nn
 
 Example = Pair | Triplet | ScoredPair
 

@@ -37,12 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
 from biencoder.data.beir import BeirDataset
 from biencoder.data.sampler import MultiSetBatchSampler, NoDuplicateBatchSampler
 from biencoder.data.training_sets import TrainingSet
 from biencoder.evaluation.config import EvalConfig
 from biencoder.evaluation.scoring import score
-from biencoder.model.biencoder import BiEncoder, bf16_supported
+from biencoder.model.biencoder import BiEncoder
+from biencoder.runtime.device import bf16_supported, matmul_precision
 from biencoder.training.checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
@@ -56,8 +60,6 @@ from biencoder.training.loggers import Logger
 from biencoder.training.prefetch import Prefetcher
 from biencoder.training.step import ColumnEncoder, TokenizedBatch, tokenize_batch, train_step
 from biencoder.training.tasks import Task
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 log = logging.getLogger("train")
 
@@ -131,18 +133,6 @@ def build_optimizer(
     if getattr(factory, "keywords", {}).get("fused", False) is None:
         return factory(params, fused=device.type == "cuda")
     return factory(params)
-
-
-@contextlib.contextmanager
-def matmul_precision(tf32: bool) -> Iterator[None]:
-    """fp32 matmuls on TF32 tensor cores (CUDA only: torch's CPU matmuls ignore it) while
-    the block runs; the process's setting is put back afterwards."""
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved)
 
 
 @dataclass
