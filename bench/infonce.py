@@ -5,7 +5,7 @@ Implementations (``--impls``):
 * ``naive``: matmul + cross-entropy, the B×N logits materialised;
 * ``compiled``: the same function through ``torch.compile`` (dynamic shapes, so one
   compilation serves every size);
-* ``torch``: the chunked online-logsumexp path of ``losses.infonce``;
+* ``torch``: the chunked online-logsumexp path of ``losses.infonce_torch``;
 * ``triton``: the fused kernel (``kernels.infonce``), its default "gemm" backward
   (``--chunk-size`` columns of p − onehot at a time, multiplied out by cuBLAS); CUDA, or
   CPU tensors when ``TRITON_INTERPRET=1`` is set (tiny sizes only);
@@ -319,13 +319,14 @@ def _loss_fn(impl: str, symmetric: bool, chunk_size: int, dim: int, variant: str
             return loss
 
         return inf_cl_loss
-    from biencoder.losses.infonce import info_nce, naive_info_nce
+    from biencoder.losses.infonce import info_nce
+    from biencoder.losses.infonce_torch import naive_info_nce
 
     if impl == "compiled":
         compiled = torch.compile(naive_info_nce, dynamic=True)
         return lambda q, d, **guides: compiled(q, d, scale, symmetric, **options, **guides)
     if impl == "triton_recompute":
-        from biencoder.kernels.infonce import fused_info_nce
+        from biencoder.losses.infonce_op import fused_info_nce
 
         return lambda q, d, **guides: fused_info_nce(
             q, d, scale, symmetric, backward="recompute", **options, **guides

@@ -1,14 +1,14 @@
 """Tile shapes and column chunks of the fused InfoNCE kernels, timed on one problem.
 
-The defaults in ``kernels.infonce`` (``default_forward_block_sizes``,
+The defaults in ``kernels.infonce_launch`` (``default_forward_block_sizes``,
 ``default_probs_block_sizes`` and the "gemm" backward's ``chunk_size``) are chosen by
 measurement: this script times the candidates on the GPU at one size, each against the
 current default in the same run, and checks that each computes what the default does.
 Three sweeps:
 
-* ``forward``: :func:`kernels.infonce.infonce_forward` with doc ids (as training calls
+* ``forward``: :func:`kernels.infonce_host.infonce_forward` with doc ids (as training calls
   it), with and without the ranking statistics, per candidate tile;
-* ``probs``: the "gemm" backward (:func:`kernels.infonce.infonce_backward`) per candidate
+* ``probs``: the "gemm" backward (:func:`kernels.infonce_host.infonce_backward`) per candidate
   tile of its probability kernel, at the default chunk, and the "recompute" backward;
 * ``chunk``: the "gemm" backward per column chunk, at the default tile.
 
@@ -40,12 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import report_header
 
-from biencoder.kernels.infonce import (
+from biencoder.kernels.infonce_host import infonce_backward, infonce_forward
+from biencoder.kernels.infonce_launch import (
     BlockSizes,
     default_forward_block_sizes,
     default_probs_block_sizes,
-    infonce_backward,
-    infonce_forward,
 )
 
 TEMPERATURE = 0.05

@@ -36,8 +36,8 @@ import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 
-from biencoder.kernels import infonce
-from biencoder.losses.infonce import HARDNESS_CODES
+from biencoder.kernels import infonce, infonce_launch
+from biencoder.kernels.infonce_options import HARDNESS_CODES
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Opt-in dynamic shared memory per block on sm_90 (227 KiB); a kernel that needs more
@@ -86,10 +86,10 @@ FEATURES: dict[str, dict[str, object]] = {
 FAST_FEATURES = ("q2d-guide-hard", "d2q-joint", "d2d-guide")
 FAST_FEATURE_DTYPE = "bf16"
 _KERNELS = {
-    "fwd": (infonce._infonce_fwd_kernel, "WITH_STATS"),
-    "bwd_dq": (infonce._infonce_bwd_dq_kernel, "ATOMIC_DD"),
-    "bwd_dd": (infonce._infonce_bwd_dd_kernel, None),
-    "bwd_probs": (infonce._infonce_bwd_probs_kernel, None),
+    "fwd": (infonce.infonce_fwd_kernel, "WITH_STATS"),
+    "bwd_dq": (infonce.infonce_bwd_dq_kernel, "ATOMIC_DD"),
+    "bwd_dd": (infonce.infonce_bwd_dd_kernel, None),
+    "bwd_probs": (infonce.infonce_bwd_probs_kernel, None),
 }
 
 
@@ -103,7 +103,7 @@ class Variant:
     flag: str | None
     flag_value: bool
     dims: tuple[int, ...]
-    blocks: infonce.BlockSizes
+    blocks: infonce_launch.BlockSizes
     feature: str = "plain"
 
     @property
@@ -151,7 +151,7 @@ def variants(dims: tuple[int, ...] = DIMS, fast: bool = False) -> list[Variant]:
                 if flag == "WITH_STATS" and not _is_query_to_doc(feature):
                     flag_options = (False,)
                 for flag_on in flag_options:
-                    by_blocks: dict[infonce.BlockSizes, list[int]] = {}
+                    by_blocks: dict[infonce_launch.BlockSizes, list[int]] = {}
                     for dim in dims:
                         blocks = _block_sizes(kernel, dim, dtype, extra_state, flag_on)
                         by_blocks.setdefault(blocks, []).append(dim)
@@ -174,14 +174,16 @@ def variants(dims: tuple[int, ...] = DIMS, fast: bool = False) -> list[Variant]:
 
 def _block_sizes(
     kernel: str, dim: int, dtype: torch.dtype, extra_state: bool, flag_on: bool
-) -> infonce.BlockSizes:
+) -> infonce_launch.BlockSizes:
     """The tiles a launch of ``kernel`` gets by default: the forward's depend on whether it
     takes the statistics, the "gemm" backward's probability kernel has its own."""
     if kernel == "fwd":
-        return infonce.default_forward_block_sizes(dim, dtype, extra_state, with_stats=flag_on)
+        return infonce_launch.default_forward_block_sizes(
+            dim, dtype, extra_state, with_stats=flag_on
+        )
     if kernel == "bwd_probs":
-        return infonce.default_probs_block_sizes(dim, dtype, extra_state)
-    return infonce.default_block_sizes(dim, dtype, extra_state)
+        return infonce_launch.default_probs_block_sizes(dim, dtype, extra_state)
+    return infonce_launch.default_block_sizes(dim, dtype, extra_state)
 
 
 def _is_query_to_doc(feature: str) -> bool:
@@ -201,7 +203,7 @@ def _constexprs(variant: Variant) -> dict[str, object]:
         "BLOCK_DOUT": blocks.d_out,
         "HAS_DOC_IDS": variant.has_doc_ids,
         **FEATURES[variant.feature],
-        **infonce._kernel_flags(dtype),
+        **infonce_launch.kernel_flags(dtype),
     }
     if precision is not None:
         values["INPUT_PRECISION"] = precision
@@ -302,7 +304,7 @@ def compile_variant(variant: Variant, target: GPUTarget = HOPPER) -> CompileResu
 
 def unavailable_reason(target: GPUTarget = HOPPER) -> str | None:
     """Why compiling for ``target`` cannot work in this process, or None."""
-    if infonce._INTERPRETED:
+    if infonce.INTERPRETED:
         return "biencoder.kernels.infonce was imported with TRITON_INTERPRET set; run without it"
     if not any(b.compiler.supports_target(target) for b in triton.backends.backends.values()):
         return f"this Triton build has no backend for {target}"

@@ -13,25 +13,18 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from biencoder.kernels import infonce as kernel
-from biencoder.kernels.infonce import (
-    BlockSizes,
-    fused_info_nce,
-    infonce_backward,
-    infonce_forward,
-)
-from biencoder.losses.infonce import (
-    InfoNCELoss,
-    InfoNCEStats,
-    chunked_info_nce,
-    info_nce,
-    loss_terms,
-    naive_info_nce,
-)
+from biencoder.kernels import infonce_launch as launch
+from biencoder.kernels.infonce_host import infonce_backward, infonce_forward
+from biencoder.kernels.infonce_launch import BlockSizes
+from biencoder.kernels.infonce_options import InfoNCEStats, loss_terms
+from biencoder.losses.infonce import InfoNCELoss, info_nce
+from biencoder.losses.infonce_op import chunked_info_nce, fused_info_nce
+from biencoder.losses.infonce_torch import naive_info_nce
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 needs_triton = pytest.mark.skipif(
-    not (HAS_CUDA or kernel._INTERPRETED),
+    not (HAS_CUDA or kernel.INTERPRETED),
     reason="biencoder.kernels.infonce was imported without CUDA and without TRITON_INTERPRET=1",
 )
 
@@ -198,7 +191,7 @@ def test_triton_dtypes_match_naive(seed, shape, dtype, atol, rtol):
     assert_matches_reference(results, reference(q, d, True, doc_ids), atol, rtol)
 
 
-# The backward strategies of kernels.infonce.infonce_backward: column chunks multiplied out
+# The backward strategies of kernels.infonce_host.infonce_backward: column chunks multiplied out
 # as GEMMs (a chunk of 32 splits 111 columns into three full chunks and a partial one), and
 # the in-kernel recomputation with the column gradients owned or added atomically.
 STRATEGIES = {
@@ -251,7 +244,7 @@ def test_triton_chunk_size_sets_the_gemm_backwards_column_chunks(seed, monkeypat
     q, d = make_embeddings(37, 111, 48)
     doc_ids = doc_ids_with_duplicates(37, 111)
     launched = []
-    probs_kernel = kernel._infonce_bwd_probs_kernel
+    probs_kernel = launch.infonce_bwd_probs_kernel
 
     class Recording:
         def __getitem__(self, grid):
@@ -261,7 +254,7 @@ def test_triton_chunk_size_sets_the_gemm_backwards_column_chunks(seed, monkeypat
 
             return launch
 
-    monkeypatch.setattr(kernel, "_infonce_bwd_probs_kernel", Recording())
+    monkeypatch.setattr(launch, "infonce_bwd_probs_kernel", Recording())
     expected = reference(q, d, True, doc_ids)
     for chunk_size, launches in ((16, 7), (111, 1), (4096, 1)):
         launched.clear()
@@ -368,9 +361,9 @@ def test_triton_host_functions_compose(seed):
 
 @needs_triton
 def test_triton_bf16_upcast_only_under_the_interpreter():
-    flags = kernel._kernel_flags(torch.bfloat16)
-    assert flags["UPCAST_DOT"] is kernel._INTERPRETED
-    assert kernel._kernel_flags(torch.float16)["UPCAST_DOT"] is False
+    flags = launch.kernel_flags(torch.bfloat16)
+    assert flags["UPCAST_DOT"] is kernel.INTERPRETED
+    assert launch.kernel_flags(torch.float16)["UPCAST_DOT"] is False
 
 
 def test_kernel_flags_follow_the_fp32_precision_api():
@@ -382,12 +375,12 @@ def test_kernel_flags_follow_the_fp32_precision_api():
     previous = matmul.fp32_precision
     try:
         matmul.fp32_precision = "tf32"
-        assert kernel._kernel_flags(torch.float32)["INPUT_PRECISION"] == "tf32"
+        assert launch.kernel_flags(torch.float32)["INPUT_PRECISION"] == "tf32"
         matmul.fp32_precision = "ieee"
-        assert kernel._kernel_flags(torch.float32)["INPUT_PRECISION"] == "ieee"
+        assert launch.kernel_flags(torch.float32)["INPUT_PRECISION"] == "ieee"
     finally:
         matmul.fp32_precision = previous
-    assert kernel._kernel_flags(torch.float16)["INPUT_PRECISION"] == "tf32"
+    assert launch.kernel_flags(torch.float16)["INPUT_PRECISION"] == "tf32"
 
 
 @pytest.mark.parametrize("allow_tf32", [False, True])
@@ -395,7 +388,7 @@ def test_kernel_flags_fall_back_to_allow_tf32(monkeypatch, allow_tf32):
     """A torch without the fp32_precision API: the legacy flag decides."""
     monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(allow_tf32=allow_tf32))
     expected = "tf32" if allow_tf32 else "ieee"
-    assert kernel._kernel_flags(torch.float32)["INPUT_PRECISION"] == expected
+    assert launch.kernel_flags(torch.float32)["INPUT_PRECISION"] == expected
 
 
 @needs_triton

@@ -21,8 +21,12 @@ from test_infonce import GPU_STRATEGIES, STRATEGIES
 from torch.profiler import ProfilerActivity, profile
 
 from biencoder.kernels import infonce as kernel
-from biencoder.kernels.infonce import BlockSizes, infonce_backward, infonce_forward
-from biencoder.losses.infonce import DIRECTIONS, InfoNCELoss, info_nce, loss_terms, naive_info_nce
+from biencoder.kernels.infonce_host import infonce_backward, infonce_forward
+from biencoder.kernels.infonce_launch import BlockSizes
+from biencoder.kernels.infonce_options import DIRECTIONS, loss_terms
+from biencoder.losses.infonce import InfoNCELoss, info_nce
+from biencoder.losses.infonce_op import fused_info_nce
+from biencoder.losses.infonce_torch import naive_info_nce
 
 # A row whose every candidate of one direction is excluded (the guide can drop all of
 # query_to_query's) has that direction's logsumexp log(0) = −inf, which the joint partition
@@ -32,7 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in lo
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 needs_triton = pytest.mark.skipif(
-    not (HAS_CUDA or kernel._INTERPRETED),
+    not (HAS_CUDA or kernel.INTERPRETED),
     reason="biencoder.kernels.infonce was imported without CUDA and without TRITON_INTERPRET=1",
 )
 
@@ -849,7 +853,7 @@ def test_gpu_options_match_naive(option, dtype, atol, rtol):
     expected = reference(q_low, d_low, ids, options)
     for strategy in GPU_STRATEGIES:
         results = loss_and_grads(
-            lambda q, d, t, strategy=strategy: kernel.fused_info_nce(
+            lambda q, d, t, strategy=strategy: fused_info_nce(
                 q, d, 1 / t, doc_ids=ids_on, **strategy, **options
             ),
             q_low,

@@ -49,7 +49,7 @@ def compile_in_subprocess(*args: str) -> list[dict]:
     [pytest.param((), id="fast"), pytest.param(("--all",), id="all", marks=pytest.mark.slow)],
 )
 def test_every_kernel_variant_compiles_for_hopper(subset):
-    """The default block sizes of D = 384 and 768 for every dtype (kernels.infonce's
+    """The default block sizes of D = 384 and 768 for every dtype (kernels.infonce_launch's
     table): each kernel compiles, fits an sm_90 block's shared memory, does not spill
     registers and uses wgmma where it can. fast: the plain loss with doc ids, each kernel's
     flag off and on, and in bf16 the heaviest direction/guide/hardness specialisations
@@ -69,7 +69,7 @@ def test_every_kernel_variant_compiles_for_hopper(subset):
     unreported = [r["variant"] for r in results if r["spill_stores"] is None]
     assert not unreported, f"ptxas reported no register use: {unreported}"
     # A few bytes are tolerated: the forward's tile with the statistics spills 16 bytes
-    # here and was still the fastest measured on an H200 (kernels.infonce's tile table).
+    # here and was still the fastest measured on an H200 (kernels.infonce_launch's tile table).
     spilled = [
         f"{r['variant']}: {r['spill_stores']}/{r['spill_loads']} bytes"
         for r in results

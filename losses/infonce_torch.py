@@ -1,0 +1,468 @@
+"""InfoNCE in plain PyTorch: the dense reference and the chunked path.
+
+:func:`naive_info_nce` writes out every direction's B×N similarity matrix (``impl="naive"``,
+the reference). :func:`chunked_forward` and :func:`chunked_backward` compute the loss, its
+saved logsumexps and its gradients one chunk_size × chunk_size logit tile at a time
+(``impl="torch"``), behind the custom op of :mod:`losses.infonce_op`. The options are
+defined in :mod:`losses.infonce`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from biencoder.kernels.infonce_options import (
+    DIAGONAL_EXCLUDED,
+    DIAGONAL_TARGET,
+    HARDNESS_CODES,
+    Direction,
+    InfoNCEStats,
+    LossTerms,
+    accumulate_direction_grads,
+    check_guide_options,
+    check_inputs,
+    combine_partitions,
+    compute_dtype_of,
+    default_doc_owners,
+    guide_thresholds,
+    loss_terms,
+)
+
+
+def _false_negatives(
+    doc_ids: torch.Tensor, rows: slice, col_start: int, col_stop: int
+) -> torch.Tensor:
+    """Mask of the (i, j) in rows × [col_start, col_stop), j != i, that share a doc id."""
+    same_doc = doc_ids[rows, None] == doc_ids[None, col_start:col_stop]
+    # Tile element (a, b) is (rows.start + a, col_start + b): i == j on this diagonal.
+    same_doc.diagonal(offset=rows.start - col_start).fill_(False)
+    return same_doc
+
+
+def _dense_stats(
+    similarities: torch.Tensor,
+    false_negatives: torch.Tensor | None,
+    dropped: torch.Tensor | None = None,
+) -> InfoNCEStats:
+    """Ranking statistics from the full B×N similarity matrix (the reference's way);
+    ``dropped`` columns (the guide's) leave the competitors but are not counted."""
+    batch, num_docs = similarities.shape
+    rows = torch.arange(batch, device=similarities.device)
+    others = similarities.detach().float().clone()
+    others[rows, rows] = -math.inf
+    for mask in (false_negatives, dropped):
+        if mask is not None:
+            others.masked_fill_(mask, -math.inf)
+    best_other, best_other_index = others.max(dim=1)
+    has_other = best_other > -math.inf
+    return InfoNCEStats(
+        positive=similarities.detach()[rows, rows].float(),
+        best_other=best_other,
+        best_other_index=torch.where(has_other, best_other_index, -1),
+        false_negatives=(
+            false_negatives.sum(dim=1)
+            if false_negatives is not None
+            else torch.zeros(batch, dtype=torch.int64, device=similarities.device)
+        ),
+        num_docs=num_docs,
+    )
+
+
+def naive_info_nce(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: float | torch.Tensor,
+    symmetric: bool = False,
+    doc_ids: torch.Tensor | None = None,
+    return_stats: bool = False,
+    *,
+    directions: tuple[str, ...] | None = None,
+    partition_mode: str | None = None,
+    doc_owners: torch.Tensor | None = None,
+    guide_q: torch.Tensor | None = None,
+    guide_d: torch.Tensor | None = None,
+    guide_margin: float = 0.0,
+    guide_margin_strategy: str = "absolute",
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
+) -> torch.Tensor | tuple[torch.Tensor, InfoNCEStats]:
+    """Reference InfoNCE: every direction's similarity matrix written out densely, as
+    sentence-transformers' MultipleNegativesRankingLoss and GISTEmbedLoss build them."""
+    terms = loss_terms(
+        symmetric,
+        directions,
+        partition_mode,
+        hardness_mode,
+        hardness_strength,
+        guide_margin,
+        guide_margin_strategy,
+    )
+    check_inputs(q, d, doc_ids, doc_owners, guide_q, guide_d)
+    check_guide_options(terms, guide_q)
+    batch, num_docs = q.shape[0], d.shape[0]
+    compute_dtype = compute_dtype_of(q.dtype)
+    owners = doc_owners if doc_owners is not None else default_doc_owners(batch, num_docs, q.device)
+    positions = torch.arange(num_docs, device=q.device)
+    eye = positions[:batch, None] == positions[None, :]
+    # Query i owns its positive and the hard negatives it mined.
+    own = eye | ((positions[None, :] >= batch) & (owners[None, :] == positions[:batch, None]))
+    ids = doc_ids
+    guides = None
+    if guide_q is not None:
+        thresholds = guide_thresholds(guide_q, guide_d, terms, q.dtype)
+        guides = {
+            "q": guide_q.to(q.dtype).to(compute_dtype),
+            "d": guide_d.to(q.dtype).to(compute_dtype),
+        }
+
+    logits_of_terms, stats_masks = [], (None, None)
+    for spec in terms.specs():
+        rows, cols = spec.rows(q, d), spec.cols(q, d)
+        num_cols = cols.shape[0]
+        similarities = (rows @ cols.T).to(compute_dtype)
+        diagonal = eye[:, :num_cols]
+        excluded = torch.zeros_like(diagonal)
+        if spec.diagonal == DIAGONAL_EXCLUDED:
+            excluded |= diagonal
+        if spec.exclude_own:
+            excluded |= own[:, :num_cols]
+        false_negatives = None
+        if ids is not None:
+            false_negatives = (ids[:batch, None] == ids[None, :num_cols]) & ~diagonal
+            excluded |= false_negatives
+        dropped = None
+        if guides is not None:
+            guide_rows = guides["d"][:batch] if spec.rows_are_docs else guides["q"]
+            guide_cols = guides["q"] if spec.cols_are_queries else guides["d"]
+            dropped = (guide_rows @ guide_cols.T) > thresholds[:, None]
+            if spec.diagonal != DIAGONAL_EXCLUDED:
+                dropped &= ~diagonal
+            excluded |= dropped
+        logits = similarities * scale
+        if spec.hardness:
+            penalised = {
+                "in_batch_negatives": ~own,
+                "hard_negatives": own & (positions[None, :] >= batch),
+                "all_negatives": ~eye,
+            }[terms.hardness_mode]
+            logits = logits + terms.hardness_strength * similarities.detach() * penalised
+        logits_of_terms.append(logits.masked_fill(excluded, -math.inf))
+        if spec.name == "query_to_doc":
+            query_similarities, stats_masks = similarities, (false_negatives, dropped)
+            positive_logits = logits.diagonal()
+    if terms.joint:
+        partition = torch.logsumexp(torch.cat(logits_of_terms, dim=1), dim=1)
+    else:
+        partition = torch.stack([torch.logsumexp(x, dim=1) for x in logits_of_terms]).mean(dim=0)
+    loss = (partition - positive_logits).mean()
+    if return_stats:
+        return loss, _dense_stats(query_similarities, *stats_masks)
+    return loss
+
+
+def _tile_view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    # A contiguous prefix of one flat buffer, so every tile (the narrower edge tiles too)
+    # reuses the same memory instead of page-faulting a fresh allocation per tile.
+    return buffer[: rows * cols].view(rows, cols)
+
+
+def _column_chunks(docs: torch.Tensor, scale: torch.Tensor, chunk_size: int):
+    """(col_start, col_stop, scale·docs[col_start:col_stop]) per chunk of document rows."""
+    for col_start in range(0, docs.shape[0], chunk_size):
+        col_stop = min(col_start + chunk_size, docs.shape[0])
+        yield col_start, col_stop, docs[col_start:col_stop] * scale
+
+
+def _row_chunks(num_rows: int, chunk_size: int):
+    for row_start in range(0, num_rows, chunk_size):
+        yield slice(row_start, min(row_start + chunk_size, num_rows))
+
+
+@dataclass(frozen=True)
+class _ChunkedTerm:
+    """One direction of the chunked path: its rows and columns in the compute dtype and
+    what decides, per tile, which logits leave the softmax and which get the hardness."""
+
+    spec: Direction
+    rows: torch.Tensor
+    cols: torch.Tensor
+    doc_ids: torch.Tensor | None
+    owners: torch.Tensor | None
+    guide_rows: torch.Tensor | None
+    guide_cols: torch.Tensor | None
+    thresholds: torch.Tensor | None
+    hardness_strength: float
+
+    @classmethod
+    def build(cls, spec, queries, docs, doc_ids, owners, guides, thresholds, terms):
+        guide_rows = guide_cols = None
+        if guides is not None:
+            guide_rows = spec.rows(*guides)
+            guide_cols = spec.cols(*guides)
+        return cls(
+            spec,
+            spec.rows(queries, docs),
+            spec.cols(queries, docs),
+            doc_ids,
+            owners,
+            guide_rows,
+            guide_cols,
+            thresholds,
+            terms.hardness_strength,
+        )
+
+    def _positions(self, rows: slice, col_start: int, col_stop: int):
+        device = self.rows.device
+        row_index = torch.arange(rows.start, rows.stop, device=device)[:, None]
+        col_index = torch.arange(col_start, col_stop, device=device)[None, :]
+        return row_index, col_index
+
+    def _mined_by_row(self, rows: slice, col_start: int, col_stop: int) -> torch.Tensor:
+        row_index, col_index = self._positions(rows, col_start, col_stop)
+        batch = self.rows.shape[0]
+        return (col_index >= batch) & (self.owners[None, col_start:col_stop] == row_index)
+
+    def excluded(self, rows: slice, col_start: int, col_stop: int) -> torch.Tensor | None:
+        """Bool tile of the logits that leave the softmax, or None when none do."""
+        excluded = None
+        if self.doc_ids is not None:
+            excluded = _false_negatives(self.doc_ids, rows, col_start, col_stop)
+        spec = self.spec
+        extra = []
+        if spec.diagonal == DIAGONAL_EXCLUDED:
+            row_index, col_index = self._positions(rows, col_start, col_stop)
+            extra.append(row_index == col_index)
+        if spec.exclude_own:
+            extra.append(self._mined_by_row(rows, col_start, col_stop))
+        if self.guide_rows is not None:
+            guide_scores = self.guide_rows[rows] @ self.guide_cols[col_start:col_stop].T
+            dropped = guide_scores > self.thresholds[rows, None]
+            if spec.diagonal != DIAGONAL_EXCLUDED:
+                dropped.diagonal(offset=rows.start - col_start).fill_(False)
+            extra.append(dropped)
+        for mask in extra:
+            excluded = mask if excluded is None else excluded | mask
+        return excluded
+
+    def add_hardness_(
+        self, logits: torch.Tensor, scale: torch.Tensor, rows: slice, col_start: int, col_stop: int
+    ) -> None:
+        """logits += α·q·d on the penalised columns, in place: with logits = s·q·d that is
+        logits·(α/s) added where selected, so no second product is needed."""
+        code = self.spec.hardness
+        if not code:
+            return
+        row_index, col_index = self._positions(rows, col_start, col_stop)
+        not_positive = row_index != col_index
+        if code == HARDNESS_CODES["all_negatives"]:
+            selected = not_positive
+        else:
+            mined = self._mined_by_row(rows, col_start, col_stop)
+            selected = mined if code == HARDNESS_CODES["hard_negatives"] else not_positive & ~mined
+        # where, not a product with the mask: excluded logits are −inf and −inf·0 is nan.
+        logits.add_(torch.where(selected, logits, 0.0) * (self.hardness_strength / scale))
+
+
+class _TileStats:
+    """Running ranking statistics of the q→d rows, updated from each scaled logit tile.
+
+    O(B) state (plus an O(N) count of the doc ids): each tile is read in place, its diagonal
+    set to −inf for the max over the other columns and restored bit for bit before the
+    logsumexp reads the tile.
+    """
+
+    def __init__(
+        self, queries: torch.Tensor, scale: torch.Tensor, doc_ids: torch.Tensor | None
+    ) -> None:
+        batch = queries.shape[0]
+        self.scale = scale
+        self.positive = queries.new_empty(batch)
+        self.best_other = queries.new_full((batch,), -math.inf)
+        self.best_other_index = torch.full((batch,), -1, dtype=torch.int64, device=queries.device)
+        # Counted from the ids rather than from the tiles: a bool row sum per tile costs
+        # about as much as the tile's matmul on a CPU.
+        if doc_ids is None:
+            self.false_negatives = torch.zeros_like(self.best_other_index)
+        else:
+            _, inverse, counts = torch.unique(doc_ids, return_inverse=True, return_counts=True)
+            self.false_negatives = counts[inverse[:batch]] - 1
+
+    def update(self, logits: torch.Tensor, rows: slice, col_start: int) -> None:
+        """Folds in one tile of logits with false negatives at −inf, rows × [col_start, …)."""
+        first, last = max(rows.start, col_start), min(rows.stop, col_start + logits.shape[1])
+        diagonal = logits.diagonal(offset=rows.start - col_start)
+        if first < last:
+            self.positive[first:last] = diagonal
+            diagonal.fill_(-math.inf)
+        tile_best, tile_index = logits.max(dim=1)
+        if first < last:
+            diagonal.copy_(self.positive[first:last])
+        # Strictly greater: a later tile only wins with a larger value, so ties keep the
+        # first column, and a row whose tiles are all −inf keeps index −1.
+        best, index = self.best_other[rows], self.best_other_index[rows]
+        improved = tile_best > best
+        best.copy_(torch.where(improved, tile_best, best))
+        index.copy_(torch.where(improved, tile_index + col_start, index))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensor fields of :class:`InfoNCEStats`, in order (autograd outputs)."""
+        # The tiles hold s·q·d; dividing by the same s keeps the order of the values.
+        return (
+            (self.positive / self.scale).float(),
+            (self.best_other / self.scale).float(),
+            self.best_other_index,
+            self.false_negatives,
+        )
+
+
+def _chunked_logsumexp(
+    term: _ChunkedTerm,
+    scale: torch.Tensor,
+    chunk_size: int,
+    buffer: torch.Tensor,
+    stats: _TileStats | None = None,
+) -> torch.Tensor:
+    """Row logsumexp of one direction's logits (exclusions left out), tile by tile.
+
+    ``stats``, when given, is updated from the same tiles (before the hardness term) before
+    their logsumexp.
+    """
+    rows_all = term.rows
+    lse = rows_all.new_full((rows_all.shape[0],), -math.inf)
+    for col_start, col_stop, scaled_cols in _column_chunks(term.cols, scale, chunk_size):
+        for rows in _row_chunks(rows_all.shape[0], chunk_size):
+            tile = _tile_view(buffer, rows.stop - rows.start, col_stop - col_start)
+            logits = torch.mm(rows_all[rows], scaled_cols.T, out=tile)
+            excluded = term.excluded(rows, col_start, col_stop)
+            if excluded is not None:
+                logits.masked_fill_(excluded, -math.inf)
+            if stats is not None:
+                stats.update(logits, rows, col_start)
+            term.add_hardness_(logits, scale, rows, col_start, col_stop)
+            # Clamped so that a row whose whole tile is excluded gives exp(−inf) = 0, not nan.
+            tile_max = logits.amax(dim=1, keepdim=True).clamp_min_(torch.finfo(logits.dtype).min)
+            tile_lse = logits.sub_(tile_max).exp_().sum(dim=1).log_().add_(tile_max[:, 0])
+            lse[rows] = torch.logaddexp(lse[rows], tile_lse)
+    return lse
+
+
+def _chunked_softmax_products(
+    term: _ChunkedTerm,
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    chunk_size: int,
+    buffer: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P @ cols, Pᵀ @ rows) for the softmax rows P = exp(logits − lse), recomputing P
+    tile by tile."""
+    rows_all, cols_all = term.rows, term.cols
+    p_cols = torch.zeros_like(rows_all)
+    pt_rows = torch.zeros_like(cols_all)
+    for col_start, col_stop, scaled_cols in _column_chunks(cols_all, scale, chunk_size):
+        for rows in _row_chunks(rows_all.shape[0], chunk_size):
+            tile = _tile_view(buffer, rows.stop - rows.start, col_stop - col_start)
+            probs = torch.mm(rows_all[rows], scaled_cols.T, out=tile)
+            term.add_hardness_(probs, scale, rows, col_start, col_stop)
+            probs.sub_(lse[rows, None]).exp_()
+            excluded = term.excluded(rows, col_start, col_stop)
+            if excluded is not None:
+                probs.masked_fill_(excluded, 0.0)
+            p_cols[rows].addmm_(probs, cols_all[col_start:col_stop])
+            pt_rows[col_start:col_stop].addmm_(probs.T, rows_all[rows])
+    return p_cols, pt_rows
+
+
+def _tile_buffer(queries: torch.Tensor, docs: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    rows = min(chunk_size, queries.shape[0])
+    return queries.new_empty(rows * min(chunk_size, docs.shape[0]))
+
+
+def _chunked_terms(q, d, doc_ids, doc_owners, guide_q, guide_d, terms):
+    """(queries, docs, [_ChunkedTerm per direction]) in the compute dtype."""
+    compute_dtype = compute_dtype_of(q.dtype)
+    queries, docs = q.to(compute_dtype), d.to(compute_dtype)
+    guides = thresholds = None
+    if guide_q is not None:
+        guides = (guide_q.to(q.dtype).to(compute_dtype), guide_d.to(q.dtype).to(compute_dtype))
+        thresholds = guide_thresholds(guide_q, guide_d, terms, q.dtype)
+    chunked = [
+        _ChunkedTerm.build(spec, queries, docs, doc_ids, doc_owners, guides, thresholds, terms)
+        for spec in terms.specs()
+    ]
+    return queries, docs, chunked
+
+
+def chunked_forward(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    doc_owners: torch.Tensor | None,
+    guide_q: torch.Tensor | None,
+    guide_d: torch.Tensor | None,
+    terms: LossTerms,
+    chunk_size: int,
+    return_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """(loss, lse [num_lse, B], stats tensors) of the chunked path."""
+    queries, docs, chunked = _chunked_terms(q, d, doc_ids, doc_owners, guide_q, guide_d, terms)
+    scale = scale.to(queries.dtype)
+    batch = queries.shape[0]
+    # Before the tile buffer exists, so that this B×D temporary does not add to the peak.
+    positive_logits = (queries * docs[:batch]).sum(dim=1) * scale
+    buffer = _tile_buffer(queries, docs, chunk_size)
+    stats = _TileStats(queries, scale, doc_ids) if return_stats else None
+    term_lse = [
+        _chunked_logsumexp(term, scale, chunk_size, buffer, stats if index == 0 else None)
+        for index, term in enumerate(chunked)
+    ]
+    lse = combine_partitions(term_lse, terms.joint)
+    if lse.shape[0] == 1:
+        # One partition, joint or the only direction's: loss_i = partition_i − positive_i.
+        loss = (lse[0] - positive_logits).mean()
+    else:
+        loss = sum((row_lse - positive_logits).mean() for row_lse in term_lse) / len(term_lse)
+    return loss, lse, stats.tensors() if stats is not None else None
+
+
+def chunked_backward(
+    grad_loss: torch.Tensor,
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    doc_owners: torch.Tensor | None,
+    guide_q: torch.Tensor | None,
+    guide_d: torch.Tensor | None,
+    lse: torch.Tensor,
+    terms: LossTerms,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dd, dscale) of the chunked path, recomputing each logit tile once per direction.
+
+    Every row has the same upstream weight w = G/B (divided by the number of directions
+    per_direction), so dlogits = w·(P − onehot) and the onehot and the weight are applied
+    to the B×D products (P @ cols − cols[:B]) instead of to each tile. ∂/∂s =
+    Σ dlogits·(rows·colsᵀ) = ⟨rows, dlogits @ cols⟩ reuses the same product; the hardness
+    term is a stop-gradient, so it enters only through P.
+    """
+    queries, docs, chunked = _chunked_terms(q, d, doc_ids, doc_owners, guide_q, guide_d, terms)
+    compute_dtype = queries.dtype
+    scale = scale.to(compute_dtype)
+    batch = queries.shape[0]
+    weight = grad_loss.to(compute_dtype) / (batch * (1 if terms.joint else len(chunked)))
+    buffer = _tile_buffer(queries, docs, chunk_size)
+
+    totals = None
+    for index, term in enumerate(chunked):
+        term_lse = lse[0 if terms.joint else index]
+        d_rows, d_cols = _chunked_softmax_products(term, scale, term_lse, chunk_size, buffer)
+        if term.spec.diagonal == DIAGONAL_TARGET:
+            d_rows.sub_(term.cols[:batch])
+            d_cols[:batch] -= term.rows
+        totals = accumulate_direction_grads(totals, term.spec, term.rows, d_rows, d_cols)
+    dq, dd, dscale = totals
+    return dq.mul_(weight * scale).to(q.dtype), dd.mul_(weight * scale).to(d.dtype), dscale * weight
