@@ -1,6 +1,6 @@
 """The host side of the fused InfoNCE kernels: :func:`infonce_forward` and
 :func:`infonce_backward` validate the inputs, launch the kernels of :mod:`kernels.infonce`
-once per direction and combine the directions. :func:`losses.infonce_op.fused_info_nce`
+once per direction and combine the directions. :func:`kernels.infonce_op.fused_info_nce`
 runs them as a differentiable loss."""
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ the two steps in which every path combines its directions: their row logsumexps 
 saved partition (:func:`combine_partitions`) and their gradients into dq, dd and ∂/∂s
 (:func:`accumulate_direction_grads`). The options are defined in :mod:`losses.infonce`.
 
-No Triton here: the kernels import this module, and the losses import it without deciding
-whether Triton interprets the kernels.
+No Triton here: the kernels, the custom op, its chunked path and the naive reference all
+build on this module, and loading it does not decide whether Triton interprets the kernels.
 """
 
 from __future__ import annotations

@@ -55,14 +55,14 @@ The similarities are plain dot products: pass L2-normalised embeddings for cosin
 
 Implementations (``impl``):
 
-* ``"triton"`` (:func:`losses.infonce_op.fused_info_nce`): the fused kernel of
+* ``"triton"`` (:func:`kernels.infonce_op.fused_info_nce`): the fused kernel of
   :mod:`kernels.infonce` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); memory
   O(B + N) beyond inputs and gradients.
-* ``"torch"`` (:func:`losses.infonce_op.chunked_info_nce`): plain PyTorch over column
+* ``"torch"`` (:func:`kernels.infonce_op.chunked_info_nce`): plain PyTorch over column
   chunks with an online logsumexp and a backward that recomputes each chunk; the rows are
   blocked by the same chunk_size, so memory is one chunk_size × chunk_size tile, at most
   O(B·chunk_size). The CPU default.
-* ``"naive"`` (:func:`losses.infonce_torch.naive_info_nce`): the dense B×N similarity
+* ``"naive"`` (:func:`losses.infonce_naive.naive_info_nce`): the dense B×N similarity
   matrices of every direction; memory O(B·N). The reference.
 * ``"auto"``: ``"triton"`` for CUDA tensors, ``"torch"`` otherwise.
 
@@ -77,7 +77,7 @@ as without them.
 The "torch" and "triton" paths (so "auto") run as the custom operator
 ``torch.ops.biencoder.info_nce``, whose backward is ``torch.ops.biencoder.info_nce_backward``:
 ``torch.compile(fullgraph=True)`` traces a function calling :func:`info_nce` and its
-backward without a graph break. Both ops (:mod:`losses.infonce_op`) are registered when
+backward without a graph break. Both ops (:mod:`kernels.infonce_op`) are registered when
 this module is imported.
 """
 
@@ -88,9 +88,9 @@ import math
 import torch
 from torch import nn
 
+from biencoder.kernels.infonce_op import chunked_info_nce, fused_info_nce
 from biencoder.kernels.infonce_options import InfoNCEStats, loss_terms
-from biencoder.losses.infonce_op import chunked_info_nce, fused_info_nce
-from biencoder.losses.infonce_torch import naive_info_nce
+from biencoder.losses.infonce_naive import naive_info_nce
 
 IMPLEMENTATIONS = ("auto", "triton", "torch", "naive")
 

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
+from biencoder.kernels.infonce_op import info_nce_backward_op, info_nce_op
 from biencoder.kernels.infonce_options import DIRECTIONS, SYMMETRIC, LossTerms, loss_terms
 from biencoder.losses.infonce import info_nce
-from biencoder.losses.infonce_op import info_nce_backward_op, info_nce_op
-from biencoder.losses.infonce_torch import naive_info_nce
+from biencoder.losses.infonce_naive import naive_info_nce
 from biencoder.model.bert import Encoder
 from biencoder.model.config import EncoderConfig
 from biencoder.model.pooling import MeanPooling

@@ -16,10 +16,10 @@ from biencoder.kernels import infonce as kernel
 from biencoder.kernels import infonce_launch as launch
 from biencoder.kernels.infonce_host import infonce_backward, infonce_forward
 from biencoder.kernels.infonce_launch import BlockSizes
+from biencoder.kernels.infonce_op import chunked_info_nce, fused_info_nce
 from biencoder.kernels.infonce_options import InfoNCEStats, loss_terms
 from biencoder.losses.infonce import InfoNCELoss, info_nce
-from biencoder.losses.infonce_op import chunked_info_nce, fused_info_nce
-from biencoder.losses.infonce_torch import naive_info_nce
+from biencoder.losses.infonce_naive import naive_info_nce
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

@@ -23,10 +23,10 @@ from torch.profiler import ProfilerActivity, profile
 from biencoder.kernels import infonce as kernel
 from biencoder.kernels.infonce_host import infonce_backward, infonce_forward
 from biencoder.kernels.infonce_launch import BlockSizes
+from biencoder.kernels.infonce_op import fused_info_nce
 from biencoder.kernels.infonce_options import DIRECTIONS, loss_terms
 from biencoder.losses.infonce import InfoNCELoss, info_nce
-from biencoder.losses.infonce_op import fused_info_nce
-from biencoder.losses.infonce_torch import naive_info_nce
+from biencoder.losses.infonce_naive import naive_info_nce
 
 # A row whose every candidate of one direction is excluded (the guide can drop all of
 # query_to_query's) has that direction's logsumexp log(0) = −inf, which the joint partition

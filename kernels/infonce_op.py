@@ -1,13 +1,14 @@
 """The InfoNCE custom op ``biencoder::info_nce`` and the functions that run the loss
-through it: :func:`chunked_info_nce` (the PyTorch path of :mod:`losses.infonce_torch`)
-and :func:`fused_info_nce` (the Triton kernels of :mod:`kernels.infonce`). The options are
-defined in :mod:`losses.infonce`.
+through it: :func:`chunked_info_nce` (the PyTorch path of :mod:`kernels.infonce_chunked`)
+and :func:`fused_info_nce` (the Triton kernels of :mod:`kernels.infonce`, run by
+:mod:`kernels.infonce_host`). The options are defined in :mod:`losses.infonce`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from biencoder.kernels.infonce_chunked import chunked_backward, chunked_forward
 from biencoder.kernels.infonce_options import (
     InfoNCEStats,
     LossTerms,
@@ -15,7 +16,6 @@ from biencoder.kernels.infonce_options import (
     compute_dtype_of,
     validated_options,
 )
-from biencoder.losses.infonce_torch import chunked_backward, chunked_forward
 
 # ------------------------------------------------------------------------------------------
 # The loss as a custom operator, so that torch.compile sees one node with known output
