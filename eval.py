@@ -29,6 +29,7 @@ from biencoder.evaluation.config import EvalConfig, FunnelConfig, QuantizationCo
 from biencoder.evaluation.scoring import evaluate
 from biencoder.runtime.device import resolve_device
 from biencoder.training.hydra_config import (
+    CONFIG_DIR,
     SCHEMAS,
     ConfigError,
     build,
@@ -95,7 +96,7 @@ def check_compressed(
         raise ConfigError(f"{key}: searches a corpus, so it needs BEIR eval_data, not STS")
 
 
-@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, float]:
     return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 

@@ -12,8 +12,8 @@ teacher), which ``python train.py train_data=jsonl train_data.path=FILE
 train_data.format=triplets`` trains on; ``resume=true`` continues an interrupted run where
 it stopped, with the corpus embeddings it kept beside ``out``. The options are
 sentence-transformers' ``mine_hard_negatives`` ones with its meanings (see
-``data.mining.MiningOptions``); every setting is checked, naming its key, before the model
-or the data is loaded.
+``data.mining.selection.MiningOptions``); every setting is checked, naming its key, before
+the model or the data is loaded.
 """
 
 from __future__ import annotations
@@ -33,25 +33,21 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from biencoder.data.beir import load_beir
 from biencoder.data.io import dotted_leaves, progress_path
-from biencoder.data.mining import (
+from biencoder.data.mining.pipeline import MiningReport, mine, resume_state
+from biencoder.data.mining.selection import MiningOptions
+from biencoder.data.mining.sets import mining_set_from_beir, mining_set_from_pairs
+from biencoder.data.mining.teachers import (
     BiEncoderTeacher,
-    BM25Retriever,
     CrossEncoderTeacher,
-    DenseRetriever,
-    MiningOptions,
-    MiningReport,
     Teacher,
     is_cross_encoder,
-    mine,
-    mining_set_from_beir,
-    mining_set_from_pairs,
-    resume_state,
 )
 from biencoder.data.training import load_pairs
-from biencoder.evaluation.search import check_index_dims
 from biencoder.model.biencoder import BiEncoder, embedding_dim
+from biencoder.retrieval.retrievers import BM25Retriever, DenseRetriever
+from biencoder.retrieval.search import check_index_dims
 from biencoder.runtime.device import resolve_device
-from biencoder.training.hydra_config import ConfigError, register
+from biencoder.training.hydra_config import CONFIG_DIR, ConfigError, register
 
 log = logging.getLogger("mine")
 
@@ -239,7 +235,7 @@ def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
     return report
 
 
-@hydra.main(config_path="conf", config_name="mine", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="mine", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg, Path(HydraConfig.get().runtime.output_dir))
 

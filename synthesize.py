@@ -15,7 +15,7 @@ of each, then kept only if it passes the filters: length, duplicates, and the ro
 (its document in the top ``filters.round_trip_k`` under BM25 and/or the bi-encoder
 ``retriever_model``). Kept pairs, with ``negatives.num`` hard negatives if asked, are
 appended to ``out`` with their provenance; ``<out>.progress.json`` records the documents
-done and what each filter removed. See data/synthetic.py.
+done and what each filter removed. See data/synthesis/.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from biencoder.data.errors import DataError
-from biencoder.data.synthetic import SynthesisConfig, SynthesisReport, run_synthesis
-from biencoder.training.hydra_config import ConfigError, naming, register
+from biencoder.data.synthesis.pipeline import SynthesisReport
+from biencoder.data.synthesis.run import SynthesisConfig, run_synthesis
+from biencoder.training.hydra_config import CONFIG_DIR, ConfigError, naming, register
 
 log = logging.getLogger("synthesize")
 
@@ -73,7 +74,7 @@ def run(cfg: DictConfig, out_dir: Path) -> SynthesisReport:
         raise ConfigError(str(err)) from err
 
 
-@hydra.main(config_path="conf", config_name="synthesize", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="synthesize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg, Path(HydraConfig.get().runtime.output_dir))
 

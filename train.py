@@ -41,7 +41,6 @@ from hydra.types import RunMode
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from biencoder import eval as eval_cli
 from biencoder.data.eval_sets import BeirEvalSet, StsEvalSet
 from biencoder.data.hf import HfTrainingSet
 from biencoder.data.training_sets import (
@@ -54,6 +53,7 @@ from biencoder.data.training_sets import (
 from biencoder.evaluation.config import EvalConfig
 from biencoder.evaluation.scoring import evaluate
 from biencoder.model.biencoder import BiEncoder
+from biencoder.runtime.device import resolve_device
 from biencoder.training.checkpoint import (
     LEGACY_TRAINER_STATE,
     TRAINER_STATE,
@@ -65,6 +65,7 @@ from biencoder.training.checkpoint import (
 from biencoder.training.config import TrainerConfig
 from biencoder.training.distributed import Distributed, init_distributed, shutdown
 from biencoder.training.hydra_config import (
+    CONFIG_DIR,
     ConfigError,
     build,
     check_dims,
@@ -104,7 +105,6 @@ copyreg.pickle(
     type(torch.utils.deterministic), lambda module: (importlib.import_module, (module.__name__,))
 )
 
-SELECTION_METRIC = {"retrieval": "ndcg@10", "sts": "spearman"}
 WANDB_TAG_LIMIT = 64
 # Hard negatives mined for this run, reused on resume: dense mining with the resumed
 # checkpoint's model would otherwise give other negatives than the run started with.
@@ -298,7 +298,7 @@ def train(
     """
     plan = plan_run(cfg)
     trainer, evaluation, task = plan.trainer, plan.evaluation, plan.task
-    dist = dist or Distributed(device=eval_cli.resolve_device(cfg.device))
+    dist = dist or Distributed(device=resolve_device(cfg.device))
     if trainer.batch_size % dist.world_size:
         raise ConfigError(
             f"trainer.batch_size: {trainer.batch_size} examples cannot be split evenly "
@@ -462,7 +462,7 @@ def resumed_config(
     return resumed, launch
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, float] | float:
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)

@@ -1,9 +1,9 @@
-"""BM25 index + search time: our scorer (``data.mining.BM25``) against ``bm25s``.
+"""BM25 index + search time: our scorer (``retrieval.bm25.BM25``) against ``bm25s``.
 
     python bench/bm25.py                       # SciFact train queries, then 1M synthetic docs
     python bench/bm25.py --docs 200000         # a smaller synthetic corpus
 
-Both sides get the same words (``data.mining.tokenize``: lowercased ``\\w+`` minus Lucene's
+Both sides get the same words (``retrieval.bm25.tokenize``: lowercased ``\\w+`` minus Lucene's
 stop words) and the same parameters (k1=0.9, b=0.4, Lucene's idf), so the comparison is of
 the scorers alone; the time includes tokenising, as a caller pays it either way. bm25s runs
 with its default numpy backend (numba is not a dependency). Prints each side's seconds, the
@@ -24,8 +24,8 @@ import bm25s
 import numpy as np
 
 from biencoder.data.beir import load_beir
-from biencoder.data.mining import BM25, tokenize
 from biencoder.data.paths import SCIFACT_DIR
+from biencoder.retrieval.bm25 import BM25, tokenize
 
 K1, B = 0.9, 0.4
 

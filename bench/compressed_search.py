@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import report_header
 
-from bench.common import report_header
 from biencoder.data.beir import load_beir
 from biencoder.data.paths import SCIFACT_DIR
 from biencoder.evaluation.config import FunnelConfig, QuantizationConfig

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,15 +28,13 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from common import MIB, REPO_ROOT, peak_extra_rss, report_header
-
-sys.path.insert(0, str(REPO_ROOT))
+from common import MIB, peak_extra_rss, report_header
 
 
 def _worker(rank: int, world: int, config: dict, rendezvous: str, out: str) -> None:
     from biencoder.data.training import Triplet
     from biencoder.training.distributed import Distributed
-    from biencoder.training.tasks import InfoNCETask
+    from biencoder.training.infonce_task import InfoNCETask
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = torch.device(config["device"])

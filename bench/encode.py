@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from biencoder.data.beir import load_beir
 from biencoder.data.paths import SCIFACT_DIR
 from biencoder.model.biencoder import BiEncoder

@@ -49,18 +49,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from common import device_name, package_version
 
 from biencoder.data.training import Pair
 from biencoder.model.biencoder import BiEncoder
 from biencoder.model.config import EncoderConfig
 from biencoder.model.weights import save_random_bert
+from biencoder.training.infonce_task import InfoNCETask
 from biencoder.training.prefetch import Prefetcher
 from biencoder.training.step import TokenizedBatch, tokenize_batch, train_step
-from biencoder.training.tasks import InfoNCETask
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TEMPERATURE = 0.05

@@ -5,7 +5,7 @@ Implementations (``--impls``):
 * ``naive``: matmul + cross-entropy, the B×N logits materialised;
 * ``compiled``: the same function through ``torch.compile`` (dynamic shapes, so one
   compilation serves every size);
-* ``torch``: the chunked online-logsumexp path of ``losses.infonce_torch``;
+* ``torch``: the chunked online-logsumexp path of ``kernels.infonce_chunked``;
 * ``triton``: the fused kernel (``kernels.infonce``), its default "gemm" backward
   (``--chunk-size`` columns of p − onehot at a time, multiplied out by cuBLAS); CUDA, or
   CPU tensors when ``TRITON_INTERPRET=1`` is set (tiny sizes only);
@@ -73,7 +73,7 @@ import time
 from pathlib import Path
 
 import common
-from common import MIB, REPO_ROOT, is_oom, package_version, peak_extra_rss, report_header
+from common import MIB, is_oom, package_version, peak_extra_rss, report_header
 
 SIZES = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 DIMS = (128, 384, 768)
@@ -320,13 +320,13 @@ def _loss_fn(impl: str, symmetric: bool, chunk_size: int, dim: int, variant: str
 
         return inf_cl_loss
     from biencoder.losses.infonce import info_nce
-    from biencoder.losses.infonce_torch import naive_info_nce
+    from biencoder.losses.infonce_naive import naive_info_nce
 
     if impl == "compiled":
         compiled = torch.compile(naive_info_nce, dynamic=True)
         return lambda q, d, **guides: compiled(q, d, scale, symmetric, **options, **guides)
     if impl == "triton_recompute":
-        from biencoder.losses.infonce_op import fused_info_nce
+        from biencoder.kernels.infonce_op import fused_info_nce
 
         return lambda q, d, **guides: fused_info_nce(
             q, d, scale, symmetric, backward="recompute", **options, **guides
@@ -496,7 +496,6 @@ def _fit_search(runner: _Runner, fit: dict, known: dict | None) -> dict:
 
 
 def _run_worker(job: dict) -> dict:
-    sys.path.insert(0, str(REPO_ROOT))
     runner = _Runner(job["impl"], job["device"], job["chunk_size"])
     measured = {}
     for index, config in enumerate(job["configs"]):

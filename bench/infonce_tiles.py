@@ -35,9 +35,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from common import report_header
 
 from biencoder.kernels.infonce_host import infonce_backward, infonce_forward

@@ -32,8 +32,6 @@ from pathlib import Path
 
 from common import REPO_ROOT, report_header
 
-sys.path.insert(0, str(REPO_ROOT))
-
 from biencoder.model.weights import TOKENIZER_FILES
 
 TIMEOUT_S = 600
@@ -286,9 +284,8 @@ def disk_full_snippet(work: Path) -> list[str]:
 import errno, sys
 from pathlib import Path
 import torch
-sys.path.insert(0, {str(REPO_ROOT)!r})
-import biencoder.training.checkpoint
-from model import BiEncoder
+from biencoder.model.biencoder import BiEncoder
+from biencoder.training import checkpoint
 from biencoder.training.checkpoint import save_checkpoint, load_trainer_state, latest_checkpoint
 root = Path({str(work / "ckpt")!r})
 model = BiEncoder.from_pretrained({str(work / "model")!r})
@@ -296,7 +293,7 @@ save_checkpoint(root, "last", model, {{"step": 1}})
 def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 # The trainer state's tensors are the last large write of a checkpoint.
-training.checkpoint.save_file = full
+checkpoint.save_file = full
 try:
     save_checkpoint(root, "last", model, {{"step": 2}})
 except OSError as err:

@@ -29,8 +29,6 @@ from pathlib import Path
 
 from common import REPO_ROOT, report_header
 
-sys.path.insert(0, str(REPO_ROOT))
-
 
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose

@@ -20,9 +20,11 @@ import torch
 from common import device_name
 
 from biencoder.data.beir import load_corpus
-from biencoder.data.generator import QueryGenerator, Sampling
 from biencoder.data.paths import SCIFACT_DIR
-from biencoder.data.synthetic import Prompt, builtin_prompt, parse_query, sample_documents
+from biencoder.data.synthesis.generator import QueryGenerator, Sampling
+from biencoder.data.synthesis.parsing import parse_query
+from biencoder.data.synthesis.prompts import Prompt, builtin_prompt
+from biencoder.data.synthesis.run import sample_documents
 
 
 def main() -> None:

@@ -34,8 +34,6 @@ import common
 import torch
 from common import MIB, REPO_ROOT, measure_in_subprocess, peak_extra_rss, report_header
 
-sys.path.insert(0, str(REPO_ROOT))
-
 MODES = ("legacy", "loss")
 
 
@@ -96,8 +94,8 @@ def _legacy_ranking_stats(q, d, doc_ids) -> dict[str, float]:
 
 def _run_step_worker(config: dict) -> dict:
     from biencoder.model.biencoder import BiEncoder
+    from biencoder.training.infonce_task import InfoNCETask
     from biencoder.training.step import train_step
-    from biencoder.training.tasks import InfoNCETask
 
     torch.set_num_threads(os.cpu_count() or 1)
     size = config["size"]

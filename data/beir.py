@@ -14,8 +14,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._fields import text_field
 from .errors import DataError
+from .fields import text_field
 from .io import iter_jsonl, iter_lines, resolve
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from .errors import DataError
 from .sts import ScoredPair
-from .training import Pair, Triplet
+from .training import Example, Pair, Triplet
 from .training_sets import TrainingSet
 
 if TYPE_CHECKING:
@@ -49,8 +49,6 @@ if TYPE_CHECKING:
     from biencoder.model.biencoder import BiEncoder
 
 log = logging.getLogger(__name__)
-
-Example = Pair | Triplet | ScoredPair
 
 # datasets' packaged builders, by file name ending.
 FILE_FORMATS = {

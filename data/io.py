@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from ._fields import describe
+from biencoder.runtime.files import atomic_write
+
 from .errors import DataError
+from .fields import describe
 
 
 def _is_gzip(path: str | os.PathLike[str]) -> bool:
@@ -98,8 +100,9 @@ def dotted_leaves(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ progress records
-# mine.py and synthesize.py append to an output file in batches and record after each how
-# far it is written; a resumed run cuts the file back to the record and continues.
+# mine.py and synthesize.py append to an output file in batches (runtime.files.append_durably)
+# and record after each how far it is written; a resumed run cuts the file back to the record
+# and continues.
 
 
 def progress_path(out: Path) -> Path:
@@ -140,17 +143,7 @@ def read_progress(
     return progress
 
 
-def append_durably(file: BinaryIO, data: bytes) -> None:
-    """Append ``data`` to ``file`` and push it to disk, so that a progress record saved
-    afterwards never counts bytes a crash could still lose."""
-    file.write(data)
-    file.flush()
-    os.fsync(file.fileno())
-
-
 def save_progress(out: Path, progress: dict[str, Any]) -> None:
-    """Record ``progress`` for ``out``, atomically (written aside, then renamed)."""
-    path = progress_path(out)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(progress, indent=1) + "\n")
-    os.replace(partial, path)
+    """Record ``progress`` for ``out``, atomically (:func:`runtime.files.atomic_write`: written
+    aside, pushed to disk, then renamed)."""
+    atomic_write(progress_path(out), json.dumps(progress, indent=1) + "\n")

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ._fields import PathArg, check_number, check_text, describe, number_field, text_field
 from .beir import BeirDataset
 from .errors import DataError
+from .fields import PathArg, check_number, check_text, describe, number_field, text_field
 from .io import iter_jsonl
 from .sts import ScoredPair
 
@@ -42,6 +42,10 @@ class Triplet:
     negatives: tuple[str, ...]
     scores: tuple[float, ...] | None = None
     source: str = field(default="", compare=False)
+
+
+# A training example: what training sets yield and tasks batch.
+Example = Pair | Triplet | ScoredPair
 
 
 @dataclass(frozen=True)

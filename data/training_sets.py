@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .beir import BeirDataset, load_beir, subsample_corpus
-from .mining import mine_hard_negatives, triplets_from_beir
+from .mining.negatives import mine_hard_negatives, triplets_from_beir
 from .sts import ScoredPair, load_sts
 from .training import (
+    Example,
     Pair,
     Triplet,
     load_pairs,
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
     from biencoder.model.biencoder import BiEncoder
 
 log = logging.getLogger(__name__)
-
-Example = Pair | Triplet | ScoredPair
-
 
 MINING_METHODS = ("bm25", "dense")
 JSONL_FORMATS = ("pairs", "triplets", "scored_pairs")

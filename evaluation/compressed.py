@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from biencoder.evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
-from biencoder.evaluation.search import build_index, check_index_dims, search
 from biencoder.model.biencoder import truncate_embeddings
+from biencoder.retrieval.search import build_index, check_index_dims, search
 
 # Queries re-ranked per batch: gathering candidates takes queries × candidates × dim floats.
 _RERANK_QUERIES = 1024

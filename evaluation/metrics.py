@@ -178,3 +178,34 @@ def retrieval_metrics(
         raise ValueError("no query of the run has judgments in qrels; nothing to evaluate")
     names = next(iter(per_query.values())).keys()
     return {name: float(np.mean([m[name] for m in per_query.values()])) for name in names}
+
+
+def to_run(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    query_ids: Sequence[str],
+    doc_ids: Sequence[str],
+) -> Run:
+    """Turn the rows of ``retrieval.search.search`` (or of a compressed search) into a run:
+    query id -> document id -> score.
+
+    Args:
+        scores: ``[Q, k]`` higher-is-better scores.
+        ids: ``[Q, k]`` row numbers into ``doc_ids``; ``-1`` (no neighbour) entries are dropped.
+        query_ids: the id of each query row, unique.
+        doc_ids: the id of each indexed embedding row, unique.
+    """
+    scores = np.asarray(scores)
+    ids = np.asarray(ids)
+    if scores.ndim != 2 or scores.shape != ids.shape:
+        raise ValueError(f"scores {scores.shape} and ids {ids.shape} must be equal 2-D shapes")
+    if len(query_ids) != len(scores):
+        raise ValueError(f"{len(query_ids)} query ids for {len(scores)} rows of results")
+    if len(set(query_ids)) != len(query_ids):
+        raise ValueError("query_ids contains duplicates")
+    if ids.size and (ids.min() < -1 or ids.max() >= len(doc_ids)):
+        raise ValueError(f"ids must lie in [-1, {len(doc_ids)}) to index doc_ids")
+    return {
+        qid: {doc_ids[i]: s for i, s in zip(row_ids, row_scores, strict=True) if i != -1}
+        for qid, row_scores, row_ids in zip(query_ids, scores.tolist(), ids.tolist(), strict=True)
+    }

@@ -33,10 +33,10 @@ from biencoder.evaluation.compressed import (
 )
 from biencoder.evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
 from biencoder.evaluation.geometry import geometry_metrics
-from biencoder.evaluation.metrics import Run, retrieval_metrics
-from biencoder.evaluation.search import build_index, check_index_dims, search, to_run
+from biencoder.evaluation.metrics import Run, retrieval_metrics, to_run
 from biencoder.evaluation.sts import sts_metrics
 from biencoder.model.biencoder import BiEncoder, truncate_embeddings
+from biencoder.retrieval.search import build_index, check_index_dims, search
 
 log = logging.getLogger(__name__)
 

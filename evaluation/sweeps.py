@@ -32,8 +32,8 @@ import numpy as np
 import yaml
 from scipy import stats as scipy_stats
 
-from biencoder.data._fields import describe
 from biencoder.data.errors import DataError
+from biencoder.data.fields import describe
 from biencoder.data.io import iter_jsonl
 
 log = logging.getLogger(__name__)

@@ -17,12 +17,12 @@ from torch.nn.parallel import DistributedDataParallel
 from biencoder.data.training import Pair, Triplet
 from biencoder.model.biencoder import BiEncoder
 from biencoder.training.distributed import Distributed
+from biencoder.training.infonce_task import InfoNCETask
 from biencoder.training.step import ColumnEncoder, train_step
 from biencoder.training.tasks import (
     ContrastiveTask,
     CoSENTTask,
     CosineSimilarityTask,
-    InfoNCETask,
     ListwiseKLTask,
     MarginMSETask,
     Task,

@@ -290,7 +290,7 @@ WRITER = textwrap.dedent(
     import time
     from pathlib import Path
 
-    from training import checkpoint
+    from biencoder.training import checkpoint
     from biencoder.training.checkpoint import save_checkpoint
 
 
@@ -518,7 +518,8 @@ def test_full_disk_says_so_cleans_up_and_keeps_the_previous_checkpoint(
         def no_room(fd):
             raise enospc
 
-        monkeypatch.setattr("biencoder.training.checkpoint.os.fsync", no_room)
+        # Where the checkpoint's files are pushed to disk (runtime.files.fsync_tree).
+        monkeypatch.setattr("biencoder.runtime.files.os.fsync", no_room)
 
     with pytest.raises(OSError, match="no space left on device") as failed:
         save_checkpoint(root, "last", model, {"step": 200, "rng": rng_state()})

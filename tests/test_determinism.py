@@ -60,7 +60,7 @@ def test_another_seed_changes_the_run(tiny_run, tmp_path):
 
 DATA_PLAN = """
 import hashlib, json, sys
-from data import NoDuplicateBatchSampler
+from biencoder.data.sampler import NoDuplicateBatchSampler
 from biencoder.data.training_sets import BeirTrainingSet
 from biencoder.training.trainer import example_texts
 

@@ -20,8 +20,8 @@ from biencoder.evaluation.compressed import funnel_index, funnel_search
 from biencoder.evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
 from biencoder.evaluation.metrics import retrieval_metrics
 from biencoder.evaluation.retrieval import evaluate_retrieval
-from biencoder.evaluation.search import build_index, search
 from biencoder.evaluation.trec import read_trec_run
+from biencoder.retrieval.search import build_index, search
 from biencoder.training.hydra_config import ConfigError
 
 N_DOCS, N_QUERIES, DIM = 20, 6, 8

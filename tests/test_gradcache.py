@@ -10,8 +10,9 @@ from biencoder.losses.infonce import InfoNCELoss
 from biencoder.model.bert import Encoder
 from biencoder.model.biencoder import BiEncoder, BiEncoderConfig, Tower
 from biencoder.model.config import EncoderConfig
+from biencoder.training.infonce_task import InfoNCETask
 from biencoder.training.step import RandomState, embed_columns, train_step
-from biencoder.training.tasks import CoSENTTask, InfoNCETask, ListwiseKLTask, MarginMSETask
+from biencoder.training.tasks import CoSENTTask, ListwiseKLTask, MarginMSETask
 
 # 512 positions: the default, as before EncoderConfig.tiny existed, so the texts are not cut.
 TINY = EncoderConfig.tiny(

@@ -12,7 +12,7 @@ from sentence_transformers.sentence_transformer.losses.multiple_negatives_rankin
 from biencoder.data.training import Pair, Triplet
 from biencoder.losses.infonce import info_nce
 from biencoder.model.biencoder import BiEncoder
-from biencoder.training.tasks import InfoNCETask
+from biencoder.training.infonce_task import InfoNCETask
 
 K = 2
 TRIPLETS = [

@@ -44,6 +44,7 @@ from biencoder.model import bert as bert_module
 from biencoder.model.biencoder import BiEncoder, Tower
 from biencoder.model.config import EncoderConfig
 from biencoder.model.weights import save_random_bert
+from biencoder.runtime.device import bf16_supported
 
 NODES = ("trainer", "train_data", "eval_data", "loss", "optim", "sched", "model", "evaluation")
 # Group options with a schema of their own: their keys are other parameters.
@@ -122,6 +123,8 @@ def loss_probes(option: str, base: tuple[str, ...], width: int = 32) -> dict[str
 def option_probes(option: str, probes: dict[str, Run | Proven]) -> dict[str, Run | Proven]:
     return {f"{option} {key}": probe for key, probe in probes.items()}
 
+
+CPU_BF16 = bf16_supported(torch.device("cpu"))
 
 PROBES: dict[str, Run | Proven] = {
     # ---------------------------------------------------------------------- trainer
@@ -224,7 +227,11 @@ PROBES: dict[str, Run | Proven] = {
     # --------------------------------------------------------------- evaluation
     "evaluation.batch_size": Run(("evaluation.batch_size=5",), "eval_forwards", FINAL),
     "evaluation.ks": Run(("evaluation.ks=[1,5]",), "metric_keys", FINAL),
-    "evaluation.precision": Run(("evaluation.precision=bf16",), "eval_autocast", FINAL),
+    # Without bf16 units (AVX-512-BF16 or AMX) the encoder refuses bf16 with an error naming
+    # the precision, which is then what the knob changes.
+    "evaluation.precision": Run(
+        ("evaluation.precision=bf16",), "eval_autocast" if CPU_BF16 else "error", FINAL
+    ),
     "evaluation.matryoshka_dims": Run(("evaluation.matryoshka_dims=[16]",), "metric_keys", FINAL),
     "evaluation.ignore_identical_ids": Run(
         ("evaluation.ignore_identical_ids=true",),

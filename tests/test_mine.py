@@ -1,4 +1,5 @@
-"""mine.py and data.mining's mining step, against sentence-transformers' mine_hard_negatives.
+"""mine.py and data.mining.pipeline's mining step, against sentence-transformers'
+mine_hard_negatives.
 
 Most tests share one dense retriever over a SciFact train slice (40 queries, 200 abstracts,
 64 tokens) and mine with different options; the command-line test runs mine.py and
@@ -20,20 +21,14 @@ from hydra.errors import ConfigCompositionException
 from biencoder import mine as mine_cli
 from biencoder.data.beir import load_beir
 from biencoder.data.errors import DataError
-from biencoder.data.mining import (
-    BiEncoderTeacher,
-    BM25Retriever,
-    CrossEncoderTeacher,
-    DenseRetriever,
-    MiningOptions,
-    MiningReport,
-    mine,
-    mining_set_from_beir,
-    mining_set_from_pairs,
-)
+from biencoder.data.mining.pipeline import MiningReport, mine
+from biencoder.data.mining.selection import MiningOptions
+from biencoder.data.mining.sets import mining_set_from_beir, mining_set_from_pairs
+from biencoder.data.mining.teachers import BiEncoderTeacher, CrossEncoderTeacher
 from biencoder.data.paths import SCIFACT_DIR, TINY_DIR
 from biencoder.data.training import Pair, load_triplets
 from biencoder.model.biencoder import BiEncoder
+from biencoder.retrieval.retrievers import BM25Retriever, DenseRetriever
 from biencoder.training.hydra_config import ConfigError
 
 MAX_LENGTH = 64

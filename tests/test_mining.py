@@ -10,10 +10,11 @@ import pytest
 
 from biencoder.data.beir import BeirDataset, Document, load_beir
 from biencoder.data.errors import DataError
-from biencoder.data.mining import BM25, mine_hard_negatives, tokenize, triplets_from_beir
+from biencoder.data.mining.negatives import mine_hard_negatives, triplets_from_beir
 from biencoder.data.paths import SCIFACT_DIR
 from biencoder.data.training import Triplet
 from biencoder.evaluation.metrics import retrieval_metrics
+from biencoder.retrieval.bm25 import BM25, tokenize
 
 # ------------------------------------------------------------------------------------- BM25
 
@@ -154,7 +155,7 @@ def test_dense_mining_excludes_judged_docs(toy, minilm):
 
 def test_triplets_one_per_relevant_pair_with_equal_negative_counts(toy, caplog):
     negatives = {"q1": ["d3", "d4"], "q2": ["d6"]}  # q2 is short; q3 has none
-    with caplog.at_level(logging.WARNING, logger="biencoder.data.mining"):
+    with caplog.at_level(logging.WARNING, logger="biencoder.data.mining.negatives"):
         triplets = triplets_from_beir(toy, negatives)
     full = {doc_id: doc.full_text for doc_id, doc in toy.corpus.items()}
     assert triplets == [

@@ -9,9 +9,9 @@ import torch
 
 from biencoder.data.training import Pair
 from biencoder.model.biencoder import BiEncoder
+from biencoder.training.infonce_task import InfoNCETask
 from biencoder.training.prefetch import Prefetcher
 from biencoder.training.step import tokenize_batch, train_step
-from biencoder.training.tasks import InfoNCETask
 
 
 def counter():

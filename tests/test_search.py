@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from tolerances import summation_tolerance
 
-from biencoder.evaluation.search import build_index, check_index_dims, search, to_run
+from biencoder.evaluation.metrics import to_run
+from biencoder.retrieval.search import build_index, check_index_dims, search
 
 DIM = 32
 
@@ -235,7 +236,7 @@ def test_gpu_routing_without_a_gpu(data, monkeypatch, caplog):
     assert len(moved) == 1
     build_index(docs, "Flat", use_gpu=False)
     assert len(moved) == 1
-    with caplog.at_level(logging.WARNING, logger="biencoder.evaluation.search"):
+    with caplog.at_level(logging.WARNING, logger="biencoder.retrieval.search"):
         build_index(docs[:100], "HNSW32", use_gpu=True)
     assert len(moved) == 1
     assert "no GPU implementation of HNSW" in caplog.text

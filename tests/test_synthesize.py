@@ -1,4 +1,4 @@
-"""synthesize.py and data.synthetic: prompts, the reply parser, the filters against
+"""synthesize.py and data.synthesis: prompts, the reply parser, the filters against
 hand-computed cases, resumption after a crash, determinism, every knob, and the command
 line followed by train.py.
 
@@ -26,27 +26,29 @@ from biencoder import synthesize as synthesize_cli
 from biencoder import train as train_cli
 from biencoder.data.beir import Document, load_corpus
 from biencoder.data.errors import DataError
-from biencoder.data.generator import QueryGenerator, Sampling, packaged_generator, resolve_generator
 from biencoder.data.io import progress_path
-from biencoder.data.mining import BM25Retriever, Hits
 from biencoder.data.paths import TINY_DIR
-from biencoder.data.synthetic import (
+from biencoder.data.synthesis.filters import (
     FilterOptions,
-    NegativeOptions,
-    Prompt,
-    SynthesisOptions,
-    SyntheticTrainingSet,
-    builtin_prompt,
     jaccard,
     length_check,
-    parse_query,
-    rejected_path,
     round_trip_ranks,
-    sample_documents,
-    synthesize,
     trigram_overlap,
 )
+from biencoder.data.synthesis.generator import (
+    QueryGenerator,
+    Sampling,
+    packaged_generator,
+    resolve_generator,
+)
+from biencoder.data.synthesis.options import NegativeOptions, SynthesisOptions
+from biencoder.data.synthesis.parsing import parse_query
+from biencoder.data.synthesis.pipeline import rejected_path, synthesize
+from biencoder.data.synthesis.prompts import Prompt, builtin_prompt
+from biencoder.data.synthesis.run import sample_documents
+from biencoder.data.synthesis.training_set import SyntheticTrainingSet
 from biencoder.data.training import load_pairs, load_triplets
+from biencoder.retrieval.retrievers import BM25Retriever, Hits
 from biencoder.training.hydra_config import ConfigError
 
 CHAT_TEMPLATE = (

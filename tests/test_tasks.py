@@ -11,11 +11,11 @@ from biencoder.data.sts import ScoredPair
 from biencoder.data.training import LabelledText, Pair, Triplet
 from biencoder.losses.infonce import InfoNCELoss
 from biencoder.losses.pairwise import CoSENTLoss, CosineSimilarityLoss, MatryoshkaLoss
+from biencoder.training.infonce_task import InfoNCETask
 from biencoder.training.tasks import (
     ContrastiveTask,
     CoSENTTask,
     CosineSimilarityTask,
-    InfoNCETask,
     TextBatch,
     TripletTask,
 )

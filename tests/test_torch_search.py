@@ -11,10 +11,11 @@ import pytest
 import torch
 from test_search import _assert_same_neighbours, _brute_force, _score_tolerance, data  # noqa: F401
 
-from biencoder.evaluation.search import TorchFlatIndex, build_index, search, to_run
+from biencoder.evaluation.metrics import to_run
+from biencoder.retrieval.search import TorchFlatIndex, build_index, search
 
 # The package exports a function named search, which hides the module of that name.
-search_module = importlib.import_module("biencoder.evaluation.search")
+search_module = importlib.import_module("biencoder.retrieval.search")
 
 
 def same_row(ids: np.ndarray) -> np.ndarray:

@@ -63,6 +63,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from biencoder.runtime.files import TMP_PREFIX, atomic_write, fsync_dir, fsync_tree
+
 if TYPE_CHECKING:
     from biencoder.model.biencoder import BiEncoder
 
@@ -75,7 +77,6 @@ CHECKPOINT_META = "checkpoint.json"
 STEP_PREFIX = "step-"
 _STATE_FILES = (TRAINER_STATE, TRAINER_TENSORS)
 _STATE_VERSION = 1
-_TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 _TAGS = frozenset(
     ("__tuple__", "__dict__", "__odict__", "__float__", "__tensor__", "__ndarray__", "__npscalar__")
@@ -130,13 +131,13 @@ def save_checkpoint(
             f"{free} bytes free, a checkpoint takes about {min_free_bytes} (min_free_bytes)",
         )
 
-    tmp = root / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex}"
+    tmp = root / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex}"
     try:
         model.save_pretrained(tmp)
         _write_trainer_state(tmp, document, tensors)
         # Written last: a folder with checkpoint.json was complete when it was renamed in.
         (tmp / CHECKPOINT_META).write_text(json.dumps({"step": step, "name": name}) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException as error:
         # Nothing will ever complete this folder, and on a full disk it keeps the disk full.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +151,7 @@ def save_checkpoint(
         old = root / f"{_OLD_PREFIX}{name}-{uuid.uuid4().hex}"
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if old is not None:
         _delete_checkpoint(old)
     return final
@@ -246,16 +247,9 @@ def check_writable(folder: Path) -> None:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON to ``path`` atomically (a temporary file renamed into place), so
+    """Write ``value`` as JSON to ``path`` atomically (:func:`runtime.files.atomic_write`), so
     that a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write(path, json.dumps(value))
 
 
 def rng_state() -> dict[str, Any]:
@@ -323,7 +317,7 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
     newest_step = max((c.step for c in regular), default=None)
     newest_mtime = max((c.mtime for c in regular), default=None)
     for entry in sorted(root.iterdir()):
-        leftover = entry.name.startswith((_TMP_PREFIX, _OLD_PREFIX, STEP_PREFIX))
+        leftover = entry.name.startswith((TMP_PREFIX, _OLD_PREFIX, STEP_PREFIX))
         if not entry.is_dir() or not leftover or entry in complete_paths or entry == latest:
             continue
         step = _read_step(entry)
@@ -355,7 +349,7 @@ def _complete_checkpoints(root: Path, state_files: tuple[str, ...] = _STATE_FILE
         return []
     found = []
     for entry in root.iterdir():
-        if entry.name.startswith(_TMP_PREFIX) or not entry.is_dir():
+        if entry.name.startswith(TMP_PREFIX) or not entry.is_dir():
             continue
         if not all((entry / filename).is_file() for filename in state_files):
             continue
@@ -397,25 +391,6 @@ def _delete_checkpoint(path: Path) -> None:
     # looks complete.
     (path / CHECKPOINT_META).unlink(missing_ok=True)
     shutil.rmtree(path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for dirpath, _, filenames in os.walk(folder):
-        for filename in filenames:
-            fd = os.open(Path(dirpath, filename), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _space_errno(error: BaseException | None) -> int | None:

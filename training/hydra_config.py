@@ -33,7 +33,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from biencoder.data.eval_sets import BeirEvalSet, StsEvalSet
 from biencoder.data.hf import HfTrainingSet
 from biencoder.data.paths import BUNDLED_DIR
-from biencoder.data.synthetic import SyntheticTrainingSet
+from biencoder.data.synthesis.training_set import SyntheticTrainingSet
 from biencoder.data.training_sets import (
     BeirTrainingSet,
     JsonlTrainingSet,
@@ -41,23 +41,28 @@ from biencoder.data.training_sets import (
     StsTrainingSet,
 )
 from biencoder.evaluation.config import EvalConfig, FunnelConfig, IndexSpec, QuantizationConfig
-from biencoder.evaluation.search import check_index_dims
 from biencoder.model.biencoder import BiEncoder, check_load_arguments, embedding_dim
 from biencoder.model.weights import packaged_model_path
+from biencoder.retrieval.search import check_index_dims
 from biencoder.training.config import TrainerConfig
+from biencoder.training.infonce_task import InfoNCETask
 from biencoder.training.loggers import WandbLogger
 from biencoder.training.schedules import warmup_schedule
 from biencoder.training.tasks import (
     ContrastiveTask,
     CoSENTTask,
     CosineSimilarityTask,
-    InfoNCETask,
     ListwiseKLTask,
     MarginMSETask,
     TripletTask,
 )
 
 T = TypeVar("T")
+# The entry points' @hydra.main(config_path=...): a folder, so that Hydra reads it as files
+# in a checkout and in an installed wheel alike. A relative path would make Hydra read
+# `biencoder.conf` through importlib.resources when the entry point runs as a module (a
+# console script), which fails for a namespace package under an editable install.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 class ConfigError(ValueError):

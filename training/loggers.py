@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+from biencoder.runtime.files import append_durably, atomic_write
+
 if TYPE_CHECKING:
     from wandb import Run
 
@@ -73,16 +75,14 @@ class JsonlLogger:
         if clash:
             raise ValueError(f"metric names {clash} are reserved")
         record = {STEP_KEY: step, "time": time.time(), **_plain(metrics)}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        append_durably(self._file, json.dumps(record) + "\n")
 
     def summary(self, metrics: Mapping[str, float]) -> None:
         merged = {}
         if self.summary_path.exists():
             merged = json.loads(self.summary_path.read_text())
         merged |= _plain(metrics)
-        _atomic_write(self.summary_path, json.dumps(merged, indent=2) + "\n")
+        atomic_write(self.summary_path, json.dumps(merged, indent=2) + "\n")
 
     def finish(self) -> None:
         if self._file is not None:
@@ -272,18 +272,4 @@ def _truncate_jsonl(path: Path, resume_step: int | None) -> None:
             resume_step,
             dropped_broken,
         )
-        _atomic_write(path, "".join(kept))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        atomic_write(path, "".join(kept))

@@ -6,7 +6,7 @@ GGUF file (read by ``transformers`` with the ``gguf`` package, de-quantised to `
     texts = generator.generate(prompts, Sampling(temperature=0.7), num_return=2, seed=0)
 
 ``texts[i]`` holds ``num_return`` raw continuations of ``prompts[i]`` (the prompt itself
-removed); turning them into queries is :mod:`data.synthetic`'s job.
+removed); turning them into queries is :mod:`data.synthesis.parsing`'s job.
 """
 
 from __future__ import annotations

@@ -1,0 +1,81 @@
+"""Prompts for synthetic queries: an instruction, few-shot examples and a template, read from
+a YAML file; the shipped ones are data/prompts/<style>.yaml."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from biencoder.data.errors import DataError
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+STYLES = ("question", "claim", "keywords")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A Promptagator-style prompt: an instruction, few-shot ``examples`` (document, query)
+    and a ``template`` with ``{document}`` that ends where the query goes.
+
+    A prompt file (YAML) has the keys ``instruction``, ``template``, ``style`` (question,
+    claim or keywords: what the parser accepts) and ``examples``, a list of
+    ``{document, query}``; its id is the file name without ``.yaml``.
+    """
+
+    id: str
+    instruction: str
+    template: str
+    style: str = "question"
+    examples: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Prompt:
+        """Read a prompt file; DataError names the file and the key that is wrong."""
+        path = Path(path)
+        try:
+            record = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise DataError(f"not valid YAML: {err}", path) from err
+        if not isinstance(record, dict):
+            raise DataError("expected a mapping of instruction, template, style, examples", path)
+        for key in ("instruction", "template"):
+            if not isinstance(record.get(key), str):
+                raise DataError("required text is missing", path, field=key)
+        if "{document}" not in record["template"]:
+            raise DataError("has no {document} placeholder", path, field="template")
+        style = record.get("style", "question")
+        if style not in STYLES:
+            raise DataError(f"{style!r} is not one of {', '.join(STYLES)}", path, field="style")
+        examples = []
+        for i, example in enumerate(record.get("examples") or []):
+            if not isinstance(example, dict) or not all(
+                isinstance(example.get(k), str) for k in ("document", "query")
+            ):
+                raise DataError("needs text 'document' and 'query'", path, field=f"examples[{i}]")
+            examples.append((example["document"], example["query"]))
+        return cls(path.stem, record["instruction"], record["template"], style, tuple(examples))
+
+    def render(
+        self, document: str, *, num_examples: int | None = None, max_words: int | None = None
+    ) -> str:
+        """The prompt for ``document``: instruction, the first ``num_examples`` examples
+        (all when None), then the document's template. ``max_words`` asks for queries of at
+        most that many words."""
+        instruction = self.instruction.strip()
+        if max_words is not None:
+            instruction += f" Use at most {max_words} words."
+        shots = self.examples[:num_examples] if num_examples is not None else self.examples
+        parts = [instruction]
+        parts += [f"{self.template.format(document=d)} {q}" for d, q in shots]
+        parts.append(self.template.format(document=document))
+        return "\n\n".join(parts)
+
+
+def builtin_prompt(style: str) -> Path:
+    """The prompt file shipped for ``style`` (data/prompts/<style>.yaml)."""
+    if style not in STYLES:
+        raise ValueError(f"style: {style!r} is not one of {', '.join(STYLES)}")
+    return PROMPTS_DIR / f"{style}.yaml"

@@ -1,0 +1,67 @@
+"""Files that survive a crash: appends pushed to disk, and whole-file writes that leave the
+old file or the new one, never part of one. The lowest layer: every other one may import
+it, it imports none of them.
+
+    atomic_write(run_dir / "launch.json", json.dumps(launch))
+    append_durably(metrics_file, line)      # the line is on disk when this returns
+    fsync_tree(checkpoint_folder)           # every file and folder in it
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import IO, AnyStr
+
+# Files written aside start so; a crash can leave one behind, never in place of the file.
+TMP_PREFIX = ".tmp-"
+
+
+def atomic_write(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` so that a crash at any point leaves the old file or
+    the new one: written into a temporary file in the same folder, pushed to disk, renamed
+    over ``path``, and the folder's entry pushed to disk. A write that fails removes its
+    temporary file and leaves ``path`` as it was."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as file:
+            append_durably(file, text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def append_durably(file: IO[AnyStr], data: AnyStr) -> None:
+    """Write ``data`` to the open ``file`` and push it to disk, so that whatever is recorded
+    afterwards (a progress record, a rename) never counts on data a crash could still lose."""
+    file.write(data)
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def fsync_tree(folder: str | os.PathLike[str]) -> None:
+    """Push every file below ``folder``, and every folder's entries, to disk."""
+    for dirpath, _, filenames in os.walk(folder):
+        for filename in filenames:
+            fd = os.open(Path(dirpath, filename), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Push ``folder``'s entries (a file created in it, or renamed into it) to disk. Skipped
+    where the OS cannot open a folder to fsync it (Windows)."""
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
