@@ -5,7 +5,7 @@ Both jobs train the same randomly initialised BERT (MiniLM's shape by default: 6
 optimiser (AdamW, lr 2e-5) for ``--seconds`` each after ``--warmup-steps``:
 
 * ours: ``training.train_step`` with GradCache (``--chunk-size`` texts per encoder pass)
-  on an ``InfoNCETask`` (temperature 0.05, ``--loss-impl``) and a ``model.BiEncoder``,
+  on an ``InfoNCETask`` (temperature 0.05, ``--loss-impl``) and a ``BiEncoder``,
   the next batch tokenized on a background thread as ``Trainer`` does by default
   (``--no-prefetch``: on the main thread);
 * sentence-transformers: ``CachedMultipleNegativesRankingLoss`` (scale 20 = 1/0.05,

@@ -7,8 +7,8 @@ unnoticed on a CPU machine. This module compiles each variant down to a cubin fo
 launch would get: shared memory, registers and spills (ptxas -v), and whether the tile
 products use Hopper's wgmma tensor-core instructions::
 
-    python -m kernels.compile_check            # with doc ids only, a Markdown table
-    python -m kernels.compile_check --all --json
+    python -m biencoder.kernels.compile_check            # with doc ids only, a Markdown table
+    python -m biencoder.kernels.compile_check --all --json
 
 Besides the plain loss (one direction, no guide, no hardness) it compiles the
 specialisations of the other directions, the guide filter and the hardness modes

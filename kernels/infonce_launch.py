@@ -47,7 +47,7 @@ class BlockSizes:
 # Compile-checked, and correct on an H200, but only timed as they are: 34.8 ms for the
 # backward at B = N = 16,384, D = 768, bf16, against 2.8 ms for the "gemm" backward
 # (bench/results/gpu_h200.md), which is why that one is the default.
-# `python -m kernels.compile_check` (and tests/test_kernel_compile.py) shows every kernel
+# `python -m biencoder.kernels.compile_check` (and tests/test_kernel_compile.py) shows every kernel
 # variant compiling with these for sm_90 without register spills, within the 227 KiB of
 # shared memory, and with wgmma for fp16/bf16 and TF32. With the 256-dim gradient slice or
 # 64-wide K steps, or at 128×128, the dq accumulators spilled; 128×64 with 32-wide K steps

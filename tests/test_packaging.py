@@ -51,6 +51,13 @@ def _source_files() -> list[Path]:
     return files
 
 
+def _pip(*args: str) -> None:
+    process = subprocess.run(
+        [sys.executable, "-m", "pip", *args, "-q"], capture_output=True, text=True
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The wheel `pip wheel` builds from a copy of the tree (so nothing is left in it)."""
@@ -61,23 +68,7 @@ def wheel(tmp_path_factory) -> Path:
         ignore=shutil.ignore_patterns(*NOT_PACKAGED, "__pycache__", "*.egg-info", ".*cache"),
     )
     out = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(out),
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
+    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(source))
     (built,) = out.glob("biencoder-*.whl")
     return built
 
@@ -135,22 +126,7 @@ def test_transformers_and_the_kernels_import_from_anywhere(where, tmp_path):
 def test_the_installed_wheel_composes_its_configs_from_another_folder(wheel, tmp_path):
     """The wheel's entry points find their Hydra configs inside the package, not the checkout."""
     site = tmp_path / "site"
-    install = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--target",
-            str(site),
-            str(wheel),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert install.returncode == 0, install.stderr[-3000:]
+    _pip("install", "--no-deps", "--target", str(site), str(wheel))
     env = {**os.environ, "PYTHONPATH": str(site), "TRITON_INTERPRET": "1"}
     process = subprocess.run(
         [

@@ -36,7 +36,8 @@ class InfoNCETask(Task):
     Queries repeated with different positives are not masked: batches should not repeat
     a query.
 
-    Statistics (:meth:`losses.InfoNCEStats.summary`, of the widest Matryoshka truncation):
+    Statistics (:meth:`kernels.infonce_options.InfoNCEStats.summary`, of the widest
+    Matryoshka truncation):
     ``accuracy`` (the positive scores strictly above every unmasked other column),
     ``margin`` (mean of the positive's score minus the best unmasked other score),
     ``false_negative_fraction`` (masked pairs out of B·(N − 1)),
