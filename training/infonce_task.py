@@ -16,12 +16,12 @@ from biencoder.data.training import Pair, Triplet
 from biencoder.losses.infonce import InfoNCELoss
 from biencoder.model.biencoder import BiEncoder
 from biencoder.training.tasks import (
-    _RETRIEVAL_DATA,
+    RETRIEVAL_DATA,
     Task,
     TextBatch,
-    _each,
-    _negatives,
-    _per_negative,
+    flat_negatives,
+    owners_one_per_example,
+    owners_per_negative,
 )
 
 
@@ -55,7 +55,7 @@ class InfoNCETask(Task):
     """
 
     accepts = (Pair, Triplet)
-    data_hint = _RETRIEVAL_DATA
+    data_hint = RETRIEVAL_DATA
 
     def __init__(
         self,
@@ -104,12 +104,12 @@ class InfoNCETask(Task):
     def make_batch(self, examples: Sequence[Pair | Triplet]) -> TextBatch:
         example_type = self._example_type(examples)
         columns = [[e.query for e in examples], [e.positive for e in examples]]
-        negatives = _negatives(examples) if example_type is Triplet else []
+        negatives = flat_negatives(examples) if example_type is Triplet else []
         if negatives:
             columns.append(negatives)
-        owners = [_each(examples), _each(examples)]
+        owners = [owners_one_per_example(examples), owners_one_per_example(examples)]
         if negatives:
-            owners.append(_per_negative(examples))
+            owners.append(owners_per_negative(examples))
         return TextBatch(
             columns=columns,
             kinds=["query"] + ["doc"] * (len(columns) - 1),

@@ -39,7 +39,7 @@ from biencoder.losses.pairwise import (
 from biencoder.model.biencoder import Kind
 from biencoder.training.distributed import Distributed, gather
 
-_RETRIEVAL_DATA = "query/positive data, e.g. train_data=scifact"
+RETRIEVAL_DATA = "query/positive data, e.g. train_data=scifact"
 
 
 @dataclass
@@ -245,17 +245,17 @@ def _check_score_range(examples: Sequence[Example], score_scale: float) -> None:
             )
 
 
-def _each(examples: Sequence[Example]) -> list[int]:
+def owners_one_per_example(examples: Sequence[Example]) -> list[int]:
     """Owners of a column with one row per example."""
     return list(range(len(examples)))
 
 
-def _per_negative(examples: Sequence[Triplet]) -> list[int]:
+def owners_per_negative(examples: Sequence[Triplet]) -> list[int]:
     """Owners of a column with one row per negative, example by example."""
     return [i for i, example in enumerate(examples) for _ in example.negatives]
 
 
-def _negatives(examples: Sequence[Triplet]) -> list[str]:
+def flat_negatives(examples: Sequence[Triplet]) -> list[str]:
     """Every example's negatives, flattened row-major (example by example)."""
     return [negative for example in examples for negative in example.negatives]
 
@@ -286,7 +286,7 @@ class TripletTask(Task):
     """
 
     accepts = (Pair, Triplet)
-    data_hint = _RETRIEVAL_DATA
+    data_hint = RETRIEVAL_DATA
 
     def __init__(
         self,
@@ -307,12 +307,12 @@ class TripletTask(Task):
                     f"TripletTask needs the same, nonzero number of negatives in every "
                     f"Triplet of a batch; got {_join([str(c) for c in counts], 'and')}"
                 )
-            columns.append(_negatives(examples))
+            columns.append(flat_negatives(examples))
         else:
             _check_in_batch_negatives(self, len(examples))
-        owners = [_each(examples), _each(examples)]
+        owners = [owners_one_per_example(examples), owners_one_per_example(examples)]
         if example_type is Triplet:
-            owners.append(_per_negative(examples))
+            owners.append(owners_per_negative(examples))
         return TextBatch(
             columns=columns,
             kinds=["query"] + ["doc"] * (len(columns) - 1),
@@ -385,19 +385,19 @@ class ContrastiveTask(Task):
                 kinds=["query", "query"],
                 targets=torch.tensor([float(s >= self.threshold) for s in scores]),
                 size=len(examples),
-                owners=[_each(examples), _each(examples)],
+                owners=[owners_one_per_example(examples), owners_one_per_example(examples)],
             )
         queries = [e.query for e in examples]
         positives = [e.positive for e in examples]
         if example_type is Triplet:
             left = queries + [e.query for e in examples for _ in e.negatives]
-            right = positives + _negatives(examples)
-            owners = _each(examples) + _per_negative(examples)
+            right = positives + flat_negatives(examples)
+            owners = owners_one_per_example(examples) + owners_per_negative(examples)
         else:
             _check_in_batch_negatives(self, len(examples))
             left, right = queries + queries, positives + _shifted(positives)
             # Row B + i pairs query i with the next positive: it belongs to example i.
-            owners = _each(examples) + _each(examples)
+            owners = owners_one_per_example(examples) + owners_one_per_example(examples)
         labels = [1.0] * len(examples) + [0.0] * (len(left) - len(examples))
         return TextBatch(
             columns=[left, right],
@@ -457,7 +457,7 @@ class ScoredPairTask(Task):
             kinds=["query", "query"],
             targets=torch.tensor([e.score / self.score_scale for e in examples]),
             size=len(examples),
-            owners=[_each(examples), _each(examples)],
+            owners=[owners_one_per_example(examples), owners_one_per_example(examples)],
         )
 
     def compute(
@@ -539,12 +539,16 @@ class DistillationTask(Task):
             columns=[
                 [e.query for e in examples],
                 [e.positive for e in examples],
-                _negatives(examples),
+                flat_negatives(examples),
             ],
             kinds=["query", "doc", "doc"],
             targets=torch.tensor([e.scores for e in examples], dtype=torch.float32),
             size=len(examples),
-            owners=[_each(examples), _each(examples), _per_negative(examples)],
+            owners=[
+                owners_one_per_example(examples),
+                owners_one_per_example(examples),
+                owners_per_negative(examples),
+            ],
         )
 
     def check_examples(self, examples: Sequence[Example]) -> None:
