@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from biencoder.model.biencoder import BiEncoder, embedding_dim
 from biencoder.retrieval.retrievers import BM25Retriever, DenseRetriever
 from biencoder.retrieval.search import check_index_dims
 from biencoder.runtime.device import resolve_device
+from biencoder.runtime.files import atomic_file
 from biencoder.training.hydra_config import CONFIG_DIR, ConfigError, register
 
 log = logging.getLogger("mine")
@@ -171,10 +171,8 @@ def embedded_retriever(
     )
     if embeddings is None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        # Written under another name and renamed, so a crash never leaves half a cache.
-        partial_path = cache.with_name(cache.name + ".tmp.npy")
-        np.save(partial_path, retriever.embeddings)
-        os.replace(partial_path, cache)
+        with atomic_file(cache, "wb") as file:
+            np.save(file, retriever.embeddings)
     return retriever
 
 

@@ -9,30 +9,46 @@ it, it imports none of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, AnyStr
+from typing import IO, Any, AnyStr
 
 # Files written aside start so; a crash can leave one behind, never in place of the file.
 TMP_PREFIX = ".tmp-"
 
 
-def atomic_write(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` so that a crash at any point leaves the old file or
-    the new one: written into a temporary file in the same folder, pushed to disk, renamed
-    over ``path``, and the folder's entry pushed to disk. A write that fails removes its
-    temporary file and leaves ``path`` as it was."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+    """An open file whose contents replace ``path`` when the block ends, so that a crash at
+    any point leaves the old file or the new one: written into a temporary file in the same
+    folder, pushed to disk, renamed over ``path``, and the folder's entry pushed to disk. A
+    block that raises removes the temporary file and leaves ``path`` as it was. ``mode`` is
+    ``"w"`` (UTF-8 text) or ``"wb"``.
+
+        with atomic_file(cache, "wb") as file:
+            np.save(file, embeddings)
+    """
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
     try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            append_durably(file, text)
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as file:
+        file.write(text)
 
 
 def append_durably(file: IO[AnyStr], data: AnyStr) -> None:

@@ -9,10 +9,17 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from biencoder.runtime import files
-from biencoder.runtime.files import TMP_PREFIX, append_durably, atomic_write, fsync_tree
+from biencoder.runtime.files import (
+    TMP_PREFIX,
+    append_durably,
+    atomic_file,
+    atomic_write,
+    fsync_tree,
+)
 
 
 def test_atomic_write_replaces_the_file(tmp_path):
@@ -36,6 +43,18 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monke
     monkeypatch.undo()
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_atomic_file_writes_binary_and_a_block_that_raises_leaves_the_old_file(tmp_path):
+    """mine.py keeps its corpus embeddings with np.save through atomic_file."""
+    target = tmp_path / "corpus.npy"
+    with atomic_file(target, "wb") as file:
+        np.save(file, np.arange(6, dtype=np.float32))
+    with pytest.raises(RuntimeError, match="cut short"), atomic_file(target, "wb") as file:
+        np.save(file, np.zeros(1000, dtype=np.float32))
+        raise RuntimeError("cut short")
+    np.testing.assert_array_equal(np.load(target), np.arange(6, dtype=np.float32))
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus.npy"]
 
 
 CRASHER = textwrap.dedent(
