@@ -41,10 +41,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python=${PYTHON:-python3}
 # The package is not installed on the GPU machine: a link named after its import root makes
-# `import biencoder.<...>` read this tree (the tree itself on the path serves bench.common).
+# `import biencoder.<...>` read this tree.
 mkdir -p "$work/root"
 ln -s "$repo" "$work/root/biencoder"
-export PYTHONPATH="$work/root:$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$work/root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 started_at=$(date -u '+%Y-%m-%d %H:%M UTC')
 script_args="$*"
 

@@ -31,7 +31,18 @@ DEFAULT_OVERRIDES = [
 ]
 
 
-def examples_per_second(tree: Path, overrides: list[str], run_dir: Path) -> float:
+def own_code_path(tree: Path, links: Path) -> str:
+    """A PYTHONPATH on which ``tree``'s train.py imports ``tree``'s code, not this tree's
+    editable install: a link named ``biencoder`` to it (the import root since 6d4880c) and
+    the tree itself (commits before it import their folders by their own names)."""
+    link = links / "biencoder"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to(tree.resolve(), target_is_directory=True)
+    return os.pathsep.join([str(links), str(tree)])
+
+
+def examples_per_second(tree: Path, overrides: list[str], run_dir: Path, links: Path) -> float:
     """Median training throughput of ``python train.py overrides`` run in ``tree``."""
     subprocess.run(
         [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"],
@@ -39,8 +50,7 @@ def examples_per_second(tree: Path, overrides: list[str], run_dir: Path) -> floa
         check=True,
         capture_output=True,
         timeout=3600,
-        # The worktree must import its own code, not this tree's editable install.
-        env={**os.environ, "PYTHONPATH": str(tree)},
+        env={**os.environ, "PYTHONPATH": own_code_path(tree, links)},
     )
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [line["train/examples_per_s"] for line in lines if "train/examples_per_s" in line]
@@ -74,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
             for round_ in range(args.rounds):
                 for name, tree in (("baseline", worktree), ("this tree", REPO_ROOT)):
                     run_dir = Path(tmp) / f"{name.replace(' ', '_')}-{round_}"
-                    speeds[name].append(examples_per_second(tree, args.overrides, run_dir))
+                    links = Path(tmp) / "links" / name.replace(" ", "_")
+                    speeds[name].append(examples_per_second(tree, args.overrides, run_dir, links))
                     print(f"round {round_ + 1}: {name} {speeds[name][-1]:.2f} examples/s")
         finally:
             subprocess.run(
