@@ -7,8 +7,9 @@ Post-LayerNorm blocks, as in the original BERT:
 Two execution paths give the same states at real tokens. The padded one runs every block
 on [B, L, H]. The unpadded ("varlen") one packs the real tokens into [T, H] and runs the
 embeddings, projections, layer norms and MLP on those alone, which is where the FLOPs
-are; only attention, which needs each text's tokens side by side, scatters them into the
-padded layout and gathers the result back.
+are. Attention, which needs each text's tokens side by side, runs on the packed tokens
+with the kernel that ``Encoder.attention`` names (see ``model.attention``): a
+variable-length one on a GPU, or a scatter into the padded layout and a gather back.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from biencoder.model import attention as kernels
 from biencoder.model.config import EncoderConfig
 
 ACTIVATIONS = {
@@ -31,18 +33,64 @@ ACTIVATIONS = {
 
 
 class Packing(NamedTuple):
-    """Where the packed tokens of an unpadded batch sit in its padded [B, L] layout."""
+    """Where the packed tokens of an unpadded batch sit in its padded [B, L] layout.
+
+    Everything here depends on the attention mask alone, which is known on the host when
+    the text is tokenized: computed there (:meth:`from_mask` on the CPU mask) and sent
+    with the tokens, it spares the device the ``nonzero`` calls, each of which would make
+    the host wait for the GPU to drain its queue. Row b's tokens are the packed rows
+    ``offsets[b]:offsets[b + 1]`` whichever side the batch is padded on.
+    """
 
     real: torch.Tensor  # [T] positions of the real tokens in the flattened [B * L]
     padding: torch.Tensor  # [B * L - T] positions of the padding
+    offsets: torch.Tensor  # [B + 1] int32, cumulative token counts: 0, len(row 0), ...
     batch: int
     length: int
+    longest: int  # the longest row's token count
 
     @classmethod
     def from_mask(cls, real: torch.Tensor) -> Packing:
-        """From a boolean mask [B, L] that is True at real tokens."""
+        """From a mask [B, L] that is nonzero at real tokens; each row's real tokens must be
+        contiguous (left or right padding). On a device tensor this synchronises: call it
+        on the CPU mask and move the result with :meth:`to`."""
+        real = real.bool()
         flat = real.flatten()
-        return cls(flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1), *real.shape)
+        lengths = real.sum(1)  # [B]
+        offsets = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(lengths.max()) if lengths.numel() else 0
+        return cls(
+            flat.nonzero().squeeze(1),
+            (~flat).nonzero().squeeze(1),
+            offsets,
+            *real.shape,
+            longest,
+        )
+
+    @property
+    def has_padding(self) -> bool:
+        """Whether any position is padding: read off a shape, so no synchronisation."""
+        return self.padding.numel() > 0
+
+    @property
+    def tokens(self) -> int:
+        return self.real.numel()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Packing:
+        """The same packing with its index tensors on ``device``."""
+        return self._replace(
+            real=self.real.to(device, non_blocking=non_blocking),
+            padding=self.padding.to(device, non_blocking=non_blocking),
+            offsets=self.offsets.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> Packing:
+        """Index tensors in pinned memory, for an asynchronous copy to a GPU."""
+        return self._replace(
+            real=self.real.pin_memory(),
+            padding=self.padding.pin_memory(),
+            offsets=self.offsets.pin_memory(),
+        )
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [T, ...]"""
@@ -87,24 +135,30 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attention_probs_dropout_prob
 
     def forward(
-        self, x: torch.Tensor, attend: torch.Tensor | None, packing: Packing | None
+        self,
+        x: torch.Tensor,
+        attend: torch.Tensor | None,
+        packing: Packing | None,
+        kernel: str = "auto",
     ) -> torch.Tensor:
-        """[B, L, H] -> [B, L, H], or packed [T, H] -> [T, H] with ``packing``."""
+        """[B, L, H] -> [B, L, H], or packed [T, H] -> [T, H] with ``packing``, whose
+        attention ``kernel`` computes (one of ``model.attention.CHOICES``)."""
         H = x.shape[-1]
+        A = self.num_heads
         # One GEMM of width 3H instead of three of width H: the checkpoint keeps three
         # matrices, and concatenating them costs 3H² copies against T·3H² multiply-adds.
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         qkv = F.linear(x, weight, bias)  # [B, L, 3H] or [T, 3H]
+        dropout = self.attn_dropout if self.training else 0.0
         if packing is not None:
-            qkv = packing.unpack(qkv)  # [B, L, 3H]
+            y = kernels.attend(kernel, qkv.view(-1, 3, A, H // A), packing, dropout)  # [T, A, Dh]
+            return self.out(y.flatten(1))  # [T, H]
         B, L = qkv.shape[:2]
         # Strided views: SDPA's CPU kernel reads them without a copy.
-        q, k, v = qkv.view(B, L, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
-        dropout = self.attn_dropout if self.training else 0.0
+        q, k, v = qkv.view(B, L, 3, A, H // A).permute(2, 0, 3, 1, 4)  # [B, A, L, Dh] each
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, L, H)  # [B, L, H]
-        return self.out(packing.pack(y) if packing is not None else y)
+        return self.out(y.transpose(1, 2).reshape(B, L, H))  # [B, L, H]
 
 
 class MLP(nn.Module):
@@ -128,18 +182,23 @@ class Layer(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(
-        self, x: torch.Tensor, attend: torch.Tensor | None, packing: Packing | None
+        self,
+        x: torch.Tensor,
+        attend: torch.Tensor | None,
+        packing: Packing | None,
+        kernel: str = "auto",
     ) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn(x, attend, packing)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, attend, packing, kernel)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
 class Encoder(nn.Module):
     """Token ids -> contextual token states, optionally stopping at an intermediate layer.
 
-    ``unpadded`` (True unless set) picks the execution path (see the module docstring);
-    both give the same states at real tokens, so it is an attribute to flip, like
-    ``gradient_checkpointing``, not part of the checkpoint.
+    ``unpadded`` (True unless set) picks the execution path (see the module docstring),
+    and ``attention`` ("auto" unless set; see ``model.attention``) the attention kernel
+    of the unpadded one. All give the same states at real tokens up to rounding, so they
+    are attributes to flip, like ``gradient_checkpointing``, not part of the checkpoint.
     """
 
     def __init__(self, cfg: EncoderConfig):
@@ -149,6 +208,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.gradient_checkpointing = False
         self.unpadded = True
+        self.attention = "auto"
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -179,12 +239,15 @@ class Encoder(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         num_layers: int | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """Hidden states after ``num_layers`` blocks (all of them by default): [B, L, H].
 
         ``num_layers=0`` returns the embedding output; only the blocks needed run. States
         at padded positions mean nothing: the padded path computes them from the real
-        tokens, the unpadded path leaves zeros.
+        tokens, the unpadded path leaves zeros. ``packing`` is the mask's
+        :class:`Packing`, computed where the tokens were made; without it, the encoder
+        derives it from the mask, which on a GPU waits for the device (three times).
         """
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(
@@ -206,9 +269,15 @@ class Encoder(nn.Module):
         # the unmasked kernel. Both choices depend on the data, which would break a
         # torch.compile graph: compiled, the encoder always masks and never packs.
         compiling = torch.compiler.is_compiling()
-        padded = compiling or not bool(real.all())
+        if compiling:
+            packing, padded = None, True
+        else:
+            if packing is None and self.unpadded:
+                packing = Packing.from_mask(real)
+            padded = packing.has_padding if packing is not None else not bool(real.all())
+            if not (self.unpadded and padded):
+                packing = None
         attend = real[:, None, None, :] if padded else None
-        packing = Packing.from_mask(real) if self.unpadded and padded and not compiling else None
         if packing is not None:
             input_ids, token_type_ids, positions = map(
                 packing.pack, (input_ids, token_type_ids, positions)
@@ -216,7 +285,7 @@ class Encoder(nn.Module):
         x = self.embeddings(input_ids, token_type_ids, positions)  # [B, L, H] or [T, H]
         for layer in self.layers[:num_layers]:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, attend, packing, use_reentrant=False)
+                x = checkpoint(layer, x, attend, packing, self.attention, use_reentrant=False)
             else:
-                x = layer(x, attend, packing)
+                x = layer(x, attend, packing, self.attention)
         return packing.unpack(x) if packing is not None else x

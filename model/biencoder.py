@@ -28,7 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from biencoder.model.bert import Encoder
+from biencoder.model.attention import CHOICES as ATTENTION_CHOICES
+from biencoder.model.bert import Encoder, Packing
 from biencoder.model.config import EncoderConfig
 from biencoder.model.pooling import POOLING_HEADS, AttentionPooling, build_pooling
 from biencoder.model.weights import find_weights, load_hf_weights, read_state_dict, save_hf_weights
@@ -109,8 +110,9 @@ class Tower(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        hidden = self.encoder(input_ids, attention_mask, token_type_ids, self.num_layers)
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, self.num_layers, packing)
         pooled = self.pooling(hidden, attention_mask)  # [B, H]
         return self.projection(pooled) if self.projection is not None else pooled
 
@@ -167,14 +169,17 @@ class BiEncoder(nn.Module):
         doc_prefix: str | None = None,
         shared: bool | None = None,
         num_layers: int | None = None,
+        attention: str = "auto",
         device: str | torch.device | None = None,
     ) -> BiEncoder:
         """Load a folder written by ``save_pretrained``, by sentence-transformers, or a
         plain HF BERT checkpoint. Arguments left as None come from the folder's own
         configuration (``biencoder.json``, else sentence-transformers' module files, else
-        mean pooling, normalised); given ones override it. Like ``transformers``, the
+        mean pooling, normalised); given ones override it. ``attention`` picks the kernel
+        of the encoders' attention over packed tokens (:meth:`set_attention`); it changes
+        speed, not the embeddings, and is not saved. Like ``transformers``, the
         model comes back in eval mode: call ``.train()`` to enable dropout."""
-        check_load_arguments(pooling, projection_dim, max_length, num_layers)
+        check_load_arguments(pooling, projection_dim, max_length, num_layers, attention)
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model folder {path} does not exist")
@@ -214,6 +219,7 @@ class BiEncoder(nn.Module):
             else:
                 doc_tower = copy.deepcopy(query_tower)
         model = cls(config, query_tower, tokenizer, doc_tower).eval()
+        model.set_attention(attention)
         return model.to(device) if device is not None else model
 
     # ------------------------------------------------------------------------------ saving
@@ -278,12 +284,16 @@ class BiEncoder(nn.Module):
 
     def tokenize(
         self, texts: list[str], kind: Kind, max_length: int | None = None
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, torch.Tensor | Packing]:
         """Prefix, truncate to ``max_length`` (the config's unless given) and pad to the
         longest text in the batch. Texts longer than ``max_length * MAX_CHARS_PER_TOKEN``
-        characters are cut to that before tokenising, with a warning."""
+        characters are cut to that before tokenising, with a warning.
+
+        Besides the tokenizer's tensors, ``"packing"`` holds the batch's
+        :class:`~biencoder.model.bert.Packing`, computed here on the host so that the
+        encoder never has to read the mask back from a GPU."""
         max_length = max_length or self.config.max_length
-        return dict(
+        features = dict(
             self.tokenizer(
                 self._tokenizer_input(texts, kind, max_length),
                 padding=True,
@@ -292,6 +302,31 @@ class BiEncoder(nn.Module):
                 return_tensors="pt",
             )
         )
+        return with_packing(features)
+
+    def token_ids(
+        self, texts: list[str], kind: Kind, max_length: int | None = None
+    ) -> dict[str, list[list[int]]]:
+        """Prefixed and truncated like :meth:`tokenize`, but unpadded: lists of ids per text,
+        to be batched later with :meth:`pad` (e.g. texts of similar lengths together)."""
+        max_length = max_length or self.config.max_length
+        return dict(
+            self.tokenizer(
+                self._tokenizer_input(texts, kind, max_length),
+                truncation=True,
+                max_length=max_length,
+            )
+        )
+
+    def pad(
+        self, tokens: dict[str, list[list[int]]], rows: list[int]
+    ) -> dict[str, torch.Tensor | Packing]:
+        """Rows ``rows`` of :meth:`token_ids`'s output as one padded batch, as
+        :meth:`tokenize` returns it (with its ``"packing"``)."""
+        batch = self.tokenizer.pad(
+            {k: [tokens[k][i] for i in rows] for k in tokens}, return_tensors="pt"
+        )
+        return with_packing(dict(batch))
 
     def forward(self, features: dict[str, torch.Tensor], kind: Kind) -> torch.Tensor:
         """Embeddings [B, dim] for a tokenized batch; differentiable (training path)."""
@@ -301,7 +336,10 @@ class BiEncoder(nn.Module):
         self, features: dict[str, torch.Tensor], kind: Kind, normalize: bool
     ) -> torch.Tensor:
         emb = self.tower(kind)(
-            features["input_ids"], features["attention_mask"], features.get("token_type_ids")
+            features["input_ids"],
+            features["attention_mask"],
+            features.get("token_type_ids"),
+            features.get("packing"),
         )
         return F.normalize(emb, dim=-1) if normalize else emb
 
@@ -312,6 +350,18 @@ class BiEncoder(nn.Module):
         for tower in (self.query_tower, self.doc_tower):
             if tower is not None:
                 tower.encoder.unpadded = unpadded
+
+    def set_attention(self, name: str) -> None:
+        """Compute every tower's unpadded attention with the kernel ``name``: "auto" (the
+        default), "padded", "varlen" or "nested"; see ``model.attention``. The embeddings
+        are the same up to rounding."""
+        if name not in ATTENTION_CHOICES:
+            raise ValueError(
+                f"unknown attention {name!r}; choose one of {', '.join(ATTENTION_CHOICES)}"
+            )
+        for tower in (self.query_tower, self.doc_tower):
+            if tower is not None:
+                tower.encoder.attention = name
 
     @contextlib.contextmanager
     def encoding_precision(self, precision: Precision) -> Iterator[None]:
@@ -370,11 +420,7 @@ class BiEncoder(nn.Module):
         autocast = self._precision_context(precision or self.precision)
         was_training = self.training
         self.eval()
-        tokens = self.tokenizer(
-            self._tokenizer_input(texts, kind, self.config.max_length),
-            truncation=True,
-            max_length=self.config.max_length,
-        )
+        tokens = self.token_ids(texts, kind)
         order = sorted(range(len(texts)), key=lambda i: -len(tokens["input_ids"][i]))
         out = torch.empty(len(texts), dim or self.dim)
         starts = range(0, len(texts), batch_size)
@@ -382,15 +428,17 @@ class BiEncoder(nn.Module):
             show_progress = len(starts) > 10
         for start in tqdm(starts, desc=f"encode {kind}s", unit="batch", disable=not show_progress):
             idx = order[start : start + batch_size]
-            batch = self.tokenizer.pad(
-                {k: [tokens[k][i] for i in idx] for k in tokens}, return_tensors="pt"
-            )
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = {k: v.to(self.device) for k, v in self.pad(tokens, idx).items()}
             with autocast:
                 emb = self._embed(batch, kind, normalize)
             out[idx] = truncate_embeddings(emb.float(), dim, normalize).cpu()
         self.train(was_training)
         return out
+
+
+def with_packing(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Packing]:
+    """``features`` (host tensors from the tokenizer) with their ``"packing"`` added."""
+    return {**features, "packing": Packing.from_mask(features["attention_mask"])}
 
 
 def embedding_dim(path: str | Path, projection_dim: int | None = None) -> int:
@@ -411,9 +459,14 @@ def check_load_arguments(
     projection_dim: int | None,
     max_length: int | None,
     num_layers: int | None,
+    attention: str = "auto",
 ) -> None:
     """Raise a ValueError for arguments of ``from_pretrained`` that are wrong whatever the
     folder (it calls this before reading any file)."""
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(
+            f"attention: unknown kernel {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}"
+        )
     if pooling is not None and pooling not in POOLING_HEADS:
         raise ValueError(
             f"pooling: unknown pooling {pooling!r}; choose one of {', '.join(POOLING_HEADS)}"

@@ -253,7 +253,9 @@ def model_width(node: DictConfig) -> int:
     """Check the ``model`` node's arguments and return its embedding width, reading only the
     folder's config files (no weights)."""
     with naming("model", BiEncoder.from_pretrained):
-        check_load_arguments(node.pooling, node.projection_dim, node.max_length, node.num_layers)
+        check_load_arguments(
+            node.pooling, node.projection_dim, node.max_length, node.num_layers, node.attention
+        )
         return embedding_dim(node.path, node.projection_dim)
 
 
