@@ -121,7 +121,7 @@ def _run_step_worker(config: dict) -> dict:
         "status": "ok",
         "peak_extra_bytes": peak,
         "seconds": time.perf_counter() - start,
-        "loss": result.loss,
+        "loss": result.loss.item(),
     }
 
 

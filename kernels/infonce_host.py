@@ -112,8 +112,9 @@ def _scale_tensor(scale: float | torch.Tensor, device: torch.device) -> torch.Te
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
             raise ValueError(f"scale must be a scalar, got shape {tuple(scale.shape)}")
-        return scale.detach().to(device=device, dtype=torch.float32).reshape(())
-    return torch.tensor(float(scale), device=device, dtype=torch.float32)
+        return scale.detach().to(device, torch.float32, non_blocking=True).reshape(())
+    # Filled on the device: a copy from the host would wait for the stream.
+    return torch.full((), float(scale), device=device, dtype=torch.float32)
 
 
 def _on_device(device: torch.device) -> contextlib.AbstractContextManager:

@@ -230,10 +230,11 @@ def scale_as_tensor(scale: float | torch.Tensor, device: torch.device) -> torch.
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
             raise ValueError(f"scale must be a scalar, got shape {tuple(scale.shape)}")
-        return scale.to(device).reshape(())
+        return scale.to(device, non_blocking=True).reshape(())
     # fp64 so that the fp64 (gradcheck) path sees 1/temperature unrounded; the kernels and
-    # the fp32 chunked path round it to fp32 as before.
-    return torch.tensor(float(scale), device=device, dtype=torch.float64)
+    # the fp32 chunked path round it to fp32 as before. Filled on the device rather than
+    # copied from the host, which on a GPU would wait for the stream.
+    return torch.full((), float(scale), device=device, dtype=torch.float64)
 
 
 def _run_op(

@@ -59,9 +59,33 @@ class InfoNCEStats:
         of the loss was column ``columns[j]`` of the batch) and ``num_positives`` set."""
         found = self.best_other_index >= 0
         index = torch.where(
-            found, columns.to(self.best_other_index.device)[self.best_other_index.clamp_min(0)], -1
+            found,
+            columns.to(self.best_other_index.device, non_blocking=True)[
+                self.best_other_index.clamp_min(0)
+            ],
+            -1,
         )
         return dataclasses.replace(self, best_other_index=index, num_positives=num_positives)
+
+    def summary_tensors(self) -> dict[str, torch.Tensor]:
+        """:meth:`summary`'s values as 0-d float64 tensors on the statistics' device,
+        without reading them back to the host; a mean over no rows is NaN."""
+        batch = self.positive.shape[0]
+        positives = batch if self.num_positives is None else self.num_positives
+        has_other = self.best_other_index >= 0
+        beats_others = (self.positive > self.best_other) | ~has_other
+        margins = torch.where(has_other, self.positive - self.best_other, 0.0)
+        rows_with_other = has_other.double().sum()
+        pairs = batch * (self.num_docs - 1)
+        summary = {
+            "accuracy": beats_others.double().mean(),
+            "false_negative_fraction": self.false_negatives.double().sum() / max(pairs, 1),
+            "margin": margins.double().sum() / rows_with_other,
+        }
+        if self.num_docs > positives:
+            mined = has_other & (self.best_other_index >= positives)
+            summary["hardest_negative_mined_fraction"] = mined.double().sum() / rows_with_other
+        return summary
 
     def summary(self) -> dict[str, float]:
         """Batch means as plain floats, with one host synchronisation.
@@ -77,31 +101,9 @@ class InfoNCEStats:
           fraction whose hardest competitor is a mined hard negative (column >= B) rather
           than another query's positive; omitted when N == B or no row has another column.
         """
-        batch = self.positive.shape[0]
-        positives = batch if self.num_positives is None else self.num_positives
-        has_other = self.best_other_index >= 0
-        beats_others = (self.positive > self.best_other) | ~has_other
-        margins = torch.where(has_other, self.positive - self.best_other, 0.0)
-        mined = has_other & (self.best_other_index >= positives)
-        accuracy, margin_sum, rows_with_other, false_negatives, mined_rows = torch.stack(
-            [
-                beats_others.double().mean(),
-                margins.double().sum(),
-                has_other.double().sum(),
-                self.false_negatives.double().sum(),
-                mined.double().sum(),
-            ]
-        ).tolist()
-        pairs = batch * (self.num_docs - 1)
-        summary = {
-            "accuracy": accuracy,
-            "false_negative_fraction": false_negatives / pairs if pairs else 0.0,
-        }
-        if rows_with_other:
-            summary["margin"] = margin_sum / rows_with_other
-            if self.num_docs > positives:
-                summary["hardest_negative_mined_fraction"] = mined_rows / rows_with_other
-        return summary
+        tensors = self.summary_tensors()
+        values = torch.stack(list(tensors.values())).tolist()
+        return {key: v for key, v in zip(tensors, values, strict=True) if not math.isnan(v)}
 
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")

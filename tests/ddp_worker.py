@@ -203,3 +203,39 @@ def check_sharded_encode(dist: Distributed, model_path: str) -> None:
     expected = model.encode(texts, kind="doc")
     actual = ShardedEncoder(model, dist).encode(texts, kind="doc")
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def check_step_syncs(dist: Distributed, model_path: str, run_dir: str) -> None:
+    """On 2 ranks a whole Trainer step synchronises at most 3 times, as often for twice
+    the batch and twice the GradCache chunks: DDP's bucketed all-reduce and the gather of
+    the loss's columns launch collectives, and only the one gather of the step's numbers
+    is read (tests/test_syncs.py does one process)."""
+    from pathlib import Path
+
+    from sync_steps import count_step_syncs, scored_triplets, trainer
+
+    tasks = {
+        "infonce-hard-negatives": lambda: InfoNCETask(temperature=0.05),
+        "infonce-matryoshka": lambda: InfoNCETask(temperature=0.05, matryoshka_dims=[16, 8]),
+        "margin-mse": MarginMSETask,
+    }
+    chunkings = [{}, {"cache_chunk_size": 2}, {"cache_chunk_tokens": 40}]
+    for name, make_task in tasks.items():
+        for chunking in chunkings:
+            counts = []
+            for batch_size in (4, 8):
+                run = trainer(
+                    model_path,
+                    make_task(),
+                    scored_triplets(8),
+                    Path(run_dir) / f"rank{dist.rank}",
+                    batch_size=batch_size,
+                    dist=dist,
+                    **chunking,
+                )
+                count_step_syncs(run)
+                counts.append(count_step_syncs(run))
+            small, large = counts
+            where = f"rank {dist.rank}, {name}, {chunking}"
+            assert small.count <= 3, f"{where}: {small.report()}"
+            assert large.count == small.count, f"{where}: {small.report()} / {large.report()}"

@@ -275,6 +275,8 @@ def check_collectives(dist: Distributed) -> None:
         dist.broadcast_object(None, src=2)
     assert dist.all_gather_objects(("rank", dist.rank)) == [("rank", 0), ("rank", 1)]
     assert dist.all_gather_objects(other) == [1, 0]
+    mine = torch.tensor([dist.rank, 10.0 + dist.rank], dtype=torch.float64)
+    assert dist.gather_rows(mine) == [[0.0, 10.0], [1.0, 11.0]]
     dist.barrier()
 
 

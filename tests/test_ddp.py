@@ -203,3 +203,11 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_run(tiny_model_path, triplet
         assert torch.equal(expected[name], resumed[name]), name
     steps = [line["step"] for line in read_jsonl(killed / "metrics.jsonl") if "train/loss" in line]
     assert steps == list(range(1, 13))
+
+
+def test_a_distributed_trainer_step_synchronises_a_constant_number_of_times(
+    tiny_model_path, tmp_path
+):
+    dist_worker.run_in_group(
+        ddp_worker.check_step_syncs, tiny_model_path, str(tmp_path), rendezvous=tmp_path / "rv"
+    )

@@ -12,7 +12,7 @@ from configs import run_entry
 
 from biencoder.data.errors import DataError
 from biencoder.data.training import Pair, Triplet, load_triplets
-from biencoder.training.tasks import ListwiseKLTask, MarginMSETask
+from biencoder.training.tasks import ListwiseKLTask, MarginMSETask, read_stats
 
 # Exact in fp32, where batches hold targets, so the fp64 oracle below needs no slack.
 TEACHER = [(2.0, 0.5, -1.0), (0.125, 0.875, 0.25), (1.5, 1.375, 1.625)]
@@ -43,6 +43,7 @@ def test_margin_mse_task_is_the_mean_squared_margin_error(embeddings):
     assert batch.columns[2] == ["negative 0a", "negative 0b", "negative 1a", "negative 1b",
                                 "negative 2a", "negative 2b"]  # fmt: skip
     loss, stats = task(embeddings, batch)
+    stats = read_stats(stats)
     terms = []
     for i, teacher in enumerate(TEACHER):
         s = candidate_scores(*embeddings, i)
@@ -78,6 +79,7 @@ def test_statistics_count_the_queries_where_the_student_agrees(embeddings):
     # The student ranks every positive first (cosine 1, negatives −1); the teacher ranks
     # the positive first for query 0 only (query 1 prefers negative a, query 2 negative b).
     _, stats = task([q, q.clone(), -q.repeat_interleave(2, 0)], task.make_batch(EXAMPLES))
+    stats = read_stats(stats)
     assert stats["accuracy"] == 1.0
     assert stats["teacher_agreement"] == pytest.approx(1 / 3)
 

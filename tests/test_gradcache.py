@@ -10,8 +10,15 @@ from biencoder.losses.infonce import InfoNCELoss
 from biencoder.model.bert import Encoder
 from biencoder.model.biencoder import BiEncoder, BiEncoderConfig, Tower
 from biencoder.model.config import EncoderConfig
+from biencoder.training import step as step_module
 from biencoder.training.infonce_task import InfoNCETask
-from biencoder.training.step import RandomState, embed_columns, train_step
+from biencoder.training.step import (
+    RandomState,
+    embed_columns,
+    token_budget_groups,
+    tokenize_batch,
+    train_step,
+)
 from biencoder.training.tasks import CoSENTTask, ListwiseKLTask, MarginMSETask
 
 # 512 positions: the default, as before EncoderConfig.tiny existed, so the texts are not cut.
@@ -72,19 +79,25 @@ def gradients(model, task) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in named if p.grad is not None}
 
 
-def step(model, task, batch, *, cache=None, reference_chunk=None):
+def step(model, task, batch, *, cache=None, reference_chunk=None, tokens=None):
     """Gradients and loss of one step from the same random state.
 
     ``reference_chunk`` is the plain step embedding that many texts per forward pass:
-    with dropout, it draws the same masks as GradCache with that chunk size.
+    with dropout, it draws the same masks as GradCache with that chunk size. ``tokens``
+    is a token budget: GradCache's chunks, or with ``reference_chunk="tokens"`` the plain
+    step's.
     """
     model.zero_grad(set_to_none=True)
     task.zero_grad(set_to_none=True)
     torch.manual_seed(1234)
     if reference_chunk is None:
-        loss = train_step(model, task, batch, cache_chunk_size=cache).loss
+        loss = train_step(
+            model, task, batch, cache_chunk_size=cache, cache_chunk_tokens=tokens
+        ).loss.item()
     else:
-        loss_tensor, _ = task(embed_columns(model, batch, chunk_size=reference_chunk), batch)
+        chunking = {"chunk_tokens": tokens} if reference_chunk == "tokens" else {}
+        chunking = chunking or {"chunk_size": reference_chunk}
+        loss_tensor, _ = task(embed_columns(model, batch, **chunking), batch)
         loss_tensor.backward()
         loss = loss_tensor.item()
     return loss, gradients(model, task)
@@ -188,7 +201,8 @@ def test_grad_cache_under_bfloat16_autocast(tokenizer):
     model.zero_grad(set_to_none=True)
     task.zero_grad(set_to_none=True)
     torch.manual_seed(1234)
-    cached_loss = train_step(model, task, batch, cache_chunk_size=4, autocast=torch.bfloat16).loss
+    cached = train_step(model, task, batch, cache_chunk_size=4, autocast=torch.bfloat16)
+    cached_loss = cached.loss.item()
     assert cached_loss == pytest.approx(loss.item(), rel=1e-5)
     assert max_difference(gradients(model, task), plain) <= TOLERANCE
 
@@ -211,3 +225,90 @@ def test_chunk_sizes_must_be_positive(tokenizer):
         train_step(model, task, batch, cache_chunk_size=0)
     with pytest.raises(ValueError, match="chunk_size must be a positive"):
         embed_columns(model, batch, chunk_size=0)
+    with pytest.raises(ValueError, match="cache_chunk_tokens must be a positive"):
+        train_step(model, task, batch, cache_chunk_tokens=0)
+    with pytest.raises(ValueError, match="set one, not both"):
+        train_step(model, task, batch, cache_chunk_size=2, cache_chunk_tokens=64)
+
+
+# ----------------------------------------------------------------- token-budget chunks
+
+# Token budgets: below the longest text (every text alone), a few texts per chunk, and
+# more than a column (one chunk, texts reordered by length).
+BUDGETS = [1, 24, 10_000]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("case", CASES)
+def test_token_budget_grad_cache_matches_the_plain_step_with_dropout(tokenizer, case, budget):
+    """The plain step embedding the same length-grouped chunks draws the same dropout
+    masks: the gradients must agree as closely as with chunks of a fixed size."""
+    make_task, examples, shared = CASES[case]
+    model, task = tiny_model(tokenizer, shared), make_task()
+    batch = task.make_batch(examples)
+    cached_loss, cached = step(model, task, batch, tokens=budget)
+    plain_loss, plain = step(model, task, batch, reference_chunk="tokens", tokens=budget)
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert max_difference(cached, plain) <= TOLERANCE
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_token_budget_chunks_give_the_unchunked_gradients_without_dropout(tokenizer, budget):
+    """Without dropout the chunking is invisible: against one pass over whole columns in
+    their own order, an oracle that shares no chunking code with the step."""
+    model, task = tiny_model(tokenizer).eval(), infonce(symmetric=True)
+    batch = task.make_batch(TRIPLETS)
+    cached_loss, cached = step(model, task, batch, tokens=budget)
+    plain_loss, plain = step(model, task, batch)
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert max_difference(cached, plain) <= TOLERANCE
+
+
+def test_a_row_order_off_by_one_is_caught(tokenizer, monkeypatch):
+    """The check above on purpose broken: putting the chunks' rows back one place off
+    (each text takes its neighbour's embedding) moves the gradients far past TOLERANCE."""
+    model, task = tiny_model(tokenizer).eval(), infonce(symmetric=True)
+    batch = task.make_batch(TRIPLETS)
+    _, plain = step(model, task, batch)
+    assemble = step_module._assemble
+
+    def off_by_one(parts, restore):
+        return assemble(parts, None if restore is None else restore.roll(1))
+
+    monkeypatch.setattr(step_module, "_assemble", off_by_one)
+    _, shifted = step(model, task, batch, tokens=24)
+    assert max_difference(shifted, plain) > 100 * TOLERANCE
+
+
+def test_token_budget_chunks_pad_less_than_fixed_size_chunks(tokenizer):
+    """Grouped by length, the chunks hold fewer padded tokens than chunks of as many texts
+    in batch order, and no chunk of several texts exceeds the budget."""
+    model, task = tiny_model(tokenizer), infonce()
+    batch = task.make_batch(
+        TRIPLETS + [Triplet(t.query * 3, t.positive, t.negatives) for t in TRIPLETS]
+    )
+
+    def padded_tokens(tokenized):
+        return sum(c.features["input_ids"].numel() for col in tokenized.chunks for c in col)
+
+    by_tokens = tokenize_batch(model, batch, None, None, chunk_tokens=64)
+    sizes = [c.size for col in by_tokens.chunks for c in col]
+    by_texts = tokenize_batch(model, batch, round(sum(sizes) / len(sizes)), None)
+    assert padded_tokens(by_tokens) < padded_tokens(by_texts)
+    for column in by_tokens.chunks:
+        for chunk in column:
+            assert chunk.size == 1 or chunk.features["input_ids"].numel() <= 64
+    assert by_tokens.tokens == by_texts.tokens
+
+
+@pytest.mark.parametrize(
+    "lengths, budget, groups",
+    [
+        ([3, 9, 5, 9, 1], 18, [[1, 3], [2, 0, 4]]),
+        ([3, 9, 5, 9, 1], 8, [[1], [3], [2], [0, 4]]),
+        ([4, 4, 4], 100, [[0, 1, 2]]),
+        ([], 10, []),
+    ],
+)
+def test_token_budget_groups_by_hand(lengths, budget, groups):
+    assert token_budget_groups(lengths, budget) == groups

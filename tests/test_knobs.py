@@ -133,6 +133,7 @@ PROBES: dict[str, Run | Proven] = {
     "trainer.batch_size": Run(("trainer.batch_size=6",), "batch_rows", TRAIN),
     "trainer.max_length": Run(("trainer.max_length=8",), "seq_len_max", TRAIN),
     "trainer.cache_chunk_size": Run(("trainer.cache_chunk_size=2",), "train_forwards", TRAIN),
+    "trainer.cache_chunk_tokens": Run(("trainer.cache_chunk_tokens=48",), "batch_rows", TRAIN),
     "trainer.precision": Run(("trainer.precision=bf16",), "autocast", TRAIN),
     "trainer.tf32": Run(("trainer.tf32=true",), "matmul_precision", TRAIN),
     "trainer.prefetch": Run(("trainer.prefetch=false",), "tokenize_threads", TRAIN),
@@ -219,6 +220,7 @@ PROBES: dict[str, Run | Proven] = {
     "model.normalize": Run(("model.normalize=false",), "loss", TRAIN),
     "model.projection_dim": Run(("model.projection_dim=16",), "weight_shapes", TRAIN),
     "model.max_length": Run(("model.max_length=8",), "eval_seq_len_max", FINAL),
+    "model.attention": Run(("model.attention=nested",), "attention", TRAIN),
     "model.query_prefix": Run(("model.query_prefix='query: '",), "tokens", TRAIN),
     # Abstracts fill the 32 tokens either way: the prefix shows in the ids, not their count.
     "model.doc_prefix": Run(("model.doc_prefix='passage: '",), "batch_texts", TRAIN),
@@ -448,7 +450,7 @@ def spying(monkeypatch: pytest.MonkeyPatch):
     spy = Spy()
     tower_forward = Tower.forward
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, packing=None):
         spy.forwards.append(
             {
                 "training": self.training,
@@ -463,9 +465,10 @@ def spying(monkeypatch: pytest.MonkeyPatch):
                 "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                 "matmul_precision": torch.get_float32_matmul_precision(),
                 "compiled": self._compiled_call_impl is not None,
+                "attention": self.encoder.attention,
             }
         )
-        return tower_forward(self, input_ids, attention_mask, token_type_ids)
+        return tower_forward(self, input_ids, attention_mask, token_type_ids, packing)
 
     checkpoint = bert_module.checkpoint
 
@@ -582,6 +585,7 @@ def observations(run_dir: Path, spy: Spy, error: Exception | None) -> dict[str, 
         ),
         "matmul_precision": sorted({f["matmul_precision"] for f in training}),
         "compiled": sorted({f["compiled"] for f in spy.forwards}),
+        "attention": sorted({f["attention"] for f in spy.forwards}),
         "tokenize_threads": sorted(spy.tokenize_threads),
         "optimizer_fused": sorted(spy.optimizer_fused, key=str),
         "checkpointed_layers": spy.checkpointed_layers,

@@ -207,7 +207,7 @@ def test_resume_draws_the_batches_of_an_uninterrupted_run(
     overrides = multi_overrides(tiny_model_path, set_files, "trainer.deterministic=true")
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     train_cli.train(compose_train(*overrides), whole)
-    step = Trainer._train_one_step
+    step = Trainer.train_one_step
 
     def interrupted_after_two(self, prepared, progress):
         if self.step == 2:
@@ -215,7 +215,7 @@ def test_resume_draws_the_batches_of_an_uninterrupted_run(
         step(self, prepared, progress)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_train_one_step", interrupted_after_two)
+        patch.setattr(Trainer, "train_one_step", interrupted_after_two)
         with pytest.raises(KeyboardInterrupt):
             train_cli.train(compose_train(*overrides), stopped)
     train_cli.train(compose_train(*overrides, "trainer.resume=true"), stopped)

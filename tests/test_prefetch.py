@@ -73,5 +73,8 @@ def test_a_batch_tokenized_ahead_trains_as_one_tokenized_in_the_step(tiny_model_
         assert torch.equal(ahead, inline)
 
     model = BiEncoder.from_pretrained(tiny_model_path)
-    with pytest.raises(ValueError, match="tokenized for chunk_size=4, max_length=16"):
+    with pytest.raises(ValueError, match="tokenized for chunk_size=4, chunk_tokens=None"):
         train_step(model, task, tokenize_batch(model, batch, 4, 16), max_length=16)
+    with pytest.raises(ValueError, match="chunk_tokens=64, max_length=16; this step"):
+        tokenized = tokenize_batch(model, batch, None, 16, chunk_tokens=64)
+        train_step(model, task, tokenized, cache_chunk_tokens=32, max_length=16)

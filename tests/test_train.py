@@ -479,7 +479,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_run, tmp_path, monkeypatch
         result = real(*args, **kwargs)
         calls.append(result.loss)
         if len(calls) == 2:
-            return dataclasses.replace(result, loss=float("nan"))
+            return dataclasses.replace(result, loss=torch.tensor(float("nan")))
         return result
 
     monkeypatch.setattr("biencoder.training.trainer.train_step", nan_at_second_step)

@@ -24,6 +24,7 @@ class TrainerConfig:
     batch_size: int = 32
     max_length: int | None = None
     cache_chunk_size: int | None = None
+    cache_chunk_tokens: int | None = None
     precision: str = "auto"
     tf32: bool = False
     grad_clip: float | None = 1.0
@@ -44,7 +45,13 @@ class TrainerConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        positive_or_null = ("max_steps", "max_length", "cache_chunk_size", "grad_clip")
+        positive_or_null = (
+            "max_steps",
+            "max_length",
+            "cache_chunk_size",
+            "cache_chunk_tokens",
+            "grad_clip",
+        )
         for name in positive_or_null:
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -55,6 +62,11 @@ class TrainerConfig:
         for name in ("eval_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.cache_chunk_size is not None and self.cache_chunk_tokens is not None:
+            raise ValueError(
+                "cache_chunk_tokens: GradCache chunks are cut by texts (cache_chunk_size="
+                f"{self.cache_chunk_size}) or by tokens, not both; set cache_chunk_size=null"
+            )
         if self.batch_size < 2:
             raise ValueError(
                 f"batch_size: must be >= 2 for in-batch negatives, got {self.batch_size}"

@@ -105,6 +105,15 @@ class Distributed:
         tdist.all_gather_object(out, obj)
         return out
 
+    def gather_rows(self, values: torch.Tensor) -> list[list[float]]:
+        """Every rank's ``values`` (a 1-d tensor, the same length on every rank, on this
+        rank's device), read to the host in one transfer: row r is rank r's."""
+        if not self.enabled:
+            return [values.tolist()]
+        rows = [torch.empty_like(values) for _ in range(self.world_size)]
+        tdist.all_gather(rows, values)
+        return torch.stack(rows).tolist()
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """The average of each value over ranks; every rank must pass the same keys."""
         return self.reduce(values, "mean")
@@ -134,18 +143,6 @@ class Distributed:
             packed /= self.world_size
         reduced = dict(zip(keys, packed.tolist(), strict=True))
         return {key: reduced[key] for key in values}
-
-    def mean_where_present(self, values: dict[str, float]) -> dict[str, float]:
-        """Each key averaged over the ranks that report it: statistics a rank may lack
-        (a margin with no competitor in its rows) are averaged over the others."""
-        if not self.enabled:
-            return dict(values)
-        every = self.all_gather_objects(values)
-        keys = dict.fromkeys(key for ranks_values in every for key in ranks_values)
-        return {
-            key: sum(v[key] for v in every if key in v) / sum(key in v for v in every)
-            for key in keys
-        }
 
     def average_gradients(self, parameters: Iterable[torch.Tensor]) -> None:
         """Replace each gradient by its mean over ranks, as DDP does for the parameters it
@@ -366,20 +363,33 @@ def shutdown(dist: Distributed) -> None:
 # ---------------------------------------------------------------------------- gather
 
 
-def _all_gather_rows(tensor: torch.Tensor, dist: Distributed) -> tuple[torch.Tensor, list[int]]:
-    """Every rank's ``tensor`` concatenated along dim 0 in rank order, and the row counts."""
-    # The shapes first: all_gather needs equal sizes, so shorter ranks pad to the longest.
-    # Objects rather than a shape tensor, so that a rank with another number of dimensions
-    # or another dtype is reported, on every rank, instead of failing inside the backend.
-    layouts = dist.all_gather_objects((tuple(tensor.shape), str(tensor.dtype)))
-    shapes = [shape for shape, _ in layouts]
-    if any(not shape for shape in shapes) or len({(s[1:], d) for s, d in layouts}) != 1:
-        listed = "; ".join(f"rank {r}: {s} {d}" for r, (s, d) in enumerate(layouts))
-        raise ValueError(
-            f"gather: every rank needs a tensor with rows, the same trailing shape and the "
-            f"same dtype ({listed})"
-        )
-    counts = [shape[0] for shape in shapes]
+def _all_gather_rows(
+    tensor: torch.Tensor, dist: Distributed, counts: list[int] | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order, and the row counts.
+
+    ``counts``, every rank's row count when the caller knows them (a sharded batch does,
+    from its host-side layout), spares the exchange of shapes: on NCCL an object gather
+    moves bytes through the GPU and waits for it, twice."""
+    if counts is not None:
+        if len(counts) != dist.world_size or counts[dist.rank] != tensor.shape[0]:
+            raise ValueError(
+                f"gather: counts {counts} do not give rank {dist.rank} of {dist.world_size} "
+                f"its {tensor.shape[0]} rows"
+            )
+    else:
+        # all_gather needs equal sizes, so shorter ranks pad to the longest. Objects rather
+        # than a shape tensor, so that a rank with another number of dimensions or another
+        # dtype is reported, on every rank, instead of failing inside the backend.
+        layouts = dist.all_gather_objects((tuple(tensor.shape), str(tensor.dtype)))
+        shapes = [shape for shape, _ in layouts]
+        if any(not shape for shape in shapes) or len({(s[1:], d) for s, d in layouts}) != 1:
+            listed = "; ".join(f"rank {r}: {s} {d}" for r, (s, d) in enumerate(layouts))
+            raise ValueError(
+                f"gather: every rank needs a tensor with rows, the same trailing shape and "
+                f"the same dtype ({listed})"
+            )
+        counts = [shape[0] for shape in shapes]
     most = max(counts)
     padded = tensor.contiguous()
     if tensor.shape[0] < most:
@@ -392,8 +402,10 @@ def _all_gather_rows(tensor: torch.Tensor, dist: Distributed) -> tuple[torch.Ten
 
 class _GatherWithGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:
-        gathered, counts = _all_gather_rows(tensor, dist)
+    def forward(
+        ctx: Any, tensor: torch.Tensor, dist: Distributed, counts: list[int] | None
+    ) -> torch.Tensor:
+        gathered, counts = _all_gather_rows(tensor, dist, counts)
         start = sum(counts[: dist.rank])
         ctx.rows = slice(start, start + counts[dist.rank])
         return gathered
@@ -406,20 +418,23 @@ class _GatherWithGradient(torch.autograd.Function):
         # A copy, because all_reduce works in place and autograd may share `grad` elsewhere.
         summed = grad.clone(memory_format=torch.contiguous_format)
         tdist.all_reduce(summed, op=tdist.ReduceOp.SUM)
-        return summed[ctx.rows], None
+        return summed[ctx.rows], None, None
 
 
-def gather(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:
+def gather(
+    tensor: torch.Tensor, dist: Distributed, counts: list[int] | None = None
+) -> torch.Tensor:
     """Every rank's ``tensor`` concatenated along dim 0 in rank order, with gradient.
 
     Ranks may hold different numbers of rows; the trailing shape and dtype must agree. The
     backward gives each rank the sum over ranks of the gradient of its own rows (see the
     module docstring), so every rank must backpropagate through the result. The identity
-    for a single process.
+    for a single process. ``counts`` (every rank's row count, where the caller knows them)
+    saves the exchange of shapes, which waits for the device.
     """
     if not dist.enabled:
         return tensor
-    return _GatherWithGradient.apply(tensor, dist)
+    return _GatherWithGradient.apply(tensor, dist, counts)
 
 
 def gather_ints(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:

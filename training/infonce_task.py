@@ -120,15 +120,18 @@ class InfoNCETask(Task):
 
     def compute(
         self, embeddings: list[torch.Tensor], batch: TextBatch
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         q, d = embeddings[0], torch.cat(embeddings[1:])
-        doc_ids = batch.doc_ids.to(q.device) if batch.doc_ids is not None else None
-        owners = torch.tensor([o for column in batch.owners[1:] for o in column], device=q.device)
+        doc_ids = None
+        if batch.doc_ids is not None:
+            doc_ids = batch.doc_ids.to(q.device, non_blocking=True)
+        owners = torch.tensor([o for column in batch.owners[1:] for o in column])
+        owners = owners.to(q.device, non_blocking=True)
         # The loss computes the ranking statistics in its own pass: O(B), never the B×N scores.
         loss, stats = self.loss(
             q, d, doc_ids, return_stats=True, doc_owners=owners, **self._guide_embeddings(batch, q)
         )
-        return loss, {**stats.summary(), **self._temperature_stats()}
+        return loss, {**stats.summary_tensors(), **self._temperature_stats()}
 
     def _guide_embeddings(self, batch: TextBatch, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The guide model's embeddings of the batch's queries and documents (no gradient)."""
@@ -147,7 +150,7 @@ class InfoNCETask(Task):
 
     def compute_sharded(
         self, embeddings: list[torch.Tensor], batch: TextBatch
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's queries against every rank's documents: no rank holds the B×N logits
         or repeats another's queries. The gathered documents are reordered so that this
         rank's positives come first, where the loss expects a query's positive; the loss is
@@ -158,20 +161,20 @@ class InfoNCETask(Task):
         whole = shard.whole
         q = embeddings[0]
         d = torch.cat([shard.gather(e, c) for c, e in enumerate(embeddings) if c > 0])
-        mine = torch.arange(shard.examples.start, shard.examples.stop)
-        columns = torch.cat([mine, _except(mine, d.shape[0])]).to(q.device)
-        doc_ids = whole.doc_ids.to(q.device)
+        start, stop = shard.examples.start, shard.examples.stop
+        columns = _mine_first(start, stop, d.shape[0]).to(q.device, non_blocking=True)
+        doc_ids = whole.doc_ids.to(q.device, non_blocking=True)
         extra = {}
         if self.base_loss.symmetric:
             # The document→query term ranks each local positive against every query.
-            queries = torch.cat([mine, _except(mine, whole.size)]).to(q.device)
+            queries = _mine_first(start, stop, whole.size).to(q.device, non_blocking=True)
             extra = {
                 "queries": shard.gather(q, 0)[queries],
                 "query_ids": doc_ids[: whole.size][queries],
             }
         loss, stats = self.loss(q, d[columns], doc_ids[columns], return_stats=True, **extra)
         stats = stats.with_columns(columns, num_positives=whole.size)
-        return loss, {**stats.summary(), **self._temperature_stats()}
+        return loss, {**stats.summary_tensors(), **self._temperature_stats()}
 
 
 class _Frozen:
@@ -182,9 +185,9 @@ class _Frozen:
         model.requires_grad_(False)
 
 
-def _except(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """``range(count)`` without ``rows`` (a contiguous run), in order."""
-    return torch.cat([torch.arange(0, int(rows[0])), torch.arange(int(rows[-1]) + 1, count)])
+def _mine_first(start: int, stop: int, count: int) -> torch.Tensor:
+    """``range(count)`` with ``start:stop`` moved to the front, the rest in order."""
+    return torch.cat([torch.arange(start, stop), torch.arange(0, start), torch.arange(stop, count)])
 
 
 def _text_ids(texts: Sequence[str]) -> torch.Tensor:

@@ -18,8 +18,9 @@ state (dropout) before each chunk is recorded and replayed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,75 +62,148 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _chunks(texts: list[str], chunk_size: int | None) -> Iterator[list[str]]:
-    step = chunk_size or max(len(texts), 1)
-    for start in range(0, len(texts), step):
-        yield texts[start : start + step]
-
-
 @dataclass
 class StepResult:
-    """What one training step reports: the loss, the task's statistics, and what the
-    encoder saw: ``tokens`` (non-padding tokens embedded, summed over every column) and
-    ``seq_len_max`` (the longest text after truncation)."""
+    """What one training step reports: the loss and the task's statistics, as 0-d tensors
+    on the model's device, and what the encoder saw, counted on the host when the texts
+    were tokenized: ``tokens`` (non-padding tokens embedded, summed over every column) and
+    ``seq_len_max`` (the longest text after truncation).
 
-    loss: float
-    stats: dict[str, float]
+    The tensors are left unread: on a GPU each read waits for the device, so the caller
+    reads everything it needs once (the trainer stacks them into one transfer)."""
+
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor]
     tokens: int
     seq_len_max: int
 
 
-class TokenCount:
-    """Running totals of what the encoder was given, read off the attention masks."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.seq_len_max = 0
-
-    def add(self, features: dict[str, torch.Tensor]) -> None:
-        lengths = features["attention_mask"].sum(dim=1)
-        self.tokens += int(lengths.sum())
-        self.seq_len_max = max(self.seq_len_max, int(lengths.max()))
-
-
-def _tokenize(
-    model: BiEncoder, texts: list[str], kind: Kind, max_length: int | None
-) -> dict[str, torch.Tensor]:
-    """Token tensors on the CPU, in pinned memory when they are bound for a GPU: a pinned
-    copy can run asynchronously (``non_blocking``) while the host goes on."""
-    features = model.tokenize(texts, kind, max_length)
+def _pinned(model: BiEncoder, features: dict[str, Any]) -> dict[str, Any]:
+    """Token tensors in pinned memory when they are bound for a GPU: a pinned copy can run
+    asynchronously (``non_blocking``) while the host goes on."""
     if model.device.type == "cuda":
-        features = {name: t.pin_memory() for name, t in features.items()}
+        return {name: t.pin_memory() for name, t in features.items()}
     return features
 
 
-def _to_device(features: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def _to_device(features: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {name: t.to(device, non_blocking=True) for name, t in features.items()}
+
+
+@dataclass
+class Chunk:
+    """Texts of one column embedded in one forward pass: ``rows`` says which rows of the
+    column they are (a slice, or an int64 index tensor when texts were regrouped by
+    length), ``features`` holds their tokens and packing."""
+
+    rows: slice | torch.Tensor
+    features: dict[str, Any]
+
+    @property
+    def size(self) -> int:
+        return len(self.features["input_ids"])
+
+    def to(self, device: torch.device) -> Chunk:
+        rows = self.rows
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(device, non_blocking=True)
+        return Chunk(rows, _to_device(self.features, device))
+
+
+def token_budget_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped so that each group, padded to its longest text,
+    holds at most ``budget`` tokens: texts sorted longest first (ties in input order)
+    and cut greedily, so each group pads little. A text longer than the budget is a group
+    of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for index in order:
+        # Sorted longest first, a group's first text sets its padded length.
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def _column_chunks(
+    model: BiEncoder,
+    texts: list[str],
+    kind: Kind,
+    chunk_size: int | None,
+    chunk_tokens: int | None,
+    max_length: int | None,
+) -> tuple[list[Chunk], torch.Tensor | None]:
+    """A column's chunks, and the permutation that puts their concatenated rows back in
+    column order (None when the chunks are the column's consecutive slices)."""
+    if chunk_tokens is None:
+        step = chunk_size or max(len(texts), 1)
+        chunks = [
+            Chunk(
+                slice(start, start + len(texts[start : start + step])),
+                _pinned(model, model.tokenize(texts[start : start + step], kind, max_length)),
+            )
+            for start in range(0, len(texts), step)
+        ]
+        return chunks, None
+    tokens = model.token_ids(texts, kind, max_length)
+    groups = token_budget_groups([len(ids) for ids in tokens["input_ids"]], chunk_tokens)
+    chunks = [Chunk(torch.tensor(rows), _pinned(model, model.pad(tokens, rows))) for rows in groups]
+    order = torch.tensor([row for rows in groups for row in rows], dtype=torch.long)
+    restore = torch.empty_like(order)
+    restore[order] = torch.arange(len(order))
+    return chunks, restore
 
 
 @dataclass
 class TokenizedBatch:
     """A batch with its texts already tokenized, column by column and chunk by chunk, on the
-    CPU: what :func:`tokenize_batch` prepares, on another thread if the caller likes, so
-    that tokenizing the next batch overlaps the current step."""
+    CPU, with everything the step needs from the host (packings, row orders, counts): what
+    :func:`tokenize_batch` prepares, on another thread if the caller likes, so that
+    tokenizing the next batch overlaps the current step."""
 
     batch: TextBatch
     chunk_size: int | None
+    chunk_tokens: int | None
     max_length: int | None
-    # [column][chunk] -> token tensors of that chunk's texts
-    features: list[list[dict[str, torch.Tensor]]]
+    chunks: list[list[Chunk]]  # [column][chunk]
+    # [column]: the permutation from chunk order back to column order, or None
+    restore: list[torch.Tensor | None]
+    tokens: int
+    seq_len_max: int
 
 
 def tokenize_batch(
-    model: BiEncoder, batch: TextBatch, chunk_size: int | None, max_length: int | None
+    model: BiEncoder,
+    batch: TextBatch,
+    chunk_size: int | None,
+    max_length: int | None,
+    chunk_tokens: int | None = None,
 ) -> TokenizedBatch:
-    """Tokenize every column of ``batch`` in chunks of ``chunk_size`` texts (one chunk per
-    column when None), truncated to ``max_length``, as :func:`train_step` will embed them."""
-    features = [
-        [_tokenize(model, texts, kind, max_length) for texts in _chunks(column, chunk_size)]
-        for column, kind in zip(batch.columns, batch.kinds, strict=True)
-    ]
-    return TokenizedBatch(batch, chunk_size, max_length, features)
+    """Tokenize every column of ``batch`` as :func:`train_step` will embed it: in chunks
+    of ``chunk_size`` texts, or of at most ``chunk_tokens`` padded tokens with texts
+    grouped by length, or one chunk per column when both are None; truncated to
+    ``max_length``."""
+    _check_chunking(chunk_size, chunk_tokens)
+    chunks, restore = [], []
+    for column, kind in zip(batch.columns, batch.kinds, strict=True):
+        parts, order = _column_chunks(model, column, kind, chunk_size, chunk_tokens, max_length)
+        chunks.append(parts)
+        restore.append(order)
+    packings = [chunk.features["packing"] for column in chunks for chunk in column]
+    tokens = sum(p.tokens for p in packings)
+    longest = max((p.longest for p in packings), default=0)
+    return TokenizedBatch(
+        batch, chunk_size, chunk_tokens, max_length, chunks, restore, tokens, longest
+    )
+
+
+def _assemble(parts: list[torch.Tensor], restore: torch.Tensor | None) -> torch.Tensor:
+    """A column's embeddings in column order from its chunks' (in chunk order)."""
+    column = torch.cat(parts)
+    if restore is None:
+        return column
+    return column.index_select(0, restore.to(column.device, non_blocking=True))
 
 
 class ColumnEncoder(nn.Module):
@@ -178,9 +252,18 @@ def _embed(
         return _at_least_fp32(model(features, kind))
 
 
-def _check_chunk_size(name: str, chunk_size: int | None) -> None:
+def _check_chunking(chunk_size: int | None, chunk_tokens: int | None) -> None:
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"{name} must be a positive number of texts, got {chunk_size}")
+        raise ValueError(f"cache_chunk_size must be a positive number of texts, got {chunk_size}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(
+            f"cache_chunk_tokens must be a positive number of tokens, got {chunk_tokens}"
+        )
+    if chunk_size is not None and chunk_tokens is not None:
+        raise ValueError(
+            "cache_chunk_size and cache_chunk_tokens are two ways to cut a GradCache step "
+            f"into chunks; set one, not both (got {chunk_size} and {chunk_tokens})"
+        )
 
 
 def embed_columns(
@@ -188,30 +271,25 @@ def embed_columns(
     batch: TextBatch,
     *,
     chunk_size: int | None = None,
+    chunk_tokens: int | None = None,
     autocast: torch.dtype | None = None,
     max_length: int | None = None,
-    counts: TokenCount | None = None,
 ) -> list[torch.Tensor]:
     """Embed every column of ``batch`` with its tower: one ``[len(column), dim]`` tensor
-    each, in at least fp32.
+    each, in column order and at least fp32.
 
     Differentiable when grad mode is on. ``chunk_size`` embeds at most that many texts per
-    forward pass (each chunk padded on its own); with gradients, all chunks' activations
-    are kept until the backward, so it bounds the peak of one pass only. ``autocast`` runs
-    the forward passes under ``torch.autocast`` with that dtype. ``max_length`` truncates
-    the texts shorter than the model's own limit (cheaper training steps). ``counts``, when
-    given, adds up the tokens embedded.
+    forward pass (each chunk padded on its own), ``chunk_tokens`` at most that many padded
+    tokens with texts grouped by length; with gradients, all chunks' activations are kept
+    until the backward, so either bounds the peak of one pass only. ``autocast`` runs the
+    forward passes under ``torch.autocast`` with that dtype. ``max_length`` truncates the
+    texts shorter than the model's own limit (cheaper training steps).
     """
-    _check_chunk_size("chunk_size", chunk_size)
+    tokenized = tokenize_batch(model, batch, chunk_size, max_length, chunk_tokens)
     columns = []
-    for column, kind in zip(batch.columns, batch.kinds, strict=True):
-        parts = []
-        for texts in _chunks(column, chunk_size):
-            features = _to_device(_tokenize(model, texts, kind, max_length), model.device)
-            if counts is not None:
-                counts.add(features)
-            parts.append(_embed(model, features, kind, autocast))
-        columns.append(torch.cat(parts))
+    for chunks, restore, kind in zip(tokenized.chunks, tokenized.restore, batch.kinds, strict=True):
+        parts = [_embed(model, chunk.to(model.device).features, kind, autocast) for chunk in chunks]
+        columns.append(_assemble(parts, restore))
     return columns
 
 
@@ -221,6 +299,7 @@ def train_step(
     batch: TextBatch | TokenizedBatch,
     *,
     cache_chunk_size: int | None = None,
+    cache_chunk_tokens: int | None = None,
     autocast: torch.dtype | None = None,
     max_length: int | None = None,
     encoder: nn.Module | None = None,
@@ -228,54 +307,56 @@ def train_step(
     """Compute ``task``'s loss on ``batch`` and backpropagate it.
 
     Gradients accumulate into the model's and the task's parameters; the caller steps the
-    optimiser and zeroes them. Without ``cache_chunk_size`` every column is embedded with
-    its graph at once. With it, GradCache embeds ``cache_chunk_size`` texts at a time (see
-    the module docstring): the same gradients, with activation memory bounded by one
-    chunk whatever the batch size. ``autocast`` is a dtype for ``torch.autocast`` around
-    the encoder's forward passes; the loss itself is computed in fp32. ``max_length``
-    truncates the texts for this step only (the model's saved limit is unchanged).
+    optimiser and zeroes them. Without chunking every column is embedded with its graph at
+    once. With ``cache_chunk_size`` (texts per chunk) or ``cache_chunk_tokens`` (padded
+    tokens per chunk, texts grouped by length so that chunks pad little), GradCache embeds
+    one chunk at a time (see the module docstring): the same gradients, with activation
+    memory bounded by one chunk whatever the batch size. ``autocast`` is a dtype for
+    ``torch.autocast`` around the encoder's forward passes; the loss itself is computed in
+    fp32. ``max_length`` truncates the texts for this step only (the model's saved limit is
+    unchanged).
 
-    ``batch`` may come tokenized already (:func:`tokenize_batch`, with the same
-    ``cache_chunk_size`` and ``max_length``), e.g. by a thread that prepared it during the
-    previous step.
+    ``batch`` may come tokenized already (:func:`tokenize_batch`, with the same chunking
+    and ``max_length``), e.g. by a thread that prepared it during the previous step.
 
     ``encoder`` embeds tokenized columns with gradients: a :class:`ColumnEncoder` of
     ``model`` by default, the same wrapped in DistributedDataParallel on several ranks
     (``batch`` is then this rank's shard, and GradCache defers DDP's gradient all-reduce to
     the last chunk with ``no_sync``).
+
+    Nothing here reads a value back from the device: the packing, row orders and token
+    counts come from the host with the tokens, and the loss and statistics are returned
+    as tensors.
     """
-    _check_chunk_size("cache_chunk_size", cache_chunk_size)
+    _check_chunking(cache_chunk_size, cache_chunk_tokens)
     if isinstance(batch, TokenizedBatch):
-        if (batch.chunk_size, batch.max_length) != (cache_chunk_size, max_length):
+        made = (batch.chunk_size, batch.chunk_tokens, batch.max_length)
+        if made != (cache_chunk_size, cache_chunk_tokens, max_length):
             raise ValueError(
-                f"the batch was tokenized for chunk_size={batch.chunk_size}, max_length="
-                f"{batch.max_length}; this step uses {cache_chunk_size}, {max_length}"
+                f"the batch was tokenized for chunk_size={batch.chunk_size}, chunk_tokens="
+                f"{batch.chunk_tokens}, max_length={batch.max_length}; this step uses "
+                f"{cache_chunk_size}, {cache_chunk_tokens}, {max_length}"
             )
         tokenized = batch
     else:
-        tokenized = tokenize_batch(model, batch, cache_chunk_size, max_length)
+        tokenized = tokenize_batch(model, batch, cache_chunk_size, max_length, cache_chunk_tokens)
     encoder = encoder or ColumnEncoder(model)
-    counts = TokenCount()
-    for column in tokenized.features:
-        for features in column:
-            counts.add(features)
-    if cache_chunk_size is None:
-        features = [_to_device(column, model.device) for (column,) in tokenized.features]
+    if cache_chunk_size is None and cache_chunk_tokens is None:
+        features = [_to_device(column.features, model.device) for (column,) in tokenized.chunks]
         embeddings = _encode(encoder, features, tokenized.batch.kinds, model.device, autocast)
         loss, stats = task(embeddings, tokenized.batch)
         loss.backward()
     else:
         loss, stats = _grad_cache_step(model, task, tokenized, autocast, encoder)
-    return StepResult(loss.item(), stats, counts.tokens, counts.seq_len_max)
+    return StepResult(loss.detach(), stats, tokenized.tokens, tokenized.seq_len_max)
 
 
 @dataclass
-class _Chunk:
+class _Replay:
     """What the second GradCache pass needs to embed a chunk again, identically."""
 
     column: int
-    rows: slice
-    features: dict[str, torch.Tensor]
+    chunk: Chunk
     kind: Kind
     random_state: RandomState
 
@@ -286,35 +367,36 @@ def _grad_cache_step(
     tokenized: TokenizedBatch,
     autocast: torch.dtype | None,
     encoder: nn.Module,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     batch = tokenized.batch
-    chunks: list[_Chunk] = []
+    replays: list[_Replay] = []
     columns: list[torch.Tensor] = []
     with torch.no_grad():
-        for index, (column, kind) in enumerate(zip(tokenized.features, batch.kinds, strict=True)):
+        for index, (chunks, restore, kind) in enumerate(
+            zip(tokenized.chunks, tokenized.restore, batch.kinds, strict=True)
+        ):
             parts = []
-            start = 0
-            for cpu_features in column:
-                features = _to_device(cpu_features, model.device)
-                rows = slice(start, start + len(features["input_ids"]))
-                chunks.append(_Chunk(index, rows, features, kind, RandomState(model.device)))
-                parts.append(_embed(model, features, kind, autocast))
-                start = rows.stop
-            columns.append(torch.cat(parts))
+            for host_chunk in chunks:
+                chunk = host_chunk.to(model.device)
+                replays.append(_Replay(index, chunk, kind, RandomState(model.device)))
+                parts.append(_embed(model, chunk.features, kind, autocast))
+            columns.append(_assemble(parts, restore))
 
     leaves = [embeddings.requires_grad_() for embeddings in columns]
     loss, stats = task(leaves, batch)
     loss.backward()
 
     # A column the loss ignores has no gradient to pass on, and needs no second pass.
-    chunks = [chunk for chunk in chunks if leaves[chunk.column].grad is not None]
+    replays = [replay for replay in replays if leaves[replay.column].grad is not None]
     no_sync = getattr(encoder, "no_sync", contextlib.nullcontext)
-    for number, chunk in enumerate(chunks, 1):
+    for number, replay in enumerate(replays, 1):
         # Under DDP, gradients are all-reduced once, with the last chunk's backward.
-        with no_sync() if number < len(chunks) else contextlib.nullcontext():
-            with chunk.random_state.replay():
+        with no_sync() if number < len(replays) else contextlib.nullcontext():
+            with replay.random_state.replay():
                 (embeddings,) = _encode(
-                    encoder, [chunk.features], [chunk.kind], model.device, autocast
+                    encoder, [replay.chunk.features], [replay.kind], model.device, autocast
                 )
-            embeddings.backward(leaves[chunk.column].grad[chunk.rows])
+            grad = leaves[replay.column].grad
+            rows = replay.chunk.rows
+            embeddings.backward(grad[rows])
     return loss.detach(), stats

@@ -18,6 +18,7 @@ the InfoNCE task is :class:`training.infonce_task.InfoNCETask`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -89,7 +90,16 @@ class TextBatch:
             doc_ids=None if self.doc_ids is None else self.doc_ids[doc_rows],
             size=per_rank,
             owners=[[own[r] for r in rows] for own, rows in zip(self.owners, local, strict=True)],
-            shard=Shard(dist, self, examples, gathered),
+            shard=Shard(
+                dist,
+                self,
+                examples,
+                gathered,
+                [
+                    [len(rows_of(own, rank)) for rank in range(dist.world_size)]
+                    for own in self.owners
+                ],
+            ),
         )
 
 
@@ -100,20 +110,31 @@ class Shard:
     ``examples`` are the whole batch's examples this rank holds; ``gathered[c]`` is, for
     column c, the whole-batch row of each row that :func:`training.distributed.gather`
     returns (the ranks' rows in rank order), so that gathered embeddings can be put back in
-    the whole batch's order.
+    the whole batch's order; ``counts[c]`` is how many rows of column c each rank holds.
+    All of it is known on the host, so gathering needs no exchange of shapes.
     """
 
     dist: Distributed
     whole: TextBatch
     examples: slice
     gathered: list[list[int]]
+    counts: list[list[int]]
 
     def gather(self, embeddings: torch.Tensor, column: int) -> torch.Tensor:
         """Every rank's embeddings of ``column``, in the whole batch's row order, with
         gradient (see :func:`training.distributed.gather`)."""
-        rows = gather(embeddings, self.dist)
-        order = torch.as_tensor(self.gathered[column], device=rows.device)
-        return rows[torch.argsort(order)]
+        rows = gather(embeddings, self.dist, self.counts[column])
+        order = torch.argsort(torch.tensor(self.gathered[column]))
+        return rows[order.to(rows.device, non_blocking=True)]
+
+
+def read_stats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A task's statistics as plain floats, read from the device in one transfer; the NaN
+    ones (undefined for this batch) left out."""
+    if not stats:
+        return {}
+    values = torch.stack([v.detach().to(torch.float64).reshape(()) for v in stats.values()])
+    return {k: v for k, v in zip(stats, values.tolist(), strict=True) if not math.isnan(v)}
 
 
 def _join(names: Sequence[str], conjunction: str = "or") -> str:
@@ -172,8 +193,12 @@ class Task(nn.Module):
 
     def forward(
         self, embeddings: list[torch.Tensor], batch: TextBatch
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one embedding tensor per column of ``batch``, and statistics.
+
+        Statistics are 0-d tensors, left on the device so that nothing waits for it; one
+        that a batch cannot define (a mean over no rows) is NaN, which the trainer leaves
+        out of its log.
 
         On a rank's shard of a batch (several processes), the loss this rank backpropagates:
         their mean over ranks is the whole batch's loss, so that DDP, which averages the
@@ -185,13 +210,13 @@ class Task(nn.Module):
 
     def compute(
         self, embeddings: list[torch.Tensor], batch: TextBatch
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss and statistics of a whole batch."""
         raise NotImplementedError
 
     def compute_sharded(
         self, embeddings: list[torch.Tensor], batch: TextBatch
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Gather every column and compute the whole batch's loss on every rank: simple and
         exact, at the cost of each rank repeating the loss (cheap for the pair losses)."""
         shard = batch.shard
@@ -225,11 +250,11 @@ class Task(nn.Module):
             raise TypeError(f"{task} needs one example type per batch; got {_join(types, 'and')}")
         return type(examples[0])
 
-    def _temperature_stats(self) -> dict[str, float]:
+    def _temperature_stats(self) -> dict[str, torch.Tensor]:
         temperature = getattr(self.base_loss, "temperature", None)
-        if isinstance(temperature, torch.Tensor):
-            temperature = temperature.detach().item()
-        return {} if temperature is None else {"temperature": float(temperature)}
+        if temperature is None:
+            return {}
+        return {"temperature": torch.as_tensor(temperature).detach()}
 
 
 def _check_score_range(examples: Sequence[Example], score_scale: float) -> None:
@@ -322,7 +347,7 @@ class TripletTask(Task):
 
     def compute(
         self, embeddings: list[torch.Tensor], batch: TextBatch
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         anchor, positive = embeddings[0], embeddings[1]
         if len(embeddings) == 3:
             negative = embeddings[2].reshape(anchor.shape[0], -1, anchor.shape[-1])
@@ -334,7 +359,7 @@ class TripletTask(Task):
             positive_distance = pair_distance(anchor, positive, distance)
             negative_distance = pair_distance(anchor.unsqueeze(1), negative, distance)
             correct = positive_distance.unsqueeze(1) < negative_distance
-        return loss, {"accuracy": correct.float().mean().item()}
+        return loss, {"accuracy": correct.float().mean()}
 
 
 class ContrastiveTask(Task):
@@ -412,16 +437,17 @@ class ContrastiveTask(Task):
 
     def compute(
         self, embeddings: list[torch.Tensor], batch: TextBatch
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         left, right = embeddings
-        labels = batch.targets.to(left.device)
+        labels = batch.targets.to(left.device, non_blocking=True)
         loss = self.loss(left, right, labels)
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             distance = pair_distance(left, right, self.base_loss.distance)
             for name, selected in (("positive", labels == 1), ("negative", labels == 0)):
-                if selected.any():
-                    stats[f"{name}_distance"] = distance[selected].mean().item()
+                # A mean over no pairs is 0/0 = NaN: left out of the log.
+                selected = selected.to(distance.dtype)
+                stats[f"{name}_distance"] = (distance * selected).sum() / selected.sum()
         return loss, stats
 
 
@@ -462,16 +488,17 @@ class ScoredPairTask(Task):
 
     def compute(
         self, embeddings: list[torch.Tensor], batch: TextBatch
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         a, b = embeddings
-        targets = batch.targets.to(a.device)
+        targets = batch.targets.to(a.device, non_blocking=True)
         loss = self.loss(a, b, targets)
         with torch.no_grad():
             cosine = F.cosine_similarity(a.float(), b.float(), dim=-1)
-            stats = {"mean_cosine": cosine.mean().item()}
-            if cosine.numel() > 1 and cosine.std() > 0 and targets.std() > 0:
-                pairs = torch.stack([cosine, targets.float()])
-                stats["pearson"] = torch.corrcoef(pairs)[0, 1].item()
+            stats = {"mean_cosine": cosine.mean()}
+            if cosine.numel() > 1:
+                # 0/0 = NaN when either side is constant: left out of the log.
+                x, y = cosine - cosine.mean(), targets.float() - targets.float().mean()
+                stats["pearson"] = ((x * y).sum() / (x.norm() * y.norm())).clamp(-1, 1)
         return loss, stats
 
 
@@ -562,20 +589,19 @@ class DistillationTask(Task):
 
     def compute(
         self, embeddings: list[torch.Tensor], batch: TextBatch
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         queries, positives, negatives = embeddings
         size, dim = queries.shape
         docs = torch.cat([positives.unsqueeze(1), negatives.reshape(size, -1, dim)], dim=1)
-        teacher = batch.targets.to(queries.device)
+        teacher = batch.targets.to(queries.device, non_blocking=True)
         loss = self.loss(queries, docs, teacher=teacher)
         with torch.no_grad():
             student = torch.einsum("bd,bkd->bk", queries.float(), docs.float())
             stats = {
-                "accuracy": (student[:, 0] > student[:, 1:].amax(dim=1)).float().mean().item(),
+                "accuracy": (student[:, 0] > student[:, 1:].amax(dim=1)).float().mean(),
                 "teacher_agreement": (student.argmax(dim=1) == teacher.argmax(dim=1))
                 .float()
-                .mean()
-                .item(),
+                .mean(),
             }
         return loss, stats
 

@@ -58,7 +58,13 @@ from biencoder.training.config import TrainerConfig
 from biencoder.training.distributed import Distributed, gather
 from biencoder.training.loggers import Logger
 from biencoder.training.prefetch import Prefetcher
-from biencoder.training.step import ColumnEncoder, TokenizedBatch, tokenize_batch, train_step
+from biencoder.training.step import (
+    ColumnEncoder,
+    StepResult,
+    TokenizedBatch,
+    tokenize_batch,
+    train_step,
+)
 from biencoder.training.tasks import Task
 
 log = logging.getLogger("train")
@@ -97,7 +103,27 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def all_finite(parameters: Sequence[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in parameters)
+    """Whether every tensor holds only finite values: one fused reduction (the largest
+    magnitude of each tensor, NaN where any value is NaN) and one read, however many
+    tensors, since on a GPU each read waits for the device."""
+    tensors = [p.detach() for p in parameters]
+    if not tensors:
+        return True
+    largest = torch._foreach_norm(tensors, math.inf)
+    return bool(torch.isfinite(torch.stack([m.float() for m in largest])).all())
+
+
+@dataclass
+class StepReport:
+    """One step's numbers on the host, over every rank: the mean loss, the gradient norm
+    (the same on every rank), the task's statistics averaged over the ranks that define
+    them (NaN ones left out), tokens summed and the longest text."""
+
+    loss: float
+    grad_norm: float
+    stats: dict[str, float]
+    tokens: int
+    seq_len_max: int
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -256,6 +282,8 @@ class Trainer:
         self.tokenizer_lock = threading.Lock()
         self.best: dict[str, float] | None = None
         self.nonfinite_steps = 0
+        # The statistics' names, checked to be every rank's once, at the first step.
+        self.stat_keys: list[str] | None = None
         # Each set's step losses since the last metrics line, for train/loss/<set>.
         self.set_losses: dict[str, list[float]] = {}
         self.encoder = ColumnEncoder(model)
@@ -312,21 +340,9 @@ class Trainer:
         can be saved; Ctrl-C saves ``last`` too."""
         self.model.train()
         batches = endless_batches(self.sampler)
-        train_set = self.train_set
 
         def prepare() -> PreparedBatch:
-            indices = next(batches)
-            batch = self.task.make_batch([self.train_set.examples[i] for i in indices])
-            if self.dist.enabled:
-                batch = batch.shard_for(self.dist)
-            with self.tokenizer_lock:
-                tokenized = tokenize_batch(
-                    self.model, batch, self.config.cache_chunk_size, self.max_length
-                )
-            set_name = None
-            if train_set.sets is not None:
-                set_name = train_set.sets[self.sampler.set_of(indices[0])].name
-            return PreparedBatch(tokenized, self.sampler.state_dict(), set_name)
+            return self.prepare_batch(next(batches))
 
         progress = tqdm(
             total=self.total_steps,
@@ -343,7 +359,7 @@ class Trainer:
         ):
             try:
                 while self.step < self.total_steps:
-                    self._train_one_step(next(prepared), progress)
+                    self.train_one_step(next(prepared), progress)
             except (KeyboardInterrupt, Terminated) as stop:
                 how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated"
                 log.warning("%s at step %d: saving checkpoints/last first", how, self.step)
@@ -358,7 +374,28 @@ class Trainer:
         self.checkpoint("last")
         return self.best
 
-    def _train_one_step(self, prepared: PreparedBatch, progress: tqdm) -> None:
+    def prepare_batch(self, indices: list[int]) -> PreparedBatch:
+        """The training examples at ``indices`` as a batch ready for :meth:`train_one_step`:
+        this rank's shard, tokenized, with the packing and counts the step needs from the
+        host. The sampler's state is read as it is now (right after drawing ``indices``).
+        Safe to run on another thread during a step."""
+        batch = self.task.make_batch([self.train_set.examples[i] for i in indices])
+        if self.dist.enabled:
+            batch = batch.shard_for(self.dist)
+        with self.tokenizer_lock:
+            tokenized = tokenize_batch(
+                self.model,
+                batch,
+                self.config.cache_chunk_size,
+                self.max_length,
+                self.config.cache_chunk_tokens,
+            )
+        set_name = None
+        if self.train_set.sets is not None:
+            set_name = self.train_set.sets[self.sampler.set_of(indices[0])].name
+        return PreparedBatch(tokenized, self.sampler.state_dict(), set_name)
+
+    def train_one_step(self, prepared: PreparedBatch, progress: tqdm) -> None:
         """One batch: forward, backward, update (or the non-finite policy), log, evaluate on
         the dev set and save when their turns come."""
         config = self.config
@@ -369,21 +406,23 @@ class Trainer:
             prepared.tokenized,
             autocast=self.autocast,
             cache_chunk_size=config.cache_chunk_size,
+            cache_chunk_tokens=config.cache_chunk_tokens,
             max_length=self.max_length,
             encoder=self.encoder,
         )
         self.sampler_state = prepared.sampler_state
         # DDP averages the model's gradients; the task's (a learnable temperature) too.
         self.dist.average_gradients(self.task.parameters())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip or math.inf))
-        # Every rank sees the same (all-reduced) gradients, hence takes the same branch.
-        loss = self.dist.mean({"loss": result.loss})["loss"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip or math.inf)
+        # Every rank reads the same gathered numbers, hence takes the same branch.
+        report = self.read_step(result, grad_norm)
+        loss = report.loss
         if prepared.set_name is not None:
             self.set_losses.setdefault(prepared.set_name, []).append(loss)
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        if math.isfinite(loss) and math.isfinite(report.grad_norm):
             self.optimizer.step()
         else:
-            self._nonfinite(loss, grad_norm)
+            self._nonfinite(loss, report.grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -392,18 +431,16 @@ class Trainer:
         progress.update()
         progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{examples_per_s:.1f}")
         if self.step % config.log_every == 0:
-            tokens = self.dist.reduce({"tokens": result.tokens}, "sum")["tokens"]
-            longest = self.dist.reduce({"seq": result.seq_len_max}, "max")["seq"]
             self.log(
                 {
                     "train/loss": loss,
                     "train/lr": self.scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm,
+                    "train/grad_norm": report.grad_norm,
                     "train/nonfinite_steps": self.nonfinite_steps,
                     "train/examples_per_s": examples_per_s,
-                    "train/tokens": tokens,
-                    "train/tokens_per_s": tokens / elapsed,
-                    "train/seq_len_max": longest,
+                    "train/tokens": report.tokens,
+                    "train/tokens_per_s": report.tokens / elapsed,
+                    "train/seq_len_max": report.seq_len_max,
                     "train/epoch": self.sampler_state["epoch"],
                     "train/world_size": self.dist.world_size,
                     # A set's mean since the last line: with log_every > 1 the logged step
@@ -412,10 +449,7 @@ class Trainer:
                         f"train/loss/{name}": sum(losses) / len(losses)
                         for name, losses in self.set_losses.items()
                     },
-                    **{
-                        f"train/{k}": v
-                        for k, v in self.dist.mean_where_present(result.stats).items()
-                    },
+                    **{f"train/{k}": v for k, v in report.stats.items()},
                 }
             )
             self.set_losses.clear()
@@ -424,6 +458,41 @@ class Trainer:
             self.evaluate_dev()
         if self.step % config.save_every == 0:
             self.checkpoint(f"step-{self.step:08d}", prune=True)
+
+    def read_step(self, result: StepResult, grad_norm: torch.Tensor) -> StepReport:
+        """The step's numbers, read from the device in one transfer (with several ranks,
+        after one all-gather): the step's single synchronisation. Everything the loop
+        decides or logs comes from here, so that nothing else in a step waits for the GPU."""
+        keys = sorted(result.stats)
+        if self.stat_keys is None:
+            # Rows of different lengths would be mixed up, or hang, in the all-gather.
+            every = self.dist.all_gather_objects(keys)
+            if any(other != keys for other in every):
+                listed = "; ".join(f"rank {r}: {k}" for r, k in enumerate(every))
+                raise ValueError(f"the task's statistics differ between ranks ({listed})")
+            self.stat_keys = keys
+        device_values = [result.loss, grad_norm, *(result.stats[k] for k in keys)]
+        values = torch.stack([v.detach().to(torch.float64).reshape(()) for v in device_values])
+        if self.dist.enabled:
+            counts = torch.tensor([result.tokens, result.seq_len_max], dtype=torch.float64)
+            values = torch.cat([values, counts.to(values.device, non_blocking=True)])
+        rows = self.dist.gather_rows(values)
+        columns = list(zip(*rows, strict=True))
+        stats = {}
+        for key, per_rank in zip(keys, columns[2:], strict=False):
+            present = [v for v in per_rank if not math.isnan(v)]
+            if present:
+                stats[key] = sum(present) / len(present)
+        tokens, longest = result.tokens, result.seq_len_max
+        if self.dist.enabled:
+            tokens, longest = int(sum(columns[-2])), int(max(columns[-1]))
+        return StepReport(
+            loss=sum(columns[0]) / len(rows),
+            grad_norm=columns[1][0],
+            stats=stats,
+            tokens=tokens,
+            seq_len_max=longest,
+        )
 
     def _nonfinite(self, loss: float, grad_norm: float) -> None:
         """Stop, or skip this step's update, as ``trainer.on_nonfinite`` says."""
