@@ -160,12 +160,17 @@ class _TileStats:
         self.best_other = queries.new_full((batch,), -math.inf)
         self.best_other_index = torch.full((batch,), -1, dtype=torch.int64, device=queries.device)
         # Counted from the ids rather than from the tiles: a bool row sum per tile costs
-        # about as much as the tile's matmul on a CPU.
+        # about as much as the tile's matmul on a CPU. Each row's id occurs in the sorted
+        # ids over [left, right): searchsorted rather than unique, whose output size the
+        # host would have to wait for.
         if doc_ids is None:
             self.false_negatives = torch.zeros_like(self.best_other_index)
         else:
-            _, inverse, counts = torch.unique(doc_ids, return_inverse=True, return_counts=True)
-            self.false_negatives = counts[inverse[:batch]] - 1
+            ids, _ = doc_ids.sort()
+            mine = doc_ids[:batch].contiguous()
+            left = torch.searchsorted(ids, mine)
+            right = torch.searchsorted(ids, mine, right=True)
+            self.false_negatives = right - left - 1
 
     def update(self, logits: torch.Tensor, rows: slice, col_start: int) -> None:
         """Folds in one tile of logits with false negatives at −inf, rows × [col_start, …)."""

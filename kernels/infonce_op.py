@@ -21,12 +21,12 @@ from biencoder.kernels.infonce_options import (
 # The loss as a custom operator, so that torch.compile sees one node with known output
 # shapes (the fake) and a known backward (itself an op, so AOTAutograd traces it), instead
 # of tracing into the implementations: their chunk loops would unroll into the graph for
-# every shape, and the statistics' data-dependent torch.unique breaks the graph. Both the
-# chunked and the fused path run behind it: `fused` picks the Triton kernels (CUDA, or CPU
-# under TRITON_INTERPRET=1), otherwise the chunked PyTorch code runs on whatever device the
-# tensors are on. Custom ops take no dataclasses or None-valued strings, so LossTerms
-# travels as six plain arguments (LossTerms.op_args), and return a fixed tuple of tensors,
-# so absent outputs (the statistics without `return_stats`) are empty tensors.
+# every shape. Both the chunked and the fused path run behind it: `fused` picks the Triton
+# kernels (CUDA, or CPU under TRITON_INTERPRET=1), otherwise the chunked PyTorch code runs
+# on whatever device the tensors are on. Custom ops take no dataclasses or None-valued
+# strings, so LossTerms travels as six plain arguments (LossTerms.op_args), and return a
+# fixed tuple of tensors, so absent outputs (the statistics without `return_stats`) are
+# empty tensors.
 # ------------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,11 @@ from a counted Python-level read is not counted twice.
 Everything inside the block counts, host-made tensors included: code under test keeps
 its host arithmetic (lengths, offsets) in Python numbers or does it before the block,
 where the tokens are made, which is where a GPU run needs it anyway.
+
+A custom operator (``torch.library``) is opaque: its implementation runs below both
+hooks. The counter lists the ones it saw in ``opaque``, so that a test can run their
+implementations directly under a counter of its own (tests/test_syncs.py does the
+InfoNCE op's chunked forward and backward).
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class SyncCounter:
     def __init__(self) -> None:
         self.by_op: collections.Counter[str] = collections.Counter()
         self.first_seen: dict[str, str] = {}
+        self.opaque: set[str] = set()
         self._depth = 0
         counter = self
 
@@ -102,6 +108,8 @@ class SyncCounter:
 
         class _Dispatch(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace not in ("aten", "prims"):
+                    counter.opaque.add(str(func.overloadpacket))
                 if counter._depth == 0 and _is_syncing(func, args):
                     counter._record(str(func.overloadpacket.__name__))
                 return func(*args, **(kwargs or {}))

@@ -12,6 +12,9 @@ import pytest
 import torch
 from sync_steps import count_step_syncs, scored_pairs, scored_triplets, trainer
 
+from biencoder.kernels.infonce_chunked import chunked_backward, chunked_forward
+from biencoder.kernels.infonce_options import PLAIN, SYMMETRIC
+from biencoder.losses.infonce import InfoNCELoss
 from biencoder.model.biencoder import BiEncoder
 from biencoder.runtime.syncs import SyncCounter
 from biencoder.training.infonce_task import InfoNCETask
@@ -86,6 +89,27 @@ def test_one_process_reads_the_device_once_per_step(tiny_model_path, tmp_path):
     (syncs,) = step_counts(tiny_model_path, TASKS["infonce-hard-negatives"], "plain", tmp_path)[:1]
     assert syncs.count == 1, syncs.report()
     assert syncs.by_op == {"tolist": 1}
+
+
+@pytest.mark.parametrize("terms", ["plain", "symmetric"])
+def test_the_chunked_infonce_implementation_reads_nothing(seed, terms):
+    """The loss is a custom op, whose implementation the counter cannot see from a step
+    (it lists the op as opaque): run the chunked forward and backward directly, with
+    duplicate doc ids (false negatives), hard negatives, statistics and chunks smaller
+    than the batch."""
+    q, d = torch.randn(6, 8), torch.randn(12, 8)
+    doc_ids = torch.tensor([0, 1, 2, 3, 4, 5, 1, 7, 8, 0, 10, 11])
+    loss_terms = {"plain": PLAIN, "symmetric": SYMMETRIC}[terms]
+    scale = torch.tensor(20.0)
+    with SyncCounter() as syncs:
+        _, lse, _ = chunked_forward(q, d, scale, doc_ids, None, None, None, loss_terms, 4, True)
+        chunked_backward(
+            torch.tensor(1.0), q, d, scale, doc_ids, None, None, None, lse, loss_terms, 4
+        )
+    assert syncs.count == 0, syncs.report()
+    with SyncCounter() as syncs:
+        InfoNCELoss(temperature=0.05)(q, d, doc_ids)
+    assert any("info_nce" in op for op in syncs.opaque), syncs.opaque
 
 
 def test_the_checkpoint_finiteness_check_is_one_read(seed):
