@@ -11,10 +11,11 @@
 # Writes report.md and one log per stage to $OUT (default outputs/device_check, which git
 # ignores) and prints the report's summary table last. Exit status 0 when no stage failed.
 #
-# Environment: PYTHON (python3); LIMIT_CEILINGS, LIMIT_PYTEST, LIMIT_KERNELS, LIMIT_TILES,
-# LIMIT_TRAIN (seconds per stage); INFONCE_ARGS, TILES_ARGS, TRAIN_ARGS (replace the default
-# arguments of bench/infonce.py, bench/infonce_tiles.py and bench/gpu_train.py); WHEELS
-# (.whl: wheels installed first, GPU only).
+# Environment: PYTHON (python3); LIMIT_CEILINGS, LIMIT_PYTEST, LIMIT_KERNELS, LIMIT_COMPILED,
+# LIMIT_TILES, LIMIT_TRAIN (seconds per stage); INFONCE_ARGS, COMPILED_ARGS, TILES_ARGS,
+# TRAIN_ARGS (replace the default arguments of bench/infonce.py in the kernels and compiled
+# stages, bench/infonce_tiles.py and bench/gpu_train.py); WHEELS (.whl: wheels installed
+# first, GPU only).
 set -euo pipefail
 
 cpu=${DEVICE_CHECK_CPU:-0}
@@ -54,23 +55,39 @@ if [[ $cpu == 1 ]]; then
   # keeps it quick where other jobs share the cores (oversubscribed OpenMP threads spin).
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   device=cpu
-  infonce_args=(--isolate impl --sizes 32 --dims 16 --dtypes bf16
-    --problems in_batch hard_neg symmetric --repeats 1 --fit-search --fit-max 64)
+  infonce_args=(--isolate impl --impls naive triton inf_cl triton_recompute torch
+    --sizes 32 --dims 16 --dtypes bf16 --problems in_batch hard_neg symmetric --repeats 1
+    --fit-search --fit-max 64 --target-size 32)
+  compiled_args=(--isolate impl --impls naive compiled --sizes 32 --dims 16 --dtypes bf16
+    --problems in_batch --repeats 1)
   tiles_args=(--size 64 --dim 32 --repeats 1 --warmups 0)
-  train_args=(--batch-size 8 --chunk-size 4 --layers 1 --hidden 32 --heads 4
-    --intermediate 64 --vocab-size 200 --seconds 1 --max-steps 2 --query-words 2 4
-    --doc-words 4 8 --encode-texts 16 --encode-batch 8 --profile)
+  train_args=(--batch-sizes 8 16 --chunk-size 4 --chunk-tokens 32 --layers 1 --hidden 32
+    --heads 4 --intermediate 64 --vocab-size 200 --seconds 1 --max-steps 2
+    --query-words 2 4 --doc-words 4 8 --encode-texts 16 --encode-batch 8 --profile)
 else
   mode="GPU"
   device=cuda
-  # B=262,144 costs minutes per implementation: it is for a lease of its own.
-  infonce_args=(--sizes 16384 65536 --dims 768 --dtypes bf16
-    --problems in_batch hard_neg symmetric --repeats 2 --fit-search --fit-seconds 5)
+  # B=262,144 costs minutes per implementation: it is for a lease of its own. hard_neg
+  # (N = 2B) told the same story as in_batch in the 2026-11-26 runs: INFONCE_ARGS adds it.
+  infonce_args=(--impls naive triton inf_cl triton_recompute torch --sizes 16384 65536
+    --dims 768 --dtypes bf16 --problems in_batch symmetric --repeats 2 --fit-search
+    --fit-seconds 5 --target-size 16384)
+  # torch.compile's first call outlasted the 42-58 s the kernels stage had left for it in
+  # both runs of 2026-11-26: a stage of its own, one problem (dynamic shapes, so both sizes
+  # share one compilation of the training graph and one of the no-grad graph).
+  compiled_args=(--impls naive compiled --sizes 16384 65536 --dims 768 --dtypes bf16
+    --problems in_batch --repeats 2)
   tiles_args=(--size 16384 --dim 768)
-  train_args=(--seconds 30 --batch-size 4096 --chunk-size 256 --profile)
+  # Steps of ~1-2 s at 4096 and ~5-8 s at 16384: one or a few timed steps each, then one
+  # profiled and one counted step of ours; --budget cuts what would not fit.
+  train_args=(--batch-sizes 4096 16384 --chunk-size 256 --chunk-tokens 32768 --seconds 5
+    --encode-texts 4096 --profile ours ours_tokens)
 fi
 if [[ -n ${INFONCE_ARGS:-} ]]; then
   read -ra infonce_args <<<"$INFONCE_ARGS"
+fi
+if [[ -n ${COMPILED_ARGS:-} ]]; then
+  read -ra compiled_args <<<"$COMPILED_ARGS"
 fi
 if [[ -n ${TILES_ARGS:-} ]]; then
   read -ra tiles_args <<<"$TILES_ARGS"
@@ -79,12 +96,15 @@ if [[ -n ${TRAIN_ARGS:-} ]]; then
   read -ra train_args <<<"$TRAIN_ARGS"
 fi
 # Sized from the H200 runs of 2026-11-26 (bench/results/gpu_h200.md): ceilings took 5 s,
-# pytest 117 s on 4 workers, tiles 24 s; the others stop at their budget.
-limit_ceilings=${LIMIT_CEILINGS:-30}
+# pytest 117 s on 4 workers, tiles 24 s; kernels, compiled and train stop at their budget
+# (the limit less 15 s, 15 s and 20 s: the driver's start, imports and report). With the
+# 15 s of the wheels stage the limits add up to 480 s.
+limit_ceilings=${LIMIT_CEILINGS:-20}
 limit_pytest=${LIMIT_PYTEST:-130}
-limit_kernels=${LIMIT_KERNELS:-150}
-limit_tiles=${LIMIT_TILES:-40}
-limit_train=${LIMIT_TRAIN:-120}
+limit_kernels=${LIMIT_KERNELS:-75}
+limit_compiled=${LIMIT_COMPILED:-75}
+limit_tiles=${LIMIT_TILES:-30}
+limit_train=${LIMIT_TRAIN:-135}
 
 names=()
 statuses=()
@@ -172,7 +192,7 @@ run_stage() {
 
 summary_of() {
   if [[ -s $work/$1.summary ]]; then
-    cut -c1-300 "$work/$1.summary" | head -n 1
+    head -n 1 "$work/$1.summary" | cut -c1-700
   fi
 }
 
@@ -205,10 +225,11 @@ if [[ -s $work/ceilings.json ]]; then
   read -r peak ceilings_result < <("$python" -c '
 import json, sys
 facts = json.load(open(sys.argv[1]))
+tflops = facts["bf16_tflops"]
 print(
-    "{} {}: bf16 matmul {:.1f} TFLOP/s, copy {:.0f} GB/s, driver {}".format(
-        facts["bf16_tflops"], facts["device"], facts["bf16_tflops"], facts["copy_gbps"],
-        facts.get("driver", "–"),
+    "{} {}: bf16 matmul {} TFLOP/s, copy {:.0f} GB/s, driver {}".format(
+        tflops, facts["device"], f"{tflops:.1f}" if tflops >= 1 else f"{tflops:.2g}",
+        facts["copy_gbps"], facts.get("driver", "–"),
     )
 )' "$work/ceilings.json") || true
 fi
@@ -242,10 +263,12 @@ case $stage_rc in
 esac
 record pytest "$stage_status" $((SECONDS - start)) "$pytest_result"
 
-# --- (c) the InfoNCE kernels against naive, compiled, chunked torch and Inf-CL.
+# --- (c) the InfoNCE kernels against naive, chunked torch and Inf-CL; the summary leads
+# with the fused kernel's share of the ceilings stage's matmul rate at B = N = 16,384
+# (on CPU the rehearsal's tiny sizes against the CPU's matmul: the plumbing, not a figure).
 start=$SECONDS
 peak_args=()
-if [[ -n $peak && $cpu == 0 ]]; then
+if [[ -n $peak ]]; then
   peak_args=(--peak-tflops "$peak")
 fi
 run_stage kernels "$limit_kernels" "$python" bench/infonce.py --device "$device" \
@@ -253,17 +276,26 @@ run_stage kernels "$limit_kernels" "$python" bench/infonce.py --device "$device"
   --out "$out/kernels.md" --summary "$work/kernels.summary"
 record kernels "$stage_status" $((SECONDS - start)) "$(summary_of kernels)"
 
-# --- (c') the kernels' tile shapes and the gemm backward's column chunk, each against the
+# --- (c') torch.compile'd naive loss against naive, with a budget of its own.
+start=$SECONDS
+run_stage compiled "$limit_compiled" "$python" bench/infonce.py --device "$device" \
+  --budget $((limit_compiled - 15)) "${peak_args[@]}" "${compiled_args[@]}" \
+  --out "$out/compiled.md" --summary "$work/compiled.summary"
+record compiled "$stage_status" $((SECONDS - start)) "$(summary_of compiled)"
+
+# --- (c'') the kernels' tile shapes and the gemm backward's column chunk, each against the
 # default in the same run.
 start=$SECONDS
 run_stage tiles "$limit_tiles" "$python" bench/infonce_tiles.py --device "$device" \
   "${tiles_args[@]}" --out "$out/tiles.md" --summary "$work/tiles.summary"
 record tiles "$stage_status" $((SECONDS - start)) "$(summary_of tiles)"
 
-# --- (d) training steps and encoding, ours against sentence-transformers.
+# --- (d) training steps and encoding, ours (GradCache by texts and by tokens) against
+# sentence-transformers, at each batch size; the summary states the targets.
 start=$SECONDS
 run_stage train "$limit_train" "$python" bench/gpu_train.py --device "$device" \
-  "${train_args[@]}" --out "$out/train.md" --summary "$work/train.summary"
+  --budget $((limit_train - 20)) "${train_args[@]}" --out "$out/train.md" \
+  --summary "$work/train.summary"
 record train "$stage_status" $((SECONDS - start)) "$(summary_of train)"
 
 echo

@@ -48,6 +48,13 @@ doubles B until a step runs out of memory, until the next step would take more t
 ``--fit-seconds`` (a step costs about 4× its predecessor), or past ``--fit-max``. On CPU
 out-of-memory means the kernel's OOM killer: keep ``--fit-max`` small there.
 
+The summary (``--summary``) leads with the fused kernel's fwd+bwd at ``--target-size``
+(B = N, the ``in_batch`` problem, the widest D, bf16 where measured) as a share of
+``--peak-tflops`` against ``--target-percent``, then each implementation's time at the
+largest size. Each worker's first call of a configuration (loading the kernels, or
+``torch.compile`` compiling the loss) is timed and listed under the table, so a worker
+stopped during it says so: ``timeout after N s in its first call``.
+
 ``--ceilings`` measures the device instead (name, driver, versions, bf16 matmul TFLOP/s,
 copy bandwidth) and writes them as Markdown (``--out``) and JSON (``--json``).
 
@@ -56,7 +63,10 @@ Examples (the CPU table committed in bench/results/infonce_cpu.md; the GPU devic
     python bench/infonce.py --sizes 4096 8192 16384 --dims 384 --dtypes fp32 \\
         --out bench/results/infonce_cpu.md
     python bench/infonce.py --sizes 16384 65536 --dims 768 --dtypes bf16 \\
-        --problems in_batch hard_neg symmetric --fit-search --peak-tflops 790 --budget 170
+        --problems in_batch symmetric --fit-search --peak-tflops 790 --budget 170 \\
+        --impls naive triton inf_cl triton_recompute torch --target-size 16384
+    python bench/infonce.py --sizes 16384 65536 --dims 768 --dtypes bf16 --impls naive \\
+        compiled --budget 60
 """
 
 from __future__ import annotations
@@ -155,7 +165,19 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="a process per configuration or per implementation (auto: config on CPU)",
     )
-    parser.add_argument("--peak-tflops", type=float, help="bf16 matmul peak for the % column")
+    parser.add_argument("--peak-tflops", type=float, help="bf16 matmul peak for the %% column")
+    parser.add_argument(
+        "--target-size",
+        type=int,
+        help="B = N at which the summary states the fused kernel's share of --peak-tflops"
+        " (default: the smallest of --sizes)",
+    )
+    parser.add_argument(
+        "--target-percent",
+        type=float,
+        default=50.0,
+        help="the share of --peak-tflops the fused kernel's fwd+bwd should reach",
+    )
     parser.add_argument("--fit-search", action="store_true", help="find the largest B that fits")
     parser.add_argument("--fit-seconds", type=float, default=10.0)
     parser.add_argument("--fit-max", type=int, default=1 << 22)
@@ -390,11 +412,19 @@ class _Runner:
                 variant,
             )
             # A tiny warm-up loads kernels, compiles and starts thread pools before a
-            # baseline is taken.
+            # baseline is taken; how long it took is reported (torch.compile's compilation).
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[config["dtype"]]
             q = self._embeddings(64, config["dim"], dtype)
             d = self._embeddings(_num_docs(64, config["problem"]), config["dim"], dtype)
-            loss(q, d, **self._guides(config, 64, dtype)).backward()
+            start = time.perf_counter()
+            guides = self._guides(config, 64, dtype)
+            loss(q, d, **guides).backward()
+            # The forward-only timing runs without autograd: torch.compile compiles that
+            # graph apart, and its compilation must not land in the "fwd ms" column.
+            with torch.no_grad():
+                loss(q, d, **guides)
+            _synchronize(self.device.type)
+            _emit({"warmup": [*key, time.perf_counter() - start]})
             self.losses[key] = loss
         return self.losses[key]
 
@@ -537,8 +567,14 @@ def _skipped_impls(impls: list[str], device: str) -> dict[str, str]:
     return reasons
 
 
-def _run_job(job: dict, timeout: float) -> tuple[dict[int, dict], dict | None, str | None]:
-    """Run one worker; (results by config index, fit result, why it stopped early)."""
+def _run_job(
+    job: dict, timeout: float, warmups: list[tuple] | None = None
+) -> tuple[dict[int, dict], dict | None, str | None]:
+    """Run one worker; (results by config index, fit result, why it stopped early). The
+    first calls it timed are appended to ``warmups`` as (impl, dim, dtype, problem,
+    variant, seconds)."""
+    warmups = [] if warmups is None else warmups
+    known = len(warmups)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     problem = None
     try:
@@ -558,6 +594,11 @@ def _run_job(job: dict, timeout: float) -> tuple[dict[int, dict], dict | None, s
             results[record.pop("index")] = record
         elif "fit" in record:
             fit = record["fit"]
+        elif "warmup" in record:
+            warmups.append((job["impl"], *record["warmup"]))
+    if problem is not None and len(warmups) == known:
+        # Stopped before its first call ended: compiling (torch.compile, Triton), most likely.
+        problem += " in its first call"
     if code == -9:
         # SIGKILL during a big allocation is the Linux OOM killer.
         problem = "OOM"
@@ -693,6 +734,7 @@ def _run_driver(args: argparse.Namespace) -> str:
     print("\n".join(_table(columns)), flush=True)
     results: dict[tuple, dict] = {}
     fits: dict[str, dict] = {}
+    warmups: list[tuple] = []
     for job in _jobs(args, impls, device, isolate):
         timeout = args.timeout
         if args.budget is not None:
@@ -700,7 +742,7 @@ def _run_driver(args: argparse.Namespace) -> str:
         if timeout <= 0:
             found, fit, problem = {}, None, "skipped: time budget spent"
         else:
-            found, fit, problem = _run_job(job, timeout)
+            found, fit, problem = _run_job(job, timeout, warmups)
         for index, config in enumerate(job["configs"]):
             results[_key(config)] = found.get(index) or {"status": problem or "no result"}
             print(_row(config, results, args.peak_tflops, columns), flush=True)
@@ -718,11 +760,12 @@ def _run_driver(args: argparse.Namespace) -> str:
         f" triton's backward column chunk),"
         f" one process per {isolate}",
         *(f"{impl}: skipped: {reason}" for impl, reason in skipped.items()),
+        _warmup_note(warmups),
     ]
     if on_gpu:
         notes.append("TFLOP/s counts 8·B·N·D per direction of the problem, not the variant's")
     if args.peak_tflops:
-        notes.append(f"bf16 matmul peak measured on this device: {args.peak_tflops:.0f} TFLOP/s")
+        notes.append(f"bf16 matmul peak measured on this device: {_num(args.peak_tflops)} TFLOP/s")
     header = report_header("InfoNCE benchmark", device, load_at_start, notes)
     report = header + rows
     if args.fit_search:
@@ -731,8 +774,20 @@ def _run_driver(args: argparse.Namespace) -> str:
         report += fit_rows
     text = "\n".join(report) + "\n"
     if args.summary:
-        args.summary.write_text(_summary(args, impls, skipped, results) + "\n")
+        args.summary.write_text(_summary(args, impls, skipped, results, warmups) + "\n")
     return text
+
+
+def _warmup_note(warmups: list[tuple]) -> str:
+    """The first call of each (implementation, setting), where compilation happens."""
+    if not warmups:
+        return "first calls (64 rows: kernel loading, compilation): none finished"
+    parts = [
+        f"{impl} {problem} D={dim} {dtype}{'' if variant == 'plain' else ' ' + variant}"
+        f" {seconds:.1f} s"
+        for impl, dim, dtype, problem, variant, seconds in warmups
+    ]
+    return "first calls (64 rows: kernel loading, compilation): " + ", ".join(parts)
 
 
 def _row(config: dict, results: dict, peak: float | None, columns: list[str]) -> str:
@@ -766,8 +821,56 @@ def _fit_table(args: argparse.Namespace, fits: dict[str, dict]) -> list[str]:
     return rows
 
 
-def _summary(args, impls: list[str], skipped: dict[str, str], results: dict) -> str:
-    """Each implementation's time at the largest size of the first setting."""
+def _target_config(args) -> dict:
+    """The setting the summary's headline is about: B = N (in_batch where measured), the
+    widest D, bf16 where measured."""
+    return {
+        "problem": "in_batch" if "in_batch" in args.problems else args.problems[0],
+        "variant": "plain",
+        "dtype": "bf16" if "bf16" in args.dtypes else args.dtypes[0],
+        "dim": max(args.dims),
+        "size": args.target_size or min(args.sizes),
+    }
+
+
+def _num(value: float) -> str:
+    """One decimal, or two significant digits below 1 (CPU rehearsals' tiny rates)."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.2g}"
+
+
+def _target_line(args, results: dict) -> str | None:
+    """The fused kernel's fwd+bwd at the target setting as a share of the matmul peak,
+    against --target-percent; None where the fused kernel was not asked for."""
+    if "triton" not in args.impls:
+        return None
+    config = _target_config(args)
+    setting = (
+        f"B={config['size']} N={_num_docs(config['size'], config['problem'])}"
+        f" D={config['dim']} {config['dtype']} {config['problem']}"
+    )
+    result = results.get(_key(config | {"impl": "triton"}))
+    if result is None:
+        return f"fused fwd+bwd {setting}: not in the grid (--sizes)"
+    if result["status"] != "ok":
+        return f"fused fwd+bwd {setting}: {result['status']}"
+    tflops = _flops(config) / result["seconds"] / 1e12
+    line = f"fused fwd+bwd {setting}: {result['seconds'] * 1e3:.2f} ms, {_num(tflops)} TFLOP/s"
+    if not args.peak_tflops:
+        return line + ", no --peak-tflops to compare with"
+    percent = 100 * tflops / args.peak_tflops
+    verdict = "met" if percent >= args.target_percent else "missed"
+    return (
+        f"{line} = {_num(percent)}% of the measured bf16 matmul {_num(args.peak_tflops)}"
+        " TFLOP/s"
+        f" (target ≥ {args.target_percent:.0f}%: {verdict})"
+    )
+
+
+def _summary(
+    args, impls: list[str], skipped: dict[str, str], results: dict, warmups: list[tuple]
+) -> str:
+    """The fused kernel against its target, then each implementation's time at the
+    largest size of the first setting (and its first call where that was compilation)."""
     config = {
         "problem": args.problems[0],
         "variant": args.variants[0],
@@ -775,17 +878,26 @@ def _summary(args, impls: list[str], skipped: dict[str, str], results: dict) -> 
         "dim": max(args.dims),
         "size": max(args.sizes),
     }
+    compile_seconds: dict[str, float] = {}
+    for impl, *_, seconds in warmups:
+        if impl == "compiled":
+            compile_seconds.setdefault(impl, seconds)
     parts = []
     for impl in impls:
         result = results[_key(config | {"impl": impl})]
-        parts.append(
+        part = (
             f"{impl} {result['seconds'] * 1e3:.1f} ms"
             if result["status"] == "ok"
             else f"{impl} {result['status']}"
         )
+        if impl in compile_seconds:
+            part += f" (compiled in {compile_seconds[impl]:.0f} s)"
+        parts.append(part)
     parts += [f"{impl} skipped" for impl in skipped]
     setting = f"B={config['size']} D={config['dim']} {config['dtype']} {config['problem']}"
-    return f"{setting}: " + ", ".join(parts)
+    line = f"{setting}: " + ", ".join(parts)
+    target = _target_line(args, results)
+    return f"{target}; {line}" if target else line
 
 
 def main(argv: list[str] | None = None) -> None:
