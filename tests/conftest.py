@@ -47,6 +47,17 @@ def seed() -> int:
     return 0
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: a tiny model's ops are far too small to split
+    across threads, and on shared cores the threads cost more in waiting than they gain
+    (tens of times slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     from biencoder.model.weights import packaged_model_path

@@ -48,14 +48,7 @@ SCORED_TRIPLETS = [
 WHOLE = 100
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # A tiny model's ops are far too small to split across threads: on shared cores,
-    # intra-op threads cost more in waiting than they gain (tens of times slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

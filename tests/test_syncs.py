@@ -41,12 +41,7 @@ CHUNKINGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def step_counts(model_path, make_task, chunking, tmp_path) -> list[SyncCounter]:
