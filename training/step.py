@@ -138,13 +138,11 @@ def _column_chunks(
     column order (None when the chunks are the column's consecutive slices)."""
     if chunk_tokens is None:
         step = chunk_size or max(len(texts), 1)
-        chunks = [
-            Chunk(
-                slice(start, start + len(texts[start : start + step])),
-                _pinned(model, model.tokenize(texts[start : start + step], kind, max_length)),
-            )
-            for start in range(0, len(texts), step)
-        ]
+        chunks = []
+        for start in range(0, len(texts), step):
+            part = texts[start : start + step]
+            features = _pinned(model, model.tokenize(part, kind, max_length))
+            chunks.append(Chunk(slice(start, start + len(part)), features))
         return chunks, None
     tokens = model.token_ids(texts, kind, max_length)
     groups = token_budget_groups([len(ids) for ids in tokens["input_ids"]], chunk_tokens)
@@ -396,7 +394,5 @@ def _grad_cache_step(
                 (embeddings,) = _encode(
                     encoder, [replay.chunk.features], [replay.kind], model.device, autocast
                 )
-            grad = leaves[replay.column].grad
-            rows = replay.chunk.rows
-            embeddings.backward(grad[rows])
+            embeddings.backward(leaves[replay.column].grad[replay.chunk.rows])
     return loss.detach(), stats

@@ -479,7 +479,7 @@ class Trainer:
         rows = self.dist.gather_rows(values)
         columns = list(zip(*rows, strict=True))
         stats = {}
-        for key, per_rank in zip(keys, columns[2:], strict=False):
+        for key, per_rank in zip(keys, columns[2 : 2 + len(keys)], strict=True):
             present = [v for v in per_rank if not math.isnan(v)]
             if present:
                 stats[key] = sum(present) / len(present)
