@@ -5,12 +5,15 @@ it, it imports none of them.
     atomic_write(run_dir / "launch.json", json.dumps(launch))
     append_durably(metrics_file, line)      # the line is on disk when this returns
     fsync_tree(checkpoint_folder)           # every file and folder in it
+    remove(old_checkpoint)                  # a link goes, never what it points to
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,3 +84,29 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Delete ``path`` and, for a folder, everything in it; a symbolic link is removed
+    itself, never what it points to (a checkpoint moved to another disk and linked back
+    must survive the run's clean-up). Links inside a folder are removed the same way."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def check_free_space(folder: str | os.PathLike[str], need: int, key: str, what: str) -> None:
+    """Raise OSError (ENOSPC) naming ``key`` and ``folder`` when the disk that ``folder``
+    is (or will be) on has less than ``need`` bytes free for ``what``: at start-up, not
+    when the first large write runs out."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"{key}: {folder}: {free / 2**20:.0f} MiB free on its disk, {what} takes about "
+            f"{need / 2**20:.0f} MiB; free some space or write elsewhere",
+        )

@@ -63,7 +63,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from biencoder.runtime.files import TMP_PREFIX, atomic_write, fsync_dir, fsync_tree
+from biencoder.runtime.files import TMP_PREFIX, atomic_write, fsync_dir, fsync_tree, remove
 
 if TYPE_CHECKING:
     from biencoder.model.biencoder import BiEncoder
@@ -387,10 +387,18 @@ def _folder_size(folder: Path) -> int:
 
 
 def _delete_checkpoint(path: Path) -> None:
+    if path.is_symlink():
+        # A checkpoint moved elsewhere and linked back: the run lets go of it, the files
+        # it points to are the user's.
+        log.warning(
+            "%s is a link to %s: removing the link, keeping its files", path, path.resolve()
+        )
+        path.unlink()
+        return
     # Unlink the marker first: a deletion cut short by a crash leaves no folder that still
     # looks complete.
     (path / CHECKPOINT_META).unlink(missing_ok=True)
-    shutil.rmtree(path)
+    remove(path)
 
 
 def _space_errno(error: BaseException | None) -> int | None:
