@@ -28,6 +28,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,9 @@ from biencoder.data.training_sets import (
 from biencoder.evaluation.config import EvalConfig
 from biencoder.evaluation.scoring import evaluate
 from biencoder.model.biencoder import BiEncoder
+from biencoder.runtime import lock
 from biencoder.runtime.device import resolve_device
+from biencoder.runtime.files import check_free_space
 from biencoder.training.checkpoint import (
     LEGACY_TRAINER_STATE,
     TRAINER_STATE,
@@ -81,10 +84,15 @@ from biencoder.training.run_folder import (
     LAUNCH,
     Launch,
     changeable_on_resume,
+    check_launch,
     clear_run,
+    config_groups,
+    config_targets,
     existing_run_files,
+    linked_run_files,
     override_key,
     read_launch,
+    run_lock_path,
     write_launch,
 )
 from biencoder.training.tasks import Task
@@ -114,12 +122,10 @@ TrainingSpec = (
 )
 
 
-def prepare_run_folder(
-    run_dir: Path, trainer: TrainerConfig, launch: Launch | None, dist: Distributed
-) -> None:
-    """Refuse to mix two runs in one folder; with ``trainer.overwrite`` clear the old one.
-    Also fail now, not at the first save, if checkpoints cannot be written there. Every rank
-    checks; rank 0 alone changes the folder."""
+def check_run_folder(run_dir: Path, trainer: TrainerConfig, dist: Distributed) -> None:
+    """Before anything is written (but the lock): refuse to mix two runs in ``run_dir``;
+    with ``trainer.overwrite``, refuse a run file that is a link (overwrite deletes nothing
+    through one); fail now if it cannot be written. Every rank checks."""
     existing = existing_run_files(run_dir)
     if existing and trainer.resume is False and not trainer.overwrite:
         raise ConfigError(
@@ -127,15 +133,42 @@ def prepare_run_folder(
             "continue it with trainer.resume=true, or delete it and start over with "
             "trainer.overwrite=true"
         )
+    linked = linked_run_files(run_dir)
+    if existing and trainer.resume is False and linked:
+        raise ConfigError(
+            f"trainer.overwrite: {linked[0]} is a symbolic link to {linked[0].resolve()}; "
+            "overwrite deletes nothing through a link: empty or remove it yourself, then "
+            "run again"
+        )
+    checkpoints = run_dir / "checkpoints"
+    for folder in (run_dir, checkpoints) if checkpoints.is_dir() else (run_dir,):
+        check_writable(folder)
+
+
+def start_run_folder(
+    run_dir: Path, trainer: TrainerConfig, launch: Launch | None, dist: Distributed
+) -> None:
+    """The run's first writes, once every check has passed: with ``trainer.overwrite`` the
+    old run's files go, then launch.json of a new run. Rank 0 alone changes the folder."""
     dist.barrier()
     if dist.is_main:
+        existing = existing_run_files(run_dir)
         if existing and trainer.resume is False:
             log.warning("trainer.overwrite=true: deleting %s from %s", ", ".join(existing), run_dir)
             clear_run(run_dir)
-        check_writable(run_dir / "checkpoints")
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
         if launch is not None and trainer.resume is False:
             write_launch(run_dir, launch)
     dist.barrier()
+
+
+def checkpoint_bytes(model: BiEncoder, task: Task) -> int:
+    """About what one checkpoint takes: the weights, and AdamW's two moments of each
+    trained parameter."""
+    params = [*model.parameters(), *task.parameters()]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    moments = sum(2 * p.numel() * 4 for p in params if p.requires_grad)
+    return weights + moments
 
 
 @dataclass
@@ -259,8 +292,9 @@ def load_training_set(
     spec: TrainingSpec, model: BiEncoder, run_dir: Path, resumed: bool, dist: Distributed
 ) -> TrainingSet:
     """The training set, with the hard negatives this run mined when it started if it is a
-    resumed run, so that a resumed run trains on the examples the interrupted one did. On
-    several ranks, rank 0 mines and the others take its negatives."""
+    resumed run, so that a resumed run trains on the examples the interrupted one did
+    (:func:`save_negatives` keeps them). On several ranks, rank 0 mines and the others take
+    its negatives. Reads only."""
     negatives_file = run_dir / HARD_NEGATIVES
     saved = None
     if resumed and negatives_file.is_file():
@@ -269,12 +303,16 @@ def load_training_set(
         if dist.enabled and saved is None:
             mined = spec.load(model).negatives if dist.is_main else None
             saved = dist.broadcast_object(mined)
-        train_set = spec.load(model, negatives=saved)
+        return spec.load(model, negatives=saved)
+
+
+def save_negatives(train_set: TrainingSet, run_dir: Path, resumed: bool, dist: Distributed) -> None:
+    """Keep the negatives this run mined, for a resume to train on the same examples."""
+    negatives_file = run_dir / HARD_NEGATIVES
     if train_set.negatives is not None and dist.is_main and not negatives_file.is_file():
         if resumed:
             log.warning("%s has no %s: negatives were mined again", run_dir, HARD_NEGATIVES)
         write_json(negatives_file, train_set.negatives)
-    return train_set
 
 
 def train(
@@ -297,15 +335,34 @@ def train(
     saved.
     """
     plan = plan_run(cfg)
-    trainer, evaluation, task = plan.trainer, plan.evaluation, plan.task
     dist = dist or Distributed(device=resolve_device(cfg.device))
-    if trainer.batch_size % dist.world_size:
+    if plan.trainer.batch_size % dist.world_size:
         raise ConfigError(
-            f"trainer.batch_size: {trainer.batch_size} examples cannot be split evenly "
+            f"trainer.batch_size: {plan.trainer.batch_size} examples cannot be split evenly "
             f"across {dist.world_size} processes; use a multiple of {dist.world_size}"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prepare_run_folder(run_dir, trainer, launch, dist)
+    # One writer per run folder: rank 0 holds its lock (already held when Hydra started
+    # this process) until the run ends.
+    with lock.hold(run_lock_path(run_dir), "hydra.run.dir") if dist.is_main else nullcontext():
+        return run_training(cfg, plan, run_dir, group, tags, launch, dist)
+
+
+def run_training(
+    cfg: DictConfig,
+    plan: RunPlan,
+    run_dir: Path,
+    group: str | None,
+    tags: Sequence[str],
+    launch: Launch | None,
+    dist: Distributed,
+) -> dict[str, float]:
+    """train()'s work once ``run_dir`` is this process's alone."""
+    trainer, evaluation, task = plan.trainer, plan.evaluation, plan.task
+    # Everything that can fail on the config, the folder, the model or the data does so
+    # before the folder holds a byte of this run, so a corrected command is never refused
+    # as "already holds a run".
+    make_logger = build(cfg.logger, "logger") if cfg.get("logger") else None
+    check_run_folder(run_dir, trainer, dist)
     checkpoints = run_dir / "checkpoints"
     device = dist.device
     seed_everything(cfg.seed, trainer.deterministic)
@@ -326,22 +383,6 @@ def train(
 
     state = load_trainer_state(resume_from) if resume_from else None
     run_id = state.get("wandb_run_id") if state else None
-    logger = None
-    if dist.is_main:
-        loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=state and state["step"])]
-        if cfg.get("logger"):
-            loggers.append(
-                build(cfg.logger, "logger")(
-                    run_dir=run_dir,
-                    config=OmegaConf.to_container(cfg, resolve=True),
-                    name=run_dir.name,
-                    run_id=run_id,
-                    group=cfg.logger.get("group") or group or cfg.task_name,
-                    tags=[*cfg.logger.get("tags", []), *tags],
-                )
-            )
-        logger = MultiLogger(loggers)
-        run_id = next((lg.run_id for lg in loggers if hasattr(lg, "run_id")), run_id)
     with naming("trainer", TrainerConfig):
         fitter = Trainer(
             model,
@@ -352,7 +393,7 @@ def train(
             plan.optimizer,
             plan.scheduler,
             checkpoints=checkpoints,
-            logger=logger,
+            logger=None,
             seed=cfg.seed,
             max_length=max_length,
             run_id=run_id,
@@ -360,8 +401,27 @@ def train(
         )
     if state is not None:
         fitter.load_state_dict(state)
-        fitter.run_id = run_id
         log.info("resumed from %s at step %d", resume_from, fitter.step)
+    check_free_space(checkpoints, checkpoint_bytes(model, task), "hydra.run.dir", "a checkpoint")
+
+    start_run_folder(run_dir, trainer, launch, dist)
+    save_negatives(train_set, run_dir, resume_from is not None, dist)
+    if dist.is_main:
+        loggers = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=state and state["step"])]
+        if make_logger is not None:
+            loggers.append(
+                make_logger(
+                    run_dir=run_dir,
+                    config=OmegaConf.to_container(cfg, resolve=True),
+                    name=run_dir.name,
+                    run_id=run_id,
+                    group=cfg.logger.get("group") or group or cfg.task_name,
+                    tags=[*cfg.logger.get("tags", []), *tags],
+                )
+            )
+        fitter.logger = MultiLogger(loggers)
+        fitter.run_id = next((lg.run_id for lg in loggers if hasattr(lg, "run_id")), run_id)
+    logger = fitter.logger
     best = fitter.fit()
     log.info("final model: %s", checkpoints / "last")
 
@@ -432,7 +492,13 @@ def resumed_config(
     ``choices`` are what this command line composed. A folder without launch.json (written
     before it existed) resumes with ``cfg``, with a warning."""
     checkpoint_dir = run_dir if resume is True else Path(resume).parent.parent
-    launch = read_launch(checkpoint_dir)
+    try:
+        launch = read_launch(checkpoint_dir)
+        if launch is not None:
+            groups, targets = config_groups(CONFIG_DIR), config_targets(CONFIG_DIR)
+            check_launch(launch, checkpoint_dir / LAUNCH, groups, targets, list(overrides))
+    except ValueError as err:
+        raise ConfigError(f"trainer.resume: {err}") from err
     if launch is None:
         log.warning(
             "%s has no %s: resuming with this command line's config", checkpoint_dir, LAUNCH

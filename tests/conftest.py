@@ -1,6 +1,8 @@
 import functools
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,3 +137,29 @@ def tiny_run(tiny_model_path):
     from configs import tiny_overrides
 
     return functools.partial(tiny_overrides, tiny_model_path)
+
+
+@pytest.fixture
+def held_elsewhere():
+    """``held_elsewhere(lock_path)``: another live process takes that lock (runtime.lock)
+    and holds it until the test ends; returns its pid."""
+
+    procs = []
+
+    def hold(path) -> int:
+        code = (
+            "import sys, time, pathlib\n"
+            "from biencoder.runtime.lock import Lock\n"
+            f"Lock(pathlib.Path({str(path)!r}), 'k').acquire()\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc.pid
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
