@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from biencoder.data.beir import load_beir
-from biencoder.data.io import dotted_leaves, progress_path
+from biencoder.data.io import dotted_leaves, naming_errors, progress_path
 from biencoder.data.mining.pipeline import MiningReport, mine, resume_state
 from biencoder.data.mining.selection import MiningOptions
 from biencoder.data.mining.sets import mining_set_from_beir, mining_set_from_pairs
@@ -39,12 +40,14 @@ from biencoder.data.mining.teachers import (
     BiEncoderTeacher,
     CrossEncoderTeacher,
     Teacher,
+    check_teacher_folder,
     is_cross_encoder,
 )
 from biencoder.data.training import load_pairs
 from biencoder.model.biencoder import BiEncoder, embedding_dim
 from biencoder.retrieval.retrievers import BM25Retriever, DenseRetriever
 from biencoder.retrieval.search import check_index_dims
+from biencoder.runtime import lock
 from biencoder.runtime.device import resolve_device
 from biencoder.runtime.files import atomic_file
 from biencoder.training.hydra_config import CONFIG_DIR, ConfigError, register
@@ -130,9 +133,32 @@ def checked(cfg: DictConfig) -> MineConfig:
             raise ConfigError(f"model.path: {err}") from err
         except ValueError as err:
             raise ConfigError(f"index: {str(err).removeprefix('factory: ')}") from err
-    if config.teacher.path is not None and not Path(config.teacher.path).is_dir():
-        raise ConfigError(f"teacher.path: {config.teacher.path} is not a folder")
+    if config.teacher.path is not None:
+        if not Path(config.teacher.path).is_dir():
+            raise ConfigError(f"teacher.path: {config.teacher.path} is not a folder")
+        try:
+            check_teacher_folder(config.teacher.path, config.teacher.max_length)
+        except ValueError as err:
+            raise ConfigError(f"teacher.{err}") from err
+    if config.out is not None:
+        check_out_folder(Path(config.out))
     return config
+
+
+def check_out_folder(out: Path) -> None:
+    """Raise ConfigError naming ``out`` where its folder cannot be written, so that a run
+    fails before embedding the corpus rather than at its first write. Writes nothing: the
+    nearest folder that exists is asked (os.access) whether files can be made in it."""
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"out: {folder} is a file, so {out} cannot be written below it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"out: {folder} is not writable, so {out} cannot be written; choose an out= in a "
+            "folder you can write to"
+        )
 
 
 def load_teacher(node: TeacherNode, device: torch.device) -> Teacher:
@@ -160,7 +186,7 @@ def embedded_retriever(
     # Only with a progress record: resume_state has then checked that it has this run's
     # settings, and mine() writes one before searching anything.
     continuing = config.resume and progress_path(out).exists() and cache.exists()
-    embeddings = np.load(cache) if continuing else None
+    embeddings = _kept_embeddings(cache, len(corpus)) if continuing else None
     retriever = DenseRetriever(
         model,
         corpus,
@@ -170,10 +196,26 @@ def embedded_retriever(
         embeddings=embeddings,
     )
     if embeddings is None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(cache, "wb") as file:
-            np.save(file, retriever.embeddings)
+        with naming_errors(cache, "the corpus embeddings"):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(cache, "wb") as file:
+                np.save(file, retriever.embeddings)
     return retriever
+
+
+def _kept_embeddings(cache: Path, texts: int) -> np.ndarray:
+    advice = f"delete {cache} to embed the corpus again"
+    try:
+        embeddings = np.load(cache)
+    except (ValueError, EOFError) as err:
+        raise ConfigError(f"resume: {cache} cannot be read ({err}); {advice}") from err
+    # The settings name data.path, not what it holds: the file may have changed since.
+    if embeddings.ndim != 2 or len(embeddings) != texts:
+        raise ConfigError(
+            f"resume: {cache} holds embeddings of shape {embeddings.shape} for the {texts} "
+            f"texts of data.path; {advice}"
+        )
+    return embeddings
 
 
 def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
@@ -185,6 +227,13 @@ def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     out = Path(config.out) if config.out else out_dir / OUT_NAME
+    # One process writes ``out``, its progress record and corpus cache at a time.
+    with lock.hold(lock.beside(out), "out"):
+        return mine_into(out, cfg, config, device)
+
+
+def mine_into(out: Path, cfg: DictConfig, config: MineConfig, device: torch.device) -> MiningReport:
+    """run()'s work once ``out`` is this process's alone."""
     settings = {
         key: value
         for key, value in dotted_leaves(OmegaConf.to_container(cfg, resolve=True)).items()
@@ -200,6 +249,9 @@ def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
     options = MiningOptions(
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(MiningOptions)}
     )
+    # Before the corpus is embedded, so that a teacher that does not load fails the run in
+    # seconds rather than after all the embedding.
+    teacher = load_teacher(config.teacher, device) if config.teacher.path else None
     path = Path(config.data.path)
     if path.is_dir():
         source = mining_set_from_beir(load_beir(path, config.data.split))
@@ -218,7 +270,6 @@ def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
             device=device,
         )
         retriever = embedded_retriever(model, source.corpus, config, out)
-    teacher = load_teacher(config.teacher, device) if config.teacher.path else None
     report = mine(
         source,
         retriever,

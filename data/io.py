@@ -3,6 +3,7 @@ and the dotted keys that progress records store settings under."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -116,8 +117,8 @@ def read_progress(
     """The progress record to continue ``out`` from when ``resume``, else ``fresh`` (with
     ``settings``). Raises ValueError, naming ``out`` or ``resume``, where it would refuse:
     ``out`` exists without ``resume``, has no record (so which ``unit`` it holds is
-    unknown), or was written with other ``settings`` (each changed key is named). Cheap:
-    call it before loading anything."""
+    unknown), its record is not one (see :func:`load_progress`), or was written with other
+    ``settings`` (each changed key is named). Cheap: call it before loading anything."""
     record = progress_path(out)
     fresh = {"settings": settings, **fresh}
     if not resume:
@@ -131,7 +132,7 @@ def read_progress(
                 "unknown; delete it to start again"
             )
         return fresh
-    progress = json.loads(record.read_text())
+    progress = load_progress(out, fresh)
     before = progress["settings"]
     changed = [
         f"{key}={before.get(key)!r}, now {settings.get(key)!r}"
@@ -143,7 +144,69 @@ def read_progress(
     return progress
 
 
+def load_progress(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
+    """The progress record of ``out``, checked to hold every key of ``fresh`` with a value of
+    its JSON type (counts as non-negative integers). Raises ValueError naming ``resume``, the
+    record's path and what is wrong with it: invalid JSON (with its line and column), a
+    missing key or a value of another type."""
+    record = progress_path(out)
+    advice = f"delete it and {out} to start over, or restore it from a copy"
+    try:
+        progress = json.loads(record.read_bytes())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"resume: {record}: invalid JSON at line {err.lineno}, column {err.colno} "
+            f"({err.msg}); {advice}"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"resume: {record}: not UTF-8 text (byte {err.start + 1}); {advice}"
+        ) from err
+    if not isinstance(progress, dict):
+        raise ValueError(
+            f"resume: {record}: expected a JSON object, got {describe(progress)}; {advice}"
+        )
+    for key, default in fresh.items():
+        if key not in progress:
+            raise ValueError(f"resume: {record}: missing key {key!r}; {advice}")
+        if not _same_kind(progress[key], default):
+            raise ValueError(
+                f"resume: {record}: key {key!r} is {describe(progress[key])}, expected "
+                f"{_KINDS.get(type(default), type(default).__name__)}; {advice}"
+            )
+    return progress
+
+
+_KINDS = {bool: "true or false", int: "a non-negative integer", list: "an array", dict: "an object"}
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    # JSON true is a Python int too, so a count is checked to be no bool.
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and value >= 0
+    return isinstance(value, type(default))
+
+
 def save_progress(out: Path, progress: dict[str, Any]) -> None:
     """Record ``progress`` for ``out``, atomically (:func:`runtime.files.atomic_write`: written
-    aside, pushed to disk, then renamed)."""
-    atomic_write(progress_path(out), json.dumps(progress, indent=1) + "\n")
+    aside, pushed to disk, then renamed); an OSError (a full disk) names the record."""
+    record = progress_path(out)
+    with naming_errors(record, "the progress record"):
+        atomic_write(record, json.dumps(progress, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def naming_errors(path: Path, what: str) -> Iterator[None]:
+    """Re-raise an OSError from the block as one naming ``what`` is written and ``path``:
+    a failed write or fsync names no file (a full disk says only "No space left on
+    device"), and one that names the hidden file written aside misleads."""
+    try:
+        yield
+    except OSError as err:
+        message = f"cannot write {what} {path}: {err.strerror or err}"
+        if err.errno is None:
+            raise OSError(message) from err
+        # OSError() picks the subclass of the errno (EACCES: PermissionError) again.
+        raise OSError(err.errno, message) from err

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from biencoder.data.io import read_progress, save_progress
+from biencoder.data.io import naming_errors, progress_path, read_progress, save_progress
 from biencoder.data.mining.selection import FILTERS, MiningOptions, select_negatives
 from biencoder.data.mining.sets import MiningQuery, MiningSet
 from biencoder.data.mining.teachers import Teacher
@@ -46,9 +46,18 @@ class MiningReport:
 def resume_state(out: Path, resume: bool, settings: dict[str, Any]) -> dict[str, Any]:
     """Where :func:`mine` would start writing ``out``: the progress record (``queries``
     done, filling ``bytes`` of ``out``) of a run with the same ``settings`` when
-    ``resume``, else a fresh one; refusals as :func:`data.io.read_progress`'s."""
+    ``resume``, else a fresh one; refusals as :func:`data.io.read_progress`'s, and a record
+    of more bytes than ``out`` holds."""
     fresh = {"queries": 0, "lines": 0, "bytes": 0, "complete": False}
-    return read_progress(out, resume, settings, fresh, "queries")
+    progress = read_progress(out, resume, settings, fresh, "queries")
+    size = out.stat().st_size if out.exists() else 0
+    # Cutting ``out`` back to a longer length would pad it with zero bytes.
+    if progress["bytes"] > size:
+        raise ValueError(
+            f"resume: {progress_path(out)} records {progress['bytes']} bytes of {out}, which "
+            f"holds {size}; delete both to start over, or restore {out.name} from a copy"
+        )
+    return progress
 
 
 def mine(
@@ -98,7 +107,8 @@ def mine(
         total=len(source.queries), initial=progress["queries"], desc="search", unit="query"
     )
     written = tqdm(desc="write", unit="line", initial=progress["lines"])
-    with open(out, "ab") as file:
+    file = open(out, "ab")  # noqa: SIM115 (closed below, naming its errors)
+    try:
         file.truncate(progress["bytes"])
         # Recorded before any work, so a crash in the first batch still resumes.
         save_progress(out, progress)
@@ -126,7 +136,8 @@ def mine(
             data = b"".join(
                 (json.dumps(line, ensure_ascii=False) + "\n").encode() for line in lines
             )
-            append_durably(file, data)
+            with naming_errors(out, "the mined lines"):
+                append_durably(file, data)
             written.update(len(lines))
             report.queries += len(batch)
             report.lines += len(lines)
@@ -136,6 +147,10 @@ def mine(
                 bytes=progress["bytes"] + len(data),
             )
             save_progress(out, progress)
+    finally:
+        # Closing flushes what a write on a full disk left buffered, and fails again.
+        with naming_errors(out, "the mined lines"):
+            file.close()
     searched.close()
     written.close()
     progress["complete"] = True
