@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from biencoder.data.errors import DataError
 from biencoder.data.synthesis.pipeline import SynthesisReport
-from biencoder.data.synthesis.run import SynthesisConfig, run_synthesis
+from biencoder.data.synthesis.run import SynthesisConfig, check_models, check_out, run_synthesis
 from biencoder.training.hydra_config import CONFIG_DIR, ConfigError, naming, register
 
 log = logging.getLogger("synthesize")
@@ -49,23 +49,30 @@ class SynthesizeConfig(SynthesisConfig):
     task_name: str = "synthesize"
 
 
-def checked(cfg: DictConfig) -> SynthesizeConfig:
-    """``cfg`` as a SynthesizeConfig; a value that cannot work raises ConfigError naming
-    its key."""
+def checked(cfg: DictConfig, out_dir: Path) -> tuple[SynthesizeConfig, Path]:
+    """``cfg`` as a SynthesizeConfig, and the file it writes (``cfg.out``, default
+    ``out_dir/synthetic.jsonl``), once every check that loads no model has passed: the
+    corpus exists, the prompt file parses and fills in only ``{document}``, the generator's
+    and retriever's files look whole, the output can be written. A value that cannot work
+    raises ConfigError naming its key and file; nothing has been written then."""
     with naming("", SynthesizeConfig):
         config = OmegaConf.to_object(cfg)
     if not Path(config.corpus.path).exists():
         raise ConfigError(f"corpus.path: {config.corpus.path} does not exist")
     if config.prompt.file is not None and not Path(config.prompt.file).is_file():
         raise ConfigError(f"prompt.file: {config.prompt.file} is not a file")
-    return config
+    out = Path(config.out) if config.out else out_dir / OUT_NAME
+    with naming("", SynthesizeConfig):
+        config.prompt.load()
+        check_models(config)
+        check_out(out)
+    return config, out
 
 
 def run(cfg: DictConfig, out_dir: Path) -> SynthesisReport:
     """What ``python synthesize.py`` does with ``cfg``: writes ``cfg.out`` (default
     ``out_dir/synthetic.jsonl``)."""
-    config = checked(cfg)
-    out = Path(config.out) if config.out else out_dir / OUT_NAME
+    config, out = checked(cfg, out_dir)
     try:
         return run_synthesis(config, out, config.resume)
     except DataError:

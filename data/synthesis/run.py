@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from biencoder.data.beir import Document, load_corpus
+from biencoder.data.errors import DataError
 from biencoder.data.io import dotted_leaves, read_progress
-from biencoder.data.synthesis.generator import QueryGenerator, Sampling
+from biencoder.data.synthesis.generator import DTYPES, QueryGenerator, Sampling, check_generator
 from biencoder.data.synthesis.options import SynthesisOptions
 from biencoder.data.synthesis.parsing import words
 from biencoder.data.synthesis.pipeline import SynthesisReport, build_retrievers, synthesize
 from biencoder.data.synthesis.prompts import Prompt, builtin_prompt
+from biencoder.runtime import lock
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,10 @@ class GeneratorSpec:
     dtype: str = "auto"  # auto (bfloat16 where native) | float32 | bfloat16 | float16
     chat: bool = True  # wrap prompts in the tokenizer's chat template when it has one
 
+    def __post_init__(self) -> None:
+        if self.dtype not in (*DTYPES, "auto"):
+            raise ValueError(f"dtype: {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+
 
 @dataclass
 class PromptSpec:
@@ -78,7 +85,11 @@ class PromptSpec:
             builtin_prompt(self.style)
 
     def load(self) -> Prompt:
-        return Prompt.load(self.file or builtin_prompt(self.style))
+        """The prompt; a bad prompt file raises ValueError ``prompt.file: <file>:<line>: ...``."""
+        try:
+            return Prompt.load(self.file or builtin_prompt(self.style))
+        except DataError as err:
+            raise ValueError(f"prompt.{'file' if self.file else 'style'}: {err}") from err
 
 
 @dataclass
@@ -112,20 +123,88 @@ class SynthesisConfig(SynthesisOptions):
             if key.split(".")[0] in own
         }
 
+    def retrievers(self) -> set[str]:
+        """The retrievers the round trip and the negatives search (bm25, dense)."""
+        names = set(self.filters.retrievers)
+        if self.negatives.num:
+            names.add(self.negatives.retriever)
+        return names
+
+
+def check_models(config: SynthesisConfig) -> None:
+    """Check the files of the generator and, when a dense retriever is used, the retriever
+    model, without loading either (see :func:`data.synthesis.generator.check_generator`).
+    Raises ValueError starting with the key at fault, then the file."""
+    from biencoder.model.biencoder import VOCABULARY_FILES, embedding_dim
+    from biencoder.model.weights import find_weights, packaged_model_path
+
+    try:
+        check_generator(config.generator.path)
+    except ValueError as err:
+        raise ValueError(f"generator.{err}") from err
+    if "dense" not in config.retrievers():
+        return
+    try:
+        folder = Path(config.retriever_model or packaged_model_path())
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a model folder")
+        embedding_dim(folder)
+        find_weights(folder)
+        if not any((folder / name).is_file() for name in VOCABULARY_FILES):
+            raise FileNotFoundError(f"{folder}: no {' or '.join(VOCABULARY_FILES)}")
+    except (OSError, ImportError, ValueError) as err:
+        raise ValueError(f"retriever_model: {err}") from err
+
+
+def check_out(out: Path) -> None:
+    """Raise ValueError ``out: ...`` unless ``out`` can be written (or appended to) and its
+    progress record made beside it: asked of the file where it exists, else of the nearest
+    folder above it that exists (os.access, so nothing is written)."""
+    if out.is_dir():
+        raise ValueError(f"out: {out} is a folder; name a file")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"out: {out} is not writable")
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"out: {folder} is a file, so {out} cannot be written below it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"out: {folder} is not writable, so {out} cannot be written; choose an out= in a "
+            "folder you can write to"
+        )
+
 
 def run_synthesis(config: SynthesisConfig, out: Path, resume: bool = False) -> SynthesisReport:
     """Load the corpus, the generator and the retrievers ``config`` names, and synthesise
-    into ``out``, continuing it with ``resume`` (see :func:`synthesize`)."""
-    import torch
-
-    from biencoder.model.biencoder import BiEncoder
-    from biencoder.model.weights import packaged_model_path
+    into ``out``, continuing it with ``resume`` (see :func:`synthesize`). Another process
+    writing ``out`` raises :class:`runtime.lock.LockedError` naming it."""
     from biencoder.runtime.device import resolve_device
 
     device = resolve_device(config.device)
     prompt = config.prompt.load()
     settings = config.settings()
     # Cheap refusals (a changed setting, an existing file) before loading anything.
+    check_out(out)
+    # One process writes ``out`` and its progress record at a time; held until the end.
+    with lock.hold(lock.beside(out), "out"):
+        return _synthesize_into(config, out, resume, device, prompt, settings)
+
+
+def _synthesize_into(
+    config: SynthesisConfig,
+    out: Path,
+    resume: bool,
+    device: Any,
+    prompt: Prompt,
+    settings: dict[str, Any],
+) -> SynthesisReport:
+    import torch
+
+    from biencoder.model.biencoder import BiEncoder
+    from biencoder.model.weights import packaged_model_path
+
     progress = read_progress(out, resume, settings, {"done": []}, "documents")
     corpus = list(load_corpus(config.corpus.path).values())
     documents = sample_documents(corpus, config.num_docs, config.seed, config.corpus.strata)
@@ -134,9 +213,9 @@ def run_synthesis(config: SynthesisConfig, out: Path, resume: bool = False) -> S
         # Nothing left to write: no generator or retriever to load.
         log.info("%s holds every sampled document: nothing to generate", out)
         return SynthesisReport.from_dict(progress["report"])
-    names = set(config.filters.retrievers)
-    if config.negatives.num:
-        names.add(config.negatives.retriever)
+    # Only now: a file that holds every document needs neither model.
+    check_models(config)
+    names = config.retrievers()
     model = None
     if "dense" in names:
         model = BiEncoder.from_pretrained(
