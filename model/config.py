@@ -78,6 +78,14 @@ class EncoderConfig:
             ) from err
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+        if raw.get("auto_map"):
+            # Such a model (jina-embeddings-v2: model_type "bert", ALiBi in its own code) would
+            # load into our BERT without an error and compute something else.
+            raise ValueError(
+                f"{path}: field 'auto_map': the model runs its own code "
+                f"({', '.join(sorted(raw['auto_map']))}), which this encoder does not "
+                "implement; only models that transformers runs without custom code load"
+            )
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(
                 f"{path}: field 'position_embedding_type': only 'absolute' is supported, "

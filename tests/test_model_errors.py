@@ -168,3 +168,17 @@ def test_retrieval_checks_index_and_dims_before_encoding(
         evaluate_retrieval(
             model, load_beir(tiny_beir_path, "test"), index=index, matryoshka_dims=dims
         )
+
+
+def test_a_model_that_runs_its_own_code_is_refused_not_loaded_as_bert(tiny_copy):
+    """jina-embeddings-v2 says model_type "bert" but computes attention with ALiBi in its
+    own code: loaded into our BERT it would give other embeddings without an error."""
+    config = json.loads((tiny_copy / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoModel": "jinaai/jina-bert-implementation--modeling_bert.JinaBertModel"
+    }
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=rf"{tiny_copy}/config.json: field 'auto_map': .*AutoModel"
+    ):
+        BiEncoder.from_pretrained(tiny_copy)
