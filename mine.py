@@ -49,7 +49,7 @@ from biencoder.retrieval.retrievers import BM25Retriever, DenseRetriever
 from biencoder.retrieval.search import check_index_dims
 from biencoder.runtime import lock
 from biencoder.runtime.device import resolve_device
-from biencoder.runtime.files import atomic_file
+from biencoder.runtime.files import atomic_file, check_free_space
 from biencoder.training.hydra_config import CONFIG_DIR, ConfigError, register
 
 log = logging.getLogger("mine")
@@ -262,6 +262,12 @@ def mine_into(out: Path, cfg: DictConfig, config: MineConfig, device: torch.devi
     if config.retriever == "bm25":
         retriever = BM25Retriever(source.corpus)
     else:
+        width = embedding_dim(config.model.path)
+        cache_bytes = len(source.corpus) * width * np.dtype(np.float32).itemsize
+        try:
+            check_free_space(out.parent, cache_bytes, "out", "the corpus embeddings")
+        except OSError as err:
+            raise ConfigError(str(err)) from err
         model = BiEncoder.from_pretrained(
             config.model.path,
             max_length=config.model.max_length,

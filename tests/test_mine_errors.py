@@ -394,3 +394,24 @@ def test_a_second_mine_py_on_an_out_being_written_is_refused_naming_the_writer(
     with pytest.raises(lock.LockedError, match=f"out: {out} is being written by .* pid {pid} "):
         mine_cli.run(cfg, tmp_path)
     assert sorted(p.name for p in out.parent.iterdir()) == ["o.jsonl.lock"]  # the holder's
+
+
+def test_a_disk_too_small_for_the_corpus_embeddings_is_refused_before_embedding(
+    tmp_path, tiny_model_path, no_embedding, monkeypatch
+):
+    out = tmp_path / "mined" / "o.jsonl"
+    usage = shutil.disk_usage(tmp_path)
+    # The tiny corpus's 158 x 32 float32 embeddings take 20,224 bytes.
+    monkeypatch.setattr(
+        "biencoder.runtime.files.shutil.disk_usage", lambda _: usage._replace(free=20_000)
+    )
+    cfg = compose_config(
+        "mine", f"data.path={TINY_DIR}", f"model.path={tiny_model_path}", f"out={out}"
+    )
+    with pytest.raises(ConfigError, match=rf"out: {out.parent}: 0 MiB free .* corpus embeddings"):
+        mine_cli.run(cfg, tmp_path)
+    monkeypatch.setattr(
+        "biencoder.runtime.files.shutil.disk_usage", lambda _: usage._replace(free=20_224)
+    )
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        mine_cli.run(cfg, tmp_path)  # enough room: on to the model
