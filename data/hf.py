@@ -20,14 +20,16 @@ it names are read. The roles give the example type:
 Loading memory-maps the Arrow data (a parquet or JSONL file is converted once into the
 ``datasets`` cache, ``HF_DATASETS_CACHE``) and checks each column with Arrow kernels: no row
 becomes a Python object until a batch asks for it. Errors name the file (or the folder of a
-saved dataset), the row (counted from 1) and the column.
+saved dataset), the row (counted from 1) and the column; a file without rows is an error.
 """
 
 from __future__ import annotations
 
 import bisect
 import glob
+import gzip
 import itertools
+import json
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,8 +39,10 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .errors import DataError
+from .fields import describe
 from .sts import ScoredPair
 from .training import Example, Pair, Triplet
 from .training_sets import TrainingSet
@@ -62,6 +66,8 @@ FILE_FORMATS = {
 }
 ROLES = ("anchor", "positive", "negative", "score", "label")
 _NUMBERED_NEGATIVE = re.compile(r"negative_([1-9][0-9]*)")
+# A JSON number, as the JSON text of a value that datasets stores as JSON.
+_JSON_NUMBER = r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?$"
 # Rows converted to Python objects at a time when iterating over a whole set.
 _ITER_ROWS = 1024
 
@@ -243,7 +249,8 @@ class HfExamples(Sequence[Example]):
             path, row = self.source(index)
             return ScoredPair(values[0], values[1], float(values[2]), source=f"{path}:{row}")
         if roles.negatives:
-            return Triplet(values[0], values[1], tuple(values[2:]))
+            path, row = self.source(index)
+            return Triplet(values[0], values[1], tuple(values[2:]), source=f"{path}:{row}")
         return Pair(values[0], values[1])
 
     def check(self) -> None:
@@ -253,26 +260,38 @@ class HfExamples(Sequence[Example]):
         for name in roles.texts:
             column = self._table.column(name)
             text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-            self._check_type(column, name, text, "a string")
+            self._check_type(column, name, text, "a string", '^"')
             self._check_nulls(column, name)
             blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
             self._fail_at(_first(blank), name, "empty text")
         if roles.label is not None:
             column = self._table.column(roles.label)
             numeric = pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
-            self._check_type(column, roles.label, numeric, "a number")
+            self._check_type(column, roles.label, numeric, "a number", _JSON_NUMBER)
             self._check_nulls(column, roles.label)
             if pa.types.is_floating(column.type):
                 self._fail_at(
                     _first(pc.invert(pc.is_finite(column))), roles.label, "expected a finite number"
                 )
 
-    def _check_type(self, column: pa.ChunkedArray, name: str, ok: bool, expected: str) -> None:
-        if not ok:
-            first = _first(pc.is_valid(column))
-            self._fail_at(
-                0 if first is None else first, name, f"expected {expected}, got {column.type}"
-            )
+    def _check_type(
+        self, column: pa.ChunkedArray, name: str, ok: bool, expected: str, json_pattern: str
+    ) -> None:
+        """``ok``: the column has the expected type. A column whose rows mix types (a JSON
+        file's) is stored as each row's JSON text: the first row that does not match
+        ``json_pattern`` is named with its value; any other type, with the column's."""
+        if ok:
+            return
+        if getattr(column.type, "extension_name", None) == "arrow.json":
+            texts = pa.chunked_array([chunk.storage for chunk in column.chunks])
+            index = _first(pc.invert(pc.match_substring_regex(texts, json_pattern)))
+            if index is not None:
+                value = describe(json.loads(texts[index].as_py()))
+                self._fail_at(index, name, f"expected {expected}, got {value}")
+        first = _first(pc.is_valid(column))
+        self._fail_at(
+            0 if first is None else first, name, f"expected {expected}, got {column.type}"
+        )
 
     def _check_nulls(self, column: pa.ChunkedArray, name: str) -> None:
         if column.null_count:
@@ -366,17 +385,29 @@ class HfTrainingSet:
     def _read_saved(self, folder: Path) -> tuple[datasets.Dataset, list[_Source]]:
         import datasets
 
-        loaded = datasets.load_from_disk(str(folder))
+        try:
+            loaded = datasets.load_from_disk(str(folder))
+        except (OSError, IndexError, ValueError, pa.ArrowException) as err:
+            # datasets cannot load a saved Dataset of no rows (it has no data file to map),
+            # nor a DatasetDict holding one.
+            for state in sorted([folder / "state.json", *folder.glob("*/state.json")]):
+                if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+                    raise DataError("no rows", state.parent) from err
+            raise DataError(f"cannot be read as a saved dataset: {err}", folder) from err
         if isinstance(loaded, datasets.DatasetDict):
             splits = list(loaded)
             split = self.split or (splits[0] if len(splits) == 1 else None)
             if split not in loaded:
                 wanted = f"has no split {split!r}" if self.split else "holds several splits"
                 raise ValueError(f"split: {folder} {wanted}; choose one of {', '.join(splits)}")
-            return loaded[split], [_Source(str(folder / split), 0)]
-        if self.split is not None:
+            loaded, where = loaded[split], folder / split
+        elif self.split is not None:
             raise ValueError(f"split: {folder} holds one Dataset, not a DatasetDict of splits")
-        return loaded, [_Source(str(folder), 0)]
+        else:
+            where = folder
+        if loaded.num_rows == 0:
+            raise DataError("no rows", where)
+        return loaded, [_Source(str(where), 0)]
 
 
 def _read_file(file: str) -> datasets.Dataset:
@@ -390,7 +421,48 @@ def _read_file(file: str) -> datasets.Dataset:
             f"path: {file} is not a saved dataset folder, nor a file ending in "
             f"{', '.join(FILE_FORMATS)}"
         )
-    return datasets.load_dataset(builder, data_files=[file], split="train")
+    _check_has_rows(file, builder)
+    try:
+        dataset = datasets.load_dataset(builder, data_files=[file], split="train")
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError) as err:
+        # datasets' words for a file it read no row from; the checks above catch the usual
+        # empty files first, with a plainer message.
+        if "corresponds to no data" in str(err):
+            raise DataError("no rows", file) from err
+        cause = err.__cause__ or err
+        raise DataError(f"cannot be read as {builder}: {cause}", file) from err
+    if dataset.num_rows == 0:
+        raise DataError("no rows", file)
+    return dataset
+
+
+def _check_has_rows(file: str, builder: str) -> None:
+    """Raise DataError for a file without a row, which datasets reports as a failure of its
+    own (an empty parquet or CSV file) or as a dataset of no split."""
+    if builder == "parquet":
+        try:
+            rows = pq.read_metadata(file).num_rows
+        except pa.ArrowInvalid as err:
+            raise DataError(f"not a parquet file: {err}", file) from err
+        if rows == 0:
+            raise DataError("no rows", file)
+    elif builder in ("csv", "json"):
+        lines = _nonblank_lines(file, 2)
+        if lines == 0:
+            raise DataError("no rows: the file is empty", file)
+        if builder == "csv" and lines == 1:
+            raise DataError("no rows: the file holds a header line only", file)
+
+
+def _nonblank_lines(file: str, enough: int) -> int:
+    """The non-blank lines of a text file (plain or ``.gz``), counted up to ``enough``."""
+    count = 0
+    with gzip.open(file, "rb") if file.endswith(".gz") else open(file, "rb") as f:
+        for line in f:
+            count += bool(line.strip())
+            if count >= enough:
+                break
+    return count
 
 
 def _schema(features: datasets.Features) -> str:

@@ -103,13 +103,20 @@ def _parse_scores(
         raise DataError(
             f"expected an array of numbers, got {describe(scores)}", path, line, "scores"
         )
-    if len(scores) != 1 + negatives:
+    # Each value first: a nested array is named as such, not as a wrong count.
+    values = tuple(check_number(v, path, line, f"scores[{i}]") for i, v in enumerate(scores))
+    if len(values) != 1 + negatives:
         reason = (
-            f"{len(scores)} scores for 1 positive and {negatives} negatives; give one teacher "
-            "score per text: the positive's, then each negative's"
+            f"{_count(len(values), 'score')} for 1 positive and {_count(negatives, 'negative')}"
+            f"; give {1 + negatives}, one teacher score per text: the positive's, then each "
+            "negative's"
         )
         raise DataError(reason, path, line, "scores")
-    return tuple(check_number(v, path, line, f"scores[{i}]") for i, v in enumerate(scores))
+    return values
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def load_triplets(path: str | os.PathLike[str]) -> list[Triplet]:
@@ -119,7 +126,7 @@ def load_triplets(path: str | os.PathLike[str]) -> list[Triplet]:
     number of negatives, because batches stack them into one tensor. An optional
     ``"scores": [number, ...]`` holds teacher scores for distillation (``loss=margin_mse``,
     ``loss=listwise_kl``): the positive's, then each negative's, as ``mine.py teacher.path=``
-    writes them.
+    writes them; every record has them, or none.
     """
     triplets: list[Triplet] = []
     first_line = 0
@@ -140,6 +147,16 @@ def load_triplets(path: str | os.PathLike[str]) -> list[Triplet]:
                 f"{len(triplets[0].negatives)}; every record needs the same number"
             )
             raise DataError(reason, path, line_no, "negatives")
+        elif (triplet.scores is None) != (triplets[0].scores is None):
+            # A broken file either way: a distillation loss needs every record's scores, and
+            # any other loss ignores them.
+            reason = (
+                f"required field is missing: line {first_line} has teacher scores, so every "
+                "record needs them"
+                if triplet.scores is None
+                else f"line {first_line} has no teacher scores: give every record scores, or none"
+            )
+            raise DataError(reason, path, line_no, "scores")
         triplets.append(triplet)
     if not triplets:
         raise DataError("no records", path)

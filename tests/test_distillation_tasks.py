@@ -97,24 +97,78 @@ def test_the_jsonl_reader_keeps_scores_and_names_bad_ones(tmp_path):
     path = tmp_path / "scored.jsonl"
     records = [
         {"query": "q1", "positive": "p1", "negatives": ["a", "b"], "scores": [3, 1.5, -2]},
-        {"query": "q2", "positive": "p2", "negatives": ["c", "d"]},
+        {"query": "q2", "positive": "p2", "negatives": ["c", "d"], "scores": [0, 0, 0]},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    first, second = load_triplets(path)
+    first, _ = load_triplets(path)
     assert first.scores == (3.0, 1.5, -2.0) and first.source == f"{path}:1"
-    assert second.scores is None
+    path.write_text(json.dumps({"query": "q", "positive": "p", "negatives": ["a"]}) + "\n")
+    assert load_triplets(path)[0].scores is None
 
     for scores, field, reason in [
         ([1.0, 2.0], "scores", "2 scores for 1 positive and 2 negatives"),
         ([1.0, "x", 2.0], "scores[1]", "expected a number"),
+        ([1.0, None, 2.0], "scores[1]", "expected a number, got null"),
+        ([1.0, True, 2.0], "scores[1]", "expected a number, got true"),
         ([1.0, math.inf, 2.0], "scores[1]", "finite"),
+        ([1.0, math.nan, 2.0], "scores[1]", "expected a finite number, got NaN"),
         ("high", "scores", "expected an array of numbers"),
+        (None, "scores", "expected an array of numbers, got null"),
     ]:
         bad = {"query": "q", "positive": "p", "negatives": ["a", "b"], "scores": scores}
         path.write_text(json.dumps(bad).replace("Infinity", "1e999") + "\n")
         with pytest.raises(DataError, match=reason) as error:
             load_triplets(path)
         assert f"{path}:1" in str(error.value) and field in str(error.value)
+
+
+SCORED = {"query": "q", "positive": "p", "negatives": ["a", "b"], "scores": [3.0, 2.0, 1.0]}
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (
+            {**SCORED, "scores": [[3.0, 2.0, 1.0]]},
+            "field 'scores[0]': expected a number, got array",
+        ),
+        (
+            {**SCORED, "scores": [3.0, 2.0]},
+            "field 'scores': 2 scores for 1 positive and 2 negatives; give 3, one teacher score "
+            "per text: the positive's, then each negative's",
+        ),
+        (
+            {key: value for key, value in SCORED.items() if key != "scores"},
+            "field 'scores': required field is missing: line 1 has teacher scores, so every "
+            "record needs them",
+        ),
+    ],
+)
+def test_scores_that_do_not_fit_their_record_or_the_file_are_named(tmp_path, second, message):
+    path = tmp_path / "scored.jsonl"
+    path.write_text(json.dumps(SCORED) + "\n" + json.dumps(second) + "\n")
+    with pytest.raises(DataError) as error:
+        load_triplets(path)
+    assert str(error.value) == f"{path}:2: {message}"
+
+
+def test_one_negative_takes_two_scores_and_scores_on_a_later_record_only_are_named(tmp_path):
+    path = tmp_path / "scored.jsonl"
+    one = {"query": "q", "positive": "p", "negative": "a", "scores": [3.0, 2.0, 1.0]}
+    path.write_text(json.dumps(one) + "\n")
+    with pytest.raises(DataError) as error:
+        load_triplets(path)
+    assert str(error.value) == (
+        f"{path}:1: field 'scores': 3 scores for 1 positive and 1 negative; give 2, one "
+        "teacher score per text: the positive's, then each negative's"
+    )
+    unscored = {"query": "q", "positive": "p", "negatives": ["a", "b"]}
+    path.write_text(json.dumps(unscored) + "\n" + json.dumps(SCORED) + "\n")
+    with pytest.raises(DataError) as error:
+        load_triplets(path)
+    assert str(error.value) == (
+        f"{path}:2: field 'scores': line 1 has no teacher scores: give every record scores, or none"
+    )
 
 
 @pytest.mark.parametrize("loss", ["margin_mse", "listwise_kl"])

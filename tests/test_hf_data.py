@@ -16,6 +16,7 @@ from biencoder.data.hf import HfExamples, HfTrainingSet, resolve_roles
 from biencoder.data.sts import ScoredPair
 from biencoder.data.training import Pair, Triplet
 from biencoder.training.hydra_config import ConfigError
+from biencoder.training.tasks import MarginMSETask
 
 ROWS = {
     "anchor": ["what is a cell", "who wrote it", "where is it"],
@@ -264,3 +265,69 @@ def test_train_py_trains_on_a_saved_dataset(tmp_path, tiny_model_path):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "train/loss" in line] == [1, 2]
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
+def _empty_parquet(path: Path) -> None:
+    pq.write_table(pa.table({"anchor": pa.array([], pa.string()), "positive": []}), path)
+
+
+def _empty_saved(path: Path) -> None:
+    datasets.Dataset.from_dict({"anchor": [], "positive": []}).save_to_disk(str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "reason"),
+    [
+        ("empty.parquet", _empty_parquet, "no rows"),
+        ("empty.csv", lambda p: p.write_text(""), "no rows: the file is empty"),
+        ("header.csv", lambda p: p.write_text("anchor,positive\n"), "no rows: the file holds a"),
+        ("empty.jsonl", lambda p: p.write_text("\n\n"), "no rows: the file is empty"),
+        ("empty.json", lambda p: p.write_text("[]"), "no rows"),
+        ("saved", _empty_saved, "no rows"),
+        ("broken.parquet", lambda p: p.write_bytes(b"PAR1 cut short"), "not a parquet file: "),
+    ],
+)
+def test_a_file_without_rows_or_unreadable_is_named(tmp_path, name, write, reason):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(DataError) as err:
+        HfTrainingSet(str(path)).load()
+    assert str(err.value).startswith(f"{path}: {reason}")
+
+
+def test_a_json_column_of_mixed_types_names_the_first_row_of_the_wrong_type(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"anchor": f"q{i}", "positive": f"d{i}", "score": 1.5} for i in range(5)]
+    rows[2]["positive"], rows[3]["positive"], rows[4]["score"] = 17, ["d", "e"], "high"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError) as err:
+        HfTrainingSet(str(path), columns={"anchor": "anchor", "positive": "positive"}).load()
+    assert str(err.value) == f"{path}:3: field 'positive': expected a string, got 17"
+    rows[2]["positive"] = rows[3]["positive"] = "d"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError) as err:
+        HfTrainingSet(str(path)).load()
+    assert str(err.value) == f"{path}:5: field 'score': expected a number, got string"
+
+
+def test_triplets_name_their_row_for_a_loss_that_needs_what_they_lack(tmp_path):
+    path = saved(tmp_path, {**ROWS, "negative": ["x", "y", "z"]})
+    got = examples(path)
+    assert [triplet.source for triplet in got] == [f"{path}:{row}" for row in (1, 2, 3)]
+    with pytest.raises(ValueError, match=rf"^{path}:1: MarginMSETask needs teacher scores"):
+        MarginMSETask().check_examples(got)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_an_empty_file_fails_before_training_under_its_key(tmp_path, multi):
+    path = tmp_path / "empty.parquet"
+    _empty_parquet(path)
+    if multi:
+        key = "train_data.sets.qa"
+        overrides = ["train_data=multi", "+train_data@train_data.sets.qa=hf"]
+    else:
+        key, overrides = "train_data", ["train_data=hf"]
+    cfg = compose_train(*overrides, f"{key}.path={path}")
+    with pytest.raises(ConfigError) as err:
+        train_cli.plan_run(cfg)
+    assert str(err.value) == f"{key}: {path}: no rows"

@@ -327,7 +327,7 @@ PROBES: dict[str, Run | Proven] = {
             ),
         },
     ),
-    # debug=tiny, under every Run probe, sets train_data.path, which a several-set node lacks.
+    # Proven in the multi-set tests, which build sets of their own for the probes to differ on.
     **option_probes(
         "train_data=multi",
         {

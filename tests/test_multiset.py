@@ -142,8 +142,7 @@ def set_files(tmp_path_factory) -> dict[str, str]:
 
 
 def multi_overrides(tiny_model_path: str, files: dict[str, str], *extra: str) -> list[str]:
-    """A jsonl set ``pairs`` and an hf set ``qa``, two steps of 4 on the tiny model
-    (debug=tiny sets train_data.path, which a several-set node does not have)."""
+    """A jsonl set ``pairs`` and an hf set ``qa``, four steps of 4 on the tiny model."""
     return [
         "train_data=multi",
         "+train_data@train_data.sets.pairs=jsonl",
@@ -264,6 +263,32 @@ def test_a_bad_value_in_a_set_names_the_set(tiny_model_path, set_files):
     overrides = multi_overrides(tiny_model_path, set_files, "train_data.sets.pairs.format=csv")
     with pytest.raises(ConfigError, match=r"^train_data\.sets.pairs.format: 'csv' is not one of"):
         train_cli.plan_run(compose_train(*overrides))
+
+
+def test_an_empty_set_is_named_by_its_key(tmp_path, tiny_model_path, set_files):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    files = {**set_files, "jsonl": str(empty)}
+    with pytest.raises(ConfigError, match=rf"^train_data\.sets\.pairs: {empty}: no records"):
+        train_cli.train(compose_train(*multi_overrides(tiny_model_path, files)), tmp_path / "run")
+
+
+def test_debug_tiny_trains_several_sets_on_the_tiny_data(tmp_path, tiny_model_path, set_files):
+    from biencoder.data.paths import TINY_DIR
+
+    cfg = compose_train(
+        "debug=tiny",
+        f"model.path={tiny_model_path}",
+        "trainer.eval=false",
+        "train_data=multi",
+        "+train_data@train_data.sets.scifact=scifact",
+        "+train_data@train_data.sets.pairs=jsonl",
+        f"train_data.sets.pairs.path={set_files['jsonl']}",
+        "train_data.sampling=round_robin",
+    )
+    assert cfg.train_data.sets.scifact.path == str(TINY_DIR)
+    train_cli.train(cfg, tmp_path)
+    assert [set_losses(line).keys() for line in train_lines(tmp_path)] == [{"scifact"}, {"pairs"}]
 
 
 def test_a_run_without_sets_is_refused():

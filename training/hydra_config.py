@@ -234,7 +234,8 @@ def naming(key: str, target: Any) -> Iterator[None]:
     """Re-raise a ValueError from ``target`` (a class, function or dataclass instance) as a
     ConfigError under ``key`` (empty: the config's top level): a message that starts with
     one of its parameter names, ``"temperature: ..."`` or ``"temperature must ..."``,
-    becomes ``"loss.temperature: ..."``."""
+    becomes ``"loss.temperature: ..."``, and one that starts with a key below one,
+    ``"sets.qa: ..."``, becomes ``"train_data.sets.qa: ..."``."""
     try:
         yield
     except ConfigError:
@@ -246,6 +247,8 @@ def naming(key: str, target: Any) -> Iterator[None]:
             if message.startswith((f"{name}:", f"{name} ")):
                 rest = message[len(name) :].lstrip(":").strip()
                 raise ConfigError(f"{key}.{suffix}: {rest}".lstrip(".")) from err
+            if message.startswith(f"{name}."):  # a nested key: "sets.qa: ..."
+                raise ConfigError(f"{key}.{message}".lstrip(".")) from err
         raise ConfigError(f"{key}: {message}" if key else message) from err
 
 
