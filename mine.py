@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from biencoder.retrieval.retrievers import BM25Retriever, DenseRetriever
 from biencoder.retrieval.search import check_index_dims
 from biencoder.runtime import lock
 from biencoder.runtime.device import resolve_device
-from biencoder.runtime.files import atomic_file, check_free_space
+from biencoder.runtime.files import atomic_file, check_can_create, check_free_space
 from biencoder.training.hydra_config import CONFIG_DIR, ConfigError, register
 
 log = logging.getLogger("mine")
@@ -149,16 +148,10 @@ def check_out_folder(out: Path) -> None:
     """Raise ConfigError naming ``out`` where its folder cannot be written, so that a run
     fails before embedding the corpus rather than at its first write. Writes nothing: the
     nearest folder that exists is asked (os.access) whether files can be made in it."""
-    folder = out.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ConfigError(f"out: {folder} is a file, so {out} cannot be written below it")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"out: {folder} is not writable, so {out} cannot be written; choose an out= in a "
-            "folder you can write to"
-        )
+    try:
+        check_can_create(out, "out")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def load_teacher(node: TeacherNode, device: torch.device) -> Teacher:

@@ -110,3 +110,20 @@ def check_free_space(folder: str | os.PathLike[str], need: int, key: str, what: 
             f"{key}: {folder}: {free / 2**20:.0f} MiB free on its disk, {what} takes about "
             f"{need / 2**20:.0f} MiB; free some space or write elsewhere",
         )
+
+
+def check_can_create(path: str | os.PathLike[str], key: str) -> None:
+    """Raise ValueError ``key: ...`` unless a file can be created at ``path``: asked of the
+    nearest folder above it that exists (os.access, so nothing is written), so that a run
+    fails before its expensive work rather than at its first write."""
+    path = Path(path)
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{key}: {folder} is a file, so {path} cannot be written below it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{key}: {folder} is not writable, so {path} cannot be written; choose a {key}= "
+            "in a folder you can write to"
+        )

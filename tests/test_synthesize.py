@@ -40,6 +40,7 @@ from biencoder.data.synthesis.generator import (
     Sampling,
     packaged_generator,
     resolve_generator,
+    save_random_generator,
 )
 from biencoder.data.synthesis.options import NegativeOptions, SynthesisOptions
 from biencoder.data.synthesis.parsing import parse_query
@@ -51,42 +52,15 @@ from biencoder.data.training import load_pairs, load_triplets
 from biencoder.retrieval.retrievers import BM25Retriever, Hits
 from biencoder.training.hydra_config import ConfigError
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}[unused1] {{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %} [unused2]{% endif %}"
-)
-
-
-def save_tiny_lm(folder: Path, tokenizer_path: str, seed: int) -> Path:
-    """A 1-layer Llama (hidden 16) over the MiniLM tokenizer, with a chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory, minilm_path) -> str:
-    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), minilm_path, seed=0))
+    return str(save_random_generator(tmp_path_factory.mktemp("tiny-lm"), minilm_path, seed=0))
 
 
 @pytest.fixture(scope="module")
 def tiny_lm2(tmp_path_factory, minilm_path) -> str:
-    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny-lm2"), minilm_path, seed=1))
+    return str(save_random_generator(tmp_path_factory.mktemp("tiny-lm2"), minilm_path, seed=1))
 
 
 @pytest.fixture(scope="module")

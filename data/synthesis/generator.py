@@ -382,3 +382,34 @@ class QueryGenerator:
         new = out if self.seq2seq else out[:, batch["input_ids"].shape[1] :]
         decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [decoded[i * num_return : (i + 1) * num_return] for i in range(len(prompts))]
+
+
+# A chat template over BERT-vocabulary markers, for tokenizers that have none.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}[unused1] {{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %} [unused2]{% endif %}"
+)
+
+
+def save_random_generator(folder: Path, tokenizer_path: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised 1-layer Llama (hidden 16) over the tokenizer at
+    ``tokenizer_path``, with a chat template, saved to ``folder``: a causal generator that
+    loads and writes in a second, for tests and benchmarks."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)

@@ -22,6 +22,7 @@ from biencoder.data.synthesis.parsing import words
 from biencoder.data.synthesis.pipeline import SynthesisReport, build_retrievers, synthesize
 from biencoder.data.synthesis.prompts import Prompt, builtin_prompt
 from biencoder.runtime import lock
+from biencoder.runtime.files import check_can_create
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +165,7 @@ def check_out(out: Path) -> None:
         raise ValueError(f"out: {out} is a folder; name a file")
     if out.exists() and not os.access(out, os.W_OK):
         raise ValueError(f"out: {out} is not writable")
-    folder = out.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"out: {folder} is a file, so {out} cannot be written below it")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"out: {folder} is not writable, so {out} cannot be written; choose an out= in a "
-            "folder you can write to"
-        )
+    check_can_create(out, "out")
 
 
 def run_synthesis(config: SynthesisConfig, out: Path, resume: bool = False) -> SynthesisReport:
