@@ -115,6 +115,15 @@ def bad_pooling(work: Path) -> None:
     (folder / "biencoder.json").write_text(json.dumps({"pooling": "avg"}))
 
 
+def custom_code_model(work: Path) -> None:
+    config = tiny_model(work, "custom") / "config.json"
+    fields = json.loads(config.read_text())
+    fields["auto_map"] = {
+        "AutoModel": "jinaai/jina-bert-implementation--modeling_bert.JinaBertModel"
+    }
+    config.write_text(json.dumps(fields))
+
+
 def scored_pairs(work: Path) -> None:
     rows = [{"text1": f"sentence {i}", "text2": f"another {i}", "score": 4.0} for i in range(8)]
     rows[5]["score"] = 7.5
@@ -196,6 +205,327 @@ def corrupt_metrics(work: Path) -> None:
     (work / "sweep" / "1" / "metrics.json").write_text('{"ndcg@10": 0.4')
 
 
+def linked_old_checkpoint(work: Path) -> None:
+    """A 2-step run whose step-1 checkpoint was moved to another disk and linked back."""
+    trained_run(work, "train_data.dev_queries=0")
+    step1 = work / "run" / "checkpoints" / "step-00000001"
+    (work / "other-disk").mkdir()
+    shutil.move(step1, work / "other-disk" / step1.name)
+    step1.symlink_to(work / "other-disk" / step1.name, target_is_directory=True)
+
+
+def linked_checkpoints(work: Path) -> None:
+    """A 2-step run whose checkpoints/ folder lives on another disk, linked in."""
+    trained_run(work, "train_data.dev_queries=0")
+    shutil.move(work / "run" / "checkpoints", work / "other-disk")
+    (work / "run" / "checkpoints").symlink_to(work / "other-disk", target_is_directory=True)
+
+
+def edited_launch(work: Path) -> None:
+    trained_run(work)
+    path = work / "run" / "launch.json"
+    record = json.loads(path.read_text())
+    # Were it replayed, instantiating the loss would call os.system("touch PWNED").
+    record["overrides"] += ["loss._target_=os.system", f"+loss.command=touch {work / 'PWNED'}"]
+    path.write_text(json.dumps(record))
+
+
+def killed_run(work: Path) -> None:
+    """A run SIGKILLed after its first checkpoint: its lock file stays behind."""
+    tiny_model(work)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            "debug=tiny",
+            f"model.path={work / 'model'}",
+            "trainer.eval=false",
+            "trainer.max_steps=100000",
+            f"hydra.run.dir={work / 'run'}",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = work / "run" / "checkpoints" / "last" / "checkpoint.json"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not (work / "run" / "run.lock").exists():
+        raise RuntimeError("the killed run left no lock: nothing to recover from")
+
+
+# -------------------------------------------------------- mine.py and synthesize.py inputs
+
+
+def mined_out(work: Path) -> Path:
+    """{work}/mined/o.jsonl: where the mine.py kinds write."""
+    return work / "mined" / "o.jsonl"
+
+
+def broken_progress(record: str) -> Callable[[Path], None]:
+    """An interrupted mine.py run (one line of out written) whose progress record holds
+    ``record``."""
+
+    def setup(work: Path) -> None:
+        tiny_model(work)
+        tiny_beir(work)
+        out = mined_out(work)
+        out.parent.mkdir()
+        out.write_text('{"query": "q", "positive": "p", "negatives": ["n"]}\n')
+        out.with_name(out.name + ".progress.json").write_text(record)
+
+    return setup
+
+
+def empty_teacher(work: Path) -> None:
+    tiny_model(work)
+    tiny_beir(work)
+    (work / "teacher").mkdir()
+
+
+def custom_code_teacher(work: Path) -> None:
+    tiny_model(work)
+    tiny_beir(work)
+    config = tiny_model(work, "teacher") / "config.json"
+    fields = json.loads(config.read_text())
+    fields["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+    config.write_text(json.dumps(fields))
+
+
+def read_only_mined(work: Path) -> None:
+    tiny_model(work)
+    tiny_beir(work)
+    mined_out(work).parent.mkdir()
+    os.chmod(mined_out(work).parent, 0o500)
+
+
+def slowed(script: str, function: str, argv: list[str]) -> list[str]:
+    """``python SCRIPT ARGV`` whose ``function`` (module:attribute, called once the output
+    is locked) sleeps instead: a real run that holds its output for as long as a kind
+    needs."""
+    module, name = function.split(":")
+    code = f"""
+import sys, time, importlib
+sys.argv = [{script!r}, *{argv!r}]
+importlib.import_module({module!r}).{name} = lambda *args, **kwargs: time.sleep(600)
+from biencoder import {script.removesuffix(".py")} as entry
+entry.main()
+"""
+    return ["-c", code]
+
+
+def mine_disk_full_snippet(work: Path) -> list[str]:
+    """mine.py while every np.save fails with ENOSPC: the corpus embeddings it keeps
+    beside out are the first large write."""
+    code = f"""
+import errno, sys
+import numpy as np
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+np.save = full
+sys.argv = ["mine.py", "model.path={work}/model", "data.path={work}/beir",
+            "model.max_length=16", "hydra.run.dir={work}/run", "out={work}/mined/o.jsonl"]
+from biencoder import mine
+mine.main()
+"""
+    return ["-c", code]
+
+
+def tiny_gguf(work: Path, name: str = "model.gguf") -> Path:
+    """A GGUF file whose header and size are whole (a few hundred bytes, no tokenizer):
+    enough for synthesize.py's checks, which run before any generator loads."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(work / name, "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((4, 16), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return work / name
+
+
+def cut_gguf(work: Path) -> None:
+    path = tiny_gguf(work, "cut.gguf")
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def not_gguf(work: Path) -> None:
+    (work / "page.gguf").write_text("<html>404 Not Found</html>\n")
+
+
+def tiny_lm(work: Path) -> None:
+    """A 1-layer random Llama over the packaged MiniLM tokenizer: a causal generator that
+    loads and writes in a second."""
+    from biencoder.data.synthesis.generator import save_random_generator
+    from biencoder.model.weights import packaged_model_path
+
+    save_random_generator(work / "lm", packaged_model_path())
+
+
+def prompt_file(work: Path, name: str, template: str) -> None:
+    (work / name).write_text(f"instruction: Write one search query.\ntemplate: |\n{template}")
+
+
+def json_prompt(work: Path) -> None:
+    prompt_file(work, "json.yaml", '  Document: {document}\n  Reply as {"query": "..."}:\n')
+
+
+def typo_prompt(work: Path) -> None:
+    prompt_file(work, "typo.yaml", "  Document: {doc}\n  Query:\n")
+
+
+# ------------------------------------------------------------------ training data
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def hf_pairs(i: int) -> dict:
+    return {"anchor": f"what is thing {i}", "positive": f"thing {i} is a kind of stuff"}
+
+
+def hf_wrong_type(work: Path) -> None:
+    """JSONL whose 'positive' is a number on line 6 (datasets reads the column as JSON)."""
+    rows = [hf_pairs(i) for i in range(8)]
+    rows[5]["positive"] = 17
+    write_jsonl(work / "mixed.jsonl", rows)
+
+
+def hf_numbers(work: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"anchor": [f"q {i}" for i in range(8)], "positive": list(range(8))})
+    pq.write_table(table, work / "numbers.parquet")
+
+
+def hf_null(work: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"thing {i}" if i != 5 else None for i in range(8)]
+    table = pa.table({"anchor": [f"q {i}" for i in range(8)], "positive": texts})
+    pq.write_table(table, work / "null.parquet")
+
+
+def empty_parquet(work: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    empty = pa.table({"anchor": pa.array([], pa.string()), "positive": pa.array([], pa.string())})
+    pq.write_table(empty, work / "empty.parquet")
+
+
+def empty_csv(work: Path) -> None:
+    (work / "empty.csv").write_text("")
+
+
+def scored_triplets(bad: Callable[[dict], None]) -> Callable[[Path], None]:
+    """8 triplets with 2 negatives and teacher scores; ``bad`` spoils line 4."""
+
+    def setup(work: Path) -> None:
+        tiny_model(work)
+        rows = [
+            {
+                "query": f"query number {i}",
+                "positive": f"the answer to question {i}",
+                "negatives": [f"unrelated text {i}", f"another text {i}"],
+                "scores": [5.0, 1.0, 0.5],
+            }
+            for i in range(8)
+        ]
+        bad(rows[3])
+        write_jsonl(work / "scored.jsonl", rows)
+
+    return setup
+
+
+# Python's json (as a teacher script would use) writes NaN and Infinity, which JSON lacks.
+BAD_SCORES: list[tuple[str, str, Callable[[dict], None], list[str]]] = [
+    (
+        "a record without scores",
+        "margin_mse",
+        lambda r: r.pop("scores"),
+        ["field 'scores'", "required field is missing"],
+    ),
+    (
+        "a string score",
+        "listwise_kl",
+        lambda r: r.update(scores=[5.0, "1.0", 0.5]),
+        ["field 'scores[1]'", "got string"],
+    ),
+    (
+        "a null score",
+        "margin_mse",
+        lambda r: r.update(scores=[5.0, None, 0.5]),
+        ["field 'scores[1]'", "got null"],
+    ),
+    (
+        "a boolean score",
+        "listwise_kl",
+        lambda r: r.update(scores=[5.0, True, 0.5]),
+        ["field 'scores[1]'", "got true"],
+    ),
+    (
+        "a NaN score",
+        "margin_mse",
+        lambda r: r.update(scores=[5.0, float("nan"), 0.5]),
+        ["field 'scores[1]'", "expected a finite number, got NaN"],
+    ),
+    (
+        "an infinite score",
+        "listwise_kl",
+        lambda r: r.update(scores=[5.0, float("inf"), 0.5]),
+        ["field 'scores[1]'", "expected a finite number, got Infinity"],
+    ),
+    (
+        "2 scores for 1 positive and 2 negatives",
+        "margin_mse",
+        lambda r: r.update(scores=[1.0, 0.5]),
+        ["field 'scores'", "2 scores for 1 positive and 2 negatives; give 3"],
+    ),
+    (
+        "3 scores for one 'negative'",
+        "listwise_kl",
+        lambda r: (r.pop("negatives"), r.update(negative="one negative")),
+        ["field 'scores'", "3 scores for 1 positive and 1 negative; give 2"],
+    ),
+    (
+        "scores as a nested list",
+        "margin_mse",
+        lambda r: r.update(scores=[[5.0, 1.0, 0.5]]),
+        ["field 'scores[0]'", "expected a number, got array"],
+    ),
+    (
+        "scores as one number",
+        "listwise_kl",
+        lambda r: r.update(scores=5.0),
+        ["field 'scores'", "expected an array of numbers, got 5.0"],
+    ),
+]
+
+
+def no_scores_at_all(work: Path) -> None:
+    scored_triplets(lambda r: None)(work)
+    rows = [json.loads(line) for line in (work / "scored.jsonl").read_text().splitlines()]
+    write_jsonl(
+        work / "scored.jsonl", [{k: v for k, v in r.items() if k != "scores"} for r in rows]
+    )
+
+
+def pairs_file(work: Path) -> None:
+    write_jsonl(
+        work / "pairs.jsonl", [{"query": f"q {i}", "positive": f"doc {i}"} for i in range(8)]
+    )
+
+
 # ------------------------------------------------------------------------------ checks
 
 
@@ -240,6 +570,55 @@ def killed_run_not_ranked(outcome: Outcome) -> str | None:
     return f"the killed run is in the ranking: {ranked[0]}" if ranked else None
 
 
+def holds_no_run(outcome: Outcome) -> str | None:
+    """The refused run left nothing that would make its corrected rerun "a second run"."""
+    from biencoder.training.run_folder import existing_run_files
+
+    left = existing_run_files(outcome.folder / "run")
+    return f"left {', '.join(left)} in the run folder" if left else None
+
+
+def other_disk_intact(outcome: Outcome) -> str | None:
+    markers = list((outcome.folder / "other-disk").rglob("checkpoint.json"))
+    return None if markers else "deleted the files behind a link"
+
+
+def one_run_s_lines(outcome: Outcome) -> str | None:
+    """The live run's metrics and .hydra/ are its own: nothing of the refused command."""
+    run = outcome.folder / "run"
+    steps = [
+        json.loads(x)["step"]
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in x
+    ]
+    if steps != list(range(1, len(steps) + 1)):
+        return f"metrics.jsonl steps {steps}"
+    overrides = (run / ".hydra" / "overrides.yaml").read_text()
+    return None if "seed=1" in overrides else "the refused command rewrote .hydra/"
+
+
+def nothing_mined(*left: str) -> Callable[[Outcome], str | None]:
+    """No corpus embedded ("encode docs" progress), and no corpus cache (nor its file
+    written aside) or file matching ``left`` written."""
+
+    def check(outcome: Outcome) -> str | None:
+        problems = [before_encoding(outcome)]
+        problems += [no_file(name)(outcome) for name in ("*.corpus.npy*", *left)]
+        return next((problem for problem in problems if problem), None)
+
+    return check
+
+
+def no_synthetic_output(outcome: Outcome) -> str | None:
+    return no_file("syn.jsonl*")(outcome)
+
+
+def synthesised_two_documents(outcome: Outcome) -> str | None:
+    record = outcome.folder / "syn.jsonl.progress.json"
+    done = json.loads(record.read_text())["done"] if record.is_file() else []
+    return None if len(done) == 2 else f"progress record lists {len(done)} documents, not 2"
+
+
 def saved_last(outcome: Outcome) -> str | None:
     marker = outcome.folder / "run" / "checkpoints" / "last" / "checkpoint.json"
     return None if marker.is_file() else "no checkpoints/last"
@@ -279,6 +658,43 @@ def run_then_sigterm(argv: list[str], work: Path) -> Outcome:
     return Outcome(proc.returncode, text, time.perf_counter() - start, work)
 
 
+def while_running(
+    first: list[str], ready: str = "run/metrics.jsonl"
+) -> Callable[[list[str], Path], Outcome]:
+    """A runner that starts ``first`` (after ``python``, with {work}), runs the kind's
+    command once the first has written ``ready`` (under {work}), then stops the first."""
+
+    def run(argv: list[str], work: Path) -> Outcome:
+        args = [part.format(work=work) for part in first]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, **quiet)
+        try:
+            marker = work / ready
+            deadline = time.monotonic() + TIMEOUT_S
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            outcome = run_command(argv, work)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=TIMEOUT_S)
+        return outcome
+
+    return run
+
+
+def small_disk_snippet(work: Path) -> list[str]:
+    """train.py on a disk that reports 1000 bytes free."""
+    code = f"""
+import shutil, sys
+real = shutil.disk_usage
+shutil.disk_usage = lambda path: real(path)._replace(free=1000)
+sys.argv = ["train.py", "debug=tiny", "model.path={work}/model", "hydra.run.dir={work}/run"]
+from biencoder import train
+train.main()
+"""
+    return ["-c", code]
+
+
 def disk_full_snippet(work: Path) -> list[str]:
     code = f"""
 import errno, sys
@@ -311,6 +727,20 @@ def kinds() -> list[Kind]:
     model = "model.path={work}/model"
     train = ["train.py", "debug=tiny", model, "hydra.run.dir={work}/run"]
     evaluate = ["eval.py", "hydra.run.dir={work}/eval"]
+    mine = [
+        "mine.py",
+        "model.path={work}/model",
+        "data.path={work}/beir",
+        "model.max_length=16",
+        "hydra.run.dir={work}/run",
+        "out={work}/mined/o.jsonl",
+    ]
+    synthesize = [
+        "synthesize.py",
+        "corpus.path={work}/beir",
+        "out={work}/syn.jsonl",
+        "hydra.run.dir={work}/run",
+    ]
     need_model: Callable[[Path], None] = tiny_model
     return [
         # ---------------------------------------------------- silent wrong results, lost work
@@ -446,7 +876,7 @@ def kinds() -> list[Kind]:
             [*train, "train_data=jsonl", "train_data.path={work}/dups.jsonl"],
             says=["share the text 'what is x'"],
             setup=lambda w: (need_model(w), duplicate_pairs(w)),
-            check=no_run_files,
+            check=holds_no_run,
         ),
         Kind(
             "qrels whose grades are all 0",
@@ -514,6 +944,321 @@ def kinds() -> list[Kind]:
             fails=False,
             setup=need_model,
             check=seq_len_at_most_8,
+        ),
+        # ------------------------------------------------------- one writer per run folder
+        *(
+            Kind(
+                f"a second train.py into a folder being trained in{extra_name}",
+                [*train, "seed=2", "trainer.eval=false", *extra],
+                says=["is being written by another process", "pid", "run.lock"],
+                setup=need_model,
+                check=one_run_s_lines,
+                run=while_running(
+                    [*train, "seed=1", "trainer.max_steps=100000", "trainer.eval=false"]
+                ),
+            )
+            for extra_name, extra in (
+                ("", []),
+                (", with trainer.overwrite=true", ["trainer.overwrite=true"]),
+            )
+        ),
+        Kind(
+            "trainer.resume=true after the run was SIGKILLed (its lock left behind)",
+            [
+                "train.py",
+                "hydra.run.dir={work}/run",
+                "trainer.resume=true",
+                "trainer.max_steps=3",
+            ],
+            fails=False,
+            says=["took over the lock of a process that is gone"],
+            setup=killed_run,
+        ),
+        # ------------------------------------------------------ no deletion through links
+        Kind(
+            "trainer.keep_checkpoints=1 on resume, step-1 linked to another disk",
+            [
+                "train.py",
+                "hydra.run.dir={work}/run",
+                "trainer.resume=true",
+                "trainer.max_steps=3",
+                "trainer.keep_checkpoints=1",
+            ],
+            fails=False,
+            says=["is a link to", "removing the link, keeping its files"],
+            setup=linked_old_checkpoint,
+            check=other_disk_intact,
+        ),
+        Kind(
+            "trainer.overwrite=true with checkpoints/ linked to another disk",
+            [*train, "trainer.overwrite=true", "trainer.eval=false"],
+            says=["trainer.overwrite", "checkpoints is a symbolic link", "other-disk"],
+            setup=linked_checkpoints,
+            check=other_disk_intact,
+        ),
+        Kind(
+            "a launch.json edited to name code to run, resumed",
+            ["train.py", "hydra.run.dir={work}/run", "trainer.resume=true", "trainer.max_steps=3"],
+            says=["launch.json: overrides[", "loss._target_", "names code to run"],
+            setup=edited_launch,
+            check=no_file("PWNED"),
+        ),
+        # ------------------------------------------------------ mine.py and synthesize.py
+        *(
+            Kind(
+                f"a second {script} into an out being written",
+                # Its own run folder (as two commands without hydra.run.dir get): only
+                # the out is shared.
+                [script, *(a.replace("{work}/run", "{work}/run2") for a in args)],
+                says=["out: ", "is being written by another process", "pid"],
+                setup=setup,
+                run=while_running(slowed(script, slow, args), ready=ready),
+            )
+            for script, args, slow, setup, ready in (
+                (
+                    "mine.py",
+                    mine[1:],
+                    "biencoder.data.mining.pipeline:mine",
+                    lambda w: (tiny_model(w), tiny_beir(w)),
+                    "mined/o.jsonl.lock",
+                ),
+                (
+                    "synthesize.py",
+                    [*synthesize[1:], "generator.path={work}/model.gguf"],
+                    "biencoder.data.synthesis.run:_synthesize_into",
+                    lambda w: (tiny_beir(w), tiny_gguf(w)),
+                    "syn.jsonl.lock",
+                ),
+            )
+        ),
+        Kind(
+            "mine.py resume=true with a progress record holding {}",
+            [*mine, "resume=true"],
+            says=["resume:", "mined/o.jsonl.progress.json", "missing key 'settings'", "delete it"],
+            setup=broken_progress("{}"),
+            check=nothing_mined(),
+        ),
+        Kind(
+            "mine.py resume=true with a progress record of invalid JSON",
+            [*mine, "resume=true"],
+            says=["mined/o.jsonl.progress.json", "invalid JSON at line 1, column 30", "restore it"],
+            setup=broken_progress('{"settings": {}, "queries": 3'),
+            check=nothing_mined(),
+        ),
+        Kind(
+            "mine.py with teacher.path an empty folder",
+            [*mine, "teacher.path={work}/teacher"],
+            says=["teacher.path", "teacher has no config.json"],
+            setup=empty_teacher,
+            check=nothing_mined("o.jsonl*"),
+        ),
+        Kind(
+            "mine.py with a teacher that needs its own code (auto_map in config.json)",
+            [*mine, "teacher.path={work}/teacher"],
+            says=["teacher.path", "teacher/config.json", "auto_map", "trust_remote_code"],
+            setup=custom_code_teacher,
+            check=nothing_mined("o.jsonl*"),
+        ),
+        Kind(
+            "mine.py into a read-only out folder",
+            mine,
+            says=["out:", "mined is not writable"],
+            setup=read_only_mined,
+            check=nothing_mined("o.jsonl*"),
+            wrapper=["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"],
+        ),
+        Kind(
+            "mine.py on a full disk (np.save of the corpus embeddings fails with ENOSPC)",
+            ["-c", "'mine.py ... while every np.save fails with ENOSPC'"],
+            says=["cannot write the corpus embeddings", "mined/o.jsonl.corpus.npy", "No space"],
+            setup=lambda w: (tiny_model(w), tiny_beir(w)),
+            check=no_file("*.corpus.npy*"),
+            run=lambda argv, work: run_command(mine_disk_full_snippet(work), work),
+        ),
+        Kind(
+            "synthesize.py with a prompt template holding a literal JSON example",
+            [
+                *synthesize,
+                "generator.path={work}/lm",
+                "prompt.file={work}/json.yaml",
+                "num_docs=2",
+                "num_queries=1",
+                "filters.round_trip=none",
+                "filters.min_words=1",
+                "sampling.max_new_tokens=4",
+            ],
+            fails=False,
+            setup=lambda w: (tiny_beir(w), tiny_lm(w), json_prompt(w)),
+            check=synthesised_two_documents,
+        ),
+        Kind(
+            "synthesize.py with a prompt template naming {doc}, not {document}",
+            [*synthesize, "generator.path={work}/model.gguf", "prompt.file={work}/typo.yaml"],
+            says=["prompt.file: ", "typo.yaml:3", "{doc} is not a placeholder"],
+            setup=lambda w: (tiny_beir(w), tiny_gguf(w), typo_prompt(w)),
+            check=no_synthetic_output,
+        ),
+        Kind(
+            "synthesize.py with a .gguf generator cut short",
+            [*synthesize, "generator.path={work}/cut.gguf"],
+            says=["generator.path: ", "cut.gguf", "cut short"],
+            setup=lambda w: (tiny_beir(w), cut_gguf(w)),
+            check=no_synthetic_output,
+        ),
+        Kind(
+            "synthesize.py with a .gguf generator that is no GGUF file",
+            [*synthesize, "generator.path={work}/page.gguf"],
+            says=["generator.path: ", "page.gguf", "not a GGUF file"],
+            setup=lambda w: (tiny_beir(w), not_gguf(w)),
+            check=no_synthetic_output,
+        ),
+        Kind(
+            "synthesize.py with out= below a file",
+            [
+                "synthesize.py",
+                "corpus.path={work}/beir",
+                "generator.path={work}/model.gguf",
+                "out={work}/blocker/syn.jsonl",
+                "hydra.run.dir={work}/run",
+            ],
+            says=["out: ", "blocker is a file"],
+            setup=lambda w: (tiny_beir(w), tiny_gguf(w), (w / "blocker").write_text("")),
+            check=no_synthetic_output,
+        ),
+        Kind(
+            "a model whose config.json names its own code (auto_map), evaluated",
+            [*evaluate, "model.path={work}/custom", "eval_data.path={work}/beir"],
+            says=["custom/config.json", "auto_map"],
+            setup=lambda w: (custom_code_model(w), tiny_beir(w)),
+            check=before_encoding,
+        ),
+        Kind(
+            "train.py on a disk without room for one checkpoint",
+            ["-c", "'train.py debug=tiny ... on a disk with 1000 bytes free'"],
+            says=["hydra.run.dir", "MiB free on its disk, a checkpoint takes about"],
+            setup=need_model,
+            check=holds_no_run,
+            run=lambda argv, work: run_command(small_disk_snippet(work), work),
+        ),
+        # ----------------------------------------------------------------- training data
+        Kind(
+            "train_data=hf: a JSONL column with a number on line 6",
+            [*train, "train_data=hf", "train_data.path={work}/mixed.jsonl"],
+            says=["mixed.jsonl:6", "field 'positive'", "expected a string, got 17"],
+            setup=lambda w: (need_model(w), hf_wrong_type(w)),
+            check=holds_no_run,
+        ),
+        Kind(
+            "train_data=hf: a parquet column of numbers",
+            [*train, "train_data=hf", "train_data.path={work}/numbers.parquet"],
+            says=["numbers.parquet:1", "field 'positive'", "expected a string, got int64"],
+            setup=lambda w: (need_model(w), hf_numbers(w)),
+            check=holds_no_run,
+        ),
+        Kind(
+            "train_data=hf: a null text on row 6",
+            [*train, "train_data=hf", "train_data.path={work}/null.parquet"],
+            says=["null.parquet:6", "field 'positive'", "got null"],
+            setup=lambda w: (need_model(w), hf_null(w)),
+            check=holds_no_run,
+        ),
+        Kind(
+            "train_data=hf: an empty parquet file",
+            [*train, "train_data=hf", "train_data.path={work}/empty.parquet"],
+            says=["train_data", "empty.parquet: no rows"],
+            setup=lambda w: (need_model(w), empty_parquet(w)),
+            check=holds_no_run,
+        ),
+        Kind(
+            "train_data=hf: an empty CSV file",
+            [*train, "train_data=hf", "train_data.path={work}/empty.csv"],
+            says=["train_data", "empty.csv: no rows"],
+            setup=lambda w: (need_model(w), empty_csv(w)),
+            check=holds_no_run,
+        ),
+        Kind(
+            "train_data=multi with an empty hf set",
+            [
+                *train,
+                "train_data=multi",
+                "+train_data@train_data.sets.pairs=jsonl",
+                "train_data.sets.pairs.path={work}/pairs.jsonl",
+                "+train_data@train_data.sets.qa=hf",
+                "train_data.sets.qa.path={work}/empty.parquet",
+            ],
+            says=["train_data.sets.qa", "empty.parquet: no rows"],
+            setup=lambda w: (need_model(w), pairs_file(w), empty_parquet(w)),
+            check=holds_no_run,
+        ),
+        Kind(
+            "train_data=multi with an empty jsonl set",
+            [
+                *train,
+                "train_data=multi",
+                "+train_data@train_data.sets.pairs=jsonl",
+                "train_data.sets.pairs.path={work}/empty.jsonl",
+                "+train_data@train_data.sets.scifact=scifact",
+            ],
+            says=["train_data.sets.pairs", "empty.jsonl: no records"],
+            setup=lambda w: (need_model(w), (w / "empty.jsonl").write_text("")),
+            check=holds_no_run,
+        ),
+        *(
+            Kind(
+                f"loss={loss}: {what} on line 4",
+                [
+                    *train,
+                    f"loss={loss}",
+                    "train_data=jsonl",
+                    "train_data.format=triplets",
+                    "train_data.path={work}/scored.jsonl",
+                ],
+                says=["scored.jsonl:4", *words],
+                setup=scored_triplets(spoil),
+                check=holds_no_run,
+            )
+            for what, loss, spoil, words in BAD_SCORES
+        ),
+        Kind(
+            "loss=margin_mse on triplets without any scores",
+            [
+                *train,
+                "loss=margin_mse",
+                "train_data=jsonl",
+                "train_data.format=triplets",
+                "train_data.path={work}/scored.jsonl",
+            ],
+            says=["scored.jsonl:1", "needs teacher scores"],
+            setup=no_scores_at_all,
+            check=holds_no_run,
+        ),
+        Kind(
+            "debug=tiny train_data=multi (two sets)",
+            [
+                *train,
+                "train_data=multi",
+                "+train_data@train_data.sets.scifact=scifact",
+                "+train_data@train_data.sets.pairs=jsonl",
+                "train_data.sets.pairs.path={work}/pairs.jsonl",
+            ],
+            fails=False,
+            setup=lambda w: (need_model(w), pairs_file(w)),
+            check=saved_last,
+        ),
+        Kind(
+            "debug=tiny train_data=synthetic (a tiny random generator, loose filters)",
+            [
+                *train,
+                "train_data=synthetic",
+                "train_data.cache_dir={work}/cache",
+                "train_data.synthesis.generator.path={work}/lm",
+                "train_data.synthesis.prompt.style=keywords",
+                "train_data.synthesis.filters.round_trip=none",
+                "train_data.synthesis.filters.min_words=1",
+            ],
+            fails=False,
+            setup=lambda w: (need_model(w), tiny_lm(w)),
+            check=saved_last,
         ),
     ]
 
