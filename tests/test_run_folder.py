@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 from configs import ROOT, compose_train
 from hydra import initialize_config_dir
+from omegaconf import OmegaConf
 
 from biencoder import train as train_cli
 from biencoder.runtime import lock
 from biencoder.training.hydra_config import CONFIG_DIR, ConfigError
 from biencoder.training.run_folder import (
     Launch,
+    LockRunFolder,
     check_launch,
     clear_run,
     config_groups,
@@ -251,3 +253,29 @@ def test_resume_refuses_a_hand_edited_launch_record_before_composing_it(tiny_run
         pytest.raises(ConfigError, match=refused),
     ):
         train_cli.resumed_config(cfg, True, run_dir, ["trainer.resume=true"], {})
+
+
+TORCHRUN = {"WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+SLURM = {"SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "7"}
+
+
+@pytest.mark.parametrize(
+    ("env", "locks"),
+    [
+        ({}, True),
+        ({**TORCHRUN, "RANK": "0", "LOCAL_RANK": "0"}, True),
+        ({**TORCHRUN, "RANK": "1", "LOCAL_RANK": "1"}, False),
+        ({**SLURM, "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}, False),
+    ],
+)
+def test_the_hydra_callback_locks_the_run_folder_on_rank_0_only(env, locks, tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path / "run")}}})
+    callback = LockRunFolder()
+    callback.on_run_start(config=config)
+    assert (tmp_path / "run" / lock.LOCK_NAME).exists() == locks
+    callback.on_run_end(config=config)
+    assert not (tmp_path / "run" / lock.LOCK_NAME).exists()

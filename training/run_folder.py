@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from biencoder.runtime import lock
 from biencoder.runtime.files import remove
 from biencoder.training.checkpoint import write_json
+from biencoder.training.distributed import launch_from_env
 
 LAUNCH = "launch.json"
 # Everything a training run writes besides Hydra's own .hydra/ folder and log file.
@@ -215,11 +216,15 @@ class LockRunFolder(Callback):
     """Takes the run folder's lock (:mod:`runtime.lock`) before Hydra writes its ``.hydra/``
     into it, so that a second process started into the same ``hydra.run.dir`` fails before
     it changes a byte there; released when the run ends. Ranks other than 0 of a
-    multi-process run leave it to rank 0. A folder that is locked, or cannot be, ends the
-    command with exit status 1 and the reason."""
+    multi-process run (torchrun, or SLURM tasks) leave it to rank 0. A folder that is
+    locked, or cannot be, ends the command with exit status 1 and the reason."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if os.environ.get("RANK", "0") != "0":
+        try:
+            launched = launch_from_env(os.environ)
+        except ValueError:
+            launched = None  # init_distributed says what is wrong, once the job starts
+        if launched is not None and launched.rank != 0:
             return
         try:
             lock.acquire(run_lock_path(Path(config.hydra.run.dir)), "hydra.run.dir")
