@@ -247,7 +247,7 @@ def killed_run(work: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    marker = work / "run" / "checkpoints" / "last" / "checkpoint.json"
+    marker = work / "run" / "checkpoints" / "step-00000001" / "checkpoint.json"
     deadline = time.monotonic() + TIMEOUT_S
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
