@@ -3,7 +3,9 @@
 The GPU image lacks hydra, omegaconf, faiss and wandb; a sitecustomize.py on PYTHONPATH
 makes importing them fail in every process the script starts, so the rehearsal meets the
 same missing modules. The check is that every stage ends with a result or a one-line
-reason, and that the report holds each stage's section.
+reason, and that the report holds each stage's section. The rehearsal takes a minute on 2
+cores, so its tests are ``slow``: run ``pytest -m slow tests/test_device_check.py`` before
+a session's device call.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def test_help_and_unknown_arguments():
 
 # A minute or more on 2 shared cores: the whole suite is collected once more, and
 # torch.compile and the Triton interpreter run.
+@pytest.mark.slow
 def test_every_stage_reports_a_result_or_a_reason(rehearsal):
     completed, out = rehearsal
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -133,6 +136,7 @@ def test_every_stage_reports_a_result_or_a_reason(rehearsal):
     assert [line.split("|")[1].strip() for line in table[2:]] == list(STAGES)
 
 
+@pytest.mark.slow
 def test_report_sections(rehearsal):
     _, out = rehearsal
     report = (out / "report.md").read_text()
@@ -181,6 +185,7 @@ def _summary_numbers(rows: dict[str, list[str]]) -> dict[str, str]:
     return {stage: cells[2] for stage, cells in rows.items()}
 
 
+@pytest.mark.slow
 def test_summaries_state_the_targets(rehearsal):
     """The summary table's lines for the kernels and the training stages carry every number
     the targets are judged by; a number missing (a job that did not run, a profile cut)
@@ -217,6 +222,7 @@ def test_summaries_state_the_targets(rehearsal):
     assert "missing" not in train and "skipped" not in train, train
 
 
+@pytest.mark.slow
 def test_modules_missing_on_the_gpu_image_skip_cleanly(rehearsal):
     _, out = rehearsal
     pytest_section = (out / "pytest.md").read_text()

@@ -709,7 +709,17 @@ def run_probe(tiny_model_path, folders, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("key", sorted(k for k, p in PROBES.items() if isinstance(p, Run)))
+# torch.compile of both towers takes over half a minute on 2 cores.
+SLOW_PROBES = frozenset({"trainer.compile"})
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param(key, marks=pytest.mark.slow) if key in SLOW_PROBES else key
+        for key in sorted(k for k, p in PROBES.items() if isinstance(p, Run))
+    ],
+)
 def test_changing_the_knob_changes_behaviour(key, run_probe):
     probe = PROBES[key]
     before = run_probe(probe.base)
