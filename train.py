@@ -89,9 +89,9 @@ from biencoder.training.run_folder import (
     config_groups,
     config_targets,
     existing_run_files,
-    linked_run_files,
     override_key,
     read_launch,
+    refuse_linked_run_files,
     run_lock_path,
     write_launch,
 )
@@ -122,7 +122,7 @@ TrainingSpec = (
 )
 
 
-def check_run_folder(run_dir: Path, trainer: TrainerConfig, dist: Distributed) -> None:
+def check_run_folder(run_dir: Path, trainer: TrainerConfig) -> None:
     """Before anything is written (but the lock): refuse to mix two runs in ``run_dir``;
     with ``trainer.overwrite``, refuse a run file that is a link (overwrite deletes nothing
     through one); fail now if it cannot be written. Every rank checks."""
@@ -133,13 +133,11 @@ def check_run_folder(run_dir: Path, trainer: TrainerConfig, dist: Distributed) -
             "continue it with trainer.resume=true, or delete it and start over with "
             "trainer.overwrite=true"
         )
-    linked = linked_run_files(run_dir)
-    if existing and trainer.resume is False and linked:
-        raise ConfigError(
-            f"trainer.overwrite: {linked[0]} is a symbolic link to {linked[0].resolve()}; "
-            "overwrite deletes nothing through a link: empty or remove it yourself, then "
-            "run again"
-        )
+    if existing and trainer.resume is False:
+        try:
+            refuse_linked_run_files(run_dir)
+        except OSError as err:
+            raise ConfigError(f"trainer.overwrite: {err}") from err
     checkpoints = run_dir / "checkpoints"
     for folder in (run_dir, checkpoints) if checkpoints.is_dir() else (run_dir,):
         check_writable(folder)
@@ -362,7 +360,7 @@ def run_training(
     # before the folder holds a byte of this run, so a corrected command is never refused
     # as "already holds a run".
     make_logger = build(cfg.logger, "logger") if cfg.get("logger") else None
-    check_run_folder(run_dir, trainer, dist)
+    check_run_folder(run_dir, trainer)
     checkpoints = run_dir / "checkpoints"
     device = dist.device
     seed_everything(cfg.seed, trainer.deterministic)

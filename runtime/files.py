@@ -97,13 +97,19 @@ def remove(path: str | os.PathLike[str]) -> None:
         shutil.rmtree(path)
 
 
+def nearest_existing(path: str | os.PathLike[str]) -> Path:
+    """``path``, or the nearest folder above it that exists: where a file or folder that is
+    yet to be made would go."""
+    path = Path(path)
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def check_free_space(folder: str | os.PathLike[str], need: int, key: str, what: str) -> None:
     """Raise OSError (ENOSPC) naming ``key`` and ``folder`` when the disk that ``folder``
     is (or will be) on has less than ``need`` bytes free for ``what``: at start-up, not
     when the first large write runs out."""
     folder = Path(folder)
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(nearest_existing(folder)).free
     if free < need:
         raise OSError(
             errno.ENOSPC,
@@ -117,9 +123,7 @@ def check_can_create(path: str | os.PathLike[str], key: str) -> None:
     nearest folder above it that exists (os.access, so nothing is written), so that a run
     fails before its expensive work rather than at its first write."""
     path = Path(path)
-    folder = path.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
+    folder = nearest_existing(path.absolute().parent)
     if not folder.is_dir():
         raise ValueError(f"{key}: {folder} is a file, so {path} cannot be written below it")
     if not os.access(folder, os.W_OK | os.X_OK):

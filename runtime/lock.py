@@ -131,7 +131,8 @@ class Lock:
         self.key = key
         # A run folder's lock guards its folder, a lock from beside() the file it names.
         name = self.path.name
-        self.guarded = self.path.parent if name == LOCK_NAME else self.path.with_name(name[:-5])
+        guarded = self.path.with_name(name.removesuffix(".lock"))
+        self.guarded = self.path.parent if name == LOCK_NAME else guarded
         self.holder = Holder.me()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None

@@ -388,16 +388,15 @@ def _folder_size(folder: Path) -> int:
 
 def _delete_checkpoint(path: Path) -> None:
     if path.is_symlink():
-        # A checkpoint moved elsewhere and linked back: the run lets go of it, the files
-        # it points to are the user's.
+        # A checkpoint moved elsewhere and linked back: the run lets go of it (remove takes
+        # the link alone), the files it points to are the user's.
         log.warning(
             "%s is a link to %s: removing the link, keeping its files", path, path.resolve()
         )
-        path.unlink()
-        return
-    # Unlink the marker first: a deletion cut short by a crash leaves no folder that still
-    # looks complete.
-    (path / CHECKPOINT_META).unlink(missing_ok=True)
+    else:
+        # Unlink the marker first: a deletion cut short by a crash leaves no folder that
+        # still looks complete.
+        (path / CHECKPOINT_META).unlink(missing_ok=True)
     remove(path)
 
 

@@ -88,25 +88,25 @@ def existing_run_files(run_dir: Path) -> list[str]:
     return found
 
 
-def linked_run_files(run_dir: Path) -> list[Path]:
-    """The run files of ``run_dir`` that are symbolic links (checkpoints/ on another disk):
-    clearing the run would delete nothing through them, so :func:`clear_run` refuses."""
-    return [
-        Path(run_dir) / n for n in existing_run_files(run_dir) if (Path(run_dir) / n).is_symlink()
-    ]
+def refuse_linked_run_files(run_dir: Path) -> None:
+    """Raise OSError naming the first run file of ``run_dir`` that is a symbolic link
+    (checkpoints/ on another disk): what it points to may be another run's, so clearing the
+    run deletes nothing through it, and the link alone gone would silently move the new
+    run's files onto this disk."""
+    for name in existing_run_files(run_dir):
+        path = Path(run_dir) / name
+        if path.is_symlink():
+            raise OSError(
+                f"{path} is a symbolic link to {path.resolve()}; trainer.overwrite deletes "
+                "nothing through a link: empty or remove it yourself, then run again"
+            )
 
 
 def clear_run(run_dir: Path) -> list[str]:
     """Delete the run files of ``run_dir`` (not Hydra's .hydra/ or log); returns their names.
-    Raises OSError naming a run file that is a symbolic link, before deleting anything:
-    what it points to may be another run's, and the link alone gone would silently move
-    the new run's files onto this disk."""
-    linked = linked_run_files(run_dir)
-    if linked:
-        raise OSError(
-            f"{linked[0]} is a symbolic link to {linked[0].resolve()}; trainer.overwrite "
-            "deletes nothing through a link: empty or remove it yourself, then run again"
-        )
+    A run file that is a link is refused before anything is deleted
+    (:func:`refuse_linked_run_files`)."""
+    refuse_linked_run_files(run_dir)
     removed = existing_run_files(run_dir)
     for name in removed:
         remove(Path(run_dir) / name)
