@@ -7,11 +7,17 @@
     python eval.py hydra.run.dir=DIR                  # DIR/metrics.json, DIR/run.trec
     python eval.py funnel.dim=64 funnel.candidates=100  # search at 64 dims, re-rank at full
     python eval.py quantization=binary quantization.rescore=100   # or quantization=int8
+    python eval.py evaluation.store=outputs/train/.../embeddings  # reuse a run's embeddings
 
 Writes ``metrics.json`` (``ndcg@10``, ``mrr@10``, ``recall@100``, ...) and, for retrieval,
 the TREC run file ``run.trec`` into the run folder, and prints a table. With a funnel or a
 quantisation those are the cheaper search's, with ``search_ms_per_query`` (and
 ``bytes_per_doc``), and the ordinary float search's metrics go under ``flat/``.
+
+Retrieval embeddings are kept in an embedding store (``retrieval.store``), the run folder's
+``embeddings/`` unless ``evaluation.store`` names another: a model already encoded on the
+same texts with the same settings there is searched without encoding again, so comparing
+indexes, a funnel or quantisation of one checkpoint encodes its corpus once.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from biencoder.evaluation.compressed import check_funnel, check_quantization
 from biencoder.evaluation.config import EvalConfig, FunnelConfig, QuantizationConfig
-from biencoder.evaluation.scoring import evaluate
+from biencoder.evaluation.scoring import STORE_FOLDER, evaluate
 from biencoder.runtime.device import resolve_device
 from biencoder.training.hydra_config import (
     CONFIG_DIR,
@@ -71,7 +77,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     )
     with naming("eval_data", eval_data):
         dataset = eval_data.load()
-    return evaluate(model, dataset, evaluation, out_dir, funnel=funnel, quantization=quantization)
+    return evaluate(
+        model,
+        dataset,
+        evaluation,
+        out_dir,
+        funnel=funnel,
+        quantization=quantization,
+        store=out_dir / STORE_FOLDER,
+    )
 
 
 def check_compressed(

@@ -42,6 +42,7 @@ from hydra.types import RunMode
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
+from biencoder.data.beir import BeirDataset
 from biencoder.data.eval_sets import BeirEvalSet, StsEvalSet
 from biencoder.data.hf import HfTrainingSet
 from biencoder.data.training_sets import (
@@ -52,8 +53,9 @@ from biencoder.data.training_sets import (
     TrainingSet,
 )
 from biencoder.evaluation.config import EvalConfig
-from biencoder.evaluation.scoring import evaluate
+from biencoder.evaluation.scoring import STORE_FOLDER, evaluate
 from biencoder.model.biencoder import BiEncoder
+from biencoder.retrieval.store import Sharding
 from biencoder.runtime import lock
 from biencoder.runtime.device import resolve_device
 from biencoder.runtime.files import check_free_space
@@ -396,6 +398,7 @@ def run_training(
             max_length=max_length,
             run_id=run_id,
             dist=dist,
+            store=run_dir / STORE_FOLDER,
         )
     if state is not None:
         fitter.load_state_dict(state)
@@ -430,12 +433,22 @@ def run_training(
         selected_model = BiEncoder.from_pretrained(selected, device=device)
         if trainer.compile:
             compile_towers(selected_model)
-        if dist.enabled:
-            selected_model = ShardedEncoder(selected_model, dist)
         with naming("eval_data", plan.eval_data):
             dataset = plan.eval_data.load()
+        if dist.enabled and not isinstance(dataset, BeirDataset):
+            selected_model = ShardedEncoder(selected_model, dist)
         out_dir = run_dir if dist.is_main else None
-        final = evaluate(selected_model, dataset, evaluation, out_dir, evaluation.matryoshka_dims)
+        # The dev evaluation that chose this checkpoint left its corpus in the store: a
+        # final evaluation on the same corpus encodes only the test queries.
+        final = evaluate(
+            selected_model,
+            dataset,
+            evaluation,
+            out_dir,
+            evaluation.matryoshka_dims,
+            store=run_dir / STORE_FOLDER,
+            sharding=Sharding(dist.rank, dist.world_size, dist.barrier),
+        )
         if logger is not None:
             logger.summary({f"test/{k}": v for k, v in final.items()})
     if best is not None:

@@ -42,7 +42,9 @@ class EvalConfig:
     batch); ``ks`` the metric cut-offs; ``matryoshka_dims`` extra truncated dimensions scored
     from the same embeddings; ``ignore_identical_ids`` drops hits whose document id equals
     the query id (Quora, ArguAna); ``precision`` ``bf16`` encodes under bf16 autocast (where
-    torch supports bf16 on the device).
+    torch supports bf16 on the device). ``store`` is the folder of embedding stores
+    (``retrieval.store``) that retrieval evaluations look up and write, null for the run
+    folder's ``embeddings/``; ``shard_rows`` the rows of each shard written there.
     """
 
     batch_size: int = 64
@@ -51,8 +53,12 @@ class EvalConfig:
     ignore_identical_ids: bool = False
     precision: str = "fp32"
     index: IndexSpec = field(default_factory=IndexSpec)
+    store: str | None = None
+    shard_rows: int = 8192
 
     def __post_init__(self) -> None:
+        if self.shard_rows < 1:
+            raise ValueError(f"shard_rows: must be positive, got {self.shard_rows}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be positive, got {self.batch_size}")
         if not self.ks or any(k < 1 for k in self.ks):

@@ -60,7 +60,13 @@ def norm_stats(x: torch.Tensor) -> dict[str, float]:
     embeddings taken before any normalisation."""
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"embeddings must be a non-empty [N, D] matrix, got {tuple(x.shape)}")
-    norms = x.detach().to(torch.float64).norm(dim=-1)
+    return norm_summary(x.detach().to(torch.float64).norm(dim=-1))
+
+
+def norm_summary(norms: torch.Tensor) -> dict[str, float]:
+    """``norm_stats`` of embeddings whose row norms ``norms`` are already computed (a corpus
+    read shard by shard)."""
+    norms = norms.to(torch.float64)
     return {
         "norm_mean": norms.mean().item(),
         "norm_std": norms.std(correction=0).item(),

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,13 +33,26 @@ from biencoder.evaluation.compressed import (
     quantized_search,
 )
 from biencoder.evaluation.config import FunnelConfig, IndexSpec, QuantizationConfig
-from biencoder.evaluation.geometry import geometry_metrics
+from biencoder.evaluation.geometry import geometry_metrics, norm_summary
 from biencoder.evaluation.metrics import Run, retrieval_metrics, to_run
 from biencoder.evaluation.sts import sts_metrics
 from biencoder.model.biencoder import BiEncoder, truncate_embeddings
-from biencoder.retrieval.search import build_index, check_index_dims, search
+from biencoder.retrieval.search import check_index_dims
+from biencoder.retrieval.store import (
+    SHARD_ROWS,
+    Embeddings,
+    InMemoryEmbeddings,
+    Sharding,
+    encode_to_store,
+    entry_key,
+    find,
+    search_embeddings,
+)
 
 log = logging.getLogger(__name__)
+
+# Documents uniformity is estimated on (geometry.uniformity's max_points).
+UNIFORMITY_POINTS = 4096
 
 
 @dataclass
@@ -64,13 +78,25 @@ def evaluate_retrieval(
     ignore_identical_ids: bool = False,
     funnel: FunnelConfig | None = None,
     quantization: QuantizationConfig | None = None,
+    store: Path | None = None,
+    shard_rows: int = SHARD_ROWS,
+    sharding: Sharding | None = None,
 ) -> RetrievalResult:
     """Embed corpus and queries, search the top ``max(ks)`` documents per query and score
     the run against the qrels. Returns metrics at full dimension plus ``dim{d}/``-prefixed
     metrics per Matryoshka dimension, and the full-dimension run.
 
+    ``store``: a folder of embedding stores (``retrieval.store``). The corpus and the
+    queries are then looked up there by the model's and the texts' fingerprints, encoded
+    only where missing (``shard_rows`` rows per shard, resumable), and searched shard by
+    shard, so the corpus is never in memory (but for a funnel or quantisation). Without
+    one, everything is embedded in memory. ``sharding`` splits the encoding across
+    processes, each writing its own shards: it needs a ``store`` they share. The timings say
+    how many documents were encoded (``docs_encoded``; 0 when the store had them all).
+
     Geometry metrics: ``alignment`` over every judged relevant (query, document) pair,
-    ``uniformity`` over the corpus, norms over corpus and queries together.
+    ``uniformity`` over the corpus (4,096 documents drawn when larger), norms over corpus
+    and queries together.
 
     ``ignore_identical_ids`` drops a retrieved document whose id equals the query id
     (BEIR's convention for corpora that contain the queries, e.g. Quora, ArguAna).
@@ -90,6 +116,8 @@ def evaluate_retrieval(
         quantization = None
     if funnel is not None and quantization is not None:
         raise ValueError("funnel and quantization cannot be combined; choose one")
+    if sharding is not None and sharding.world_size > 1 and store is None:
+        raise ValueError("sharding: processes encoding together need a store they share")
     index = index or IndexSpec()
     doc_ids = list(dataset.corpus)
     query_ids = list(dataset.queries)
@@ -103,29 +131,41 @@ def evaluate_retrieval(
         train_rows=train_rows,
     )
 
+    def embed(ids: list[str], texts: list[str], kind: str, progress: bool) -> Embeddings:
+        if store is None:
+            array = model.encode(
+                texts, kind=kind, batch_size=batch_size, show_progress=progress, normalize=False
+            )
+            return InMemoryEmbeddings(array.numpy(), ids)
+        return encode_to_store(
+            model,
+            ids,
+            texts,
+            kind,
+            store,
+            shard_rows=shard_rows,
+            batch_size=batch_size,
+            show_progress=progress,
+            sharding=sharding,
+        )
+
     start = time.perf_counter()
-    docs = model.encode(
-        [dataset.corpus[i].full_text for i in doc_ids],
-        kind="doc",
-        batch_size=batch_size,
-        show_progress=True,
-        normalize=False,
-    )
+    doc_texts = [dataset.corpus[i].full_text for i in doc_ids]
+    encoded = _missing(store, model, doc_ids, doc_texts)
+    docs = embed(doc_ids, doc_texts, "doc", True)
     timings["encode_corpus_s"] = time.perf_counter() - start
-    timings["docs_per_s"] = len(doc_ids) / timings["encode_corpus_s"]
+    timings["docs_encoded"] = encoded
+    if encoded:
+        timings["docs_per_s"] = encoded / timings["encode_corpus_s"]
     _check_finite(docs, "documents")
     start = time.perf_counter()
-    queries = model.encode(
-        [dataset.queries[i] for i in query_ids],
-        kind="query",
-        batch_size=batch_size,
-        normalize=False,
-    )
+    queries = embed(query_ids, [dataset.queries[i] for i in query_ids], "query", False).load()
     timings["encode_queries_s"] = time.perf_counter() - start
     _check_finite(queries, "queries")
-    geometry = _retrieval_geometry(docs, queries, dataset, doc_ids, query_ids)
-    if model.config.normalize:
-        docs, queries = F.normalize(docs, dim=-1), F.normalize(queries, dim=-1)
+    geometry = _retrieval_geometry(docs, queries, dataset, query_ids)
+    normalize = model.config.normalize
+    if normalize:
+        queries = F.normalize(torch.from_numpy(queries), dim=-1).numpy()
 
     depth = max(ks) + (1 if ignore_identical_ids else 0)
     compressed = funnel is not None or quantization is not None
@@ -135,9 +175,7 @@ def evaluate_retrieval(
         # The ordinary search moves under flat/ when a compressed one takes its keys.
         prefix = "flat/" if dim is None and compressed else ""
         start = time.perf_counter()
-        run, search_s = _search_run(
-            docs, queries, dim, model.config.normalize, index, depth, query_ids, doc_ids
-        )
+        run, search_s = _search_run(docs, queries, dim, normalize, index, depth, query_ids)
         run = _drop_identical(run, ignore_identical_ids)
         timings[prefix + metric_key("search_s", dim, model.dim)] = time.perf_counter() - start
         if prefix:
@@ -147,14 +185,33 @@ def evaluate_retrieval(
         if dim is None:
             full_run = run
     if compressed:
+        # Both need the whole matrix: a funnel re-ranks from it, quantisation rescores.
+        doc_matrix = torch.from_numpy(np.array(docs.load()))
+        if normalize:
+            doc_matrix = F.normalize(doc_matrix, dim=-1)
         scores, ids, extra = _compressed_search(
-            docs, queries, depth, model.config.normalize, index, funnel, quantization, timings
+            doc_matrix,
+            torch.from_numpy(queries),
+            depth,
+            normalize,
+            index,
+            funnel,
+            quantization,
+            timings,
         )
         timings["search_ms_per_query"] = 1000 * timings["search_s"] / len(query_ids)
         full_run = _drop_identical(to_run(scores, ids, query_ids, doc_ids), ignore_identical_ids)
         # The compressed search's metrics lead metrics.json and the table: they are the run's.
         metrics = retrieval_metrics(full_run, dataset.qrels, ks) | extra | metrics
     return RetrievalResult(metrics | geometry, full_run, timings)
+
+
+def _missing(store: Path | None, model: BiEncoder, ids: list[str], texts: list[str]) -> int:
+    """How many of ``texts`` will be encoded: all of them without a store, none when the
+    store has their complete entry (a partly written one counts as missing)."""
+    if store is None:
+        return len(texts)
+    return 0 if find(store, entry_key(model, ids, texts, "doc")) is not None else len(texts)
 
 
 def _compressed_search(
@@ -204,10 +261,15 @@ def _check_matryoshka_dims(dims: Sequence[int], width: int) -> None:
         raise ValueError(f"matryoshka_dims: {bad} outside the model's (0, {width}] dimensions")
 
 
-def _check_finite(embeddings: torch.Tensor, what: str) -> None:
+def _check_finite(embeddings: Embeddings | np.ndarray, what: str) -> None:
     # FAISS and the correlations take NaN without complaint and score it as garbage (a NaN
     # model scored nDCG 0.0); this names the cause instead.
-    bad = int((~torch.isfinite(embeddings).all(dim=-1)).sum())
+    shards = (
+        [embeddings]
+        if isinstance(embeddings, np.ndarray)
+        else (shard for _, shard in embeddings.shards())
+    )
+    bad = sum(int((~np.isfinite(shard).all(axis=-1)).sum()) for shard in shards)
     if bad:
         raise ValueError(
             f"{bad} of {len(embeddings)} {what} have non-finite embeddings (NaN or inf): the "
@@ -216,13 +278,12 @@ def _check_finite(embeddings: torch.Tensor, what: str) -> None:
 
 
 def _retrieval_geometry(
-    docs: torch.Tensor,
-    queries: torch.Tensor,
+    docs: Embeddings,
+    queries: np.ndarray,
     dataset: BeirDataset,
-    doc_ids: list[str],
     query_ids: list[str],
 ) -> dict[str, float]:
-    doc_row = {d: i for i, d in enumerate(doc_ids)}
+    doc_row = {d: i for i, d in enumerate(docs.ids)}
     query_row = {q: i for i, q in enumerate(query_ids)}
     pairs = [
         (query_row[q], doc_row[d])
@@ -231,43 +292,58 @@ def _retrieval_geometry(
         for d, relevance in judged.items()
         if relevance > 0 and d in doc_row
     ]
-    q_rows = torch.tensor([q for q, _ in pairs], dtype=torch.long)
-    d_rows = torch.tensor([d for _, d in pairs], dtype=torch.long)
-    return geometry_metrics(
-        queries[q_rows], docs[d_rows], docs, norm_embeddings=torch.cat([docs, queries])
+    q_rows = np.array([q for q, _ in pairs], dtype=np.int64)
+    d_rows = np.array([d for _, d in pairs], dtype=np.int64)
+    # uniformity's own draw, made here so that only the drawn documents are read.
+    drawn = np.arange(len(docs))
+    if len(docs) > UNIFORMITY_POINTS:
+        generator = torch.Generator().manual_seed(0)
+        drawn = torch.randperm(len(docs), generator=generator)[:UNIFORMITY_POINTS].numpy()
+    norms = [np.linalg.norm(shard.astype(np.float64), axis=-1) for _, shard in docs.shards()]
+    norms.append(np.linalg.norm(queries.astype(np.float64), axis=-1))
+    metrics = geometry_metrics(
+        torch.from_numpy(queries[q_rows]),
+        torch.from_numpy(docs.rows(d_rows)),
+        torch.from_numpy(docs.rows(drawn)),
+        max_points=UNIFORMITY_POINTS,
     )
+    return metrics | norm_summary(torch.from_numpy(np.concatenate(norms)))
 
 
 def _search_run(
-    docs: torch.Tensor,
-    queries: torch.Tensor,
+    docs: Embeddings,
+    queries: np.ndarray,
     dim: int | None,
     normalize: bool,
     spec: IndexSpec,
     depth: int,
     query_ids: list[str],
-    doc_ids: list[str],
 ) -> tuple[Run, float]:
-    """The run and the seconds its search took, building the index left out."""
-    doc_vectors = truncate_embeddings(docs, dim, normalize).numpy()
-    query_vectors = truncate_embeddings(queries, dim, normalize).numpy()
-    faiss_index = build_index(
-        np.ascontiguousarray(doc_vectors),
-        spec.factory,
+    """The run and the seconds its search took (indexing included: a store is indexed
+    shard by shard as it is searched). ``queries`` come normalised when ``normalize``."""
+
+    def transform(x: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.array(x, dtype=np.float32))
+        if normalize:
+            x = F.normalize(x, dim=-1)
+        return truncate_embeddings(x, dim, normalize).numpy()
+
+    query_vectors = truncate_embeddings(torch.from_numpy(queries), dim, normalize).numpy()
+    start = time.perf_counter()
+    scores, ids = search_embeddings(
+        docs,
+        np.ascontiguousarray(query_vectors),
+        depth,
+        factory=spec.factory,
         metric=spec.metric,
         use_gpu=spec.use_gpu,
         train_size=spec.train_size,
-    )
-    start = time.perf_counter()
-    scores, ids = search(
-        faiss_index,
-        np.ascontiguousarray(query_vectors),
-        depth,
         nprobe=spec.nprobe,
         ef_search=spec.ef_search,
+        transform=transform,
     )
     search_s = time.perf_counter() - start
-    return to_run(scores, ids, query_ids, doc_ids), search_s
+    return to_run(scores, ids, query_ids, docs.ids), search_s
 
 
 def evaluate_sts(
@@ -295,7 +371,7 @@ def evaluate_sts(
     right = model.encode(
         [p.text2 for p in pairs], kind="query", batch_size=batch_size, normalize=False
     )
-    _check_finite(torch.cat([left, right]), "sentences")
+    _check_finite(torch.cat([left, right]).numpy(), "sentences")
     gold = np.array([p.score for p in pairs])
     positive = torch.as_tensor(gold >= positive_threshold)
     geometry = geometry_metrics(left[positive], right[positive], torch.cat([left, right]))

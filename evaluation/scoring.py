@@ -16,8 +16,12 @@ from biencoder.evaluation.retrieval import evaluate_retrieval, evaluate_sts
 from biencoder.evaluation.table import format_table
 from biencoder.evaluation.trec import write_trec_run
 from biencoder.model.biencoder import BiEncoder
+from biencoder.retrieval.store import Sharding
 
 log = logging.getLogger(__name__)
+
+# The run folder's embedding store, unless evaluation.store names another.
+STORE_FOLDER = "embeddings"
 
 
 def score(
@@ -28,15 +32,23 @@ def score(
     *,
     funnel: FunnelConfig | None = None,
     quantization: QuantizationConfig | None = None,
+    store: Path | None = None,
+    sharding: Sharding | None = None,
 ):
     """Metrics, timings and (for retrieval) the run of ``model`` on a BEIR or STS dataset.
 
     Full-dimension metrics are always there, so a Matryoshka dim equal to the model's is
     not scored twice. ``funnel`` and ``quantization`` search BEIR data a cheaper way
-    (``evaluate_retrieval``); STS data refuses them."""
+    (``evaluate_retrieval``); STS data refuses them. ``store`` (``evaluation.store`` when
+    set, else the caller's) is where retrieval looks up and writes embeddings, with
+    ``sharding`` the processes that encode them together."""
     matryoshka_dims = [d for d in matryoshka_dims if d != model.dim]
+    if evaluation.store is not None:
+        store = Path(evaluation.store)
     with model.encoding_precision(evaluation.precision):
-        return _score(model, dataset, evaluation, matryoshka_dims, funnel, quantization)
+        return _score(
+            model, dataset, evaluation, matryoshka_dims, funnel, quantization, store, sharding
+        )
 
 
 def _score(
@@ -46,6 +58,8 @@ def _score(
     matryoshka_dims: list[int],
     funnel: FunnelConfig | None,
     quantization: QuantizationConfig | None,
+    store: Path | None,
+    sharding: Sharding | None,
 ):
     if isinstance(dataset, BeirDataset):
         result = evaluate_retrieval(
@@ -58,6 +72,9 @@ def _score(
             ignore_identical_ids=evaluation.ignore_identical_ids,
             funnel=funnel,
             quantization=quantization,
+            store=store,
+            shard_rows=evaluation.shard_rows,
+            sharding=sharding,
         )
         return result.metrics, result.timings, result.run
     if (funnel is not None and funnel.dim is not None) or (
@@ -79,16 +96,25 @@ def evaluate(
     *,
     funnel: FunnelConfig | None = None,
     quantization: QuantizationConfig | None = None,
+    store: Path | None = None,
+    sharding: Sharding | None = None,
 ) -> dict[str, float]:
     """Score ``model`` on ``dataset`` as ``evaluation`` says; write metrics.json (and
     run.trec) into ``out_dir`` and print the table, unless ``out_dir`` is None (the ranks
     of a multi-process run that help encode but do not write). ``matryoshka_dims``
-    replaces ``evaluation.matryoshka_dims`` when given; ``funnel`` and ``quantization`` as
-    in :func:`score`."""
+    replaces ``evaluation.matryoshka_dims`` when given; ``funnel``, ``quantization``,
+    ``store`` and ``sharding`` as in :func:`score`."""
     dims = list(evaluation.matryoshka_dims if matryoshka_dims is None else matryoshka_dims)
     start = time.perf_counter()
     metrics, timings, run = score(
-        model, dataset, evaluation, dims, funnel=funnel, quantization=quantization
+        model,
+        dataset,
+        evaluation,
+        dims,
+        funnel=funnel,
+        quantization=quantization,
+        store=store,
+        sharding=sharding,
     )
     metrics |= timings
     metrics["eval_wall_s"] = time.perf_counter() - start

@@ -221,21 +221,47 @@ def build_index(
     x = _as_matrix(embeddings, "embeddings")
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
-    try:
-        index = faiss.index_factory(x.shape[1], factory, _METRICS[metric])
-    except RuntimeError as err:
-        raise ValueError(
-            f"faiss cannot build index factory string {factory!r} for dim {x.shape[1]}: {err}"
-        ) from err
-
-    num_gpus = faiss.get_num_gpus()
-    if num_gpus == 0 and use_gpu is not False and factory == "Flat":
+    if faiss.get_num_gpus() == 0 and use_gpu is not False and factory == "Flat":
         device = _exact_search_device()
         if device is not None:
             logger.info(
                 "exact search on %s with torch: this faiss build has no GPU support", device
             )
             return TorchFlatIndex(x, metric, device)
+    train = x
+    if train_size is not None:
+        if train_size < 1:
+            raise ValueError(f"train_size must be positive, got {train_size}")
+        if train_size < len(x):
+            rows = np.random.default_rng(seed).choice(len(x), size=train_size, replace=False)
+            train = x[np.sort(rows)]
+    index = train_index(train, factory, metric=metric, use_gpu=use_gpu)
+    index.add(x)
+    return index
+
+
+def train_index(
+    train: np.ndarray,
+    factory: str = "Flat",
+    *,
+    metric: str = "ip",
+    use_gpu: bool | None = None,
+) -> faiss.Index:
+    """An empty FAISS index of ``factory``, trained on ``train`` where it needs training, to
+    be filled with ``index.add``: how :func:`build_index` makes its index, and how a store
+    too large for memory is indexed shard by shard. ``use_gpu`` as in ``build_index``
+    (without its torch fallback: this is a FAISS index).
+    """
+    train = _as_matrix(train, "training rows")
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
+    try:
+        index = faiss.index_factory(train.shape[1], factory, _METRICS[metric])
+    except RuntimeError as err:
+        raise ValueError(
+            f"faiss cannot build index factory string {factory!r} for dim {train.shape[1]}: {err}"
+        ) from err
+    num_gpus = faiss.get_num_gpus()
     if use_gpu and num_gpus == 0:
         raise RuntimeError(
             f"use_gpu=True but faiss sees no GPU: {factory!r} needs a faiss GPU build "
@@ -245,20 +271,11 @@ def build_index(
     if use_gpu or (use_gpu is None and num_gpus > 0):
         # Moved before training so that IVF k-means runs on the GPU too.
         index = _to_gpu(index, factory, requested=bool(use_gpu))
-
     if not index.is_trained:
-        train = x
-        if train_size is not None:
-            if train_size < 1:
-                raise ValueError(f"train_size must be positive, got {train_size}")
-            if train_size < len(x):
-                rows = np.random.default_rng(seed).choice(len(x), size=train_size, replace=False)
-                train = x[np.sort(rows)]
         try:
             index.train(train)
         except RuntimeError as err:
             raise ValueError(f"training index {factory!r} on {len(train)} vectors: {err}") from err
-    index.add(x)
     return index
 
 

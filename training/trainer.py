@@ -46,7 +46,9 @@ from biencoder.data.training_sets import TrainingSet
 from biencoder.evaluation.config import EvalConfig
 from biencoder.evaluation.scoring import score
 from biencoder.model.biencoder import BiEncoder
+from biencoder.retrieval.store import Sharding, entries_of, weights_fingerprint
 from biencoder.runtime.device import bf16_supported, matmul_precision
+from biencoder.runtime.files import remove
 from biencoder.training.checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
@@ -240,8 +242,9 @@ class Trainer:
     """Trains ``model`` with ``task`` on ``train_set`` as ``config`` says (see the module
     docstring); ``optimizer`` and ``scheduler`` are factories (Hydra partials) called on the
     parameters and the run's length. ``max_length`` is the token limit of a training text;
-    ``logger`` receives the metrics (on rank 0; pass None elsewhere); ``run_id`` is the W&B
-    run id a resumed run continues."""
+    ``store`` is the embedding store dev evaluations write (``retrieval.store``; None
+    embeds in memory); ``logger`` receives the metrics (on rank 0; pass None elsewhere);
+    ``run_id`` is the W&B run id a resumed run continues."""
 
     def __init__(
         self,
@@ -259,6 +262,7 @@ class Trainer:
         max_length: int,
         run_id: str | None = None,
         dist: Distributed | None = None,
+        store: Path | None = None,
     ) -> None:
         self.model, self.task, self.train_set = model, task, train_set
         self.config, self.evaluation = config, evaluation
@@ -286,6 +290,10 @@ class Trainer:
         self.stat_keys: list[str] | None = None
         # Each set's step losses since the last metrics line, for train/loss/<set>.
         self.set_losses: dict[str, list[float]] = {}
+        # The embedding store of dev evaluations, and the weights its entries were made by.
+        self.store = store
+        self.best_fingerprint: str | None = None
+        self.dev_fingerprints: set[str] = set()
         self.encoder = ColumnEncoder(model)
         if self.dist.enabled:
             # A tower that a GradCache chunk does not use has parameters DDP must not wait for.
@@ -295,6 +303,15 @@ class Trainer:
                 device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
                 find_unused_parameters=unused,
             )
+
+    def _prune_store(self, current: str) -> None:
+        """Delete the store entries of this run's earlier dev evaluations, but the best's:
+        a large dev corpus would otherwise fill the disk one copy per evaluation."""
+        keep = {current, self.best_fingerprint}
+        for stale in self.dev_fingerprints - keep:
+            for path in entries_of(self.store, stale):
+                remove(path)
+        self.dev_fingerprints = keep - {None}
 
     # ------------------------------------------------------------------------- state
 
@@ -540,18 +557,34 @@ class Trainer:
         return path
 
     def evaluate_dev(self) -> None:
-        """Score the dev set; a new best is saved as ``checkpoints/best``."""
-        model = ShardedEncoder(self.model, self.dist) if self.dist.enabled else self.model
+        """Score the dev set; a new best is saved as ``checkpoints/best``. A retrieval dev
+        set's embeddings go to the store (each rank encodes its own shards); those of
+        earlier evaluations this run made are deleted unless they are the best's, which
+        the final evaluation of ``best`` then reuses."""
+        retrieval = isinstance(self.train_set.dev, BeirDataset)
+        model = self.model
+        if self.dist.enabled and not retrieval:
+            model = ShardedEncoder(self.model, self.dist)
+        sharding = Sharding(self.dist.rank, self.dist.world_size, self.dist.barrier)
         with self.tokenizer_lock:
             metrics, _, _ = score(
-                model, self.train_set.dev, self.evaluation, self.evaluation.matryoshka_dims
+                model,
+                self.train_set.dev,
+                self.evaluation,
+                self.evaluation.matryoshka_dims,
+                store=self.store,
+                sharding=sharding,
             )
         self.model.train()
         self.log({f"dev/{k}": v for k, v in metrics.items()})
         value = metrics[self.selection]
+        fingerprint = weights_fingerprint(self.model) if retrieval and self.store else None
         if self.best is None or value > self.best["value"]:
             self.best = {"step": self.step, "value": value}
+            self.best_fingerprint = fingerprint
             self.checkpoint("best")
+        if fingerprint is not None and self.dist.is_main:
+            self._prune_store(fingerprint)
         log.info(
             "step %d: dev %s %.4f (best %.4f at step %d)",
             self.step,
