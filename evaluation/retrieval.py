@@ -44,8 +44,6 @@ from biencoder.retrieval.store import (
     InMemoryEmbeddings,
     Sharding,
     encode_to_store,
-    entry_key,
-    find,
     search_embeddings,
 )
 
@@ -150,13 +148,11 @@ def evaluate_retrieval(
         )
 
     start = time.perf_counter()
-    doc_texts = [dataset.corpus[i].full_text for i in doc_ids]
-    encoded = _missing(store, model, doc_ids, doc_texts)
-    docs = embed(doc_ids, doc_texts, "doc", True)
+    docs = embed(doc_ids, [dataset.corpus[i].full_text for i in doc_ids], "doc", True)
     timings["encode_corpus_s"] = time.perf_counter() - start
-    timings["docs_encoded"] = encoded
-    if encoded:
-        timings["docs_per_s"] = encoded / timings["encode_corpus_s"]
+    timings["docs_encoded"] = docs.encoded
+    if docs.encoded:
+        timings["docs_per_s"] = docs.encoded / timings["encode_corpus_s"]
     _check_finite(docs, "documents")
     start = time.perf_counter()
     queries = embed(query_ids, [dataset.queries[i] for i in query_ids], "query", False).load()
@@ -204,14 +200,6 @@ def evaluate_retrieval(
         # The compressed search's metrics lead metrics.json and the table: they are the run's.
         metrics = retrieval_metrics(full_run, dataset.qrels, ks) | extra | metrics
     return RetrievalResult(metrics | geometry, full_run, timings)
-
-
-def _missing(store: Path | None, model: BiEncoder, ids: list[str], texts: list[str]) -> int:
-    """How many of ``texts`` will be encoded: all of them without a store, none when the
-    store has their complete entry (a partly written one counts as missing)."""
-    if store is None:
-        return len(texts)
-    return 0 if find(store, entry_key(model, ids, texts, "doc")) is not None else len(texts)
 
 
 def _compressed_search(

@@ -28,6 +28,7 @@ shard, so memory is one shard, the index and the queries' results, whatever the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -127,10 +128,12 @@ def encode_settings(model: BiEncoder, kind: Kind) -> dict[str, Any]:
 
 class Embeddings:
     """Rows of embeddings with their ids, read shard by shard: what search and the
-    evaluators take, whether the rows are in memory or in a store."""
+    evaluators take, whether the rows are in memory or in a store. ``encoded`` is how many
+    rows were encoded to make them (0 when a store had them all)."""
 
     ids: list[str]
     dim: int
+    encoded: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -167,6 +170,7 @@ class InMemoryEmbeddings(Embeddings):
         self.array = np.ascontiguousarray(array, dtype=np.float32)
         self.ids = list(ids)
         self.dim = array.shape[1]
+        self.encoded = len(self.ids)
 
     def shards(self) -> Iterator[tuple[int, np.ndarray]]:
         yield 0, self.array
@@ -282,27 +286,44 @@ def encode_to_store(
     key = entry_key(model, ids, texts, kind)
     path = entry_path(root, key)
     found = find(root, key)
+    count = len(texts)
+    starts = list(range(0, count, shard_rows))
+    if found is None:
+        missing = sum(
+            min(shard_rows, count - start)
+            for i, start in enumerate(starts)
+            if not _shard_ok(path / _shard_name(i), start, shard_rows, count)
+        )
     # Every rank has looked before rank 0 writes anything.
     sharding.barrier()
     if found is not None:
         log.info("%d %s embeddings found in %s", len(found), kind, path)
         return found
-    count = len(texts)
-    starts = list(range(0, count, shard_rows))
-    if sharding.is_main:
-        with lock.hold(lock.beside(path), "evaluation.store"):
+    with contextlib.ExitStack() as stack:
+        if sharding.is_main:
+            stack.enter_context(lock.hold(lock.beside(path), "evaluation.store"))
             _begin(path, key, ids, shard_rows)
-            _encode_shards(
-                model, texts, kind, path, starts, shard_rows, batch_size, show_progress, sharding
-            )
-            sharding.barrier()
+        # The entry's manifest and ids exist before any rank writes a shard.
+        sharding.barrier()
+        _encode_shards(
+            model,
+            texts,
+            kind,
+            path,
+            starts,
+            shard_rows,
+            batch_size,
+            show_progress and sharding.is_main,
+            sharding,
+        )
+        sharding.barrier()
+        if sharding.is_main:
             _finish(path, key, count, shard_rows, starts)
-    else:
-        sharding.barrier()
-        _encode_shards(model, texts, kind, path, starts, shard_rows, batch_size, False, sharding)
-        sharding.barrier()
+    # Complete before any rank opens it.
     sharding.barrier()
-    return EmbeddingStore(path)
+    store = EmbeddingStore(path)
+    store.encoded = missing
+    return store
 
 
 def _begin(path: Path, key: dict, ids: Sequence[str], shard_rows: int) -> None:

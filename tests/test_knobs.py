@@ -77,7 +77,7 @@ class Run:
 
     Overrides may name the fixture folders ``{beir2}``, ``{sts2}``, ``{model2}``,
     ``{pairs}``, ``{pairs2}``, ``{scored}``, ``{identical_ids}``, ``{unknown_ids}``,
-    ``{hf}``, ``{hf2}`` and ``{hf_splits}``."""
+    ``{hf}``, ``{hf2}``, ``{hf_splits}`` and ``{store}``."""
 
     change: tuple[str, ...]
     observe: str
@@ -248,6 +248,9 @@ PROBES: dict[str, Run | Proven] = {
         ("evaluation.index.ef_search=16",), "index", (*FINAL, "evaluation/index=hnsw")
     ),
     "evaluation.index.train_size": Run(("evaluation.index.train_size=100",), "index", IVF),
+    # Elsewhere, the run folder keeps no embeddings; smaller shards, more of them.
+    "evaluation.store": Run(("evaluation.store={store}",), "stores", FINAL),
+    "evaluation.shard_rows": Run(("evaluation.shard_rows=7",), "stores", FINAL),
     # ------------------------------------------------ options with their own keys
     **option_probes(
         "loss=triplet",
@@ -483,12 +486,17 @@ def spying(monkeypatch: pytest.MonkeyPatch):
 
         return call
 
-    retrieval = importlib.import_module("biencoder.evaluation.retrieval")
-    build_index, search = retrieval.build_index, retrieval.search
+    # Evaluations search through the embedding store, shard by shard.
+    store = importlib.import_module("biencoder.retrieval.store")
+    build_index, train_index, search = store.build_index, store.train_index, store.search
 
     def spied_build_index(embeddings, factory, **kwargs):
-        spy.index_calls.append({"factory": factory, **kwargs})
+        spy.index_calls.append({"factory": factory, "rows": len(embeddings), **kwargs})
         return build_index(embeddings, factory, **kwargs)
+
+    def spied_train_index(train, factory, **kwargs):
+        spy.index_calls.append({"factory": factory, "train_rows": len(train), **kwargs})
+        return train_index(train, factory, **kwargs)
 
     def spied_search(index, queries, k, **kwargs):
         spy.index_calls.append({"k": k, **kwargs})
@@ -523,8 +531,9 @@ def spying(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(bert_module, "checkpoint", counted_checkpoint)
     for name in ("naive_info_nce", "chunked_info_nce"):
         monkeypatch.setattr(infonce_module, name, recording(name, getattr(infonce_module, name)))
-    monkeypatch.setattr(retrieval, "build_index", spied_build_index)
-    monkeypatch.setattr(retrieval, "search", spied_search)
+    monkeypatch.setattr(store, "build_index", spied_build_index)
+    monkeypatch.setattr(store, "train_index", spied_train_index)
+    monkeypatch.setattr(store, "search", spied_search)
     monkeypatch.setattr(scoring, "evaluate_retrieval", spied_evaluate_retrieval)
     try:
         yield spy
@@ -597,7 +606,19 @@ def observations(run_dir: Path, spy: Spy, error: Exception | None) -> dict[str, 
         "eval_autocast": sorted({str(f["autocast"]) for f in evaluating}),
         "eval_sizes": [(e["queries"], len(e["corpus"])) for e in spy.evaluated],
         "eval_corpus": [e["corpus"] for e in spy.evaluated],
+        "stores": _stores(run_dir / "embeddings"),
     }
+
+
+def _stores(root: Path) -> list[tuple[str, int]]:
+    """Each embedding store entry's kind and shard count."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        (entry.name.split("-")[0], len(list(entry.glob("shard-*.npy"))))
+        for entry in root.iterdir()
+        if entry.is_dir()
+    )
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -682,6 +703,7 @@ def folders(tmp_path_factory, minilm_path, tiny_beir_path) -> dict[str, str]:
         "hf": str(root / "hf"),
         "hf2": str(root / "hf2"),
         "hf_splits": str(root / "hf_splits"),
+        "store": str(root / "store"),
     }
 
 

@@ -567,7 +567,7 @@ class Trainer:
             model = ShardedEncoder(self.model, self.dist)
         sharding = Sharding(self.dist.rank, self.dist.world_size, self.dist.barrier)
         with self.tokenizer_lock:
-            metrics, _, _ = score(
+            metrics, timings, _ = score(
                 model,
                 self.train_set.dev,
                 self.evaluation,
@@ -576,7 +576,7 @@ class Trainer:
                 sharding=sharding,
             )
         self.model.train()
-        self.log({f"dev/{k}": v for k, v in metrics.items()})
+        self.log({f"dev/{k}": v for k, v in (metrics | timings).items()})
         value = metrics[self.selection]
         fingerprint = weights_fingerprint(self.model) if retrieval and self.store else None
         if self.best is None or value > self.best["value"]:
