@@ -6,14 +6,24 @@
     python mine.py retriever=bm25 range_min=5 sampling=random out=bm25.jsonl
     python mine.py index=HNSW32 teacher.path=/models/cross-encoder out=distil.jsonl
     python mine.py out=mined.jsonl resume=true        # continue after a crash
+    python mine.py model.path=RUN/checkpoints/best store=RUN/embeddings out=m.jsonl  # reuse
 
 Writes ``{"query", "positive", "negatives": [...]}`` lines (plus ``"scores"`` with a
 teacher), which ``python train.py train_data=jsonl train_data.path=FILE
 train_data.format=triplets`` trains on; ``resume=true`` continues an interrupted run where
-it stopped, with the corpus embeddings it kept beside ``out``. The options are
-sentence-transformers' ``mine_hard_negatives`` ones with its meanings (see
-``data.mining.selection.MiningOptions``); every setting is checked, naming its key, before
-the model or the data is loaded.
+it stopped. The options are sentence-transformers' ``mine_hard_negatives`` ones with its
+meanings (see ``data.mining.selection.MiningOptions``); every setting is checked, naming
+its key, before the model or the data is loaded.
+
+Dense mining keeps the corpus embeddings in an embedding store (``retrieval.store``):
+``<out>.embeddings/`` beside ``out`` unless ``store`` names another folder. The corpus is
+looked up there by the fingerprints of the model's weights, the texts (with their BEIR
+ids, or their row numbers for pairs) and the encode settings, and encoded shard by shard
+only where missing, so a run killed while encoding resumes at its first missing shard, and
+a rerun with the same model and corpus (other options, a fresh ``out``) encodes nothing.
+``store=RUN/embeddings`` reuses the corpus a training or ``eval.py`` run encoded with the
+same model and settings. The store stays once mining is done: delete it to free its space.
+Exact search (``index=Flat``) streams its shards, so the corpus is never in memory whole.
 """
 
 from __future__ import annotations
@@ -30,8 +40,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from biencoder.data.beir import load_beir
-from biencoder.data.io import dotted_leaves, naming_errors, progress_path
+from biencoder.data.beir import BeirDataset, load_beir
+from biencoder.data.io import dotted_leaves, naming_errors
 from biencoder.data.mining.pipeline import MiningReport, mine, resume_state
 from biencoder.data.mining.selection import MiningOptions
 from biencoder.data.mining.sets import mining_set_from_beir, mining_set_from_pairs
@@ -46,9 +56,10 @@ from biencoder.data.training import load_pairs
 from biencoder.model.biencoder import BiEncoder, embedding_dim
 from biencoder.retrieval.retrievers import BM25Retriever, DenseRetriever
 from biencoder.retrieval.search import check_index_dims
+from biencoder.retrieval.store import entry_key, entry_path, find
 from biencoder.runtime import lock
 from biencoder.runtime.device import resolve_device
-from biencoder.runtime.files import atomic_file, check_can_create, check_free_space
+from biencoder.runtime.files import check_can_create, check_free_space
 from biencoder.training.hydra_config import CONFIG_DIR, ConfigError, register
 
 log = logging.getLogger("mine")
@@ -56,7 +67,7 @@ log = logging.getLogger("mine")
 RETRIEVERS = ("dense", "bm25")
 OUT_NAME = "negatives.jsonl"
 # Keys that may change between a run and its resumption: they do not change the output.
-RESUMABLE_KEYS = ("resume", "out", "device")
+RESUMABLE_KEYS = ("resume", "out", "device", "store")
 
 
 @dataclass
@@ -92,6 +103,7 @@ class MineConfig(MiningOptions):
     retriever: str = "dense"
     index: str = "Flat"
     out: str | None = None
+    store: str | None = None  # folder of embedding stores; null: <out>.embeddings beside out
     resume: bool = False
     query_batch_size: int = 1024
     device: str = "auto"
@@ -141,6 +153,12 @@ def checked(cfg: DictConfig) -> MineConfig:
             raise ConfigError(f"teacher.{err}") from err
     if config.out is not None:
         check_out_folder(Path(config.out))
+    if config.store is not None:
+        try:
+            # An entry folder inside it, as encode_to_store makes one.
+            check_can_create(Path(config.store) / "doc", "store")
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     return config
 
 
@@ -165,50 +183,56 @@ def load_teacher(node: TeacherNode, device: torch.device) -> Teacher:
     return BiEncoderTeacher(model, node.batch_size)
 
 
-def _corpus_cache(out: Path) -> Path:
-    return out.with_name(out.name + ".corpus.npy")
+def store_root(out: Path, config: MineConfig) -> Path:
+    """The folder of embedding stores the corpus is looked up in and written to."""
+    return Path(config.store) if config.store else out.with_name(out.name + ".embeddings")
+
+
+def corpus_ids(dataset: BeirDataset, corpus: list[str]) -> list[str]:
+    """The BEIR id of each row of ``corpus`` (``mining_set_from_beir``'s distinct texts):
+    its first document's, so that a corpus without duplicate texts has the ids and texts
+    an evaluation of the same data stores, and finds its entry. Row numbers where the rows
+    are not the distinct texts in corpus order."""
+    first: dict[str, str] = {}
+    for doc_id, doc in dataset.corpus.items():
+        first.setdefault(doc.full_text, doc_id)
+    if list(first) != corpus:
+        return [str(row) for row in range(len(corpus))]
+    return list(first.values())
+
+
+def check_store_space(
+    model: BiEncoder, ids: list[str], corpus: list[str], root: Path, key: str
+) -> None:
+    """ConfigError naming ``key`` when the disk under ``root`` cannot take the corpus
+    embeddings still missing there: none when the store has them, the shards not yet
+    written when an encode was interrupted. Before any encoding."""
+    entry = entry_key(model, ids, corpus, "doc")
+    if find(root, entry) is not None:
+        return
+    written = sum(file.stat().st_size for file in entry_path(root, entry).glob("shard-*.npy"))
+    need = len(corpus) * model.dim * np.dtype(np.float32).itemsize - written
+    try:
+        check_free_space(root, need, key, "the corpus embeddings")
+    except OSError as err:
+        raise ConfigError(str(err)) from err
 
 
 def embedded_retriever(
-    model: BiEncoder, corpus: list[str], config: MineConfig, out: Path
+    model: BiEncoder, corpus: list[str], ids: list[str], config: MineConfig, root: Path
 ) -> DenseRetriever:
-    """A DenseRetriever whose corpus embeddings are kept beside ``out`` until mining ends,
-    so that ``resume=true`` after a crash does not embed a large corpus again. The run's
-    settings are checked equal before, so the kept embeddings are this run's."""
-    cache = _corpus_cache(out)
-    # Only with a progress record: resume_state has then checked that it has this run's
-    # settings, and mine() writes one before searching anything.
-    continuing = config.resume and progress_path(out).exists() and cache.exists()
-    embeddings = _kept_embeddings(cache, len(corpus)) if continuing else None
-    retriever = DenseRetriever(
-        model,
-        corpus,
-        factory=config.index,
-        batch_size=config.model.batch_size,
-        seed=config.seed,
-        embeddings=embeddings,
-    )
-    if embeddings is None:
-        with naming_errors(cache, "the corpus embeddings"):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(cache, "wb") as file:
-                np.save(file, retriever.embeddings)
-    return retriever
-
-
-def _kept_embeddings(cache: Path, texts: int) -> np.ndarray:
-    advice = f"delete {cache} to embed the corpus again"
-    try:
-        embeddings = np.load(cache)
-    except (ValueError, EOFError) as err:
-        raise ConfigError(f"resume: {cache} cannot be read ({err}); {advice}") from err
-    # The settings name data.path, not what it holds: the file may have changed since.
-    if embeddings.ndim != 2 or len(embeddings) != texts:
-        raise ConfigError(
-            f"resume: {cache} holds embeddings of shape {embeddings.shape} for the {texts} "
-            f"texts of data.path; {advice}"
+    """A DenseRetriever over the corpus embeddings of the store under ``root``, encoded
+    only where missing (see the module docstring)."""
+    with naming_errors(root, "the corpus embeddings"):
+        return DenseRetriever(
+            model,
+            corpus,
+            factory=config.index,
+            batch_size=config.model.batch_size,
+            seed=config.seed,
+            store=root,
+            ids=ids,
         )
-    return embeddings
 
 
 def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
@@ -220,7 +244,8 @@ def run(cfg: DictConfig, out_dir: Path) -> MiningReport:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     out = Path(config.out) if config.out else out_dir / OUT_NAME
-    # One process writes ``out``, its progress record and corpus cache at a time.
+    # One process writes ``out`` and its progress record at a time (the store's entries
+    # have locks of their own: the store may be shared).
     with lock.hold(lock.beside(out), "out"):
         return mine_into(out, cfg, config, device)
 
@@ -247,20 +272,18 @@ def mine_into(out: Path, cfg: DictConfig, config: MineConfig, device: torch.devi
     teacher = load_teacher(config.teacher, device) if config.teacher.path else None
     path = Path(config.data.path)
     if path.is_dir():
-        source = mining_set_from_beir(load_beir(path, config.data.split))
+        dataset = load_beir(path, config.data.split)
+        source = mining_set_from_beir(dataset)
+        ids = corpus_ids(dataset, source.corpus)
+        del dataset
     else:
         source = mining_set_from_pairs(load_pairs(path))
+        ids = [str(row) for row in range(len(source.corpus))]
     log.info("%s: %d queries, %d texts", path, len(source.queries), len(source.corpus))
     torch.manual_seed(config.seed)
     if config.retriever == "bm25":
         retriever = BM25Retriever(source.corpus)
     else:
-        width = embedding_dim(config.model.path)
-        cache_bytes = len(source.corpus) * width * np.dtype(np.float32).itemsize
-        try:
-            check_free_space(out.parent, cache_bytes, "out", "the corpus embeddings")
-        except OSError as err:
-            raise ConfigError(str(err)) from err
         model = BiEncoder.from_pretrained(
             config.model.path,
             max_length=config.model.max_length,
@@ -268,8 +291,10 @@ def mine_into(out: Path, cfg: DictConfig, config: MineConfig, device: torch.devi
             doc_prefix=config.corpus_prompt,
             device=device,
         )
-        retriever = embedded_retriever(model, source.corpus, config, out)
-    report = mine(
+        root = store_root(out, config)
+        check_store_space(model, ids, source.corpus, root, "store" if config.store else "out")
+        retriever = embedded_retriever(model, source.corpus, ids, config, root)
+    return mine(
         source,
         retriever,
         options,
@@ -279,8 +304,6 @@ def mine_into(out: Path, cfg: DictConfig, config: MineConfig, device: torch.devi
         settings=settings,
         query_batch_size=config.query_batch_size,
     )
-    _corpus_cache(out).unlink(missing_ok=True)
-    return report
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="mine", version_base="1.3")

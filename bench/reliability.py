@@ -318,8 +318,8 @@ entry.main()
 
 
 def mine_disk_full_snippet(work: Path) -> list[str]:
-    """mine.py while every np.save fails with ENOSPC: the corpus embeddings it keeps
-    beside out are the first large write."""
+    """mine.py while every np.save fails with ENOSPC: the first shard of the corpus
+    embeddings, in the store beside out, is the first large write."""
     code = f"""
 import errno, sys
 import numpy as np
@@ -598,12 +598,12 @@ def one_run_s_lines(outcome: Outcome) -> str | None:
 
 
 def nothing_mined(*left: str) -> Callable[[Outcome], str | None]:
-    """No corpus embedded ("encode docs" progress), and no corpus cache (nor its file
-    written aside) or file matching ``left`` written."""
+    """No corpus embedded ("encode docs" progress), and no embedding store beside out
+    or file matching ``left`` written."""
 
     def check(outcome: Outcome) -> str | None:
         problems = [before_encoding(outcome)]
-        problems += [no_file(name)(outcome) for name in ("*.corpus.npy*", *left)]
+        problems += [no_file(name)(outcome) for name in ("*.embeddings", *left)]
         return next((problem for problem in problems if problem), None)
 
     return check
@@ -1070,9 +1070,10 @@ def kinds() -> list[Kind]:
         Kind(
             "mine.py on a full disk (np.save of the corpus embeddings fails with ENOSPC)",
             ["-c", "'mine.py ... while every np.save fails with ENOSPC'"],
-            says=["cannot write the corpus embeddings", "mined/o.jsonl.corpus.npy", "No space"],
+            says=["cannot write the corpus embeddings", "mined/o.jsonl.embeddings", "No space"],
             setup=lambda w: (tiny_model(w), tiny_beir(w)),
-            check=no_file("*.corpus.npy*"),
+            # No shard, whole or written aside: a rerun encodes from the first.
+            check=no_file("*shard-*"),
             run=lambda argv, work: run_command(mine_disk_full_snippet(work), work),
         ),
         Kind(

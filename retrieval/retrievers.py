@@ -4,21 +4,35 @@ synthetic queries search with them.
 
     retriever = DenseRetriever(model, corpus)  # or BM25Retriever(corpus)
     hits = retriever.search(queries, k=10, rows=[(0,), (5, 7)])  # rows: each query's positives
+    retriever = DenseRetriever(model, corpus, store=run_dir / "embeddings")  # encoded once
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from biencoder.retrieval.bm25 import BM25, top_k
-from biencoder.retrieval.search import build_index, search
+from biencoder.retrieval.search import TorchFlatIndex, build_index, search, train_index
+from biencoder.retrieval.store import (
+    SHARD_ROWS,
+    Embeddings,
+    InMemoryEmbeddings,
+    Transform,
+    encode_to_store,
+    search_embeddings,
+)
 
 if TYPE_CHECKING:
+    import faiss
+
     from biencoder.model.biencoder import BiEncoder
 
 # Query-by-document score blocks of the dense search stay under this many floats (256 MB).
@@ -57,11 +71,23 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 class DenseRetriever:
     """Nearest neighbours by inner product of ``model``'s normalised embeddings.
 
-    The corpus is embedded once (``kind="doc"``, the model's document prefix), unless
-    ``embeddings`` gives them already (one row per corpus text, from an earlier run), and
-    indexed with FAISS through :func:`retrieval.search.build_index`: ``factory="Flat"`` is
-    exact, any other factory string (``"HNSW32"``, ``"IVF1024,PQ32"``) approximate, on the
-    GPUs when faiss sees any. Positives are scored exactly, from the stored embeddings.
+    The corpus (``kind="doc"``, the model's document prefix) comes from one of:
+
+    - ``store``: a folder of embedding stores (:mod:`retrieval.store`), where the corpus is
+      looked up by the fingerprints of the weights, ``ids`` (default: the row numbers) and
+      texts, and encoded shard by shard only where missing (``shard_rows`` rows a shard),
+      so a rerun with the same model and corpus, or one after a crash, encodes nothing or
+      only the shards it lacks;
+    - ``embeddings``: raw embeddings already made, one row per corpus text, in memory or in
+      a store;
+    - neither: the corpus is embedded in memory, normalised.
+
+    Stored rows are raw: they are normalised shard by shard as they are read. Exact search
+    (``factory="Flat"``) over a store streams its shards for each batch of queries, so the
+    corpus is never in memory whole; any other factory string (``"HNSW32"``,
+    ``"IVF1024,PQ32"``) is trained on the corpus and filled shard by shard once, and
+    in-memory rows are indexed once, through :func:`retrieval.search.build_index` (on the
+    GPUs when faiss sees any). Positives are scored exactly, from the rows they ask for.
     """
 
     def __init__(
@@ -72,17 +98,54 @@ class DenseRetriever:
         factory: str = "Flat",
         batch_size: int = 64,
         seed: int = 0,
-        embeddings: np.ndarray | None = None,
+        embeddings: Embeddings | None = None,
+        store: str | Path | None = None,
+        ids: Sequence[str] | None = None,
+        shard_rows: int = SHARD_ROWS,
     ):
-        self.model, self.batch_size = model, batch_size
+        if embeddings is not None and store is not None:
+            raise ValueError(
+                "embeddings and store: give the corpus embeddings or a store, not both"
+            )
+        self.model, self.batch_size, self.factory = model, batch_size, factory
+        ids = [str(row) for row in range(len(corpus))] if ids is None else list(ids)
+        if store is not None:
+            embeddings = encode_to_store(
+                model, ids, corpus, "doc", store, shard_rows=shard_rows, batch_size=batch_size
+            )
         if embeddings is None:
-            embeddings = model.encode(
+            array = model.encode(
                 corpus, kind="doc", batch_size=batch_size, normalize=True, show_progress=True
             ).numpy()
-        elif len(embeddings) != len(corpus):
-            raise ValueError(f"embeddings: {len(embeddings)} rows for {len(corpus)} texts")
+            embeddings = InMemoryEmbeddings(array, ids)
+            # Normalised by encode, as store rows are by _normalized: not twice.
+            self._transform: Transform = np.asarray
+        else:
+            if len(embeddings) != len(corpus):
+                raise ValueError(f"embeddings: {len(embeddings)} rows for {len(corpus)} texts")
+            self._transform = _normalized
         self.embeddings = embeddings
-        self.index = build_index(self.embeddings, factory, metric="ip", seed=seed)
+        self.index = self._index(seed)
+
+    def _index(self, seed: int) -> faiss.Index | TorchFlatIndex | None:
+        """One index for every search, or None where exact search streams the store."""
+        if isinstance(self.embeddings, InMemoryEmbeddings):
+            vectors = self._transform(self.embeddings.array)
+            return build_index(vectors, self.factory, metric="ip", seed=seed)
+        if self.factory == "Flat":
+            return None
+        # As search_embeddings indexes a store: trained on every row, then filled shard by
+        # shard, so only the index holds the corpus once training is done.
+        sample = self._transform(self.embeddings.load())
+        index = train_index(sample, self.factory, metric="ip")
+        del sample
+        for _, shard in self.embeddings.shards():
+            index.add(np.ascontiguousarray(self._transform(shard), dtype=np.float32))
+        return index
+
+    def vectors(self, rows: Sequence[int]) -> np.ndarray:
+        """The normalised embeddings of corpus ``rows``, ``[len(rows), dim]``."""
+        return self._transform(self.embeddings.rows(rows))
 
     def search(self, queries: list[str], k: int, rows: list[tuple[int, ...]]) -> Hits:
         embedded = self.model.encode(
@@ -92,9 +155,28 @@ class DenseRetriever:
             normalize=True,
             show_progress=False,
         ).numpy()
-        scores, ids = _pad(*search(self.index, embedded, k), k)
-        scores_of = [self.embeddings[list(r)] @ q for q, r in zip(embedded, rows, strict=True)]
+        if self.index is None:
+            found = search_embeddings(
+                self.embeddings, embedded, k, factory="Flat", transform=self._transform
+            )
+        else:
+            found = search(self.index, embedded, k)
+        scores, ids = _pad(*found, k)
+        # The batch's positives read at once: one pass over the shards.
+        asked = sorted({row for query_rows in rows for row in query_rows})
+        position = {row: i for i, row in enumerate(asked)}
+        vectors = self.vectors(asked)
+        scores_of = [
+            vectors[[position[row] for row in query_rows]] @ q
+            for q, query_rows in zip(embedded, rows, strict=True)
+        ]
         return Hits(scores, ids, scores_of)
+
+
+def _normalized(rows: np.ndarray) -> np.ndarray:
+    """``rows`` (raw embeddings, possibly memory-mapped) scaled to unit length as
+    ``BiEncoder.encode(normalize=True)`` scales them."""
+    return F.normalize(torch.from_numpy(np.array(rows, dtype=np.float32)), dim=-1).numpy()
 
 
 class BM25Retriever:

@@ -3,7 +3,8 @@ mine_hard_negatives.
 
 Most tests share one dense retriever over a SciFact train slice (40 queries, 200 abstracts,
 64 tokens) and mine with different options; the command-line test runs mine.py and
-train.py as a user does.
+train.py as a user does. The embedding-store tests check that dense mining through a store
+mines what in-memory embeddings do, and that mine.py encodes a corpus once per model.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from biencoder.data.mining.sets import mining_set_from_beir, mining_set_from_pai
 from biencoder.data.mining.teachers import BiEncoderTeacher, CrossEncoderTeacher
 from biencoder.data.paths import SCIFACT_DIR, TINY_DIR
 from biencoder.data.training import Pair, load_triplets
+from biencoder.evaluation.retrieval import evaluate_retrieval
 from biencoder.model.biencoder import BiEncoder
 from biencoder.retrieval.retrievers import BM25Retriever, DenseRetriever
+from biencoder.retrieval.store import EmbeddingStore
 from biencoder.training.hydra_config import ConfigError
 
 MAX_LENGTH = 64
@@ -66,6 +69,13 @@ def retriever(model, source):
     return DenseRetriever(model, source.corpus)
 
 
+@pytest.fixture(scope="module")
+def stored(model, source, tmp_path_factory):
+    """The dense retriever over an embedding store of 64-row shards (4 of them)."""
+    root = tmp_path_factory.mktemp("store")
+    return DenseRetriever(model, source.corpus, store=root, shard_rows=64)
+
+
 def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -87,7 +97,7 @@ def cosine(model, retriever, source):
     queries = [query.text for query in source.queries]
     embedded = dict(zip(queries, model.encode(queries, kind="query").numpy(), strict=True))
     rows = {text: row for row, text in enumerate(source.corpus)}
-    return lambda query, texts: retriever.embeddings[[rows[t] for t in texts]] @ embedded[query]
+    return lambda query, texts: retriever.vectors([rows[t] for t in texts]) @ embedded[query]
 
 
 @pytest.fixture(scope="module")
@@ -323,9 +333,8 @@ def test_resume_after_a_crash_writes_the_same_file(source, retriever, tmp_path):
     assert mine(source, retriever, options, out, resume=True, query_batch_size=8).lines == 0
 
 
-def test_command_line_resume_reuses_the_kept_corpus_embeddings(monkeypatch, tmp_path):
+def test_command_line_resume_reuses_the_stored_corpus_embeddings(monkeypatch, tmp_path):
     out = tmp_path / "o.jsonl"
-    cache = out.with_name(out.name + ".corpus.npy")
     common = (f"data.path={TINY_DIR}", "model.max_length=16", f"out={out}")
     real_mine, real_encode = mine_cli.mine, BiEncoder.encode
 
@@ -341,8 +350,11 @@ def test_command_line_resume_reuses_the_kept_corpus_embeddings(monkeypatch, tmp_
     )
     with pytest.raises(Crash):
         mine_cli.run(compose_mine(*common), tmp_path)
-    kept = np.load(cache)
-    assert kept.shape == (158, 384)
+    (entry,) = out.with_name("o.jsonl.embeddings").iterdir()
+    kept = EmbeddingStore(entry)  # complete: the crash came after the encoding
+    assert (len(kept), kept.dim) == (158, 384)
+    # The BEIR ids, as an evaluation of the same data stores them.
+    assert kept.ids == list(load_beir(TINY_DIR, "train").corpus)
     monkeypatch.setattr(mine_cli, "mine", real_mine)
 
     def queries_only(self, texts, kind="query", **kwargs):
@@ -354,8 +366,124 @@ def test_command_line_resume_reuses_the_kept_corpus_embeddings(monkeypatch, tmp_
         mine_cli.run(compose_mine(*common, "resume=true", "num_negatives=2"), tmp_path)
     report = mine_cli.run(compose_mine(*common, "resume=true"), tmp_path)
     assert report.queries == 100 and report.lines == len(read(out))
-    assert not cache.exists()  # removed once mining is complete
     assert mine_cli.run(compose_mine(*common, "resume=true"), tmp_path).lines == 0
+    # Kept once mining is complete: mining out again with other options encodes no text.
+    out.unlink()
+    out.with_name("o.jsonl.progress.json").unlink()
+    assert mine_cli.run(compose_mine(*common, "num_negatives=2"), tmp_path).queries == 100
+
+
+# ------------------------------------------------------------------------- embedding store
+
+
+def test_the_store_mines_what_in_memory_embeddings_do(source, retriever, stored, tmp_path):
+    options = dict(num_negatives=3, range_max=20, relative_margin=0.05, output_format="n-tuple")
+    mined(source, retriever, tmp_path, "memory", **options)
+    mined(source, stored, tmp_path, "store", **options)
+    assert (tmp_path / "store").read_bytes() == (tmp_path / "memory").read_bytes()
+    assert [len(shard) for _, shard in stored.embeddings.shards()] == [64, 64, 64, 8]
+    assert stored.index is None  # exact search streams the shards
+    queries = [query.text for query in source.queries]
+    positives = [query.positives for query in source.queries]
+    ours, theirs = stored.search(queries, 30, positives), retriever.search(queries, 30, positives)
+    np.testing.assert_array_equal(ours.ids, theirs.ids)
+    np.testing.assert_array_equal(ours.scores, theirs.scores)
+    for a, b in zip(ours.scores_of, theirs.scores_of, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The store keeps raw embeddings; the retriever reads them normalised.
+    raw = np.linalg.norm(stored.embeddings.rows([0, 1]), axis=1)
+    assert not np.allclose(raw, 1.0)
+    np.testing.assert_allclose(np.linalg.norm(stored.vectors([0, 1]), axis=1), 1.0, rtol=1e-6)
+
+
+def doc_encodes(monkeypatch) -> list[int]:
+    """The number of texts of each ``encode(kind="doc")`` call from now on."""
+    calls: list[int] = []
+    real_encode = BiEncoder.encode
+
+    def counting(self, texts, kind="query", **kwargs):
+        if kind == "doc":
+            calls.append(len(texts))
+        return real_encode(self, texts, kind, **kwargs)
+
+    monkeypatch.setattr(BiEncoder, "encode", counting)
+    return calls
+
+
+def changed_model(tiny_model_path: str, folder: Path) -> Path:
+    """The tiny model with one weight moved: other weights, the same settings."""
+    model = BiEncoder.from_pretrained(tiny_model_path)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1.0
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_mine_py_encodes_a_corpus_once_per_model_in_a_shared_store(
+    monkeypatch, tmp_path, tiny_model_path
+):
+    store = tmp_path / "store"
+    common = (f"data.path={TINY_DIR}", f"model.path={tiny_model_path}", "model.max_length=16")
+    calls = doc_encodes(monkeypatch)
+    first = tmp_path / "a.jsonl"
+    mine_cli.run(compose_mine(*common, f"store={store}", f"out={first}"), tmp_path)
+    assert calls == [158]
+    # store= names the folder: nothing is kept beside out.
+    assert not first.with_name("a.jsonl.embeddings").exists()
+    # Another run, other options, a fresh out: the corpus is found, not encoded.
+    again = tmp_path / "b.jsonl"
+    mine_cli.run(compose_mine(*common, f"store={store}", f"out={again}"), tmp_path)
+    assert calls == [158]
+    assert again.read_bytes() == first.read_bytes()
+    # Without store=, the run keeps its own beside out, and encodes there.
+    beside = tmp_path / "c.jsonl"
+    mine_cli.run(compose_mine(*common, f"out={beside}"), tmp_path)
+    assert calls == [158, 158]
+    assert beside.read_bytes() == first.read_bytes()
+    assert len(list(beside.with_name("c.jsonl.embeddings").iterdir())) == 1
+    # Other weights miss: encoded again, into an entry of their own.
+    other = changed_model(tiny_model_path, tmp_path / "changed")
+    overrides = (f"data.path={TINY_DIR}", f"model.path={other}", "model.max_length=16")
+    mine_cli.run(
+        compose_mine(*overrides, f"store={store}", f"out={tmp_path / 'd.jsonl'}"), tmp_path
+    )
+    assert calls == [158, 158, 158]
+    entries = [EmbeddingStore(path).manifest for path in sorted(store.iterdir())]
+    assert len(entries) == 2
+    assert entries[0]["settings"] == entries[1]["settings"]
+    assert entries[0]["texts"] == entries[1]["texts"]
+    assert entries[0]["model"] != entries[1]["model"]
+
+
+def test_mine_py_reuses_the_corpus_an_evaluation_stored(monkeypatch, tmp_path, tiny_model_path):
+    store = tmp_path / "embeddings"
+    model = BiEncoder.from_pretrained(tiny_model_path, max_length=16)
+    result = evaluate_retrieval(model, load_beir(TINY_DIR, "train"), store=store)
+    assert result.timings["docs_encoded"] == 158
+    calls = doc_encodes(monkeypatch)
+    overrides = (f"data.path={TINY_DIR}", f"model.path={tiny_model_path}", "model.max_length=16")
+    mine_cli.run(
+        compose_mine(*overrides, f"store={store}", f"out={tmp_path / 'o.jsonl'}"), tmp_path
+    )
+    assert calls == []
+
+
+def test_the_store_misses_a_changed_corpus(monkeypatch, tmp_path, tiny_model_path):
+    model = BiEncoder.from_pretrained(tiny_model_path, max_length=16)
+    corpus = [f"document {i} about topic {i % 5}" for i in range(30)]
+    DenseRetriever(model, corpus, store=tmp_path, shard_rows=8)
+    calls = doc_encodes(monkeypatch)
+    found = DenseRetriever(model, corpus, store=tmp_path, shard_rows=8)
+    assert calls == []
+    edited = [*corpus[:-1], "another text"]
+    DenseRetriever(model, edited, store=tmp_path, shard_rows=8)
+    assert calls == [8, 8, 8, 6]  # a whole entry of its own: the fingerprint names texts
+    assert len(list(tmp_path.glob("doc-*"))) == 2
+    queries = ["topic 3"]
+    np.testing.assert_array_equal(
+        found.search(queries, 5, [(0,)]).ids,
+        DenseRetriever(model, corpus).search(queries, 5, [(0,)]).ids,
+    )
 
 
 # ------------------------------------------------------------------------------ teachers
@@ -500,22 +628,24 @@ def test_prompts_index_and_retriever_reach_the_search(monkeypatch, tmp_path):
         "query: ",
         "passage: ",
     )
-    assert not np.allclose(prompted.embeddings, plain.embeddings, atol=1e-3)
+    assert not np.allclose(prompted.embeddings.load(), plain.embeddings.load(), atol=1e-3)
     queries = ["aspirin and heart attacks"]
     assert not np.allclose(
         prompted.search(queries, 5, [(0,)]).scores_of[0],
         plain.search(queries, 5, [(0,)]).scores_of[0],
         atol=1e-3,
     )
-    assert isinstance(faiss.downcast_index(plain.index), faiss.IndexFlat)
-    assert plain.index.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert plain.factory == "Flat" and plain.index is None  # exact: the store streamed
     assert isinstance(faiss.downcast_index(prompted.index), faiss.IndexHNSWFlat)
+    assert prompted.index.metric_type == faiss.METRIC_INNER_PRODUCT
     mine_cli.run(compose_mine(*common, "retriever=bm25"), tmp_path)
     assert isinstance(seen["retriever"], BM25Retriever)
 
 
-def test_an_approximate_index_finds_nearly_what_exact_search_does(model, source, retriever):
-    hnsw = DenseRetriever(model, source.corpus, factory="HNSW32", embeddings=retriever.embeddings)
+def test_an_approximate_index_finds_nearly_what_exact_search_does(model, source, retriever, stored):
+    # Trained on the store's rows and filled shard by shard.
+    hnsw = DenseRetriever(model, source.corpus, factory="HNSW32", embeddings=stored.embeddings)
+    assert hnsw.index.ntotal == len(source.corpus)
     queries = [query.text for query in source.queries]
     exact = retriever.search(queries, 10, [()] * len(queries))
     approx = hnsw.search(queries, 10, [()] * len(queries))

@@ -1,6 +1,7 @@
-"""mine.py's refusals: a broken progress record, a teacher that cannot load and an `out` that
-cannot be written fail before anything is embedded or written, with a ConfigError naming the
-key, the file and the cause; a full disk names the file it was writing."""
+"""mine.py's refusals: a broken progress record, a teacher that cannot load and an `out` or
+a `store` that cannot be written fail before anything is embedded or written, with a
+ConfigError naming the key, the file and the cause; a full disk names the file it was
+writing, and an encode it stopped resumes at its first missing shard."""
 
 from __future__ import annotations
 
@@ -18,16 +19,17 @@ from configs import compose_config
 
 from biencoder import mine as mine_cli
 from biencoder.data import io as data_io
+from biencoder.data.beir import load_beir
 from biencoder.data.io import progress_path
 from biencoder.data.mining import pipeline
 from biencoder.data.mining.pipeline import mine
 from biencoder.data.mining.selection import MiningOptions
-from biencoder.data.mining.sets import mining_set_from_pairs
+from biencoder.data.mining.sets import mining_set_from_beir, mining_set_from_pairs
 from biencoder.data.mining.teachers import check_teacher_folder
 from biencoder.data.paths import TINY_DIR
 from biencoder.data.training import Pair
 from biencoder.model.biencoder import BiEncoder
-from biencoder.retrieval.retrievers import BM25Retriever
+from biencoder.retrieval.retrievers import BM25Retriever, DenseRetriever
 from biencoder.runtime import lock
 from biencoder.training.hydra_config import ConfigError
 
@@ -303,22 +305,42 @@ def test_an_out_below_a_file_fails_before_any_work(tmp_path, no_embedding):
         mine_cli.run(compose_mine(f"out={tmp_path}/file/o.jsonl"), tmp_path)
 
 
+def test_a_store_that_cannot_be_written_fails_before_any_work(monkeypatch, tmp_path, no_embedding):
+    (tmp_path / "file").write_text("")
+    out = f"out={tmp_path}/o.jsonl"
+    with pytest.raises(ConfigError, match=f"store: {tmp_path / 'file'} is a file"):
+        mine_cli.run(compose_mine(f"store={tmp_path}/file/store", out), tmp_path)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: Path(path) != folder and real_access(path, mode)
+    )
+    with pytest.raises(ConfigError, match=f"store: {folder} is not writable"):
+        mine_cli.run(compose_mine(f"store={folder}/store", out), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ro"]
+
+
 # ------------------------------------------------------------------------------ full disk
 
 
-def test_a_full_disk_while_keeping_the_corpus_embeddings_names_the_file(
+def test_a_full_disk_while_storing_the_corpus_embeddings_names_the_store(
     monkeypatch, tmp_path, tiny_model_path
 ):
     out = tmp_path / "o.jsonl"
     monkeypatch.setattr(np, "save", full_disk)
-    cache = out.with_name("o.jsonl.corpus.npy")
+    store = out.with_name("o.jsonl.embeddings")
     overrides = (f"data.path={TINY_DIR}", f"model.path={tiny_model_path}", "model.max_length=16")
     with pytest.raises(
-        OSError, match=f"cannot write the corpus embeddings {cache}: No space"
+        OSError, match=f"cannot write the corpus embeddings {store}: No space"
     ) as raised:
         mine_cli.run(compose_mine(*overrides, f"out={out}"), tmp_path)
     assert raised.value.errno == errno.ENOSPC
-    assert not any(tmp_path.iterdir())  # no half-written embeddings beside out
+    # No shard, whole or half-written: the entry holds its ids and an incomplete manifest.
+    (entry,) = store.iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["ids.json", "manifest.json"]
+    assert not json.loads((entry / "manifest.json").read_text())["complete"]
+    assert not out.exists()
 
 
 class FullDisk(io.RawIOBase):
@@ -357,30 +379,37 @@ def test_a_full_disk_while_recording_progress_names_the_file(monkeypatch, tmp_pa
 # -------------------------------------------------------------------------------- resuming
 
 
-def test_kept_embeddings_of_another_corpus_are_refused_naming_the_file(
+def test_an_encode_stopped_by_a_crash_resumes_at_its_first_missing_shard(
     monkeypatch, tmp_path, tiny_model_path
 ):
-    out = tmp_path / "o.jsonl"
-    overrides = (
-        f"data.path={TINY_DIR}",
-        f"model.path={tiny_model_path}",
-        "model.max_length=16",
-        f"out={out}",
-    )
+    model = BiEncoder.from_pretrained(tiny_model_path, max_length=16)
+    corpus = small_source().corpus
+    whole = DenseRetriever(model, corpus, store=tmp_path / "whole", shard_rows=5)
+    real_save, saved = np.save, []
 
     class Crash(Exception):
         pass
 
-    def crashing(*args, **kwargs):
-        raise Crash
+    def crashing(file, array):
+        if len(saved) == 2:
+            raise Crash  # the process dies writing its third shard
+        saved.append(len(array))
+        real_save(file, array)
 
-    monkeypatch.setattr(pipeline, "append_durably", crashing)
+    monkeypatch.setattr(np, "save", crashing)
     with pytest.raises(Crash):
-        mine_cli.run(compose_mine(*overrides), tmp_path)
-    cache = out.with_name("o.jsonl.corpus.npy")
-    np.save(cache, np.load(cache)[:10])  # the data file changed under the same data.path
-    with pytest.raises(ConfigError, match=f"resume: {cache} holds embeddings of shape"):
-        mine_cli.run(compose_mine(*overrides, "resume=true"), tmp_path)
+        DenseRetriever(model, corpus, store=tmp_path / "s", shard_rows=5)
+    monkeypatch.setattr(np, "save", real_save)
+    encoded, real_encode = [], BiEncoder.encode
+
+    def counting(self, texts, kind="query", **kwargs):
+        encoded.extend(texts if kind == "doc" else [])
+        return real_encode(self, texts, kind, **kwargs)
+
+    monkeypatch.setattr(BiEncoder, "encode", counting)
+    resumed = DenseRetriever(model, corpus, store=tmp_path / "s", shard_rows=5)
+    assert encoded == corpus[10:]  # the third shard only
+    np.testing.assert_array_equal(resumed.embeddings.load(), whole.embeddings.load())
 
 
 def test_a_second_mine_py_on_an_out_being_written_is_refused_naming_the_writer(
@@ -397,21 +426,41 @@ def test_a_second_mine_py_on_an_out_being_written_is_refused_naming_the_writer(
 
 
 def test_a_disk_too_small_for_the_corpus_embeddings_is_refused_before_embedding(
-    tmp_path, tiny_model_path, no_embedding, monkeypatch
+    tmp_path, tiny_model_path, monkeypatch
 ):
     out = tmp_path / "mined" / "o.jsonl"
+    store = out.with_name("o.jsonl.embeddings")
     usage = shutil.disk_usage(tmp_path)
+    real_encode = BiEncoder.encode
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the corpus was embedded")
+
+    monkeypatch.setattr(BiEncoder, "encode", refused)
     # The tiny corpus's 158 x 32 float32 embeddings take 20,224 bytes.
     monkeypatch.setattr(
         "biencoder.runtime.files.shutil.disk_usage", lambda _: usage._replace(free=20_000)
     )
-    cfg = compose_config(
-        "mine", f"data.path={TINY_DIR}", f"model.path={tiny_model_path}", f"out={out}"
-    )
-    with pytest.raises(ConfigError, match=rf"out: {out.parent}: 0 MiB free .* corpus embeddings"):
+    overrides = (f"data.path={TINY_DIR}", f"model.path={tiny_model_path}", f"out={out}")
+    cfg = compose_config("mine", *overrides)
+    with pytest.raises(ConfigError, match=rf"out: {store}: 0 MiB free .* corpus embeddings"):
         mine_cli.run(cfg, tmp_path)
+    shared = tmp_path / "shared"
+    with pytest.raises(ConfigError, match=rf"store: {shared}: 0 MiB free .* corpus embeddings"):
+        mine_cli.run(compose_config("mine", *overrides, f"store={shared}"), tmp_path)
     monkeypatch.setattr(
         "biencoder.runtime.files.shutil.disk_usage", lambda _: usage._replace(free=20_224)
     )
-    with pytest.raises(AssertionError, match="the model was loaded"):
-        mine_cli.run(cfg, tmp_path)  # enough room: on to the model
+    with pytest.raises(AssertionError, match="the corpus was embedded"):
+        mine_cli.run(cfg, tmp_path)  # enough room: on to the encoding
+    # A store that holds the corpus needs no room for it.
+    monkeypatch.setattr(BiEncoder, "encode", real_encode)
+    model = BiEncoder.from_pretrained(tiny_model_path)
+    dataset = load_beir(TINY_DIR, "train")
+    source = mining_set_from_beir(dataset)
+    DenseRetriever(model, source.corpus, store=shared, ids=list(dataset.corpus))
+    monkeypatch.setattr(
+        "biencoder.runtime.files.shutil.disk_usage", lambda _: usage._replace(free=0)
+    )
+    report = mine_cli.run(compose_config("mine", *overrides, f"store={shared}"), tmp_path)
+    assert report.queries == 100
