@@ -145,6 +145,10 @@ class Embeddings:
     def rows(self, index: Sequence[int] | np.ndarray) -> np.ndarray:
         """The rows at ``index`` (any order, repeats allowed), as float32 ``[len(index), dim]``."""
         index = np.asarray(index, dtype=np.int64)
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(
+                f"rows outside [0, {len(self)}): {index[(index < 0) | (index >= len(self))][:5]}"
+            )
         out = np.empty((len(index), self.dim), dtype=np.float32)
         for start, shard in self.shards():
             inside = (index >= start) & (index < start + len(shard))
@@ -289,10 +293,13 @@ def encode_to_store(
     count = len(texts)
     starts = list(range(0, count, shard_rows))
     if found is None:
+        # _begin deletes the shards of an entry begun with another shard size.
+        manifest = _read_manifest(path)
+        kept = manifest is None or manifest.get("shard_rows") == shard_rows
         missing = sum(
             min(shard_rows, count - start)
             for i, start in enumerate(starts)
-            if not _shard_ok(path / _shard_name(i), start, shard_rows, count)
+            if not (kept and _shard_ok(path / _shard_name(i), start, shard_rows, count))
         )
     # Every rank has looked before rank 0 writes anything.
     sharding.barrier()
