@@ -211,3 +211,25 @@ def test_a_distributed_trainer_step_synchronises_a_constant_number_of_times(
     dist_worker.run_in_group(
         ddp_worker.check_step_syncs, tiny_model_path, str(tmp_path), rendezvous=tmp_path / "rv"
     )
+
+
+def test_torchrun_evaluates_through_the_store_as_one_process_does(tiny_model_path, tmp_path):
+    # Dev and final evaluations on BEIR data: each rank encodes its own shards of the store
+    # (a shard of 16 rows, so both ranks write some), no rank gathers the corpus, and the
+    # final evaluation of best finds the corpus the dev evaluation wrote.
+    args = [
+        "train.py",
+        "debug=tiny",
+        f"model.path={tiny_model_path}",
+        "trainer.hidden_dropout=0.0",
+        "evaluation.shard_rows=16",
+        "seed=0",
+    ]
+    run(torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}"))
+    run([sys.executable, *args, f"hydra.run.dir={tmp_path / 'one'}"])
+    two, one = (json.loads((tmp_path / f / "metrics.json").read_text()) for f in ("two", "one"))
+    assert two["docs_encoded"] == one["docs_encoded"] == 0
+    for key in ("ndcg@10", "recall@100", "map@100", "uniformity", "norm_mean"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    (entry,) = (tmp_path / "two" / "embeddings").glob("doc-*")
+    assert len(list(entry.glob("shard-*.npy"))) > 2
