@@ -10,6 +10,10 @@ Retrieval can also search a cheaper way (``evaluation.compressed``): a Matryoshk
 quantised documents. That search then gives the unprefixed metrics and the run, and the
 ordinary full-dimension float search of the same embeddings is reported beside it under
 ``flat/``.
+
+Given a ``store`` folder, retrieval keeps its embeddings in an embedding store
+(``retrieval.store``): what an earlier evaluation encoded with the same weights, texts and
+settings is found there instead of encoded, and the corpus is searched shard by shard.
 """
 
 from __future__ import annotations
