@@ -7,7 +7,7 @@ import logging
 import faiss
 import numpy as np
 import pytest
-from tolerances import summation_tolerance
+from tolerances import assert_same_neighbours, summation_tolerance
 
 from biencoder.evaluation.metrics import to_run
 from biencoder.retrieval.search import build_index, check_index_dims, search
@@ -41,18 +41,6 @@ def _score_tolerance(docs, queries, metric="ip"):
     return summation_tolerance(DIM) * (q * d if metric == "ip" else (q + d) ** 2)
 
 
-def _assert_same_neighbours(scores, ids, ref_scores, ref_ids, tol):
-    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=tol)
-    # An id is only determined where its score is apart from its neighbours' by more than
-    # both can move (no tie or near-tie).
-    gaps = np.abs(np.diff(ref_scores, axis=1))
-    alone = np.ones_like(ref_scores, dtype=bool)
-    alone[:, 1:] &= gaps > 2 * tol
-    alone[:, :-1] &= gaps > 2 * tol
-    assert alone.mean() > 0.9
-    np.testing.assert_array_equal(ids[alone], ref_ids[alone])
-
-
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_flat_equals_brute_force(data, metric):
     docs, queries = data
@@ -61,7 +49,7 @@ def test_flat_equals_brute_force(data, metric):
     assert scores.dtype == np.float32 and ids.dtype == np.int64
     assert scores.shape == ids.shape == (len(queries), 10)
     tol = _score_tolerance(docs, queries, metric)
-    _assert_same_neighbours(scores, ids, *_brute_force(docs, queries, 10, metric), tol)
+    assert_same_neighbours(scores, ids, *_brute_force(docs, queries, 10, metric), tol)
 
 
 def test_ties_are_really_present(data):
@@ -79,7 +67,7 @@ def test_ivf_with_all_lists_probed_equals_flat(data):
     scores, ids = search(ivf, queries, k=20, nprobe=16)
     assert faiss.extract_index_ivf(ivf).nprobe == 16
     tol = _score_tolerance(docs, queries)
-    _assert_same_neighbours(scores, ids, flat_scores, flat_ids, tol)
+    assert_same_neighbours(scores, ids, flat_scores, flat_ids, tol)
     # One probed list out of 16 misses neighbours; this shows nprobe matters.
     few_scores, _ = search(ivf, queries, k=20, nprobe=1)
     assert (few_scores < flat_scores - tol).any()
@@ -121,7 +109,7 @@ def test_input_conversion_batches_and_k_clipping(data):
     ref_scores, ref_ids = search(index, queries, k=7)
     # The batch size can pick FAISS's kernel (BLAS or its own SIMD loop, by
     # distance_compute_blas_threshold) and so the order of the sums.
-    _assert_same_neighbours(scores, ids, ref_scores, ref_ids, _score_tolerance(docs, queries))
+    assert_same_neighbours(scores, ids, ref_scores, ref_ids, _score_tolerance(docs, queries))
     small = build_index(docs[:4])
     scores, ids = search(small, queries, k=10)
     assert ids.shape == (len(queries), 4)
@@ -254,4 +242,4 @@ def test_gpu_flat_and_ivf_equal_cpu_flat(data):
     for factory, nprobe in (("Flat", None), ("IVF16,Flat", 16)):
         index = build_index(docs, factory, use_gpu=True)
         scores, ids = search(index, queries, k=10, nprobe=nprobe)
-        _assert_same_neighbours(scores, ids, cpu_scores, cpu_ids, _score_tolerance(docs, queries))
+        assert_same_neighbours(scores, ids, cpu_scores, cpu_ids, _score_tolerance(docs, queries))

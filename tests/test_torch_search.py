@@ -9,7 +9,8 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from test_search import _assert_same_neighbours, _brute_force, _score_tolerance, data  # noqa: F401
+from test_search import _brute_force, _score_tolerance, data  # noqa: F401
+from tolerances import assert_same_neighbours
 
 from biencoder.evaluation.metrics import to_run
 from biencoder.retrieval.search import TorchFlatIndex, build_index, search
@@ -35,9 +36,9 @@ def test_blocked_torch_search_equals_faiss_flat(data, metric, k):  # noqa: F811
     assert scores.shape == ids.shape == (len(queries), k)
     tol = _score_tolerance(docs, queries, metric)
     # Rows 1000-1009 repeat rows 0-9: at the k-th place either copy may be cut.
-    _assert_same_neighbours(scores, same_row(ids), faiss_scores, same_row(faiss_ids), tol)
+    assert_same_neighbours(scores, same_row(ids), faiss_scores, same_row(faiss_ids), tol)
     brute_scores, brute_ids = _brute_force(docs, queries, k, metric)
-    _assert_same_neighbours(scores, same_row(ids), brute_scores, same_row(brute_ids), tol)
+    assert_same_neighbours(scores, same_row(ids), brute_scores, same_row(brute_ids), tol)
 
 
 def test_block_rows_changes_memory_not_results(data):  # noqa: F811
@@ -45,7 +46,7 @@ def test_block_rows_changes_memory_not_results(data):  # noqa: F811
     whole = search(TorchFlatIndex(docs, "ip", torch.device("cpu"), block_rows=5000), queries, 50)
     blocked = search(TorchFlatIndex(docs, "ip", torch.device("cpu"), block_rows=7), queries, 50)
     # Other block shapes round the dot products differently, in the last bits only.
-    _assert_same_neighbours(*blocked, *whole, _score_tolerance(docs, queries))
+    assert_same_neighbours(*blocked, *whole, _score_tolerance(docs, queries))
     with pytest.raises(ValueError, match="block_rows"):
         TorchFlatIndex(docs, "ip", torch.device("cpu"), block_rows=0)
 
@@ -117,6 +118,6 @@ def test_gpu_torch_search_equals_cpu_faiss(data, metric):  # noqa: F811
     )
     index = TorchFlatIndex(docs, metric, torch.device("cuda"), block_rows=300)
     scores, ids = search(index, queries, k=100)
-    _assert_same_neighbours(
+    assert_same_neighbours(
         scores, ids, faiss_scores, faiss_ids, _score_tolerance(docs, queries, metric)
     )

@@ -39,3 +39,18 @@ def assert_close_to_scale(
         atol=atol,
         msg=None if msg is None else lambda generated: f"{msg}: {generated}",
     )
+
+
+def assert_same_neighbours(scores, ids, ref_scores, ref_ids, tol: float) -> None:
+    """Search results ``(scores, ids)`` equal to the reference's: scores within ``tol``, and
+    ids wherever a score is apart from its neighbours by more than both can move (no tie or
+    near-tie), which must be most of them."""
+    import numpy as np
+
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=tol)
+    gaps = np.abs(np.diff(ref_scores, axis=1))
+    alone = np.ones_like(ref_scores, dtype=bool)
+    alone[:, 1:] &= gaps > 2 * tol
+    alone[:, :-1] &= gaps > 2 * tol
+    assert alone.mean() > 0.9
+    np.testing.assert_array_equal(ids[alone], ref_ids[alone])
