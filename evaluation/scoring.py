@@ -43,12 +43,17 @@ def score(
     set, else the caller's) is where retrieval looks up and writes embeddings, with
     ``sharding`` the processes that encode them together."""
     matryoshka_dims = [d for d in matryoshka_dims if d != model.dim]
-    if evaluation.store is not None:
-        store = Path(evaluation.store)
+    store = store_folder(evaluation, store)
     with model.encoding_precision(evaluation.precision):
         return _score(
             model, dataset, evaluation, matryoshka_dims, funnel, quantization, store, sharding
         )
+
+
+def store_folder(evaluation: EvalConfig, default: Path | None) -> Path | None:
+    """The embedding store an evaluation writes: ``evaluation.store`` when set, else
+    ``default`` (the caller's run folder's)."""
+    return Path(evaluation.store) if evaluation.store is not None else default
 
 
 def _score(

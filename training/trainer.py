@@ -44,7 +44,7 @@ from biencoder.data.beir import BeirDataset
 from biencoder.data.sampler import MultiSetBatchSampler, NoDuplicateBatchSampler
 from biencoder.data.training_sets import TrainingSet
 from biencoder.evaluation.config import EvalConfig
-from biencoder.evaluation.scoring import score
+from biencoder.evaluation.scoring import score, store_folder
 from biencoder.model.biencoder import BiEncoder
 from biencoder.retrieval.store import Sharding, entries_of, weights_fingerprint
 from biencoder.runtime.device import bf16_supported, matmul_precision
@@ -291,7 +291,7 @@ class Trainer:
         # Each set's step losses since the last metrics line, for train/loss/<set>.
         self.set_losses: dict[str, list[float]] = {}
         # The embedding store of dev evaluations, and the weights its entries were made by.
-        self.store = store
+        self.store = store_folder(evaluation, store)
         self.best_fingerprint: str | None = None
         self.dev_fingerprints: set[str] = set()
         self.encoder = ColumnEncoder(model)
