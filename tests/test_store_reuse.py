@@ -95,6 +95,23 @@ def test_train_py_final_evaluation_reuses_the_best_dev_corpus(tmp_path, tiny_run
     assert weights_fingerprint(best) in {m["model"] for m in manifests}
 
 
+def test_train_py_prunes_dev_entries_in_the_store_it_writes(tmp_path, tiny_run, encoded):
+    # With evaluation.store set, dev evaluations write there, and pruning must look there
+    # too: pruning the run folder's embeddings/ left every dev evaluation's corpus behind.
+    store = tmp_path / "shared_store"
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = compose_train(
+        *tiny_run("beir", "trainer.max_steps=4", "trainer.eval_every=1"),
+        f"evaluation.store={store}",
+    )
+    train_cli.train(cfg, run)
+    assert not (run / "embeddings").exists()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum("dev/docs_encoded" in line for line in lines) == 4
+    assert 1 <= len(list(store.glob("doc-*/manifest.json"))) <= 2
+
+
 @pytest.mark.parametrize("shard_rows", [7, 10_000])
 def test_store_backed_evaluation_equals_in_memory(
     tmp_path, tiny_model_path, tiny_beir_path, shard_rows
