@@ -77,7 +77,8 @@ class DenseRetriever:
       looked up by the fingerprints of the weights, ``ids`` (default: the row numbers) and
       texts, and encoded shard by shard only where missing (``shard_rows`` rows a shard),
       so a rerun with the same model and corpus, or one after a crash, encodes nothing or
-      only the shards it lacks;
+      only the shards it lacks (``store_setting``: the configuration key that named the
+      folder, for the error when another process is writing the entry);
     - ``embeddings``: raw embeddings already made, one row per corpus text, in memory or in
       a store;
     - neither: the corpus is embedded in memory, normalised.
@@ -102,6 +103,7 @@ class DenseRetriever:
         store: str | Path | None = None,
         ids: Sequence[str] | None = None,
         shard_rows: int = SHARD_ROWS,
+        store_setting: str = "store",
     ):
         if embeddings is not None and store is not None:
             raise ValueError(
@@ -111,7 +113,14 @@ class DenseRetriever:
         ids = [str(row) for row in range(len(corpus))] if ids is None else list(ids)
         if store is not None:
             embeddings = encode_to_store(
-                model, ids, corpus, "doc", store, shard_rows=shard_rows, batch_size=batch_size
+                model,
+                ids,
+                corpus,
+                "doc",
+                store,
+                shard_rows=shard_rows,
+                batch_size=batch_size,
+                setting=store_setting,
             )
         if embeddings is None:
             array = model.encode(

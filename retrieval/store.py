@@ -299,11 +299,14 @@ def encode_to_store(
     batch_size: int = 64,
     show_progress: bool = True,
     sharding: Sharding | None = None,
+    setting: str = "evaluation.store",
 ) -> EmbeddingStore:
     """The store entry of ``model``'s raw embeddings of ``texts`` under ``root``: found
     when complete, otherwise encoded from its first missing shard (see the module
     docstring). Every rank of ``sharding`` calls this with the same arguments and gets the
-    complete entry back; rank ``r`` encodes shards ``r, r + world_size, ...``."""
+    complete entry back; rank ``r`` encodes shards ``r, r + world_size, ...``. ``setting``
+    is the configuration key that chose ``root``, which an entry locked by another process
+    is refused naming."""
     if shard_rows < 1:
         raise ValueError(f"shard_rows: must be positive, got {shard_rows}")
     if not texts:
@@ -330,7 +333,7 @@ def encode_to_store(
         return found
     with contextlib.ExitStack() as stack:
         if sharding.is_main:
-            stack.enter_context(lock.hold(lock.beside(path), "evaluation.store"))
+            stack.enter_context(lock.hold(lock.beside(path), setting))
             _begin(path, key, ids, shard_rows)
         # The entry's manifest and ids exist before any rank writes a shard.
         sharding.barrier()

@@ -425,6 +425,31 @@ def test_a_second_mine_py_on_an_out_being_written_is_refused_naming_the_writer(
     assert sorted(p.name for p in out.parent.iterdir()) == ["o.jsonl.lock"]  # the holder's
 
 
+def test_a_store_entry_being_written_is_refused_naming_mine_py_store_key(
+    tmp_path, tiny_model_path, held_elsewhere
+):
+    store = tmp_path / "store"
+
+    def mine(name):
+        cfg = compose_config(
+            "mine",
+            f"data.path={TINY_DIR}",
+            f"model.path={tiny_model_path}",
+            f"store={store}",
+            f"out={tmp_path / name}",
+        )
+        return mine_cli.run(cfg, tmp_path)
+
+    mine("first.jsonl")
+    (entry,) = store.glob("doc-*")
+    shutil.rmtree(entry)
+    pid = held_elsewhere(lock.beside(entry))
+    with pytest.raises(
+        lock.LockedError, match=f"^store: {entry} is being written by .* pid {pid} "
+    ):
+        mine("second.jsonl")
+
+
 def test_a_disk_too_small_for_the_corpus_embeddings_is_refused_before_embedding(
     tmp_path, tiny_model_path, monkeypatch
 ):
