@@ -276,7 +276,7 @@ def resume_checkpoint(resume: bool | str, checkpoints: Path) -> Path | None:
 def train_length(trainer_max_length: int | None, model: BiEncoder) -> int:
     """Tokens per text while training: ``trainer.max_length`` (the model's own limit when
     null), capped at the encoder's position limit."""
-    limit = model.query_tower.encoder.config.max_position_embeddings
+    limit = model.query_tower.encoder.config.max_tokens
     length = trainer_max_length or model.config.max_length
     if length > limit:
         log.warning(

@@ -1,4 +1,6 @@
-"""A BERT encoder in plain PyTorch, numerically equal to ``transformers.BertModel``.
+"""A BERT encoder in plain PyTorch, numerically equal to ``transformers.BertModel``, and
+with RoBERTa's position ids (``EncoderConfig.positions_per_text``) to ``RobertaModel`` and
+``XLMRobertaModel``.
 
 Shapes: B = batch, L = padded length, T = tokens, H = hidden size, A = heads, Dh = H / A.
 Post-LayerNorm blocks, as in the original BERT:
@@ -110,7 +112,13 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        # RoBERTa's padding has a position row of its own, which transformers keeps at zero
+        # and out of the gradient, as for the pad token's word row.
+        self.position = nn.Embedding(
+            cfg.max_position_embeddings,
+            cfg.hidden_size,
+            padding_idx=cfg.pad_token_id if cfg.positions_per_text else None,
+        )
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
@@ -249,10 +257,11 @@ class Encoder(nn.Module):
         :class:`Packing`, computed where the tokens were made; without it, the encoder
         derives it from the mask, which on a GPU waits for the device (three times).
         """
-        if input_ids.shape[1] > self.config.max_position_embeddings:
+        if input_ids.shape[1] > self.config.max_tokens:
             raise ValueError(
-                f"sequence of {input_ids.shape[1]} tokens exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}; tokenize with truncation"
+                f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
+                f"{self.config.max_tokens} (max_position_embeddings="
+                f"{self.config.max_position_embeddings}); tokenize with truncation"
             )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -260,10 +269,15 @@ class Encoder(nn.Module):
         if not 0 <= num_layers <= len(self.layers):
             raise ValueError(f"num_layers={num_layers} outside [0, {len(self.layers)}]")
         B, L = input_ids.shape
-        # Position ids count from the left edge of the padded batch, whatever the padding
-        # side, as in transformers.
-        positions = torch.arange(L, device=input_ids.device).expand(B, L)  # [B, L]
         real = attention_mask.bool()
+        if self.config.positions_per_text:
+            # transformers counts input_ids != pad_token_id along the row; counting the mask
+            # is the same for any tokenizer that pads with that id, on either side.
+            positions = real.cumsum(1) * real + self.config.pad_token_id  # [B, L]
+        else:
+            # From the left edge of the padded batch, whatever the padding side, as in
+            # transformers.
+            positions = torch.arange(L, device=input_ids.device).expand(B, L)  # [B, L]
         # SDPA takes a boolean mask where True means "may attend"; [B, 1, 1, L] broadcasts
         # over heads and query positions. A batch without padding needs none, and takes
         # the unmasked kernel. Both choices depend on the data, which would break a

@@ -43,9 +43,11 @@ PRECISIONS = ("fp32", "bf16")
 CONFIG_NAME = "biencoder.json"
 DOC_TOWER_DIR = "doc_tower"
 POOLING_DIR, DENSE_DIR, NORMALIZE_DIR = "1_Pooling", "2_Dense", "3_Normalize"
-# A BERT tokenizer's vocabulary is in one of these; without either, transformers builds a
-# tokenizer of the special tokens alone, which maps every word to [UNK] without an error.
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt")
+# A tokenizer's vocabulary is in one of these (vocab.txt: BERT's WordPiece; vocab.json:
+# RoBERTa's byte-level BPE, whose merges.txt transformers then requires); without any,
+# transformers builds a BERT tokenizer of the special tokens alone, which maps every word
+# to [UNK] without an error.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
 # Texts are cut to max_length * MAX_CHARS_PER_TOKEN characters before tokenising, because
 # the tokenizer tokenises the whole string before truncating it to max_length tokens (a
 # 20 MB line took 3.4 GB). No WordPiece token is longer than 18 characters in BERT's
@@ -173,12 +175,13 @@ class BiEncoder(nn.Module):
         device: str | torch.device | None = None,
     ) -> BiEncoder:
         """Load a folder written by ``save_pretrained``, by sentence-transformers, or a
-        plain HF BERT checkpoint. Arguments left as None come from the folder's own
-        configuration (``biencoder.json``, else sentence-transformers' module files, else
-        mean pooling, normalised); given ones override it. ``attention`` picks the kernel
-        of the encoders' attention over packed tokens (:meth:`set_attention`); it changes
-        speed, not the embeddings, and is not saved. Like ``transformers``, the
-        model comes back in eval mode: call ``.train()`` to enable dropout."""
+        plain HF BERT, RoBERTa or XLM-RoBERTa checkpoint. Arguments left as None come from
+        the folder's own configuration (``biencoder.json``, else sentence-transformers'
+        module files, else mean pooling, normalised); given ones override it. ``attention``
+        picks the kernel of the encoders' attention over packed tokens
+        (:meth:`set_attention`); it changes speed, not the embeddings, and is not saved.
+        Like ``transformers``, the model comes back in eval mode: call ``.train()`` to
+        enable dropout."""
         check_load_arguments(pooling, projection_dim, max_length, num_layers, attention)
         path = Path(path)
         if not path.is_dir():
@@ -196,10 +199,10 @@ class BiEncoder(nn.Module):
         }
         config = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
         encoder_config = EncoderConfig.from_json(path / "config.json")
-        if config.max_length > encoder_config.max_position_embeddings:
+        if config.max_length > encoder_config.max_tokens:
             raise ValueError(
                 f"max_length: {config.max_length} tokens exceed the "
-                f"{encoder_config.max_position_embeddings} positions of {path / 'config.json'}"
+                f"{encoder_config.max_tokens} positions of {path / 'config.json'}"
             )
         if config.num_layers is not None and config.num_layers > encoder_config.num_hidden_layers:
             raise ValueError(
@@ -504,7 +507,7 @@ def _read_saved_config(path: Path) -> BiEncoderConfig:
         return BiEncoderConfig(**raw)
     config = BiEncoderConfig()
     encoder_config = EncoderConfig.from_json(path / "config.json")
-    config.max_length = encoder_config.max_position_embeddings
+    config.max_length = encoder_config.max_tokens
     st_bert = path / "sentence_bert_config.json"
     if st_bert.is_file():
         config.max_length = json.loads(st_bert.read_text()).get("max_seq_length", config.max_length)

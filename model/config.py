@@ -1,4 +1,8 @@
-"""Encoder hyper-parameters, read from a Hugging Face ``config.json``."""
+"""Encoder hyper-parameters, read from a Hugging Face ``config.json``.
+
+RoBERTa and XLM-RoBERTa are BERT but for fairseq's position ids, so one config and one
+module serve the three ``model_type``s; :attr:`EncoderConfig.positions_per_text` is where
+they differ."""
 
 from __future__ import annotations
 
@@ -7,13 +11,22 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("bert",)
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+_ROBERTA_TYPES = ("roberta", "xlm-roberta")
+# transformers' defaults where they are not BERT's, for a config.json that omits the field: a
+# RoBERTa loaded with BERT's pad id 0 would count its positions from the wrong row.
+_TYPE_DEFAULTS = {
+    "roberta": {"pad_token_id": 1, "vocab_size": 50265},
+    "xlm-roberta": {"pad_token_id": 1},
+}
+_ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """The fields of an HF BERT ``config.json`` that shape the network."""
+    """The fields of an HF BERT, RoBERTa or XLM-RoBERTa ``config.json`` that shape the
+    network."""
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -63,6 +76,21 @@ class EncoderConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def positions_per_text(self) -> bool:
+        """RoBERTa's position ids: each text's real tokens count from ``pad_token_id + 1``
+        whichever side it is padded on, and padding sits at ``pad_token_id``. BERT's count
+        from 0 at the left edge of the padded batch."""
+        return self.model_type in _ROBERTA_TYPES
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input: RoBERTa's position table starts with ``pad_token_id + 1`` rows
+        no token uses (514 rows hold 512 tokens)."""
+        if self.positions_per_text:
+            return self.max_position_embeddings - self.pad_token_id - 1
+        return self.max_position_embeddings
+
     @classmethod
     def from_json(cls, path: str | Path) -> EncoderConfig:
         """Read the fields we use from ``config.json``; HF-only keys are ignored."""
@@ -92,15 +120,18 @@ class EncoderConfig:
                 f"got {raw['position_embedding_type']!r}"
             )
         names = {f.name for f in dataclasses.fields(cls)}
+        model_type = raw.get("model_type")
+        defaults = _TYPE_DEFAULTS.get(model_type, {}) if isinstance(model_type, str) else {}
+        fields = defaults | raw
         try:
-            return cls(**{k: v for k, v in raw.items() if k in names})
+            return cls(**{k: v for k, v in fields.items() if k in names})
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
 
     def to_hf_dict(self) -> dict:
         """The ``config.json`` that ``transformers.AutoModel`` reads back."""
         return {
-            "architectures": ["BertModel"],
+            "architectures": [_ARCHITECTURES[self.model_type]],
             "position_embedding_type": "absolute",
             **dataclasses.asdict(self),
         }

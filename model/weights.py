@@ -1,4 +1,5 @@
-"""Moving weights between our module names and Hugging Face BERT checkpoints.
+"""Moving weights between our module names and Hugging Face BERT checkpoints (RoBERTa's
+and XLM-RoBERTa's use the same names).
 
 HF names (``encoder.layer.3.attention.self.query.weight``) are translated to ours
 (``layers.3.attn.query.weight``) by the rename table below, applied in order; the
@@ -33,10 +34,11 @@ _RENAMES = (
     ("embeddings.LayerNorm.", "embeddings.norm."),
 )
 # Task heads and buffers a bi-encoder never uses: BERT's NSP pooler, MLM/NSP heads,
-# and the position-id buffer that HF stores in checkpoints.
-_IGNORED = re.compile(r"^(pooler\.|cls\.|embeddings\.position_ids$)")
-# Wrapper prefixes of task models (BertForMaskedLM stores the encoder under "bert.").
-_PREFIXES = ("bert.", "model.")
+# RoBERTa's MLM head, and the position-id buffer that HF stores in checkpoints.
+_IGNORED = re.compile(r"^(pooler\.|cls\.|lm_head\.|embeddings\.position_ids$)")
+# Wrapper prefixes of task models (BertForMaskedLM stores the encoder under "bert.",
+# RobertaForMaskedLM and XLMRobertaForMaskedLM under "roberta.").
+_PREFIXES = ("bert.", "roberta.", "model.")
 # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
 _LEGACY_SUFFIXES = ((".gamma", ".weight"), (".beta", ".bias"))
 
