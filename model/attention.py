@@ -3,7 +3,8 @@
 Shapes: T = tokens, A = heads, Dh = head size, B = batch, L = padded length. Every kernel
 takes the packed output of the fused projection, qkv [T, 3, A, Dh], and the batch's
 :class:`~biencoder.model.bert.Packing`, and returns the packed output [T, A, Dh]; row b's
-tokens, ``packing.offsets[b]:offsets[b + 1]``, attend to each other only.
+tokens, ``packing.offsets[b]:offsets[b + 1]``, attend to each other only; with a
+``window`` (ModernBERT's local layers), only to those at most ``window`` positions away.
 
 - ``"padded"``: scatter into [B, L], masked SDPA, gather back. Runs anywhere, with any
   dtype and attention dropout; it spends the scatter, the gather and the L² scores of
@@ -12,7 +13,8 @@ tokens, ``packing.offsets[b]:offsets[b + 1]``, attend to each other only.
   fp16/bf16 only, no attention dropout.
 - ``"nested"``: SDPA over jagged nested tensors. Runs on the CPU (torch's math kernel,
   forward and backward), so it is the packed path the CPU tests compare with the padded
-  one; on CUDA torch's fused jagged kernels take it (only the GPU tests check that).
+  one; on CUDA torch's fused jagged kernels take it (only the GPU tests check that). No
+  window: jagged SDPA takes no mask.
   FlexAttention with a document mask, the other CPU candidate, has no CPU backward.
 - ``"auto"``: ``"varlen"`` where it can run, else ``"padded"``.
 
@@ -42,7 +44,20 @@ Kernel = Callable[..., torch.Tensor]
 HALF = (torch.float16, torch.bfloat16)
 
 
-def padded(qkv: torch.Tensor, packing: Packing, dropout: float = 0.0) -> torch.Tensor:
+def window_mask(keys: torch.Tensor, window: int) -> torch.Tensor:
+    """Where a query may attend a key, [B, 1, L, L], from the key mask ``keys`` [B, 1, 1, L]:
+    at most ``window`` positions away, and either a real key or the query itself. A padding
+    query's window can hold no real key, and SDPA gives NaN for a row with nothing to
+    attend, which the zero weights of masked keys would carry into the real rows (NaN·0 is
+    NaN); its own position keeps the row finite."""
+    index = torch.arange(keys.shape[-1], device=keys.device)
+    distance = (index[:, None] - index[None, :]).abs()  # [L, L]
+    return ((distance <= window) & keys) | (distance == 0)
+
+
+def padded(
+    qkv: torch.Tensor, packing: Packing, dropout: float = 0.0, window: int | None = None
+) -> torch.Tensor:
     """[T, 3, A, Dh] -> [T, A, Dh] through the padded layout and a key mask."""
     B, L = packing.batch, packing.length
     A, Dh = qkv.shape[2:]
@@ -55,11 +70,15 @@ def padded(qkv: torch.Tensor, packing: Packing, dropout: float = 0.0) -> torch.T
     # Rebuilt from the padding positions each layer: B·L booleans against the L² scores.
     attend = torch.ones(B * L, dtype=torch.bool, device=qkv.device)
     attend = attend.index_fill_(0, packing.padding, False).view(B, 1, 1, L)
+    if window is not None:
+        attend = window_mask(attend, window)  # [B, 1, L, L]
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)
     return packing.pack(y.transpose(1, 2))  # [T, A, Dh]
 
 
-def varlen(qkv: torch.Tensor, packing: Packing, dropout: float = 0.0) -> torch.Tensor:
+def varlen(
+    qkv: torch.Tensor, packing: Packing, dropout: float = 0.0, window: int | None = None
+) -> torch.Tensor:
     """[T, 3, A, Dh] -> [T, A, Dh] with the variable-length flash kernel."""
     if varlen_attn is None:
         raise RuntimeError("attention='varlen' needs torch.nn.attention.varlen (torch >= 2.9)")
@@ -73,11 +92,25 @@ def varlen(qkv: torch.Tensor, packing: Packing, dropout: float = 0.0) -> torch.T
     # unbind, not three slices: its backward stacks the three gradients into one
     # [T, 3, A, Dh] buffer instead of summing three zero-padded copies of it.
     q, k, v = qkv.unbind(1)  # [T, A, Dh] each
-    return varlen_attn(q, k, v, offsets, offsets, packing.longest, packing.longest)
+    if window is None:
+        # No window argument: torch releases before 2.13 (the device image has 2.11) may
+        # not take one, and BERT's global attention needs none.
+        return varlen_attn(q, k, v, offsets, offsets, packing.longest, packing.longest)
+    # Flash's window counts the positions seen on each side, as ours does.
+    return varlen_attn(
+        q, k, v, offsets, offsets, packing.longest, packing.longest, window_size=(window, window)
+    )
 
 
-def nested(qkv: torch.Tensor, packing: Packing, dropout: float = 0.0) -> torch.Tensor:
+def nested(
+    qkv: torch.Tensor, packing: Packing, dropout: float = 0.0, window: int | None = None
+) -> torch.Tensor:
     """[T, 3, A, Dh] -> [T, A, Dh] with SDPA over jagged nested tensors."""
+    if window is not None:
+        raise ValueError(
+            "attention='nested' has no sliding window, which ModernBERT's local layers "
+            "need; use 'auto', 'padded' or 'varlen'"
+        )
 
     def jagged(t: torch.Tensor) -> torch.Tensor:
         # The jagged SDPA wants each of q, k, v contiguous as [T, A, Dh], not a strided
@@ -131,8 +164,14 @@ def resolve(name: str, qkv: torch.Tensor, dropout: float) -> str:
     return name
 
 
-def attend(name: str, qkv: torch.Tensor, packing: Packing, dropout: float = 0.0) -> torch.Tensor:
-    """Attention within each packed row with the kernel ``name`` (one of :data:`CHOICES`):
-    [T, 3, A, Dh] -> [T, A, Dh]."""
+def attend(
+    name: str,
+    qkv: torch.Tensor,
+    packing: Packing,
+    dropout: float = 0.0,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Attention within each packed row with the kernel ``name`` (one of :data:`CHOICES`),
+    within ``window`` positions where one is given: [T, 3, A, Dh] -> [T, A, Dh]."""
     # Looked up at call time, not bound at import, so a test can swap a kernel in KERNELS.
-    return KERNELS[resolve(name, qkv, dropout)](qkv, packing, dropout)
+    return KERNELS[resolve(name, qkv, dropout)](qkv, packing, dropout, window)

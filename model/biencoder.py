@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from biencoder.model.attention import CHOICES as ATTENTION_CHOICES
-from biencoder.model.bert import Encoder, Packing
-from biencoder.model.config import EncoderConfig
+from biencoder.model.backbone import AnyEncoder, build_encoder, read_config
+from biencoder.model.bert import Packing
 from biencoder.model.pooling import POOLING_HEADS, AttentionPooling, build_pooling
 from biencoder.model.weights import find_weights, load_hf_weights, read_state_dict, save_hf_weights
 from biencoder.runtime.device import bf16_supported
@@ -95,7 +95,7 @@ class Tower(nn.Module):
 
     def __init__(
         self,
-        encoder: Encoder,
+        encoder: AnyEncoder,
         pooling: str,
         projection_dim: int | None,
         num_layers: int | None = None,
@@ -175,10 +175,10 @@ class BiEncoder(nn.Module):
         device: str | torch.device | None = None,
     ) -> BiEncoder:
         """Load a folder written by ``save_pretrained``, by sentence-transformers, or a
-        plain HF BERT, RoBERTa or XLM-RoBERTa checkpoint. Arguments left as None come from
-        the folder's own configuration (``biencoder.json``, else sentence-transformers'
-        module files, else mean pooling, normalised); given ones override it. ``attention``
-        picks the kernel of the encoders' attention over packed tokens
+        plain HF BERT, RoBERTa, XLM-RoBERTa or ModernBERT checkpoint. Arguments left as
+        None come from the folder's own configuration (``biencoder.json``, else
+        sentence-transformers' module files, else mean pooling, normalised); given ones
+        override it. ``attention`` picks the kernel of the encoders' attention over packed tokens
         (:meth:`set_attention`); it changes speed, not the embeddings, and is not saved.
         Like ``transformers``, the model comes back in eval mode: call ``.train()`` to
         enable dropout."""
@@ -198,7 +198,7 @@ class BiEncoder(nn.Module):
             "num_layers": num_layers,
         }
         config = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
-        encoder_config = EncoderConfig.from_json(path / "config.json")
+        encoder_config = read_config(path / "config.json")
         if config.max_length > encoder_config.max_tokens:
             raise ValueError(
                 f"max_length: {config.max_length} tokens exceed the "
@@ -454,7 +454,7 @@ def embedding_dim(path: str | Path, projection_dim: int | None = None) -> int:
     saved = _read_saved_config(path)
     if saved.projection_dim is not None:
         return saved.projection_dim
-    return EncoderConfig.from_json(path / "config.json").hidden_size
+    return read_config(path / "config.json").hidden_size
 
 
 def check_load_arguments(
@@ -506,7 +506,7 @@ def _read_saved_config(path: Path) -> BiEncoderConfig:
             raise ValueError(f"{path / CONFIG_NAME}: {err}") from err
         return BiEncoderConfig(**raw)
     config = BiEncoderConfig()
-    encoder_config = EncoderConfig.from_json(path / "config.json")
+    encoder_config = read_config(path / "config.json")
     config.max_length = encoder_config.max_tokens
     st_bert = path / "sentence_bert_config.json"
     if st_bert.is_file():
@@ -574,8 +574,8 @@ def _st_pooling_mode(pooling_config: Path) -> str:
 
 
 def _load_tower(path: Path, config: BiEncoderConfig, load_heads: bool) -> Tower:
-    encoder = Encoder(EncoderConfig.from_json(path / "config.json"))
-    load_hf_weights(encoder, find_weights(path))
+    encoder = build_encoder(read_config(path / "config.json"))
+    load_hf_weights(encoder, find_weights(path), encoder.config.model_type)
     tower = Tower(encoder, config.pooling, config.projection_dim, config.num_layers)
     # Head weights saved for a different pooling/projection do not apply; fresh ones do.
     if load_heads and isinstance(tower.pooling, AttentionPooling):
@@ -591,10 +591,10 @@ def _save_tower(tower: Tower, path: Path, config: BiEncoderConfig) -> None:
     encoder = tower.encoder
     if tower.num_layers is not None and tower.num_layers < len(encoder.layers):
         kept = dataclasses.replace(encoder.config, num_hidden_layers=tower.num_layers)
-        encoder = Encoder(kept)
+        encoder = build_encoder(kept)
         encoder.load_state_dict(tower.encoder.state_dict(), strict=False)
     (path / "config.json").write_text(json.dumps(encoder.config.to_hf_dict(), indent=2) + "\n")
-    save_hf_weights(encoder, path / "model.safetensors")
+    save_hf_weights(encoder, path / "model.safetensors", encoder.config.model_type)
 
     hidden = encoder.config.hidden_size
     modules = [

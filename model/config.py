@@ -2,7 +2,8 @@
 
 RoBERTa and XLM-RoBERTa are BERT but for fairseq's position ids, so one config and one
 module serve the three ``model_type``s; :attr:`EncoderConfig.positions_per_text` is where
-they differ."""
+they differ. ModernBERT has its own (``model.modernbert``); ``model.backbone`` picks one
+by ``model_type``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "modernbert")
+_BERT_TYPES = ("bert", "roberta", "xlm-roberta")
 _ROBERTA_TYPES = ("roberta", "xlm-roberta")
 # transformers' defaults where they are not BERT's, for a config.json that omits the field: a
 # RoBERTa loaded with BERT's pad id 0 would count its positions from the wrong row.
@@ -43,10 +45,10 @@ class EncoderConfig:
     model_type: str = "bert"
 
     def __post_init__(self) -> None:
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
+        if self.model_type not in _BERT_TYPES:
             raise ValueError(
-                f"model_type {self.model_type!r} is not supported; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"model_type {self.model_type!r} is not one that EncoderConfig serves "
+                f"({', '.join(_BERT_TYPES)}); model.backbone.read_config reads the others"
             )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(
@@ -95,25 +97,7 @@ class EncoderConfig:
     def from_json(cls, path: str | Path) -> EncoderConfig:
         """Read the fields we use from ``config.json``; HF-only keys are ignored."""
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError as err:
-            # OSError's own message keeps the path out of repr() and out of wrappers that
-            # show only its strerror; a one-string error names the file wherever it is shown.
-            raise FileNotFoundError(
-                f"encoder config {path} does not exist: a model folder needs the "
-                "Hugging Face config.json of its encoder"
-            ) from err
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
-        if raw.get("auto_map"):
-            # Such a model (jina-embeddings-v2: model_type "bert", ALiBi in its own code) would
-            # load into our BERT without an error and compute something else.
-            raise ValueError(
-                f"{path}: field 'auto_map': the model runs its own code "
-                f"({', '.join(sorted(raw['auto_map']))}), which this encoder does not "
-                "implement; only models that transformers runs without custom code load"
-            )
+        raw = read_config_json(path)
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(
                 f"{path}: field 'position_embedding_type': only 'absolute' is supported, "
@@ -135,3 +119,33 @@ class EncoderConfig:
             "position_embedding_type": "absolute",
             **dataclasses.asdict(self),
         }
+
+
+def read_config_json(path: Path) -> dict:
+    """The fields of the ``config.json`` at ``path``; errors name the file."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        # OSError's own message keeps the path out of repr() and out of wrappers that
+        # show only its strerror; a one-string error names the file wherever it is shown.
+        raise FileNotFoundError(
+            f"encoder config {path} does not exist: a model folder needs the "
+            "Hugging Face config.json of its encoder"
+        ) from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+    if raw.get("auto_map"):
+        # Such a model (jina-embeddings-v2: model_type "bert", ALiBi in its own code) would
+        # load into our BERT without an error and compute something else.
+        raise ValueError(
+            f"{path}: field 'auto_map': the model runs its own code "
+            f"({', '.join(sorted(raw['auto_map']))}), which this encoder does not "
+            "implement; only models that transformers runs without custom code load"
+        )
+    model_type = raw.get("model_type", "bert")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{path}: model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return raw

@@ -1,9 +1,10 @@
 """Moving weights between our module names and Hugging Face BERT checkpoints (RoBERTa's
-and XLM-RoBERTa's use the same names).
+and XLM-RoBERTa's use the same names), or ModernBERT ones.
 
 HF names (``encoder.layer.3.attention.self.query.weight``) are translated to ours
-(``layers.3.attn.query.weight``) by the rename table below, applied in order; the
-same table read backwards writes checkpoints that ``transformers`` loads.
+(``layers.3.attn.query.weight``) by the rename table of the checkpoint's ``model_type``,
+applied in order; the same table read backwards writes checkpoints that ``transformers``
+loads.
 """
 
 from __future__ import annotations
@@ -36,8 +37,21 @@ _RENAMES = (
 # Task heads and buffers a bi-encoder never uses: BERT's NSP pooler, MLM/NSP heads,
 # RoBERTa's MLM head, and the position-id buffer that HF stores in checkpoints.
 _IGNORED = re.compile(r"^(pooler\.|cls\.|lm_head\.|embeddings\.position_ids$)")
+# ModernBERT's (``layers.3.attn.Wqkv.weight`` -> ``layers.3.attn.qkv.weight``). Its norms
+# (attn_norm, mlp_norm, final_norm, embeddings.norm) have our names already.
+_MODERNBERT_RENAMES = (
+    ("embeddings.tok_embeddings.", "embeddings.word."),
+    ("attn.Wqkv.", "attn.qkv."),
+    ("attn.Wo.", "attn.out."),
+    ("mlp.Wi.", "mlp.up."),
+    ("mlp.Wo.", "mlp.down."),
+)
+# ModernBertForMaskedLM's prediction head and decoder.
+_MODERNBERT_IGNORED = re.compile(r"^(head\.|decoder\.)")
+_TABLES = {"modernbert": (_MODERNBERT_RENAMES, _MODERNBERT_IGNORED)}
 # Wrapper prefixes of task models (BertForMaskedLM stores the encoder under "bert.",
-# RobertaForMaskedLM and XLMRobertaForMaskedLM under "roberta.").
+# RobertaForMaskedLM and XLMRobertaForMaskedLM under "roberta.", ModernBertForMaskedLM under
+# "model.").
 _PREFIXES = ("bert.", "roberta.", "model.")
 # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
 _LEGACY_SUFFIXES = ((".gamma", ".weight"), (".beta", ".bias"))
@@ -50,7 +64,11 @@ class WeightLoadingError(ValueError):
     and lists every offending key."""
 
 
-def hf_to_ours(name: str) -> str:
+def _table(model_type: str) -> tuple[tuple[tuple[str, str], ...], re.Pattern]:
+    return _TABLES.get(model_type, (_RENAMES, _IGNORED))
+
+
+def hf_to_ours(name: str, model_type: str = "bert") -> str:
     for prefix in _PREFIXES:
         if name.startswith(prefix):
             name = name[len(prefix) :]
@@ -58,13 +76,13 @@ def hf_to_ours(name: str) -> str:
     for old, new in _LEGACY_SUFFIXES:
         if name.endswith(old) and "LayerNorm" in name:
             name = name[: -len(old)] + new
-    for hf, ours in _RENAMES:
+    for hf, ours in _table(model_type)[0]:
         name = name.replace(hf, ours)
     return name
 
 
-def ours_to_hf(name: str) -> str:
-    for hf, ours in reversed(_RENAMES):
+def ours_to_hf(name: str, model_type: str = "bert") -> str:
+    for hf, ours in reversed(_table(model_type)[0]):
         name = name.replace(ours, hf)
     return name
 
@@ -111,27 +129,30 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def load_hf_weights(module: nn.Module, path: Path) -> None:
-    """Copy an HF checkpoint into ``module``; raise listing all missing, unexpected or
-    mis-shaped tensors rather than the first one."""
+def load_hf_weights(module: nn.Module, path: Path, model_type: str = "bert") -> None:
+    """Copy an HF checkpoint of ``model_type`` into ``module``; raise listing all missing,
+    unexpected or mis-shaped tensors rather than the first one."""
+    ignored = _table(model_type)[1]
     theirs = {
-        hf_to_ours(name): tensor
+        hf_to_ours(name, model_type): tensor
         for name, tensor in read_state_dict(path).items()
-        if not _IGNORED.match(hf_to_ours(name))
+        if not ignored.match(hf_to_ours(name, model_type))
     }
     ours = module.state_dict()
     missing = sorted(set(ours) - set(theirs))
     unexpected = sorted(set(theirs) - set(ours))
     mismatched = [
-        f"{ours_to_hf(k)}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(ours[k].shape)}"
+        f"{ours_to_hf(k, model_type)}: checkpoint {tuple(theirs[k].shape)} "
+        f"vs model {tuple(ours[k].shape)}"
         for k in sorted(set(ours) & set(theirs))
         if theirs[k].shape != ours[k].shape
     ]
     problems = []
     if missing:
-        problems.append("missing keys: " + ", ".join(ours_to_hf(k) for k in missing))
+        problems.append("missing keys: " + ", ".join(ours_to_hf(k, model_type) for k in missing))
     if unexpected:
-        problems.append("unexpected keys: " + ", ".join(ours_to_hf(k) for k in unexpected))
+        listed = ", ".join(ours_to_hf(k, model_type) for k in unexpected)
+        problems.append("unexpected keys: " + listed)
     if mismatched:
         problems.append("shape mismatches: " + "; ".join(mismatched))
     if problems:
@@ -140,9 +161,12 @@ def load_hf_weights(module: nn.Module, path: Path) -> None:
     module.load_state_dict(theirs)
 
 
-def save_hf_weights(module: nn.Module, path: Path) -> None:
-    """Write ``module`` as an HF-named safetensors file."""
-    state = {ours_to_hf(k): v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+def save_hf_weights(module: nn.Module, path: Path, model_type: str = "bert") -> None:
+    """Write ``module`` as a safetensors file with ``model_type``'s HF names."""
+    state = {
+        ours_to_hf(k, model_type): v.detach().contiguous().cpu()
+        for k, v in module.state_dict().items()
+    }
     save_file(state, path, metadata={"format": "pt"})
 
 

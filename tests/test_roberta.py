@@ -287,7 +287,8 @@ def test_unsupported_model_type_names_the_file_and_the_supported_ones(tmp_path):
     with pytest.raises(ValueError) as err:
         EncoderConfig.from_json(path)
     assert str(err.value) == (
-        f"{path}: model_type 'deberta-v2' is not supported; supported: bert, roberta, xlm-roberta"
+        f"{path}: model_type 'deberta-v2' is not supported; "
+        "supported: bert, roberta, xlm-roberta, modernbert"
     )
     path.write_text(json.dumps({"model_type": ["roberta"]}))
     with pytest.raises(ValueError) as err:
