@@ -4,7 +4,8 @@ Shapes: T = tokens, A = heads, Dh = head size, B = batch, L = padded length. Eve
 takes the packed output of the fused projection, qkv [T, 3, A, Dh], and the batch's
 :class:`~biencoder.model.bert.Packing`, and returns the packed output [T, A, Dh]; row b's
 tokens, ``packing.offsets[b]:offsets[b + 1]``, attend to each other only; with a
-``window`` (ModernBERT's local layers), only to those at most ``window`` positions away.
+``window`` (ModernBERT's local layers, Mistral's sliding window), only to those at most
+``window`` positions away; ``causal`` (decoders), only to themselves and earlier ones.
 
 - ``"padded"``: scatter into [B, L], masked SDPA, gather back. Runs anywhere, with any
   dtype and attention dropout; it spends the scatter, the gather and the L² scores of
@@ -14,7 +15,7 @@ tokens, ``packing.offsets[b]:offsets[b + 1]``, attend to each other only; with a
 - ``"nested"``: SDPA over jagged nested tensors. Runs on the CPU (torch's math kernel,
   forward and backward), so it is the packed path the CPU tests compare with the padded
   one; on CUDA torch's fused jagged kernels take it (only the GPU tests check that). No
-  window: jagged SDPA takes no mask.
+  window: jagged SDPA takes no mask; and not causal, which its CPU kernel refuses.
   FlexAttention with a document mask, the other CPU candidate, has no CPU backward.
 - ``"auto"``: ``"varlen"`` where it can run, else ``"padded"``.
 
@@ -26,6 +27,7 @@ rows by their lengths on the host, which on a CPU waits for nothing.)
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -39,24 +41,37 @@ try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch < 2.9
     varlen_attn = None
+# Its keywords change between releases: only those a call needs are passed.
+_VARLEN_PARAMETERS = inspect.signature(varlen_attn).parameters if varlen_attn else {}
 
 Kernel = Callable[..., torch.Tensor]
 HALF = (torch.float16, torch.bfloat16)
 
 
-def window_mask(keys: torch.Tensor, window: int) -> torch.Tensor:
+def band_mask(keys: torch.Tensor, window: int | None, causal: bool = False) -> torch.Tensor:
     """Where a query may attend a key, [B, 1, L, L], from the key mask ``keys`` [B, 1, 1, L]:
-    at most ``window`` positions away, and either a real key or the query itself. A padding
-    query's window can hold no real key, and SDPA gives NaN for a row with nothing to
-    attend, which the zero weights of masked keys would carry into the real rows (NaN·0 is
-    NaN); its own position keeps the row finite."""
+    at most ``window`` positions away (None: any distance), not after the query where
+    ``causal``, and either a real key or the query itself. A padding query's band can hold
+    no real key (a local layer's far from the text, a causal one's left of a left-padded
+    text), and SDPA gives NaN for a row with nothing to attend, which the zero weights of
+    masked keys would carry into the real rows (NaN·0 is NaN); its own position keeps the
+    row finite."""
     index = torch.arange(keys.shape[-1], device=keys.device)
-    distance = (index[:, None] - index[None, :]).abs()  # [L, L]
-    return ((distance <= window) & keys) | (distance == 0)
+    distance = index[:, None] - index[None, :]  # [L, L]: query minus key
+    band = torch.ones_like(distance, dtype=torch.bool)
+    if window is not None:
+        band = distance.abs() <= window
+    if causal:
+        band = band & (distance >= 0)
+    return (band & keys) | (distance == 0)
 
 
 def padded(
-    qkv: torch.Tensor, packing: Packing, dropout: float = 0.0, window: int | None = None
+    qkv: torch.Tensor,
+    packing: Packing,
+    dropout: float = 0.0,
+    window: int | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """[T, 3, A, Dh] -> [T, A, Dh] through the padded layout and a key mask."""
     B, L = packing.batch, packing.length
@@ -70,14 +85,18 @@ def padded(
     # Rebuilt from the padding positions each layer: B·L booleans against the L² scores.
     attend = torch.ones(B * L, dtype=torch.bool, device=qkv.device)
     attend = attend.index_fill_(0, packing.padding, False).view(B, 1, 1, L)
-    if window is not None:
-        attend = window_mask(attend, window)  # [B, 1, L, L]
+    if window is not None or causal:
+        attend = band_mask(attend, window, causal)  # [B, 1, L, L]
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)
     return packing.pack(y.transpose(1, 2))  # [T, A, Dh]
 
 
 def varlen(
-    qkv: torch.Tensor, packing: Packing, dropout: float = 0.0, window: int | None = None
+    qkv: torch.Tensor,
+    packing: Packing,
+    dropout: float = 0.0,
+    window: int | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """[T, 3, A, Dh] -> [T, A, Dh] with the variable-length flash kernel."""
     if varlen_attn is None:
@@ -92,24 +111,42 @@ def varlen(
     # unbind, not three slices: its backward stacks the three gradients into one
     # [T, 3, A, Dh] buffer instead of summing three zero-padded copies of it.
     q, k, v = qkv.unbind(1)  # [T, A, Dh] each
-    if window is None:
+    if window is None and not causal:
         # No window argument: torch releases before 2.13 (the device image has 2.11) may
         # not take one, and BERT's global attention needs none.
         return varlen_attn(q, k, v, offsets, offsets, packing.longest, packing.longest)
-    # Flash's window counts the positions seen on each side, as ours does.
-    return varlen_attn(
-        q, k, v, offsets, offsets, packing.longest, packing.longest, window_size=(window, window)
-    )
+    # Flash's window counts the positions seen on each side, as ours does; -1 is no limit,
+    # and a right side of 0 is causal.
+    left = -1 if window is None else window
+    right = 0 if causal else left
+    if causal and "is_causal" in _VARLEN_PARAMETERS:
+        # Releases that take is_causal (torch 2.13 has none: the window says it).
+        options = {"is_causal": True}
+        if window is not None:
+            options["window_size"] = (left, right)
+    else:
+        options = {"window_size": (left, right)}
+    return varlen_attn(q, k, v, offsets, offsets, packing.longest, packing.longest, **options)
 
 
 def nested(
-    qkv: torch.Tensor, packing: Packing, dropout: float = 0.0, window: int | None = None
+    qkv: torch.Tensor,
+    packing: Packing,
+    dropout: float = 0.0,
+    window: int | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """[T, 3, A, Dh] -> [T, A, Dh] with SDPA over jagged nested tensors."""
     if window is not None:
         raise ValueError(
             "attention='nested' has no sliding window, which ModernBERT's local layers "
-            "need; use 'auto', 'padded' or 'varlen'"
+            "and Mistral's sliding window need; use 'auto', 'padded' or 'varlen'"
+        )
+    if causal:
+        raise ValueError(
+            "attention='nested' has no causal mask (torch's jagged SDPA refuses is_causal on "
+            "the CPU), which a decoder needs unless loaded with bidirectional=True; use "
+            "'auto', 'padded' or 'varlen'"
         )
 
     def jagged(t: torch.Tensor) -> torch.Tensor:
@@ -170,8 +207,10 @@ def attend(
     packing: Packing,
     dropout: float = 0.0,
     window: int | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Attention within each packed row with the kernel ``name`` (one of :data:`CHOICES`),
-    within ``window`` positions where one is given: [T, 3, A, Dh] -> [T, A, Dh]."""
+    within ``window`` positions where one is given, to earlier tokens only where
+    ``causal``: [T, 3, A, Dh] -> [T, A, Dh]."""
     # Looked up at call time, not bound at import, so a test can swap a kernel in KERNELS.
-    return KERNELS[resolve(name, qkv, dropout)](qkv, packing, dropout, window)
+    return KERNELS[resolve(name, qkv, dropout)](qkv, packing, dropout, window, causal)

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -31,6 +32,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from biencoder.model.attention import CHOICES as ATTENTION_CHOICES
 from biencoder.model.backbone import AnyEncoder, build_encoder, read_config
 from biencoder.model.bert import Packing
+from biencoder.model.llama import DECODER_TYPES, DecoderConfig, LlamaEncoder
 from biencoder.model.pooling import POOLING_HEADS, AttentionPooling, build_pooling
 from biencoder.model.weights import find_weights, load_hf_weights, read_state_dict, save_hf_weights
 from biencoder.runtime.device import bf16_supported
@@ -88,6 +90,8 @@ class BiEncoderConfig:
     doc_prefix: str = ""
     shared: bool = True
     num_layers: int | None = None  # pool this layer's output; None = the last layer
+    # Decoders only: attend to later tokens too (LLM2Vec, GritLM); None = causal, as trained.
+    bidirectional: bool | None = None
 
 
 class Tower(nn.Module):
@@ -171,14 +175,19 @@ class BiEncoder(nn.Module):
         doc_prefix: str | None = None,
         shared: bool | None = None,
         num_layers: int | None = None,
+        bidirectional: bool | None = None,
         attention: str = "auto",
         device: str | torch.device | None = None,
     ) -> BiEncoder:
         """Load a folder written by ``save_pretrained``, by sentence-transformers, or a
-        plain HF BERT, RoBERTa, XLM-RoBERTa or ModernBERT checkpoint. Arguments left as
-        None come from the folder's own configuration (``biencoder.json``, else
-        sentence-transformers' module files, else mean pooling, normalised); given ones
-        override it. ``attention`` picks the kernel of the encoders' attention over packed tokens
+        plain HF BERT, RoBERTa, XLM-RoBERTa, ModernBERT, Llama, Mistral, Qwen2 or Qwen3
+        checkpoint. Arguments left as None come from the folder's own configuration
+        (``biencoder.json``, else sentence-transformers' module files, else mean pooling,
+        normalised); given ones override it. ``bidirectional=True`` lets a decoder's tokens
+        attend to later ones too (LLM2Vec, GritLM), which changes the embeddings and is
+        saved; encoders refuse the option. A decoder pooled with ``last_token`` gets a
+        tokenizer that ends each text with its end-of-sequence token, where it did not.
+        ``attention`` picks the kernel of the encoders' attention over packed tokens
         (:meth:`set_attention`); it changes speed, not the embeddings, and is not saved.
         Like ``transformers``, the model comes back in eval mode: call ``.train()`` to
         enable dropout."""
@@ -196,9 +205,17 @@ class BiEncoder(nn.Module):
             "doc_prefix": doc_prefix,
             "shared": shared,
             "num_layers": num_layers,
+            "bidirectional": bidirectional,
         }
         config = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
         encoder_config = read_config(path / "config.json")
+        decoder = isinstance(encoder_config, DecoderConfig)
+        if config.bidirectional is not None and not decoder:
+            raise ValueError(
+                f"bidirectional: {path / 'config.json'} holds a "
+                f"{encoder_config.model_type!r} encoder, which attends both ways already; "
+                f"only decoders ({', '.join(DECODER_TYPES)}) take the option"
+            )
         if config.max_length > encoder_config.max_tokens:
             raise ValueError(
                 f"max_length: {config.max_length} tokens exceed the "
@@ -210,6 +227,8 @@ class BiEncoder(nn.Module):
                 f"{encoder_config.num_hidden_layers} layers"
             )
         tokenizer = _load_tokenizer(path, encoder_config.vocab_size)
+        if decoder:
+            tokenizer = _decoder_tokenizer(tokenizer, path, config.pooling == "last_token")
         heads_match = (
             config.pooling == saved.pooling and config.projection_dim == saved.projection_dim
         )
@@ -558,6 +577,90 @@ def _load_tokenizer(path: Path, vocab_size: int) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _decoder_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, path: Path, append_eos: bool
+) -> PreTrainedTokenizerBase:
+    """A decoder's tokenizer made to batch and, where ``append_eos``, to end each text with
+    its end-of-sequence token: the token a last-token embedding is read from, which Llama's
+    tokenizers (BOS only) and Qwen's (nothing) do not add. Done in the tokenizer itself, so
+    that the folder ``save_pretrained`` writes tokenizes the same in sentence-transformers,
+    and truncation keeps the token."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Decoders are trained without padding; padded positions are masked, so any id does.
+        tokenizer.pad_token = tokenizer.eos_token
+    if not append_eos:
+        return tokenizer
+    eos = tokenizer.eos_token
+    if eos is None:
+        raise ValueError(
+            f"{path}: pooling 'last_token' on a decoder pools its end-of-sequence token, but "
+            "the tokenizer has none (eos_token in tokenizer_config.json)"
+        )
+    ids = tokenizer("a")["input_ids"]
+    if ids[-1] == tokenizer.eos_token_id:
+        return tokenizer
+    wanted = [*ids, tokenizer.eos_token_id]
+    if hasattr(tokenizer, "add_eos_token"):
+        # Llama's own switch, saved in tokenizer_config.json: transformers rebuilds the
+        # post-processor from it when the file sets it. It drops what the switches do not
+        # describe (Llama 3's BOS template), hence the check on a copy.
+        flagged = copy.deepcopy(tokenizer)
+        flagged.add_eos_token = True
+        if flagged("a")["input_ids"] == wanted:
+            return flagged
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # Through the JSON: tokenizers' post-processors cannot be read from Python, and a
+        # second template after a first one does not append to its output.
+        state = json.loads(backend.to_str())
+        state["post_processor"] = _ending_with(state["post_processor"], eos, wanted[-1])
+        backend.post_processor = Tokenizer.from_str(json.dumps(state)).post_processor
+        if tokenizer("a")["input_ids"] == wanted:
+            return tokenizer
+    raise ValueError(
+        f"{path}: cannot make the tokenizer ({type(tokenizer).__name__}) end texts with "
+        f"{eos!r}, which pooling 'last_token' on a decoder reads the embedding from"
+    )
+
+
+def _ending_with(processor: dict | None, eos: str, eos_id: int) -> dict:
+    """The JSON of a tokenizers post-processor that does what ``processor`` does, then
+    appends ``eos`` to each sequence."""
+    tokens = {eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}
+
+    def end(type_id: int) -> dict:
+        return {"SpecialToken": {"id": eos, "type_id": type_id}}
+
+    if processor is not None and processor["type"] == "Sequence":
+        *kept, last = processor["processors"]
+        return {**processor, "processors": [*kept, *_flatten(_ending_with(last, eos, eos_id))]}
+    if processor is not None and processor["type"] == "TemplateProcessing":
+        return {
+            **processor,
+            "single": [*processor["single"], end(0)],
+            "pair": [*processor["pair"], end(1)],
+            "special_tokens": processor["special_tokens"] | tokens,
+        }
+    template = {
+        "type": "TemplateProcessing",
+        "single": [{"Sequence": {"id": "A", "type_id": 0}}, end(0)],
+        "pair": [
+            {"Sequence": {"id": "A", "type_id": 0}},
+            end(0),
+            {"Sequence": {"id": "B", "type_id": 1}},
+            end(1),
+        ],
+        "special_tokens": tokens,
+    }
+    return (
+        template if processor is None else {"type": "Sequence", "processors": [processor, template]}
+    )
+
+
+def _flatten(processor: dict) -> list[dict]:
+    return processor["processors"] if processor["type"] == "Sequence" else [processor]
+
+
 def _st_pooling_mode(pooling_config: Path) -> str:
     raw = json.loads(pooling_config.read_text()) if pooling_config.is_file() else {}
     if isinstance(raw.get("pooling_mode"), str):
@@ -576,6 +679,8 @@ def _st_pooling_mode(pooling_config: Path) -> str:
 def _load_tower(path: Path, config: BiEncoderConfig, load_heads: bool) -> Tower:
     encoder = build_encoder(read_config(path / "config.json"))
     load_hf_weights(encoder, find_weights(path), encoder.config.model_type)
+    if isinstance(encoder, LlamaEncoder):
+        encoder.bidirectional = bool(config.bidirectional)
     tower = Tower(encoder, config.pooling, config.projection_dim, config.num_layers)
     # Head weights saved for a different pooling/projection do not apply; fresh ones do.
     if load_heads and isinstance(tower.pooling, AttentionPooling):
@@ -595,6 +700,12 @@ def _save_tower(tower: Tower, path: Path, config: BiEncoderConfig) -> None:
         encoder.load_state_dict(tower.encoder.state_dict(), strict=False)
     (path / "config.json").write_text(json.dumps(encoder.config.to_hf_dict(), indent=2) + "\n")
     save_hf_weights(encoder, path / "model.safetensors", encoder.config.model_type)
+    if config.bidirectional:
+        log.warning(
+            "%s: bidirectional attention; transformers and sentence-transformers run the "
+            "decoder causally: this folder embeds correctly with BiEncoder.from_pretrained only",
+            path,
+        )
 
     hidden = encoder.config.hidden_size
     modules = [

@@ -2,8 +2,8 @@
 
 RoBERTa and XLM-RoBERTa are BERT but for fairseq's position ids, so one config and one
 module serve the three ``model_type``s; :attr:`EncoderConfig.positions_per_text` is where
-they differ. ModernBERT has its own (``model.modernbert``); ``model.backbone`` picks one
-by ``model_type``."""
+they differ. ModernBERT has its own (``model.modernbert``), and so do the Llama-style
+decoders (``model.llama``); ``model.backbone`` picks one by ``model_type``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "modernbert")
+SUPPORTED_MODEL_TYPES = (
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "modernbert",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+)
 _BERT_TYPES = ("bert", "roberta", "xlm-roberta")
 _ROBERTA_TYPES = ("roberta", "xlm-roberta")
 # transformers' defaults where they are not BERT's, for a config.json that omits the field: a

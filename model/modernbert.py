@@ -395,7 +395,7 @@ class ModernBertEncoder(nn.Module):
             window: rotary_tables(positions, self.config.local_rope_theta, head_dim, x.dtype),
         }
         # The packed path's kernels build their masks themselves.
-        local = None if packing is not None else kernels.window_mask(real[:, None, None, :], window)
+        local = None if packing is not None else kernels.band_mask(real[:, None, None, :], window)
         masks = {None: keys, window: local}
         for layer in self.layers[:num_layers]:
             rope, attend = ropes[layer.attn.window], masks[layer.attn.window]

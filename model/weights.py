@@ -1,5 +1,6 @@
 """Moving weights between our module names and Hugging Face BERT checkpoints (RoBERTa's
-and XLM-RoBERTa's use the same names), or ModernBERT ones.
+and XLM-RoBERTa's use the same names), ModernBERT ones, or Llama-style decoders' (Llama,
+Mistral, Qwen2 and Qwen3 share theirs).
 
 HF names (``encoder.layer.3.attention.self.query.weight``) are translated to ours
 (``layers.3.attn.query.weight``) by the rename table of the checkpoint's ``model_type``,
@@ -48,10 +49,32 @@ _MODERNBERT_RENAMES = (
 )
 # ModernBertForMaskedLM's prediction head and decoder.
 _MODERNBERT_IGNORED = re.compile(r"^(head\.|decoder\.)")
-_TABLES = {"modernbert": (_MODERNBERT_RENAMES, _MODERNBERT_IGNORED)}
+# The decoders' (``model.layers.3.self_attn.q_proj.weight`` -> ``layers.3.attn.q.weight``).
+# The final norm is ``norm`` in both: a fragment "norm." would also rename the others.
+_DECODER_RENAMES = (
+    ("embed_tokens.", "embeddings."),
+    ("self_attn.q_proj.", "attn.q."),
+    ("self_attn.k_proj.", "attn.k."),
+    ("self_attn.v_proj.", "attn.v."),
+    ("self_attn.o_proj.", "attn.out."),
+    ("self_attn.q_norm.", "attn.q_norm."),
+    ("self_attn.k_norm.", "attn.k_norm."),
+    ("input_layernorm.", "attn_norm."),
+    ("post_attention_layernorm.", "mlp_norm."),
+    ("mlp.gate_proj.", "mlp.gate."),
+    ("mlp.up_proj.", "mlp.up."),
+    ("mlp.down_proj.", "mlp.down."),
+)
+# The causal LM's output layer (tied to the embeddings or not), and the RoPE frequencies
+# that checkpoints of transformers < 4.31 stored in every layer.
+_DECODER_IGNORED = re.compile(r"^(lm_head\.|.*rotary_emb\.inv_freq$)")
+_TABLES = {
+    "modernbert": (_MODERNBERT_RENAMES, _MODERNBERT_IGNORED),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), (_DECODER_RENAMES, _DECODER_IGNORED)),
+}
 # Wrapper prefixes of task models (BertForMaskedLM stores the encoder under "bert.",
-# RobertaForMaskedLM and XLMRobertaForMaskedLM under "roberta.", ModernBertForMaskedLM under
-# "model.").
+# RobertaForMaskedLM and XLMRobertaForMaskedLM under "roberta.", ModernBertForMaskedLM and
+# the decoders' *ForCausalLM under "model.").
 _PREFIXES = ("bert.", "roberta.", "model.")
 # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
 _LEGACY_SUFFIXES = ((".gamma", ".weight"), (".beta", ".bias"))

@@ -226,6 +226,9 @@ PROBES: dict[str, Run | Proven] = {
     "model.doc_prefix": Run(("model.doc_prefix='passage: '",), "batch_texts", TRAIN),
     "model.shared": Run(("model.shared=false",), "weight_shapes", TRAIN),
     "model.num_layers": Run(("model.num_layers=1",), "loss", TRAIN),
+    # The probes' model is a BERT, which refuses it naming the file; tests/test_llama.py
+    # shows what it changes in a decoder.
+    "model.bidirectional": Run(("model.bidirectional=true",), "error", TRAIN),
     # --------------------------------------------------------------- evaluation
     "evaluation.batch_size": Run(("evaluation.batch_size=5",), "eval_forwards", FINAL),
     "evaluation.ks": Run(("evaluation.ks=[1,5]",), "metric_keys", FINAL),

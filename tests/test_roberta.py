@@ -288,7 +288,7 @@ def test_unsupported_model_type_names_the_file_and_the_supported_ones(tmp_path):
         EncoderConfig.from_json(path)
     assert str(err.value) == (
         f"{path}: model_type 'deberta-v2' is not supported; "
-        "supported: bert, roberta, xlm-roberta, modernbert"
+        "supported: bert, roberta, xlm-roberta, modernbert, llama, mistral, qwen2, qwen3"
     )
     path.write_text(json.dumps({"model_type": ["roberta"]}))
     with pytest.raises(ValueError) as err:
