@@ -26,6 +26,15 @@ _MISSING_MODULE = re.compile(
 )
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="tests/test_golden.py records the trajectories it runs in tests/golden/ "
+        "instead of comparing them with the recorded ones",
+    )
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
     outcome = yield
