@@ -200,23 +200,69 @@ class Layer(nn.Module):
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
-class Encoder(nn.Module):
-    """Token ids -> contextual token states, optionally stopping at an intermediate layer.
+class TokenEncoder(nn.Module):
+    """What every encoder family shares: the execution switches (``unpadded``, True unless
+    set, picks the path, see the module docstring; ``attention``, "auto" unless set, see
+    ``model.attention``, the kernel of the unpadded one; ``gradient_checkpointing``), the
+    dropout rates, and the checks and the choice of path at the top of ``forward``. All
+    paths give the same states at real tokens up to rounding, so the switches are
+    attributes to flip, not part of the checkpoint. A family sets ``config`` (with
+    ``max_tokens`` and ``max_position_embeddings``) and ``layers`` (each with an ``attn``
+    whose ``attn_dropout`` is the attention-probability rate)."""
 
-    ``unpadded`` (True unless set) picks the execution path (see the module docstring),
-    and ``attention`` ("auto" unless set; see ``model.attention``) the attention kernel
-    of the unpadded one. All give the same states at real tokens up to rounding, so they
-    are attributes to flip, like ``gradient_checkpointing``, not part of the checkpoint.
-    """
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+        self.unpadded = True
+        self.attention = "auto"
+
+    def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> None:
+        """Change the dropout rates for training; None keeps the checkpoint's. ``hidden`` is
+        every dropout on states, ``attention`` the one on attention probabilities: the
+        costly one on CPU, as it takes SDPA off its fused kernel."""
+        if hidden is not None:
+            for module in self.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = hidden
+        if attention is not None:
+            for layer in self.layers:
+                layer.attn.attn_dropout = attention
+
+    def _blocks(self, input_ids: torch.Tensor, num_layers: int | None) -> int:
+        """How many blocks ``forward`` runs (all by default), after refusing inputs longer
+        than the model takes."""
+        if input_ids.shape[1] > self.config.max_tokens:
+            raise ValueError(
+                f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
+                f"{self.config.max_tokens} (max_position_embeddings="
+                f"{self.config.max_position_embeddings}); tokenize with truncation"
+            )
+        num_layers = len(self.layers) if num_layers is None else num_layers
+        if not 0 <= num_layers <= len(self.layers):
+            raise ValueError(f"num_layers={num_layers} outside [0, {len(self.layers)}]")
+        return num_layers
+
+    def _path(self, real: torch.Tensor, packing: Packing | None) -> tuple[Packing | None, bool]:
+        """(the packing to run on, or None for the padded path; whether any position is
+        padding) for the mask ``real`` [B, L]. Both depend on the data, which would break a
+        torch.compile graph: compiled, the encoder always masks and never packs."""
+        if torch.compiler.is_compiling():
+            return None, True
+        if packing is None and self.unpadded:
+            packing = Packing.from_mask(real)
+        padded = packing.has_padding if packing is not None else not bool(real.all())
+        return (packing if self.unpadded and padded else None), padded
+
+
+class Encoder(TokenEncoder):
+    """Token ids -> contextual token states, optionally stopping at an intermediate layer
+    (the switches and dropout of :class:`TokenEncoder`)."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.gradient_checkpointing = False
-        self.unpadded = True
-        self.attention = "auto"
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -229,17 +275,6 @@ class Encoder(nn.Module):
             nn.init.normal_(module.weight, std=std)
             if module.padding_idx is not None:
                 nn.init.zeros_(module.weight[module.padding_idx])
-
-    def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> None:
-        """Change the dropout rates for training; None keeps the checkpoint's. Attention
-        dropout is the costly one on CPU: it takes SDPA off its fused kernel."""
-        if hidden is not None:
-            for module in self.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = hidden
-        if attention is not None:
-            for layer in self.layers:
-                layer.attn.attn_dropout = attention
 
     def forward(
         self,
@@ -257,17 +292,9 @@ class Encoder(nn.Module):
         :class:`Packing`, computed where the tokens were made; without it, the encoder
         derives it from the mask, which on a GPU waits for the device (three times).
         """
-        if input_ids.shape[1] > self.config.max_tokens:
-            raise ValueError(
-                f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
-                f"{self.config.max_tokens} (max_position_embeddings="
-                f"{self.config.max_position_embeddings}); tokenize with truncation"
-            )
+        num_layers = self._blocks(input_ids, num_layers)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        num_layers = len(self.layers) if num_layers is None else num_layers
-        if not 0 <= num_layers <= len(self.layers):
-            raise ValueError(f"num_layers={num_layers} outside [0, {len(self.layers)}]")
         B, L = input_ids.shape
         real = attention_mask.bool()
         if self.config.positions_per_text:
@@ -280,17 +307,8 @@ class Encoder(nn.Module):
             positions = torch.arange(L, device=input_ids.device).expand(B, L)  # [B, L]
         # SDPA takes a boolean mask where True means "may attend"; [B, 1, 1, L] broadcasts
         # over heads and query positions. A batch without padding needs none, and takes
-        # the unmasked kernel. Both choices depend on the data, which would break a
-        # torch.compile graph: compiled, the encoder always masks and never packs.
-        compiling = torch.compiler.is_compiling()
-        if compiling:
-            packing, padded = None, True
-        else:
-            if packing is None and self.unpadded:
-                packing = Packing.from_mask(real)
-            padded = packing.has_padding if packing is not None else not bool(real.all())
-            if not (self.unpadded and padded):
-                packing = None
+        # the unmasked kernel.
+        packing, padded = self._path(real, packing)
         attend = real[:, None, None, :] if padded else None
         if packing is not None:
             input_ids, token_type_ids, positions = map(

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from biencoder.model import attention as kernels
-from biencoder.model.bert import ACTIVATIONS, Packing
+from biencoder.model.bert import ACTIVATIONS, Packing, TokenEncoder
 from biencoder.model.config import read_config_json
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -419,7 +419,7 @@ class Layer(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
-class LlamaEncoder(nn.Module):
+class LlamaEncoder(TokenEncoder):
     """Token ids -> contextual token states of a Llama, Mistral, Qwen2 or Qwen3 decoder,
     optionally stopping at an intermediate layer.
 
@@ -439,9 +439,6 @@ class LlamaEncoder(nn.Module):
         # (RoPE's tables stay float32 whatever the states' dtype). Copied once per device,
         # as a copy from the host each forward would wait for the GPU's queue.
         self._inv_freq = {torch.device("cpu"): inverse_frequencies(cfg)}  # [Dh / 2] float32
-        self.gradient_checkpointing = False
-        self.unpadded = True
-        self.attention = "auto"
         self.bidirectional = False
         self.apply(self._init_weights)
 
@@ -457,18 +454,6 @@ class LlamaEncoder(nn.Module):
             nn.init.normal_(module.weight, std=std)
             if module.padding_idx is not None:
                 nn.init.zeros_(module.weight[module.padding_idx])
-
-    def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> None:
-        """Change the dropout rates for training; None keeps the checkpoint's. ``hidden``
-        is the dropout on each block's attention and MLP outputs (0 in the checkpoints),
-        ``attention`` the one on attention probabilities."""
-        if hidden is not None:
-            for module in self.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = hidden
-        if attention is not None:
-            for layer in self.layers:
-                layer.attn.attn_dropout = attention
 
     def forward(
         self,
@@ -487,15 +472,7 @@ class LlamaEncoder(nn.Module):
         ``model.bert.Encoder``'s interface and ignored. States at padded positions mean
         nothing; ``packing`` is as for ``model.bert.Encoder``.
         """
-        if input_ids.shape[1] > self.config.max_tokens:
-            raise ValueError(
-                f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
-                f"{self.config.max_tokens} (max_position_embeddings="
-                f"{self.config.max_position_embeddings}); tokenize with truncation"
-            )
-        num_layers = len(self.layers) if num_layers is None else num_layers
-        if not 0 <= num_layers <= len(self.layers):
-            raise ValueError(f"num_layers={num_layers} outside [0, {len(self.layers)}]")
+        num_layers = self._blocks(input_ids, num_layers)
         B, L = input_ids.shape
         real = attention_mask.bool()
         causal = not self.bidirectional
@@ -504,15 +481,7 @@ class LlamaEncoder(nn.Module):
         # so the side does not change the states at real tokens beyond rounding.
         positions = torch.arange(L, device=input_ids.device).expand(B, L)  # [B, L]
         # As in model.bert: masks only where needed, packing unless compiled.
-        compiling = torch.compiler.is_compiling()
-        if compiling:
-            packing, padded = None, True
-        else:
-            if packing is None and self.unpadded:
-                packing = Packing.from_mask(real)
-            padded = packing.has_padding if packing is not None else not bool(real.all())
-            if not (self.unpadded and padded):
-                packing = None
+        packing, padded = self._path(real, packing)
         if packing is not None:
             input_ids, positions = packing.pack(input_ids), packing.pack(positions)  # [T] each
         x = self.embeddings(input_ids)  # [B, L, H] or [T, H]

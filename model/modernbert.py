@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from biencoder.model import attention as kernels
-from biencoder.model.bert import ACTIVATIONS, Packing
+from biencoder.model.bert import ACTIVATIONS, Packing, TokenEncoder
 from biencoder.model.config import SUPPORTED_ACTIVATIONS, read_config_json
 
 _GLOBAL, _LOCAL = "full_attention", "sliding_attention"
@@ -291,7 +291,7 @@ class Layer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class ModernBertEncoder(nn.Module):
+class ModernBertEncoder(TokenEncoder):
     """Token ids -> contextual token states, optionally stopping at an intermediate layer.
 
     The interface of ``model.bert.Encoder``: the same ``forward`` arguments and result,
@@ -305,9 +305,6 @@ class ModernBertEncoder(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
-        self.gradient_checkpointing = False
-        self.unpadded = True
-        self.attention = "auto"
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -329,18 +326,6 @@ class ModernBertEncoder(nn.Module):
             if getattr(weights, "bias", None) is not None:
                 nn.init.zeros_(weights.bias)
 
-    def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> None:
-        """Change the dropout rates for training; None keeps the checkpoint's. ``hidden``
-        is every dropout on states (embeddings, attention and MLP outputs), ``attention``
-        the one on attention probabilities."""
-        if hidden is not None:
-            for module in self.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = hidden
-        if attention is not None:
-            for layer in self.layers:
-                layer.attn.attn_dropout = attention
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -358,15 +343,7 @@ class ModernBertEncoder(nn.Module):
         ``model.bert.Encoder``'s interface and ignored. States at padded positions mean
         nothing; ``packing`` is as for ``model.bert.Encoder``.
         """
-        if input_ids.shape[1] > self.config.max_tokens:
-            raise ValueError(
-                f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
-                f"{self.config.max_tokens} (max_position_embeddings="
-                f"{self.config.max_position_embeddings}); tokenize with truncation"
-            )
-        num_layers = len(self.layers) if num_layers is None else num_layers
-        if not 0 <= num_layers <= len(self.layers):
-            raise ValueError(f"num_layers={num_layers} outside [0, {len(self.layers)}]")
+        num_layers = self._blocks(input_ids, num_layers)
         B, L = input_ids.shape
         real = attention_mask.bool()
         # From the left edge of the padded batch, whatever the padding side, as in
@@ -374,15 +351,7 @@ class ModernBertEncoder(nn.Module):
         # change the states beyond rounding.
         positions = torch.arange(L, device=input_ids.device).expand(B, L)  # [B, L]
         # As in model.bert: masks only where there is padding, packing unless compiled.
-        compiling = torch.compiler.is_compiling()
-        if compiling:
-            packing, padded = None, True
-        else:
-            if packing is None and self.unpadded:
-                packing = Packing.from_mask(real)
-            padded = packing.has_padding if packing is not None else not bool(real.all())
-            if not (self.unpadded and padded):
-                packing = None
+        packing, padded = self._path(real, packing)
         keys = real[:, None, None, :] if padded else None  # [B, 1, 1, L]
         if packing is not None:
             input_ids, positions = packing.pack(input_ids), packing.pack(positions)  # [T] each
