@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tolerances import assert_close
 from torch import nn
 from transformers import (
     AutoModel,
@@ -300,17 +301,6 @@ def tokenize(model: BiEncoder, side: str) -> dict[str, torch.Tensor]:
     lengths = batch["attention_mask"].sum(1).tolist()
     assert len(set(lengths)) == len(TEXTS) and max(lengths) == MAX_POSITIONS
     return {k: batch[k] for k in ("input_ids", "attention_mask")}
-
-
-def assert_close(actual, expected, tolerance: float, msg: str | None = None) -> None:
-    """Every element within ``tolerance * max|expected|`` of ``expected``."""
-    torch.testing.assert_close(
-        actual,
-        expected,
-        rtol=0,
-        atol=tolerance * expected.abs().max().item(),
-        msg=None if msg is None else lambda generated: f"{msg}: {generated}",
-    )
 
 
 def last_real(mask: torch.Tensor) -> torch.Tensor:

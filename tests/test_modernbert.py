@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from tokenizers import pre_tokenizers
+from tolerances import assert_close
 from torch import nn
 from transformers import (
     AutoModel,
@@ -178,17 +179,6 @@ def tokenize(folder: Path, side: str) -> dict[str, torch.Tensor]:
     assert len(set(lengths)) == len(TEXTS) and max(lengths) == limit
     assert min(lengths) > config["local_attention"] + 1  # the windows cut every text
     return dict(batch)
-
-
-def assert_close(actual, expected, tolerance: float, msg: str | None = None) -> None:
-    """Every element within ``tolerance * max|expected|`` of ``expected``."""
-    torch.testing.assert_close(
-        actual,
-        expected,
-        rtol=0,
-        atol=tolerance * expected.abs().max().item(),
-        msg=None if msg is None else lambda generated: f"{msg}: {generated}",
-    )
 
 
 @DTYPES

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from tokenizers import pre_tokenizers
+from tolerances import assert_close
 from transformers import (
     AutoModel,
     AutoModelForMaskedLM,
@@ -147,17 +148,6 @@ def tokenize(folder: Path, side: str) -> dict[str, torch.Tensor]:
     lengths = batch["attention_mask"].sum(1).tolist()
     assert len(set(lengths)) == len(TEXTS) and max(lengths) == limit
     return dict(batch)
-
-
-def assert_close(actual, expected, tolerance: float, msg: str | None = None) -> None:
-    """Every element within ``tolerance * max|expected|`` of ``expected``."""
-    torch.testing.assert_close(
-        actual,
-        expected,
-        rtol=0,
-        atol=tolerance * expected.abs().max().item(),
-        msg=None if msg is None else lambda generated: f"{msg}: {generated}",
-    )
 
 
 def compared(states: torch.Tensor, mask: torch.Tensor, unpadded: bool) -> torch.Tensor:

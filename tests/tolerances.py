@@ -22,6 +22,19 @@ def summation_tolerance(terms: int, dtype: torch.dtype = torch.float32) -> float
     return 2 * math.sqrt(terms) * torch.finfo(dtype).eps
 
 
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, tolerance: float, msg: str | None = None
+) -> None:
+    """Every element within ``tolerance * max|expected|`` of ``expected``."""
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=0,
+        atol=tolerance * expected.abs().max().item(),
+        msg=None if msg is None else lambda generated: f"{msg}: {generated}",
+    )
+
+
 def assert_close_to_scale(
     actual: torch.Tensor, expected: torch.Tensor, *, terms: int, msg: str | None = None
 ) -> None:
@@ -31,14 +44,7 @@ def assert_close_to_scale(
     ``terms`` is the longest sum behind each value (an encoder's ``intermediate_size``);
     ``max|expected|`` stands for the size of its terms.
     """
-    atol = summation_tolerance(terms, expected.dtype) * expected.abs().max().item()
-    torch.testing.assert_close(
-        actual,
-        expected,
-        rtol=0,
-        atol=atol,
-        msg=None if msg is None else lambda generated: f"{msg}: {generated}",
-    )
+    assert_close(actual, expected, summation_tolerance(terms, expected.dtype), msg)
 
 
 def assert_same_neighbours(scores, ids, ref_scores, ref_ids, tol: float) -> None:
