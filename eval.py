@@ -66,7 +66,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     torch.manual_seed(cfg.seed)
-    model = build(cfg.model, "model").to(device)
+    model = build(cfg.model, "model", _convert_="object").to(device)
     log.info(
         "model %s: %s pooling, dim %d, max %d tokens, on %s",
         cfg.model.path,

@@ -55,6 +55,7 @@ from biencoder.data.training_sets import (
 from biencoder.evaluation.config import EvalConfig
 from biencoder.evaluation.scoring import STORE_FOLDER, evaluate
 from biencoder.model.biencoder import BiEncoder
+from biencoder.model.lora import ADAPTER_DIR, load_adapter_state
 from biencoder.retrieval.store import Sharding
 from biencoder.runtime import lock
 from biencoder.runtime.device import resolve_device
@@ -368,7 +369,14 @@ def run_training(
     seed_everything(cfg.seed, trainer.deterministic)
 
     resume_from = resume_checkpoint(trainer.resume, checkpoints)
-    model = BiEncoder.from_pretrained(resume_from) if resume_from else build(cfg.model, "model")
+    if resume_from is not None and not (resume_from / ADAPTER_DIR).is_dir():
+        model = BiEncoder.from_pretrained(resume_from)
+    else:
+        model = build(cfg.model, "model", _convert_="object")
+        if resume_from is not None:
+            # A LoRA run's checkpoint is merged; it resumes on its base, whose frozen
+            # weights are the run's model.path, with its adapters and heads put back.
+            load_adapter_state(model, resume_from)
     model.to(device).train()
     task.to(device)
     for tower in {id(t): t for t in (model.query_tower, model.tower("doc"))}.values():

@@ -153,11 +153,17 @@ class SelfAttention(nn.Module):
         attention ``kernel`` computes (one of ``model.attention.CHOICES``)."""
         H = x.shape[-1]
         A = self.num_heads
-        # One GEMM of width 3H instead of three of width H: the checkpoint keeps three
-        # matrices, and concatenating them costs 3H² copies against T·3H² multiply-adds.
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(x, weight, bias)  # [B, L, 3H] or [T, 3H]
+        projections = (self.query, self.key, self.value)
+        if all(type(p) is nn.Linear for p in projections):
+            # One GEMM of width 3H instead of three of width H: the checkpoint keeps three
+            # matrices, and concatenating them costs 3H² copies against T·3H² multiply-adds.
+            weight = torch.cat([p.weight for p in projections])
+            bias = torch.cat([p.bias for p in projections])
+            qkv = F.linear(x, weight, bias)  # [B, L, 3H] or [T, 3H]
+        else:
+            # An adapted projection (LoRA) adds its own term in its forward, which reading
+            # its base weight would skip.
+            qkv = torch.cat([p(x) for p in projections], dim=-1)
         dropout = self.attn_dropout if self.training else 0.0
         if packing is not None:
             y = kernels.attend(kernel, qkv.view(-1, 3, A, H // A), packing, dropout)  # [T, A, Dh]

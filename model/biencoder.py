@@ -33,6 +33,13 @@ from biencoder.model.attention import CHOICES as ATTENTION_CHOICES
 from biencoder.model.backbone import AnyEncoder, build_encoder, read_config
 from biencoder.model.bert import Packing
 from biencoder.model.llama import DECODER_TYPES, DecoderConfig, LlamaEncoder
+from biencoder.model.lora import (
+    NO_LORA,
+    LoraSettings,
+    add_lora,
+    merged,
+    save_adapter_state,
+)
 from biencoder.model.pooling import POOLING_HEADS, AttentionPooling, build_pooling
 from biencoder.model.weights import find_weights, load_hf_weights, read_state_dict, save_hf_weights
 from biencoder.runtime.device import bf16_supported
@@ -159,6 +166,8 @@ class BiEncoder(nn.Module):
         # encode's precision when a call names none: evaluation code calls encode in many
         # places, and an entry point sets this once instead of passing it to each.
         self.precision: Precision = "fp32"
+        # The adapters' settings where from_pretrained put LoRA on the encoders.
+        self.lora: LoraSettings | None = None
 
     # ----------------------------------------------------------------------------- loading
 
@@ -177,6 +186,7 @@ class BiEncoder(nn.Module):
         num_layers: int | None = None,
         bidirectional: bool | None = None,
         attention: str = "auto",
+        lora: LoraSettings = NO_LORA,
         device: str | torch.device | None = None,
     ) -> BiEncoder:
         """Load a folder written by ``save_pretrained``, by sentence-transformers, or a
@@ -189,6 +199,8 @@ class BiEncoder(nn.Module):
         tokenizer that ends each text with its end-of-sequence token, where it did not.
         ``attention`` picks the kernel of the encoders' attention over packed tokens
         (:meth:`set_attention`); it changes speed, not the embeddings, and is not saved.
+        ``lora`` with ``r > 0`` puts LoRA adapters on each encoder and freezes the rest of it
+        (``model.lora``); ``save_pretrained`` then writes the merged model and the adapters.
         Like ``transformers``, the model comes back in eval mode: call ``.train()`` to
         enable dropout."""
         check_load_arguments(pooling, projection_dim, max_length, num_layers, attention)
@@ -240,15 +252,23 @@ class BiEncoder(nn.Module):
                 doc_tower = _load_tower(doc_path, config, load_heads=heads_match)
             else:
                 doc_tower = copy.deepcopy(query_tower)
+        if lora.enabled:
+            for tower in (query_tower, doc_tower):
+                if tower is not None:
+                    add_lora(tower.encoder, lora)
+        # eval() after the adapters, whose dropout layers are made in training mode.
         model = cls(config, query_tower, tokenizer, doc_tower).eval()
         model.set_attention(attention)
+        model.lora = lora if lora.enabled else None
         return model.to(device) if device is not None else model
 
     # ------------------------------------------------------------------------------ saving
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a folder that ``BiEncoder.from_pretrained`` and
-        ``sentence_transformers.SentenceTransformer`` both load to the same embeddings."""
+        ``sentence_transformers.SentenceTransformer`` both load to the same embeddings.
+        A model with LoRA adapters is saved merged, plus its adapters and heads in
+        ``adapter/`` (``model.lora.load_adapter_state`` reads them back)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         # A tower pooled from an intermediate layer is saved cut at that layer, so the
@@ -256,14 +276,17 @@ class BiEncoder(nn.Module):
         config = dataclasses.replace(self.config, num_layers=None)
         (path / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
         self.tokenizer.save_pretrained(str(path))
-        _save_tower(self.query_tower, path, self.config)
+        adapted = self.lora is not None
+        _save_tower(self.query_tower, path, self.config, adapted)
         if self.doc_tower is not None:
-            _save_tower(self.doc_tower, path / DOC_TOWER_DIR, self.config)
+            _save_tower(self.doc_tower, path / DOC_TOWER_DIR, self.config, adapted)
             log.warning(
                 "%s: separate towers; sentence-transformers will load the query tower "
                 "only; use BiEncoder.from_pretrained for documents",
                 path,
             )
+        if self.lora is not None:
+            save_adapter_state(self, self.lora, path)
 
     # ---------------------------------------------------------------------------- encoding
 
@@ -691,13 +714,14 @@ def _load_tower(path: Path, config: BiEncoderConfig, load_heads: bool) -> Tower:
     return tower
 
 
-def _save_tower(tower: Tower, path: Path, config: BiEncoderConfig) -> None:
+def _save_tower(tower: Tower, path: Path, config: BiEncoderConfig, adapted: bool) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    encoder = tower.encoder
+    encoder = merged(tower.encoder) if adapted else tower.encoder
     if tower.num_layers is not None and tower.num_layers < len(encoder.layers):
         kept = dataclasses.replace(encoder.config, num_hidden_layers=tower.num_layers)
-        encoder = build_encoder(kept)
-        encoder.load_state_dict(tower.encoder.state_dict(), strict=False)
+        cut = build_encoder(kept)
+        cut.load_state_dict(encoder.state_dict(), strict=False)
+        encoder = cut
     (path / "config.json").write_text(json.dumps(encoder.config.to_hf_dict(), indent=2) + "\n")
     save_hf_weights(encoder, path / "model.safetensors", encoder.config.model_type)
     if config.bidirectional:

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from biencoder.data.training import Pair, Triplet
 from biencoder.model.biencoder import BiEncoder
+from biencoder.model.lora import LoraSettings
 from biencoder.training.distributed import Distributed
 from biencoder.training.infonce_task import InfoNCETask
 from biencoder.training.step import ColumnEncoder, train_step
@@ -86,8 +87,20 @@ CASES: dict[str, tuple[Callable[[], Task], list]] = {
 RELATIVE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def load(model_path: str, shared: bool = True, dtype: torch.dtype = torch.float32) -> BiEncoder:
-    model = BiEncoder.from_pretrained(model_path, shared=shared).to(dtype).train()
+def load(
+    model_path: str,
+    shared: bool = True,
+    dtype: torch.dtype = torch.float32,
+    lora: LoraSettings | None = None,
+) -> BiEncoder:
+    torch.manual_seed(0)  # the same adapters on every rank and in the reference
+    model = BiEncoder.from_pretrained(model_path, shared=shared, lora=lora or LoraSettings())
+    model = model.to(dtype).train()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # zero at the start, which would leave A without gradient
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.05)
     for tower in {id(t): t for t in (model.query_tower, model.tower("doc"))}.values():
         # Dropout masks depend on each rank's random stream, not on the batch.
         tower.encoder.set_dropout(0.0, 0.0)
@@ -162,6 +175,23 @@ def check_grad_cache(dist: Distributed, model_path: str, shared: bool) -> None:
         loss, grads = results[cache]
         assert abs(loss - plain_loss) <= RELATIVE[torch.float32] * abs(plain_loss), cache
         assert_same_gradients(grads, plain, f"GradCache chunk {cache}, shared={shared}", loss)
+
+
+def check_lora(dist: Distributed, model_path: str, shared: bool) -> None:
+    """With LoRA adapters on (frozen encoders, DDP over the adapters alone), one step on 2
+    ranks equals one process's, plain and with GradCache, one tower or two."""
+    make_task, examples = CASES["infonce-symmetric-learnable"]
+    lora = LoraSettings(r=4, alpha=8.0)
+    reference_model, reference_task = load(model_path, shared, lora=lora), make_task()
+    reference = train_step(reference_model, reference_task, reference_task.make_batch(examples))
+    expected = gradients(reference_model, reference_task)
+    assert all("lora_" in name or name.startswith("task.") for name in expected), expected.keys()
+    for cache in (None, 2):
+        model, task = load(model_path, shared, lora=lora), make_task()
+        loss = distributed_step(dist, model, task, examples, cache)
+        relative = RELATIVE[torch.float32]
+        assert abs(loss - reference.loss) <= relative * abs(reference.loss), cache
+        assert_same_gradients(gradients(model, task), expected, f"LoRA, GradCache {cache}", loss)
 
 
 def check_gathered_layout(dist: Distributed) -> None:

@@ -229,6 +229,14 @@ PROBES: dict[str, Run | Proven] = {
     # The probes' model is a BERT, which refuses it naming the file; tests/test_llama.py
     # shows what it changes in a decoder.
     "model.bidirectional": Run(("model.bidirectional=true",), "error", TRAIN),
+    # The checkpoint is the merged model: adapters of another rank, scale, dropout or
+    # placement leave other weights after the same two steps.
+    "model.lora.r": Run(("model.lora.r=4",), "weights", TRAIN),
+    "model.lora.alpha": Run(("model.lora.alpha=64",), "weights", (*TRAIN, "model.lora.r=4")),
+    "model.lora.dropout": Run(("model.lora.dropout=0.5",), "weights", (*TRAIN, "model.lora.r=4")),
+    "model.lora.target_modules": Run(
+        ("model.lora.target_modules=[query]",), "weights", (*TRAIN, "model.lora.r=4")
+    ),
     # --------------------------------------------------------------- evaluation
     "evaluation.batch_size": Run(("evaluation.batch_size=5",), "eval_forwards", FINAL),
     "evaluation.ks": Run(("evaluation.ks=[1,5]",), "metric_keys", FINAL),

@@ -101,6 +101,8 @@ def _field(annotation: Any, default: Any) -> tuple[Any, Any]:
         return annotation, dataclasses.field(default=MISSING)
     if isinstance(default, list | tuple):
         return annotation, dataclasses.field(default_factory=lambda: list(default))
+    if dataclasses.is_dataclass(default):
+        return annotation, dataclasses.field(default_factory=lambda: dataclasses.replace(default))
     return annotation, dataclasses.field(default=default)
 
 

@@ -286,6 +286,9 @@ class Trainer:
         self.tokenizer_lock = threading.Lock()
         self.best: dict[str, float] | None = None
         self.nonfinite_steps = 0
+        # Whether the model's size and the optimiser's state were reported (after the first
+        # update, which creates that state).
+        self.sized = False
         # The statistics' names, checked to be every rank's once, at the first step.
         self.stat_keys: list[str] | None = None
         # Each set's step losses since the last metrics line, for train/loss/<set>.
@@ -442,6 +445,8 @@ class Trainer:
             self._nonfinite(loss, report.grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.sized:
+            self.log_sizes()
         self.step += 1
         elapsed = time.perf_counter() - start
         examples_per_s = config.batch_size / elapsed
@@ -532,6 +537,35 @@ class Trainer:
         return f"The last good checkpoint is {found}."
 
     # -------------------------------------------------------------------- outputs
+
+    def log_sizes(self) -> None:
+        """Log and summarise the trainable and total parameter counts and the bytes the
+        optimiser keeps per trainable parameter (AdamW: two moments), what LoRA saves."""
+        self.sized = True
+        modules = (self.model, self.task)
+        total = sum(p.numel() for m in modules for p in m.parameters())
+        trainable = sum(p.numel() for p in self.params)
+        state = sum(
+            v.numel() * v.element_size()
+            for s in self.optimizer.state.values()
+            for v in s.values()
+            if isinstance(v, torch.Tensor)
+        )
+        log.info(
+            "trainable parameters: %d of %d (%.2f%%); optimizer state: %.1f MiB",
+            trainable,
+            total,
+            100 * trainable / total,
+            state / 2**20,
+        )
+        if self.logger is not None:
+            self.logger.summary(
+                {
+                    "model/parameters": total,
+                    "model/trainable_parameters": trainable,
+                    "train/optimizer_state_bytes": state,
+                }
+            )
 
     def log(self, metrics: dict[str, float]) -> None:
         if self.logger is not None:
