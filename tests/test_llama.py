@@ -8,8 +8,8 @@ head_dim that is not hidden_size / heads, RoPE bases, Llama 3's and linear frequ
 scaling, sliding windows shorter than the texts (Mistral's on every layer, Qwen2's from
 its second), biases (Qwen2's on q/k/v, Llama's and Qwen3's everywhere), Qwen3's q/k norms,
 tied and untied embeddings, causal-LM checkpoints (weights under "model.", lm_head beside
-them) next to bare ones. The byte-level BPE tokenizer is built here (no merges: one token
-per byte), a Llama-like one adding BOS and a Qwen-like one adding nothing.
+them) next to bare ones. The byte-level BPE tokenizer (tests/parity.py; no merges: one
+token per byte) comes as a Llama-like one adding BOS and a Qwen-like one adding nothing.
 
 Bidirectional attention is checked against transformers given a 4D mask of our own, which
 it applies instead of its causal one (test_a_4d_mask_replaces_the_causal_one shows it does).
@@ -24,11 +24,20 @@ import copy
 import json
 from pathlib import Path
 
+import parity
 import pytest
 import torch
+from parity import (
+    DTYPES,
+    PATHS,
+    SIDES,
+    assert_checkpointing_keeps_gradients,
+    assert_equal_states,
+    assert_sentence_transformers_round_trip,
+    decoder_byte_tokenizer,
+    save_random_checkpoint,
+)
 from safetensors.torch import load_file
-from sentence_transformers import SentenceTransformer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tolerances import assert_close
 from torch import nn
 from transformers import (
@@ -36,7 +45,6 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
@@ -156,49 +164,13 @@ TEXTS = [
     "Grüße aus Köln, am Rhein.",
     "A longer passage, which is cut where the positions end. " * 2,
 ]
-# (dtype, tolerance relative to the largest expected magnitude), as in test_roberta.
-DTYPES = pytest.mark.parametrize(
-    ("dtype", "tolerance"), [(torch.float64, 1e-13), (torch.float32, 1e-5)], ids=["fp64", "fp32"]
-)
-PATHS = pytest.mark.parametrize("unpadded", [True, False], ids=["unpadded", "padded"])
-SIDES = pytest.mark.parametrize("side", ["right", "left"])
 MODES = pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
-
-
-def byte_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer over the 256 byte symbols, <s> <\\s> <pad> <unk> at 0-3:
-    Llama's adds <s> in front of each text, Qwen's adds nothing; neither ends it."""
-    tokens = ["<s>", "</s>", "<pad>", "<unk>", *sorted(pre_tokenizers.ByteLevel.alphabet())]
-    backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    if adds_bos:
-        backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
-        )
-    else:
-        backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-
-
-def randomize(model: nn.Module) -> None:
-    """Every parameter drawn at a scale where attention is far from uniform and norms have
-    gains, so that a wrong position, window or norm moves the states by their own size."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(mean=1.0 if "norm.weight" in name else 0.0, std=0.2)
 
 
 def save_checkpoint(case: str, folder: Path) -> Path:
     """An HF folder as transformers writes it: config.json, weights, tokenizer."""
     family, model_class, adds_bos, fields = CASES[case]
-    tokenizer = byte_tokenizer(adds_bos)
+    tokenizer = decoder_byte_tokenizer(adds_bos)
     config = FAMILIES[family][0](
         vocab_size=len(tokenizer),
         bos_token_id=0,
@@ -206,12 +178,7 @@ def save_checkpoint(case: str, folder: Path) -> Path:
         max_position_embeddings=MAX_POSITIONS,
         **fields,
     )
-    torch.manual_seed(0)
-    model = model_class.from_config(config)
-    randomize(model)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_random_checkpoint(model_class, config, tokenizer, folder)
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -286,8 +253,7 @@ def given_masks(model: nn.Module, mask: torch.Tensor, dtype: torch.dtype, causal
 def encoder_of(
     model: BiEncoder, dtype: torch.dtype, unpadded: bool, bidirectional: bool = False
 ) -> LlamaEncoder:
-    encoder = copy.deepcopy(model.query_tower.encoder).to(dtype)
-    encoder.unpadded = unpadded
+    encoder = parity.encoder_of(model, dtype, unpadded)
     encoder.bidirectional = bidirectional
     return encoder
 
@@ -478,18 +444,7 @@ def test_the_checkpoint_loads_whatever_its_wrapper(checkpoint, loaded):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(loaded, seed):
-    encoder = copy.deepcopy(loaded.query_tower.encoder).train()
-    ids = torch.randint(5, 100, (3, 12))
-    mask = torch.tensor([[1] * 12, [1] * 9 + [0] * 3, [1] * 7 + [0] * 5])
-
-    def grads(checkpointing: bool) -> list[torch.Tensor]:
-        encoder.zero_grad()
-        encoder.gradient_checkpointing = checkpointing
-        (encoder(ids, mask) ** 2).sum().backward()
-        return [p.grad.clone() for p in encoder.parameters()]
-
-    for plain, checkpointed in zip(grads(False), grads(True), strict=True):
-        torch.testing.assert_close(plain, checkpointed, rtol=0, atol=0)
+    assert_checkpointing_keeps_gradients(loaded.query_tower.encoder)
 
 
 def test_the_nested_kernel(loaded):
@@ -527,13 +482,7 @@ def test_save_loads_back_in_transformers_with_equal_states(checkpoint, loaded, t
     for field in (*fields, "tie_word_embeddings", "attention_bias", "mlp_bias", "layer_types"):
         assert getattr(reloaded.config, field, None) == getattr(theirs.config, field, None), field
     for side in ("right", "left"):
-        batch = tokenize(loaded, side)
-        with torch.no_grad():
-            actual = reloaded(**batch, output_hidden_states=True).hidden_states
-            expected = theirs(**batch, output_hidden_states=True).hidden_states
-        # The same weights through the same code.
-        for k, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            torch.testing.assert_close(a, e, rtol=0, atol=0, msg=f"layer {k}")
+        assert_equal_states(reloaded, theirs, tokenize(loaded, side))
 
 
 @pytest.mark.parametrize(
@@ -549,15 +498,10 @@ def test_save_loads_in_sentence_transformers_to_the_same_embeddings(
     checkpoint, tmp_path, seed, options
 ):
     model = BiEncoder.from_pretrained(checkpoint, **options)
-    expected = model.encode(TEXTS, kind="doc")
-    model.save_pretrained(tmp_path)
-    st = SentenceTransformer(str(tmp_path), device="cpu")
-    assert type(st[0].auto_model).__name__ == json.loads((checkpoint / "config.json").read_text())[
-        "architectures"
-    ][0].replace("ForCausalLM", "Model")
-    actual = torch.as_tensor(st.encode(TEXTS, convert_to_numpy=True))
-    assert_close(actual, expected, tolerance=1e-5)
-    assert torch.equal(BiEncoder.from_pretrained(tmp_path).encode(TEXTS, kind="doc"), expected)
+    architecture = json.loads((checkpoint / "config.json").read_text())["architectures"][0]
+    assert_sentence_transformers_round_trip(
+        model, tmp_path, TEXTS, (architecture.replace("ForCausalLM", "Model"),)
+    )
 
 
 def test_bidirectional_is_saved_and_changes_the_embeddings(checkpoint, tmp_path):

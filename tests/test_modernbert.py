@@ -4,8 +4,8 @@ execution paths and both padding sides; and a saved bi-encoder's folder in
 transformers.AutoModel and sentence-transformers.
 
 The checkpoints are random and tiny, with global and local layers, a local window shorter
-than the texts, and a byte-level BPE tokenizer built here (no merges: one token per byte)
-that pads with the config's pad_token_id.
+than the texts, and a byte-level BPE tokenizer (tests/parity.py; no merges: one token per
+byte) that pads with the config's pad_token_id.
 
 Float32 runs against transformers as it is. In float64, transformers still rotates queries
 and keys and takes the softmax in float32, which would leave float64 as blind as float32;
@@ -18,23 +18,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import (
+    DTYPES,
+    PATHS,
+    SIDES,
+    assert_checkpointing_keeps_gradients,
+    assert_equal_states,
+    assert_sentence_transformers_round_trip,
+    encoder_of,
+    roberta_byte_tokenizer,
+    save_random_checkpoint,
+)
 from safetensors.torch import load_file
-from sentence_transformers import SentenceTransformer
-from tokenizers import pre_tokenizers
 from tolerances import assert_close
 from torch import nn
-from transformers import (
-    AutoModel,
-    AutoModelForMaskedLM,
-    AutoTokenizer,
-    ModernBertConfig,
-    RobertaTokenizer,
-)
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, ModernBertConfig
 from transformers.models.modernbert import modeling_modernbert as hf_modernbert
 
 from biencoder.model.backbone import read_config
 from biencoder.model.biencoder import BiEncoder
-from biencoder.model.modernbert import ModernBertEncoder, ModernBertEncoderConfig
+from biencoder.model.modernbert import ModernBertEncoderConfig
 from biencoder.model.weights import ours_to_hf
 
 # Odd widths (head sizes 16 and 10: RoPE needs an even one), global layers every 3 and
@@ -85,41 +88,15 @@ TEXTS = [
     "Grüße aus Köln, am Rhein.",
     "A longer passage, which is cut where the positions end. " * 2,
 ]
-# (dtype, tolerance relative to the largest expected magnitude), as in test_roberta.
-DTYPES = pytest.mark.parametrize(
-    ("dtype", "tolerance"), [(torch.float64, 1e-13), (torch.float32, 1e-5)], ids=["fp64", "fp32"]
-)
-PATHS = pytest.mark.parametrize("unpadded", [True, False], ids=["unpadded", "padded"])
-SIDES = pytest.mark.parametrize("side", ["right", "left"])
-
-
-def byte_tokenizer(pad_token_id: int) -> RobertaTokenizer:
-    """A byte-level BPE tokenizer over the 256 byte symbols, with <pad> at ``pad_token_id``."""
-    tokens = ["<s>", "</s>", "<unk>", "<mask>", *sorted(pre_tokenizers.ByteLevel.alphabet())]
-    tokens.insert(pad_token_id, "<pad>")
-    return RobertaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
-
-
-def randomize(model: nn.Module) -> None:
-    """Every parameter drawn at a scale where attention is far from uniform and layer norms
-    have gains, so that a wrong position, window or norm moves the states by their own size."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(mean=1.0 if "norm.weight" in name else 0.0, std=0.2)
 
 
 def save_checkpoint(case: str, folder: Path) -> Path:
     """An HF folder as transformers writes it: config.json, weights, tokenizer."""
     model_class, fields = CASES[case]
-    tokenizer = byte_tokenizer(fields["pad_token_id"])
+    tokenizer = roberta_byte_tokenizer(fields["pad_token_id"])
     ids = dict(bos_token_id=0, cls_token_id=0, eos_token_id=1, sep_token_id=1)
     config = ModernBertConfig(vocab_size=len(tokenizer), **ids, **fields)
-    torch.manual_seed(0)
-    model = model_class.from_config(config)
-    randomize(model)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_random_checkpoint(model_class, config, tokenizer, folder)
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -160,12 +137,6 @@ def reference(monkeypatch):
         return model.eval().to(dtype)
 
     return load
-
-
-def encoder_of(model: BiEncoder, dtype: torch.dtype, unpadded: bool) -> ModernBertEncoder:
-    encoder = copy.deepcopy(model.query_tower.encoder).to(dtype)
-    encoder.unpadded = unpadded
-    return encoder
 
 
 def tokenize(folder: Path, side: str) -> dict[str, torch.Tensor]:
@@ -304,18 +275,7 @@ def test_the_task_model_checkpoint_is_prefixed_and_loads(checkpoint, loaded):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(loaded, seed):
-    encoder = copy.deepcopy(loaded.query_tower.encoder).train()
-    ids = torch.randint(5, 100, (3, 12))
-    mask = torch.tensor([[1] * 12, [1] * 9 + [0] * 3, [1] * 7 + [0] * 5])
-
-    def grads(checkpointing: bool) -> list[torch.Tensor]:
-        encoder.zero_grad()
-        encoder.gradient_checkpointing = checkpointing
-        (encoder(ids, mask) ** 2).sum().backward()
-        return [p.grad.clone() for p in encoder.parameters()]
-
-    for plain, checkpointed in zip(grads(False), grads(True), strict=True):
-        torch.testing.assert_close(plain, checkpointed, rtol=0, atol=0)
+    assert_checkpointing_keeps_gradients(loaded.query_tower.encoder)
 
 
 def test_the_nested_kernel_refuses_the_local_layers(loaded):
@@ -335,13 +295,7 @@ def test_save_loads_back_in_transformers_with_equal_states(checkpoint, loaded, t
     for field in ("layer_types", "rope_parameters", "local_attention", "norm_eps", "norm_bias"):
         assert getattr(reloaded.config, field) == getattr(theirs.config, field), field
     for side in ("right", "left"):
-        batch = tokenize(checkpoint, side)
-        with torch.no_grad():
-            actual = reloaded(**batch, output_hidden_states=True).hidden_states
-            expected = theirs(**batch, output_hidden_states=True).hidden_states
-        # The same weights through the same code.
-        for k, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            torch.testing.assert_close(a, e, rtol=0, atol=0, msg=f"layer {k}")
+        assert_equal_states(reloaded, theirs, tokenize(checkpoint, side))
 
 
 @pytest.mark.parametrize(
@@ -353,10 +307,4 @@ def test_save_loads_in_sentence_transformers_to_the_same_embeddings(
     checkpoint, tmp_path, seed, options
 ):
     model = BiEncoder.from_pretrained(checkpoint, **options)
-    expected = model.encode(TEXTS, kind="doc")
-    model.save_pretrained(tmp_path)
-    st = SentenceTransformer(str(tmp_path), device="cpu")
-    assert type(st[0].auto_model).__name__ == "ModernBertModel"
-    actual = torch.as_tensor(st.encode(TEXTS, convert_to_numpy=True))
-    assert_close(actual, expected, tolerance=1e-5)
-    assert torch.equal(BiEncoder.from_pretrained(tmp_path).encode(TEXTS, kind="doc"), expected)
+    assert_sentence_transformers_round_trip(model, tmp_path, TEXTS, ("ModernBertModel",))

@@ -3,7 +3,7 @@ XLMRobertaModel: every layer's states, the pooled embedding and the parameter gr
 both execution paths and both padding sides; and a saved bi-encoder's folder in
 transformers.AutoModel and sentence-transformers.
 
-The checkpoints are random and tiny, with a byte-level BPE tokenizer built here (no
+The checkpoints are random and tiny, with a byte-level BPE tokenizer (tests/parity.py; no
 merges: one token per byte), so that the tokenizer pads with the config's pad_token_id
 wherever that is, as a real RoBERTa tokenizer does with id 1.
 """
@@ -14,16 +14,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import (
+    DTYPES,
+    PATHS,
+    SIDES,
+    assert_equal_states,
+    assert_sentence_transformers_round_trip,
+    encoder_of,
+    roberta_byte_tokenizer,
+    save_random_checkpoint,
+)
 from safetensors.torch import load_file
-from sentence_transformers import SentenceTransformer
-from tokenizers import pre_tokenizers
 from tolerances import assert_close
 from transformers import (
     AutoModel,
     AutoModelForMaskedLM,
     AutoTokenizer,
     RobertaConfig,
-    RobertaTokenizer,
     XLMRobertaConfig,
 )
 
@@ -73,49 +80,20 @@ TEXTS = [
     "Grüße aus Köln.",
     "A longer passage, which is cut where the positions end. " * 2,
 ]
-# (dtype, tolerance relative to the largest expected magnitude). Measured here: states
-# within 4 eps of transformers', gradients within 38 eps (those of the attention weights,
-# whose terms cancel most). Float64 shows what float32 rounding would hide (see
-# test_encoder); float32 is what runs.
-DTYPES = pytest.mark.parametrize(
-    ("dtype", "tolerance"), [(torch.float64, 1e-13), (torch.float32, 1e-5)], ids=["fp64", "fp32"]
-)
-PATHS = pytest.mark.parametrize("unpadded", [True, False], ids=["unpadded", "padded"])
-SIDES = pytest.mark.parametrize("side", ["right", "left"])
-
-
-def byte_tokenizer(pad_token_id: int) -> RobertaTokenizer:
-    """RoBERTa's tokenizer over the 256 byte symbols, with <pad> at ``pad_token_id``."""
-    tokens = ["<s>", "</s>", "<unk>", "<mask>", *sorted(pre_tokenizers.ByteLevel.alphabet())]
-    tokens.insert(pad_token_id, "<pad>")
-    return RobertaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
-
-
-def randomize(model: torch.nn.Module) -> None:
-    """Every parameter drawn at a scale where attention is far from uniform and layer norms
-    have gains and biases, so that a wrong position, token type or mask moves the states by
-    their own size, not by the 2 % of BERT's initialisation."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(mean=1.0 if "LayerNorm.weight" in name else 0.0, std=0.2)
 
 
 def save_checkpoint(case: str, folder: Path) -> Path:
     """An HF folder as transformers writes it: config.json, weights, tokenizer."""
     config_class, model_class, fields = CASES[case]
-    tokenizer = byte_tokenizer(fields["pad_token_id"])
+    tokenizer = roberta_byte_tokenizer(fields["pad_token_id"])
     config = config_class(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **fields,
     )
-    torch.manual_seed(0)
-    model = model_class.from_config(config)
-    randomize(model)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    # BERT's norms are called LayerNorm (lm_head's layer_norm stays at mean 0).
+    return save_random_checkpoint(model_class, config, tokenizer, folder, "LayerNorm.weight")
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -130,12 +108,6 @@ def loaded(checkpoint) -> BiEncoder:
 
 def reference(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModel.from_pretrained(folder).eval().to(dtype)
-
-
-def encoder_of(model: BiEncoder, dtype: torch.dtype, unpadded: bool) -> torch.nn.Module:
-    encoder = copy.deepcopy(model.query_tower.encoder).to(dtype)
-    encoder.unpadded = unpadded
-    return encoder
 
 
 def tokenize(folder: Path, side: str) -> dict[str, torch.Tensor]:
@@ -320,13 +292,7 @@ def test_save_loads_back_in_transformers_with_equal_states(checkpoint, loaded, t
     assert type(reloaded) is type(theirs)
     assert reloaded.config.architectures == [type(theirs).__name__]
     for side in ("right", "left"):
-        batch = tokenize(checkpoint, side)
-        with torch.no_grad():
-            actual = reloaded(**batch, output_hidden_states=True).hidden_states
-            expected = theirs(**batch, output_hidden_states=True).hidden_states
-        # The same weights through the same code.
-        for k, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            torch.testing.assert_close(a, e, rtol=0, atol=0, msg=f"layer {k}")
+        assert_equal_states(reloaded, theirs, tokenize(checkpoint, side))
 
 
 @pytest.mark.parametrize(
@@ -338,13 +304,9 @@ def test_save_loads_in_sentence_transformers_to_the_same_embeddings(
     checkpoint, tmp_path, seed, options
 ):
     model = BiEncoder.from_pretrained(checkpoint, **options)
-    expected = model.encode(TEXTS, kind="doc")
-    model.save_pretrained(tmp_path)
-    st = SentenceTransformer(str(tmp_path), device="cpu")
-    assert type(st[0].auto_model).__name__ in ("RobertaModel", "XLMRobertaModel")
-    actual = torch.as_tensor(st.encode(TEXTS, convert_to_numpy=True))
-    assert_close(actual, expected, tolerance=1e-5)
-    assert torch.equal(BiEncoder.from_pretrained(tmp_path).encode(TEXTS, kind="doc"), expected)
+    assert_sentence_transformers_round_trip(
+        model, tmp_path, TEXTS, ("RobertaModel", "XLMRobertaModel")
+    )
 
 
 def test_vocab_json_and_merges_without_tokenizer_json_load(tmp_path):
