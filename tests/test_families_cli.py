@@ -216,3 +216,20 @@ def test_each_option_is_typed_and_needs_a_path(option, tmp_path):
     assert dataclasses.is_dataclass(OmegaConf.get_type(cfg.model))
     with pytest.raises(MissingMandatoryValue, match=r"^Missing mandatory value: model\.path"):
         train_cli.train(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["roberta", "modernbert", "llama", "qwen3"])
+def test_a_lora_run_saves_a_merged_model_of_each_family(family, checkpoints, tmp_path, one_thread):
+    """LoRA on each family's block linears (ModernBERT's fused qkv and GeGLU, the decoders'
+    q/k/v/gate): the merged checkpoint loads in sentence-transformers with our
+    embeddings, its adapted weights moved and the frozen ones did not."""
+    folder = checkpoints(family)
+    last = trained(folder, tmp_path, f"model={FAMILIES[family][0]}", "model.lora.r=4")
+    assert (last / "adapter" / "adapter_model.safetensors").is_file()
+    model = assert_loads_alike(last, base_architecture(folder))
+    base = BiEncoder.from_pretrained(folder).query_tower.encoder.state_dict()
+    tuned = model.query_tower.encoder.state_dict()
+    assert base.keys() == tuned.keys()
+    for name in base:
+        linear = ".layers." in f".{name}" and name.endswith(".weight") and base[name].ndim == 2
+        assert torch.equal(base[name], tuned[name]) != linear, name
