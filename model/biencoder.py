@@ -191,11 +191,12 @@ class BiEncoder(nn.Module):
     ) -> BiEncoder:
         """Load a folder written by ``save_pretrained``, by sentence-transformers, or a
         plain HF BERT, RoBERTa, XLM-RoBERTa, ModernBERT, Llama, Mistral, Qwen2 or Qwen3
-        checkpoint. Arguments left as None come from the folder's own configuration
-        (``biencoder.json``, else sentence-transformers' module files, else mean pooling,
-        normalised); given ones override it. ``bidirectional=True`` lets a decoder's tokens
-        attend to later ones too (LLM2Vec, GritLM), which changes the embeddings and is
-        saved; encoders refuse the option. A decoder pooled with ``last_token`` gets a
+        checkpoint, or a Llama-architecture GGUF file (converted once, :func:`model_folder`).
+        Arguments left as None come from the folder's own configuration (``biencoder.json``,
+        else sentence-transformers' module files, else mean pooling, normalised); given ones
+        override it. ``bidirectional=True`` lets a decoder's tokens attend to later ones too
+        (LLM2Vec, GritLM), which changes the embeddings and is saved; encoders refuse the
+        option. A decoder pooled with ``last_token`` gets a
         tokenizer that ends each text with its end-of-sequence token, where it did not.
         ``attention`` picks the kernel of the encoders' attention over packed tokens
         (:meth:`set_attention`); it changes speed, not the embeddings, and is not saved.
@@ -204,7 +205,7 @@ class BiEncoder(nn.Module):
         Like ``transformers``, the model comes back in eval mode: call ``.train()`` to
         enable dropout."""
         check_load_arguments(pooling, projection_dim, max_length, num_layers, attention)
-        path = Path(path)
+        path = model_folder(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model folder {path} does not exist")
         saved = _read_saved_config(path)
@@ -492,11 +493,22 @@ def embedding_dim(path: str | Path, projection_dim: int | None = None) -> int:
     weights."""
     if projection_dim is not None:
         return projection_dim
-    path = Path(path)
+    path = model_folder(path)
     saved = _read_saved_config(path)
     if saved.projection_dim is not None:
         return saved.projection_dim
     return read_config(path / "config.json").hidden_size
+
+
+def model_folder(path: str | Path) -> Path:
+    """``path``, or for a GGUF file (llama.cpp's format) the Hugging Face folder it is
+    converted to, once, in a cache (``model.gguf``)."""
+    path = Path(path)
+    if path.suffix.lower() != ".gguf":
+        return path
+    from biencoder.model.gguf import folder_from_gguf  # transformers' GGUF reader: slow import
+
+    return folder_from_gguf(path)
 
 
 def check_load_arguments(

