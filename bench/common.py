@@ -98,6 +98,21 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
+def commit() -> str:
+    """The checked-out commit, marked when the tree differs from it: a record names the
+    code it measured."""
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return f"{head or 'unknown'}{' with uncommitted changes' if dirty else ''}"
+
+
 def report_header(title: str, device: str, load_at_start: float, notes: list[str]) -> list[str]:
     """The lines a results file starts with: what ran where, when, and how busy it was."""
     import torch
@@ -108,6 +123,7 @@ def report_header(title: str, device: str, load_at_start: float, notes: list[str
         "",
         f"- device: {device_name(device)}",
         f"- date: {datetime.date.today().isoformat()}",
+        f"- commit: {commit()}",
         f"- torch {torch.__version__}, triton {package_version('triton')}",
         f"- 1-minute load average at start: {load_at_start:.1f}",
         f"- command: `{command}`",
