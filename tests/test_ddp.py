@@ -55,7 +55,9 @@ def test_grad_cache_distributed_step_is_the_single_process_step(tiny_model_path,
     )
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["one-tower", "two-towers"])
+@pytest.mark.parametrize(
+    "shared", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["one-tower", "two-towers"]
+)
 def test_a_distributed_lora_step_is_the_single_process_step(shared, tiny_model_path, tmp_path):
     dist_worker.run_in_group(
         ddp_worker.check_lora, tiny_model_path, shared, rendezvous=tmp_path / "rv"

@@ -164,7 +164,14 @@ def base_architecture(folder: Path) -> str:
     return name.replace("ForMaskedLM", "Model").replace("ForCausalLM", "Model")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# One family per option in the default run; the others that share it are `slow`.
+OPTION_CASES = [
+    pytest.param(f, marks=pytest.mark.slow) if f in ("xlm-roberta", "mistral", "qwen2") else f
+    for f in FAMILIES
+]
+
+
+@pytest.mark.parametrize("family", OPTION_CASES)
 def test_the_family_option_trains_and_loads_in_sentence_transformers(
     family, checkpoints, tmp_path, one_thread
 ):

@@ -165,7 +165,8 @@ def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
 
 
-@pytest.mark.parametrize("mining", ["bm25", "dense"])
+# The dense case (20 s) is `slow`: the default run's time limit (README) leaves no room.
+@pytest.mark.parametrize("mining", ["bm25", pytest.param("dense", marks=pytest.mark.slow)])
 def test_resume_after_sigkill_equals_uninterrupted_run(mining, tiny_run, tmp_path):
     # With dense mining, a resumed run that mined again would mine with the checkpoint's
     # model and train on other negatives: it must reuse the run's hard_negatives.json.
