@@ -119,12 +119,15 @@ def assert_equal_states(
         torch.testing.assert_close(a, e, rtol=0, atol=0, msg=f"layer {k}")
 
 
-def assert_checkpointing_keeps_gradients(encoder: nn.Module) -> None:
-    """Gradient checkpointing gives ``encoder``'s (a copy's) gradients bitwise: it recomputes
-    the same forward."""
+def assert_checkpointing_keeps_gradients(
+    encoder: nn.Module, ids: torch.Tensor | None = None, mask: torch.Tensor | None = None
+) -> None:
+    """Gradient checkpointing gives ``encoder``'s (a copy's) gradients bitwise on ``ids`` and
+    ``mask`` (three ragged texts by default): it recomputes the same forward."""
     encoder = copy.deepcopy(encoder).train()
-    ids = torch.randint(5, 100, (3, 12))
-    mask = torch.tensor([[1] * 12, [1] * 9 + [0] * 3, [1] * 7 + [0] * 5])
+    if ids is None or mask is None:
+        ids = torch.randint(5, 100, (3, 12))
+        mask = torch.tensor([[1] * 12, [1] * 9 + [0] * 3, [1] * 7 + [0] * 5])
 
     def grads(checkpointing: bool) -> list[torch.Tensor]:
         encoder.zero_grad()
