@@ -113,14 +113,20 @@ def merged(module: nn.Module) -> nn.Module:
     return module
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_names(model: nn.Module) -> list[str]:
     """What training changes in a bi-encoder with adapters: the adapters and every
     parameter outside the encoders (pooling head, projection), by name."""
-    return {
-        name: p.detach().cpu().contiguous()
-        for name, p in model.named_parameters()
+    return [
+        name
+        for name, _ in model.named_parameters()
         if "lora_" in name or ".encoder." not in f".{name}"
-    }
+    ]
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`adapter_names`, on the CPU."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().cpu().contiguous() for name in adapter_names(model)}
 
 
 def save_adapter_state(model: nn.Module, settings: LoraSettings, path: Path) -> None:
@@ -147,7 +153,7 @@ def load_adapter_state(model: nn.Module, path: Path) -> None:
             f"{file} does not exist: {path} was not saved by a run with model.lora.r > 0"
         )
     saved = load_file(file)
-    expected = adapter_state(model)
+    expected = adapter_names(model)
     if set(saved) != set(expected):
         missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
         raise ValueError(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 from examples import SCORED
+from parity import perturb_adapters
 from torch.nn.parallel import DistributedDataParallel
 
 from biencoder.data.training import Pair, Triplet
@@ -96,11 +97,7 @@ def load(
     torch.manual_seed(0)  # the same adapters on every rank and in the reference
     model = BiEncoder.from_pretrained(model_path, shared=shared, lora=lora or LoraSettings())
     model = model.to(dtype).train()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # zero at the start, which would leave A without gradient
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.05)
+    perturb_adapters(model)
     for tower in {id(t): t for t in (model.query_tower, model.tower("doc"))}.values():
         # Dropout masks depend on each rank's random stream, not on the batch.
         tower.encoder.set_dropout(0.0, 0.0)

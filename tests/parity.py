@@ -152,3 +152,13 @@ def assert_sentence_transformers_round_trip(
     actual = torch.as_tensor(st.encode(texts, convert_to_numpy=True))
     assert_close(actual, expected, tolerance=EMBEDDING_TOLERANCE)
     assert torch.equal(BiEncoder.from_pretrained(folder).encode(texts, kind="doc"), expected)
+
+
+def perturb_adapters(model: nn.Module, std: float = 0.05) -> None:
+    """Give every LoRA ``B`` seeded random values: it starts at zero, which would hide every
+    mistake in how the update is applied and leave ``A`` without gradient."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)

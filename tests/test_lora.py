@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 from configs import compose_train
+from parity import perturb_adapters
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from tolerances import assert_close
@@ -51,15 +52,6 @@ def load(path: str, **lora) -> BiEncoder:
     torch.manual_seed(0)  # the projection's and the adapters' initial values
     settings = LoraSettings(**lora) if lora else LoraSettings()
     return BiEncoder.from_pretrained(path, projection_dim=8, lora=settings)
-
-
-def perturb_adapters(model: BiEncoder, std: float = 0.05) -> None:
-    """B starts at zero, which would hide every mistake in how the update is applied."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
 def embed(model, texts=TEXTS) -> torch.Tensor:

@@ -6,6 +6,7 @@ wheels (bench/README.md) so that this module runs there."""
 
 import pytest
 import torch
+from parity import perturb_adapters
 
 from biencoder.data.training import Triplet
 from biencoder.model.biencoder import BiEncoder
@@ -29,11 +30,7 @@ TRIPLETS = [
 def step(model_path: str, device: str, impl: str) -> tuple[float, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = BiEncoder.from_pretrained(model_path, lora=LoraSettings(r=8, alpha=16.0))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # zero at the start, which would leave A without gradient
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    perturb_adapters(model)
     model = model.to(device).train()
     model.query_tower.encoder.set_dropout(0.0, 0.0)
     task = InfoNCETask(temperature=0.05, impl=impl).to(device)
