@@ -24,10 +24,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from biencoder.model.attention import CHOICES as ATTENTION_CHOICES
 from biencoder.model.backbone import AnyEncoder, build_encoder, read_config
@@ -41,6 +40,7 @@ from biencoder.model.lora import (
     save_adapter_state,
 )
 from biencoder.model.pooling import POOLING_HEADS, AttentionPooling, build_pooling
+from biencoder.model.tokenizer import decoder_tokenizer, ends_with_eos, load_tokenizer
 from biencoder.model.weights import find_weights, load_hf_weights, read_state_dict, save_hf_weights
 from biencoder.runtime.device import bf16_supported
 
@@ -52,11 +52,6 @@ PRECISIONS = ("fp32", "bf16")
 CONFIG_NAME = "biencoder.json"
 DOC_TOWER_DIR = "doc_tower"
 POOLING_DIR, DENSE_DIR, NORMALIZE_DIR = "1_Pooling", "2_Dense", "3_Normalize"
-# A tokenizer's vocabulary is in one of these (vocab.txt: BERT's WordPiece; vocab.json:
-# RoBERTa's byte-level BPE, whose merges.txt transformers then requires); without any,
-# transformers builds a BERT tokenizer of the special tokens alone, which maps every word
-# to [UNK] without an error.
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
 # Texts are cut to max_length * MAX_CHARS_PER_TOKEN characters before tokenising, because
 # the tokenizer tokenises the whole string before truncating it to max_length tokens (a
 # 20 MB line took 3.4 GB). No WordPiece token is longer than 18 characters in BERT's
@@ -99,6 +94,9 @@ class BiEncoderConfig:
     num_layers: int | None = None  # pool this layer's output; None = the last layer
     # Decoders only: attend to later tokens too (LLM2Vec, GritLM); None = causal, as trained.
     bidirectional: bool | None = None
+    # Decoders only: end each text with the tokenizer's EOS; None = where pooling is
+    # last_token (E5-Mistral, Qwen3-Embedding). False pools the text's own last token.
+    append_eos: bool | None = None
 
 
 class Tower(nn.Module):
@@ -185,6 +183,7 @@ class BiEncoder(nn.Module):
         shared: bool | None = None,
         num_layers: int | None = None,
         bidirectional: bool | None = None,
+        append_eos: bool | None = None,
         attention: str = "auto",
         lora: LoraSettings = NO_LORA,
         device: str | torch.device | None = None,
@@ -197,7 +196,9 @@ class BiEncoder(nn.Module):
         override it. ``bidirectional=True`` lets a decoder's tokens attend to later ones too
         (LLM2Vec, GritLM), which changes the embeddings and is saved; encoders refuse the
         option. A decoder pooled with ``last_token`` gets a
-        tokenizer that ends each text with its end-of-sequence token, where it did not.
+        tokenizer that ends each text with its end-of-sequence token, where it did not;
+        ``append_eos`` says otherwise (False: the text's own last token is pooled; True: EOS
+        ends every text whatever the pooling); encoders refuse it.
         ``attention`` picks the kernel of the encoders' attention over packed tokens
         (:meth:`set_attention`); it changes speed, not the embeddings, and is not saved.
         ``lora`` with ``r > 0`` puts LoRA adapters on each encoder and freezes the rest of it
@@ -219,6 +220,7 @@ class BiEncoder(nn.Module):
             "shared": shared,
             "num_layers": num_layers,
             "bidirectional": bidirectional,
+            "append_eos": append_eos,
         }
         config = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
         encoder_config = read_config(path / "config.json")
@@ -228,6 +230,12 @@ class BiEncoder(nn.Module):
                 f"bidirectional: {path / 'config.json'} holds a "
                 f"{encoder_config.model_type!r} encoder, which attends both ways already; "
                 f"only decoders ({', '.join(DECODER_TYPES)}) take the option"
+            )
+        if config.append_eos is not None and not decoder:
+            raise ValueError(
+                f"append_eos: {path / 'config.json'} holds a {encoder_config.model_type!r} "
+                "encoder, whose tokenizer ends texts with its own special tokens; only "
+                f"decoders ({', '.join(DECODER_TYPES)}) take the option"
             )
         if config.max_length > encoder_config.max_tokens:
             raise ValueError(
@@ -239,9 +247,18 @@ class BiEncoder(nn.Module):
                 f"num_layers: {config.num_layers} is more than the model's "
                 f"{encoder_config.num_hidden_layers} layers"
             )
-        tokenizer = _load_tokenizer(path, encoder_config.vocab_size)
+        tokenizer = load_tokenizer(path, encoder_config.vocab_size)
         if decoder:
-            tokenizer = _decoder_tokenizer(tokenizer, path, config.pooling == "last_token")
+            append = config.append_eos
+            tokenizer = decoder_tokenizer(
+                tokenizer, path, config.pooling == "last_token" if append is None else append
+            )
+            if append is False and ends_with_eos(tokenizer):
+                raise ValueError(
+                    f"append_eos: false, but the tokenizer of {path} ends every text with "
+                    f"{tokenizer.eos_token!r} by itself; load the base model's tokenizer files "
+                    "into the folder, or leave append_eos unset"
+                )
         heads_match = (
             config.pooling == saved.pooling and config.projection_dim == saved.projection_dim
         )
@@ -579,121 +596,6 @@ def _read_saved_config(path: Path) -> BiEncoderConfig:
         config.query_prefix = saved_prompts.get("query", "")
         config.doc_prefix = saved_prompts.get("document", "")
     return config
-
-
-def _load_tokenizer(path: Path, vocab_size: int) -> PreTrainedTokenizerBase:
-    """The tokenizer of the model folder ``path``, refused where it cannot fit an embedding
-    matrix of ``vocab_size`` rows."""
-    found = [name for name in VOCABULARY_FILES if (path / name).is_file()]
-    if not found:
-        raise FileNotFoundError(
-            f"{path}: no tokenizer vocabulary; looked for {' or '.join(VOCABULARY_FILES)}. "
-            "Copy in the tokenizer files of the model this one was trained from"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    files = ", ".join(found)
-    if len(tokenizer) > vocab_size:
-        raise ValueError(
-            f"{path}: the tokenizer ({files}) has {len(tokenizer)} tokens but the embedding "
-            f"matrix has {vocab_size} rows (vocab_size in config.json): token ids would "
-            "index past it. Is the tokenizer from another model?"
-        )
-    # Unused embedding rows are harmless, but this many means the ids of one vocabulary
-    # select the rows of another.
-    if 2 * len(tokenizer) < vocab_size:
-        log.warning(
-            "%s: the tokenizer (%s) has %d tokens, under half the %d rows of the embedding "
-            "matrix (vocab_size in config.json); is the tokenizer from another model?",
-            path,
-            files,
-            len(tokenizer),
-            vocab_size,
-        )
-    return tokenizer
-
-
-def _decoder_tokenizer(
-    tokenizer: PreTrainedTokenizerBase, path: Path, append_eos: bool
-) -> PreTrainedTokenizerBase:
-    """A decoder's tokenizer made to batch and, where ``append_eos``, to end each text with
-    its end-of-sequence token: the token a last-token embedding is read from, which Llama's
-    tokenizers (BOS only) and Qwen's (nothing) do not add. Done in the tokenizer itself, so
-    that the folder ``save_pretrained`` writes tokenizes the same in sentence-transformers,
-    and truncation keeps the token."""
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        # Decoders are trained without padding; padded positions are masked, so any id does.
-        tokenizer.pad_token = tokenizer.eos_token
-    if not append_eos:
-        return tokenizer
-    eos = tokenizer.eos_token
-    if eos is None:
-        raise ValueError(
-            f"{path}: pooling 'last_token' on a decoder pools its end-of-sequence token, but "
-            "the tokenizer has none (eos_token in tokenizer_config.json)"
-        )
-    ids = tokenizer("a")["input_ids"]
-    if ids[-1] == tokenizer.eos_token_id:
-        return tokenizer
-    wanted = [*ids, tokenizer.eos_token_id]
-    if hasattr(tokenizer, "add_eos_token"):
-        # Llama's own switch, saved in tokenizer_config.json: transformers rebuilds the
-        # post-processor from it when the file sets it. It drops what the switches do not
-        # describe (Llama 3's BOS template), hence the check on a copy.
-        flagged = copy.deepcopy(tokenizer)
-        flagged.add_eos_token = True
-        if flagged("a")["input_ids"] == wanted:
-            return flagged
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        # Through the JSON: tokenizers' post-processors cannot be read from Python, and a
-        # second template after a first one does not append to its output.
-        state = json.loads(backend.to_str())
-        state["post_processor"] = _ending_with(state["post_processor"], eos, wanted[-1])
-        backend.post_processor = Tokenizer.from_str(json.dumps(state)).post_processor
-        if tokenizer("a")["input_ids"] == wanted:
-            return tokenizer
-    raise ValueError(
-        f"{path}: cannot make the tokenizer ({type(tokenizer).__name__}) end texts with "
-        f"{eos!r}, which pooling 'last_token' on a decoder reads the embedding from"
-    )
-
-
-def _ending_with(processor: dict | None, eos: str, eos_id: int) -> dict:
-    """The JSON of a tokenizers post-processor that does what ``processor`` does, then
-    appends ``eos`` to each sequence."""
-    tokens = {eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}
-
-    def end(type_id: int) -> dict:
-        return {"SpecialToken": {"id": eos, "type_id": type_id}}
-
-    if processor is not None and processor["type"] == "Sequence":
-        *kept, last = processor["processors"]
-        return {**processor, "processors": [*kept, *_flatten(_ending_with(last, eos, eos_id))]}
-    if processor is not None and processor["type"] == "TemplateProcessing":
-        return {
-            **processor,
-            "single": [*processor["single"], end(0)],
-            "pair": [*processor["pair"], end(1)],
-            "special_tokens": processor["special_tokens"] | tokens,
-        }
-    template = {
-        "type": "TemplateProcessing",
-        "single": [{"Sequence": {"id": "A", "type_id": 0}}, end(0)],
-        "pair": [
-            {"Sequence": {"id": "A", "type_id": 0}},
-            end(0),
-            {"Sequence": {"id": "B", "type_id": 1}},
-            end(1),
-        ],
-        "special_tokens": tokens,
-    }
-    return (
-        template if processor is None else {"type": "Sequence", "processors": [processor, template]}
-    )
-
-
-def _flatten(processor: dict) -> list[dict]:
-    return processor["processors"] if processor["type"] == "Sequence" else [processor]
 
 
 def _st_pooling_mode(pooling_config: Path) -> str:

@@ -229,6 +229,8 @@ PROBES: dict[str, Run | Proven] = {
     # The probes' model is a BERT, which refuses it naming the file; tests/test_llama.py
     # shows what it changes in a decoder.
     "model.bidirectional": Run(("model.bidirectional=true",), "error", TRAIN),
+    # Refused the same way; test_llama.py's append_eos tests show what it does to a decoder.
+    "model.append_eos": Run(("model.append_eos=true",), "error", TRAIN),
     # The checkpoint is the merged model: adapters of another rank, scale, dropout or
     # placement leave other weights after the same two steps.
     "model.lora.r": Run(("model.lora.r=4",), "weights", TRAIN),

@@ -520,3 +520,51 @@ def test_bidirectional_is_saved_and_changes_the_embeddings(checkpoint, tmp_path)
 def test_encoders_refuse_the_bidirectional_option(minilm_path):
     with pytest.raises(ValueError, match=r"^bidirectional: .*config.json holds a 'bert' encoder"):
         BiEncoder.from_pretrained(minilm_path, bidirectional=True)
+
+
+def test_append_eos_false_pools_the_texts_own_last_token(checkpoint, tmp_path):
+    model = BiEncoder.from_pretrained(
+        checkpoint, pooling="last_token", append_eos=False, max_length=MAX_POSITIONS
+    )
+    ids = model.token_ids(TEXTS, kind="doc")["input_ids"]
+    # The folder's own tokenization, untouched: what mean pooling (no EOS) gets.
+    plain = BiEncoder.from_pretrained(checkpoint, pooling="mean")
+    assert ids == plain.token_ids(TEXTS, kind="doc")["input_ids"]
+    assert all(row[-1] != model.tokenizer.eos_token_id for row in ids)
+    batch = tokenize(model, "right")
+    mask = batch["attention_mask"]
+    theirs = AutoModel.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    with torch.no_grad():
+        states = theirs(**batch).last_hidden_state[torch.arange(len(TEXTS)), last_real(mask)]
+    expected = nn.functional.normalize(states, dim=-1)
+    assert_close(model.encode(TEXTS, kind="doc"), expected, 1e-5)
+    with_eos = BiEncoder.from_pretrained(checkpoint, pooling="last_token")
+    assert (with_eos.encode(TEXTS) - model.encode(TEXTS)).abs().max() > 1e-3
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "biencoder.json").read_text())["append_eos"] is False
+    torch.testing.assert_close(
+        BiEncoder.from_pretrained(tmp_path).encode(TEXTS), model.encode(TEXTS)
+    )
+
+
+def test_append_eos_true_ends_texts_with_eos_under_any_pooling(checkpoint):
+    mean = BiEncoder.from_pretrained(checkpoint, pooling="mean")
+    model = BiEncoder.from_pretrained(checkpoint, pooling="mean", append_eos=True)
+    ids = model.token_ids(TEXTS[:2], kind="doc")["input_ids"]
+    assert ids == [
+        [*row, model.tokenizer.eos_token_id]
+        for row in mean.token_ids(TEXTS[:2], "doc")["input_ids"]
+    ]
+    assert (model.encode(TEXTS[:2]) - mean.encode(TEXTS[:2])).abs().max() > 1e-3
+
+
+def test_append_eos_false_is_refused_where_the_tokenizer_appends_it_itself(checkpoint, tmp_path):
+    # A folder saved by a last-token bi-encoder keeps the EOS in its tokenizer.json.
+    BiEncoder.from_pretrained(checkpoint, pooling="last_token").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^append_eos: false, but the tokenizer of .* ends every"):
+        BiEncoder.from_pretrained(tmp_path, append_eos=False)
+
+
+def test_encoders_refuse_the_append_eos_option(minilm_path):
+    with pytest.raises(ValueError, match=r"^append_eos: .*config.json holds a 'bert' encoder"):
+        BiEncoder.from_pretrained(minilm_path, append_eos=True)

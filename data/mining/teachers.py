@@ -92,7 +92,7 @@ def _is_cross_encoder_config(config: dict) -> bool:
 
 
 # What transformers' from_pretrained reads for a cross-encoder (BiEncoder reads fewer: see
-# model.weights.WEIGHT_FILES and model.biencoder.VOCABULARY_FILES).
+# model.weights.WEIGHT_FILES and model.tokenizer.VOCABULARY_FILES).
 CROSS_ENCODER_WEIGHTS = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -117,7 +117,7 @@ def check_teacher_folder(path: str | Path, max_length: int | None = None) -> Non
     ``config.json`` or ``tokenizer_config.json``, or a cross-encoder architecture that
     transformers lacks), which is never run; a cross-encoder with other than one label;
     ``max_length`` past the model's positions."""
-    from biencoder.model.biencoder import VOCABULARY_FILES
+    from biencoder.model.tokenizer import VOCABULARY_FILES
     from biencoder.model.weights import WEIGHT_FILES
 
     folder = Path(path)

@@ -136,7 +136,8 @@ def check_models(config: SynthesisConfig) -> None:
     """Check the files of the generator and, when a dense retriever is used, the retriever
     model, without loading either (see :func:`data.synthesis.generator.check_generator`).
     Raises ValueError starting with the key at fault, then the file."""
-    from biencoder.model.biencoder import VOCABULARY_FILES, embedding_dim
+    from biencoder.model.biencoder import embedding_dim
+    from biencoder.model.tokenizer import VOCABULARY_FILES
     from biencoder.model.weights import find_weights, packaged_model_path
 
     try:
