@@ -97,6 +97,9 @@ class BiEncoderConfig:
     # Decoders only: end each text with the tokenizer's EOS; None = where pooling is
     # last_token (E5-Mistral, Qwen3-Embedding). False pools the text's own last token.
     append_eos: bool | None = None
+    # Decoders only: text the tokenizer ends every query and document with, after truncation
+    # and before the EOS (PromptEOL's '" means in one word:"'), where last_token pools.
+    suffix: str = ""
 
 
 class Tower(nn.Module):
@@ -184,6 +187,7 @@ class BiEncoder(nn.Module):
         num_layers: int | None = None,
         bidirectional: bool | None = None,
         append_eos: bool | None = None,
+        suffix: str | None = None,
         attention: str = "auto",
         lora: LoraSettings = NO_LORA,
         device: str | torch.device | None = None,
@@ -198,7 +202,8 @@ class BiEncoder(nn.Module):
         option. A decoder pooled with ``last_token`` gets a
         tokenizer that ends each text with its end-of-sequence token, where it did not;
         ``append_eos`` says otherwise (False: the text's own last token is pooled; True: EOS
-        ends every text whatever the pooling); encoders refuse it.
+        ends every text whatever the pooling); ``suffix`` is text the tokenizer ends every
+        text with, before that EOS, where truncation cannot cut it. Encoders refuse both.
         ``attention`` picks the kernel of the encoders' attention over packed tokens
         (:meth:`set_attention`); it changes speed, not the embeddings, and is not saved.
         ``lora`` with ``r > 0`` puts LoRA adapters on each encoder and freezes the rest of it
@@ -221,6 +226,7 @@ class BiEncoder(nn.Module):
             "num_layers": num_layers,
             "bidirectional": bidirectional,
             "append_eos": append_eos,
+            "suffix": suffix,
         }
         config = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
         encoder_config = read_config(path / "config.json")
@@ -231,9 +237,11 @@ class BiEncoder(nn.Module):
                 f"{encoder_config.model_type!r} encoder, which attends both ways already; "
                 f"only decoders ({', '.join(DECODER_TYPES)}) take the option"
             )
-        if config.append_eos is not None and not decoder:
+        endings = {"append_eos": config.append_eos is not None, "suffix": bool(config.suffix)}
+        given = [key for key, set_ in endings.items() if set_]
+        if given and not decoder:
             raise ValueError(
-                f"append_eos: {path / 'config.json'} holds a {encoder_config.model_type!r} "
+                f"{given[0]}: {path / 'config.json'} holds a {encoder_config.model_type!r} "
                 "encoder, whose tokenizer ends texts with its own special tokens; only "
                 f"decoders ({', '.join(DECODER_TYPES)}) take the option"
             )
@@ -251,7 +259,10 @@ class BiEncoder(nn.Module):
         if decoder:
             append = config.append_eos
             tokenizer = decoder_tokenizer(
-                tokenizer, path, config.pooling == "last_token" if append is None else append
+                tokenizer,
+                path,
+                config.pooling == "last_token" if append is None else append,
+                config.suffix,
             )
             if append is False and ends_with_eos(tokenizer):
                 raise ValueError(

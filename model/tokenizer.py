@@ -62,28 +62,30 @@ def ends_with_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def decoder_tokenizer(
-    tokenizer: PreTrainedTokenizerBase, path: Path, append_eos: bool
+    tokenizer: PreTrainedTokenizerBase, path: Path, append_eos: bool, suffix: str = ""
 ) -> PreTrainedTokenizerBase:
-    """A decoder's tokenizer made to batch and, where ``append_eos``, to end each text with
-    its end-of-sequence token: the token a last-token embedding is read from, which Llama's
-    tokenizers (BOS only) and Qwen's (nothing) do not add. Done in the tokenizer itself, so
-    that the folder ``save_pretrained`` writes tokenizes the same in sentence-transformers,
-    and truncation keeps the token."""
+    """A decoder's tokenizer made to batch and to end each text with the tokens of
+    ``suffix`` and then, where ``append_eos``, its end-of-sequence token: the token a
+    last-token embedding is read from, which Llama's tokenizers (BOS only) and Qwen's
+    (nothing) do not add. Done in the tokenizer itself, so that truncation keeps the ending
+    and the folder ``save_pretrained`` writes tokenizes the same in sentence-transformers.
+    A tokenizer that ends texts so already (a saved folder's) is returned as it is."""
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Decoders are trained without padding; padded positions are masked, so any id does.
         tokenizer.pad_token = tokenizer.eos_token
-    if not append_eos:
+    ending = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    if append_eos:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"{path}: pooling 'last_token' on a decoder pools its end-of-sequence token, "
+                "but the tokenizer has none (eos_token in tokenizer_config.json)"
+            )
+        ending.append(tokenizer.eos_token_id)
+    ids = tokenizer("a")["input_ids"]
+    if not ending or ids[-len(ending) :] == ending:
         return tokenizer
-    eos = tokenizer.eos_token
-    if eos is None:
-        raise ValueError(
-            f"{path}: pooling 'last_token' on a decoder pools its end-of-sequence token, but "
-            "the tokenizer has none (eos_token in tokenizer_config.json)"
-        )
-    if ends_with_eos(tokenizer):
-        return tokenizer
-    wanted = [*tokenizer("a")["input_ids"], tokenizer.eos_token_id]
-    if hasattr(tokenizer, "add_eos_token"):
+    wanted = [*ids, *ending]
+    if ending == [tokenizer.eos_token_id] and hasattr(tokenizer, "add_eos_token"):
         # Llama's own switch, saved in tokenizer_config.json: transformers rebuilds the
         # post-processor from it when the file sets it. It drops what the switches do not
         # describe (Llama 3's BOS template), hence the check on a copy.
@@ -96,33 +98,37 @@ def decoder_tokenizer(
         # Through the JSON: tokenizers' post-processors cannot be read from Python, and a
         # second template after a first one does not append to its output.
         state = json.loads(backend.to_str())
-        state["post_processor"] = _ending_with(state["post_processor"], eos, wanted[-1])
+        tokens = tokenizer.convert_ids_to_tokens(ending)
+        state["post_processor"] = _ending_with(state["post_processor"], ending, tokens)
         backend.post_processor = Tokenizer.from_str(json.dumps(state)).post_processor
         if tokenizer("a")["input_ids"] == wanted:
             return tokenizer
     raise ValueError(
         f"{path}: cannot make the tokenizer ({type(tokenizer).__name__}) end texts with "
-        f"{eos!r}, which pooling 'last_token' on a decoder reads the embedding from"
+        f"{tokenizer.decode(ending)!r}, where pooling 'last_token' on a decoder reads the "
+        "embedding"
     )
 
 
-def _ending_with(processor: dict | None, eos: str, eos_id: int) -> dict:
+def _ending_with(processor: dict | None, ids: list[int], tokens: list[str]) -> dict:
     """The JSON of a tokenizers post-processor that does what ``processor`` does, then
-    appends ``eos`` to each sequence."""
-    tokens = {eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}
+    appends the tokens ``ids`` (spelled ``tokens``; one special token of the template) to
+    each sequence."""
+    name = "".join(tokens)
+    special = {name: {"id": name, "ids": ids, "tokens": tokens}}
 
     def end(type_id: int) -> dict:
-        return {"SpecialToken": {"id": eos, "type_id": type_id}}
+        return {"SpecialToken": {"id": name, "type_id": type_id}}
 
     if processor is not None and processor["type"] == "Sequence":
         *kept, last = processor["processors"]
-        return {**processor, "processors": [*kept, *_flatten(_ending_with(last, eos, eos_id))]}
+        return {**processor, "processors": [*kept, *_flatten(_ending_with(last, ids, tokens))]}
     if processor is not None and processor["type"] == "TemplateProcessing":
         return {
             **processor,
             "single": [*processor["single"], end(0)],
             "pair": [*processor["pair"], end(1)],
-            "special_tokens": processor["special_tokens"] | tokens,
+            "special_tokens": processor["special_tokens"] | special,
         }
     template = {
         "type": "TemplateProcessing",
@@ -133,7 +139,7 @@ def _ending_with(processor: dict | None, eos: str, eos_id: int) -> dict:
             {"Sequence": {"id": "B", "type_id": 1}},
             end(1),
         ],
-        "special_tokens": tokens,
+        "special_tokens": special,
     }
     return (
         template if processor is None else {"type": "Sequence", "processors": [processor, template]}

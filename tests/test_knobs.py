@@ -231,6 +231,7 @@ PROBES: dict[str, Run | Proven] = {
     "model.bidirectional": Run(("model.bidirectional=true",), "error", TRAIN),
     # Refused the same way; test_llama.py's append_eos tests show what it does to a decoder.
     "model.append_eos": Run(("model.append_eos=true",), "error", TRAIN),
+    "model.suffix": Run(("model.suffix=x",), "error", TRAIN),
     # The checkpoint is the merged model: adapters of another rank, scale, dropout or
     # placement leave other weights after the same two steps.
     "model.lora.r": Run(("model.lora.r=4",), "weights", TRAIN),

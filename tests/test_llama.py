@@ -568,3 +568,44 @@ def test_append_eos_false_is_refused_where_the_tokenizer_appends_it_itself(check
 def test_encoders_refuse_the_append_eos_option(minilm_path):
     with pytest.raises(ValueError, match=r"^append_eos: .*config.json holds a 'bert' encoder"):
         BiEncoder.from_pretrained(minilm_path, append_eos=True)
+
+
+SUFFIX = '" means in one word:"'
+
+
+@pytest.mark.parametrize("append_eos", [None, False], ids=["then_eos", "alone"])
+def test_the_suffix_ends_every_text_after_truncation(checkpoint, tmp_path, append_eos):
+    plain = BiEncoder.from_pretrained(checkpoint, pooling="mean", max_length=MAX_POSITIONS)
+    model = BiEncoder.from_pretrained(
+        checkpoint,
+        pooling="last_token",
+        suffix=SUFFIX,
+        append_eos=append_eos,
+        max_length=MAX_POSITIONS,
+    )
+    ending = model.tokenizer(SUFFIX, add_special_tokens=False)["input_ids"]
+    if append_eos is None:
+        ending = [*ending, model.tokenizer.eos_token_id]
+    ids = model.token_ids(TEXTS, kind="query")["input_ids"]
+    for row, bare in zip(ids, plain.token_ids(TEXTS, kind="query")["input_ids"], strict=True):
+        # The longest text is cut to make room: the ending is never truncated away.
+        kept = min(len(bare), MAX_POSITIONS - len(ending))
+        assert row == [*bare[:kept], *ending]
+    assert len(ids[-1]) == MAX_POSITIONS
+    without = BiEncoder.from_pretrained(
+        checkpoint, pooling="last_token", append_eos=append_eos, max_length=MAX_POSITIONS
+    )
+    assert (model.encode(TEXTS) - without.encode(TEXTS)).abs().max() > 1e-3
+    # Saved: sentence-transformers tokenizes as we do; our loader finds the folder's tokenizer
+    # ending texts so already and does not add the ending twice.
+    architecture = json.loads((checkpoint / "config.json").read_text())["architectures"][0]
+    assert_sentence_transformers_round_trip(
+        model, tmp_path, TEXTS, (architecture.replace("ForCausalLM", "Model"),)
+    )
+    assert json.loads((tmp_path / "biencoder.json").read_text())["suffix"] == SUFFIX
+    assert BiEncoder.from_pretrained(tmp_path).token_ids(TEXTS, kind="query")["input_ids"] == ids
+
+
+def test_encoders_refuse_a_suffix(minilm_path):
+    with pytest.raises(ValueError, match=r"^suffix: .*config.json holds a 'bert' encoder"):
+        BiEncoder.from_pretrained(minilm_path, suffix="!")
