@@ -7,6 +7,7 @@ sentence-transformers."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -17,10 +18,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 log = logging.getLogger(__name__)
 
 # A tokenizer's vocabulary is in one of these (vocab.txt: BERT's WordPiece; vocab.json:
-# RoBERTa's byte-level BPE, whose merges.txt transformers then requires); without any,
-# transformers builds a BERT tokenizer of the special tokens alone, which maps every word
-# to [UNK] without an error.
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
+# RoBERTa's byte-level BPE, whose merges.txt transformers then requires; XLM-RoBERTa's
+# SentencePiece model); without any, transformers builds a BERT tokenizer of the special
+# tokens alone, which maps every word to [UNK] without an error.
+SENTENCEPIECE_FILE = "sentencepiece.bpe.model"
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", SENTENCEPIECE_FILE)
 
 
 def load_tokenizer(path: Path, vocab_size: int) -> PreTrainedTokenizerBase:
@@ -31,6 +33,13 @@ def load_tokenizer(path: Path, vocab_size: int) -> PreTrainedTokenizerBase:
         raise FileNotFoundError(
             f"{path}: no tokenizer vocabulary; looked for {' or '.join(VOCABULARY_FILES)}. "
             "Copy in the tokenizer files of the model this one was trained from"
+        )
+    if found == [SENTENCEPIECE_FILE] and importlib.util.find_spec("sentencepiece") is None:
+        # Without it transformers fails on an unrelated name (tiktoken).
+        raise ImportError(
+            f"{path}: the tokenizer is {SENTENCEPIECE_FILE} alone, a SentencePiece model that "
+            "transformers reads with the sentencepiece package: pip install sentencepiece, "
+            "or copy the model's tokenizer.json into the folder"
         )
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     files = ", ".join(found)

@@ -9,6 +9,8 @@ wherever that is, as a real RoBERTa tokenizer does with id 1.
 """
 
 import copy
+import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -310,8 +312,7 @@ def test_save_loads_in_sentence_transformers_to_the_same_embeddings(
 
 
 def test_vocab_json_and_merges_without_tokenizer_json_load(tmp_path):
-    """Folders saved before tokenizer.json hold RoBERTa's vocabulary in vocab.json (and
-    XLM-RoBERTa's in a SentencePiece model, which this project does not build)."""
+    """Folders saved before tokenizer.json hold RoBERTa's vocabulary in vocab.json."""
     checkpoint = save_checkpoint("roberta", tmp_path / "hf")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     legacy = tmp_path / "legacy"
@@ -323,3 +324,61 @@ def test_vocab_json_and_merges_without_tokenizer_json_load(tmp_path):
     model = BiEncoder.from_pretrained(legacy)
     assert model.tokenizer(TEXTS)["input_ids"] == tokenizer(TEXTS)["input_ids"]
     assert torch.equal(model.encode(TEXTS), BiEncoder.from_pretrained(checkpoint).encode(TEXTS))
+
+
+def sentencepiece_checkpoint(folder: Path) -> Path:
+    """A tiny XLM-RoBERTa folder as transformers writes it, its tokenizer built from a
+    SentencePiece BPE model trained here (XLM-R's own is 5 MB)."""
+    import sentencepiece
+
+    corpus = [*TEXTS, "The quick brown fox jumps over the lazy dog.", "Zwölf Boxkämpfer."] * 30
+    trained = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=trained,
+        vocab_size=64,
+        model_type="bpe",
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    folder.mkdir()
+    (folder / "sentencepiece.bpe.model").write_bytes(trained.getvalue())
+    (folder / "config.json").write_text(json.dumps({"model_type": "xlm-roberta"}))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    fields = {**CASES["xlm-roberta"][2], "pad_token_id": tokenizer.pad_token_id}
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **fields,
+    )
+    return save_random_checkpoint(AutoModel, config, tokenizer, folder, "LayerNorm.weight")
+
+
+def test_an_xlm_roberta_folder_with_its_sentencepiece_model_alone_loads(tmp_path):
+    """XLM-RoBERTa checkpoints saved before tokenizer.json hold sentencepiece.bpe.model."""
+    checkpoint = sentencepiece_checkpoint(tmp_path / "hf")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("config.json", "model.safetensors", "sentencepiece.bpe.model"):
+        (legacy / name).write_bytes((checkpoint / name).read_bytes())
+    model = BiEncoder.from_pretrained(legacy)
+    expected = AutoTokenizer.from_pretrained(checkpoint)(TEXTS)["input_ids"]
+    assert model.tokenizer(TEXTS)["input_ids"] == expected
+    assert model.tokenizer.unk_token_id not in expected[1]  # words, not [UNK]s
+    assert torch.equal(model.encode(TEXTS), BiEncoder.from_pretrained(checkpoint).encode(TEXTS))
+
+
+def test_a_sentencepiece_model_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    checkpoint = sentencepiece_checkpoint(tmp_path / "hf")
+    (checkpoint / "tokenizer.json").unlink()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "sentencepiece" else real(name, *a),
+    )
+    with pytest.raises(
+        ImportError, match=r"sentencepiece.bpe.model alone.*pip install sentencepiece"
+    ):
+        BiEncoder.from_pretrained(checkpoint)
