@@ -13,16 +13,14 @@ difference from sentence-transformers.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import report_header
 
 from biencoder.data.beir import load_beir
 from biencoder.data.paths import SCIFACT_DIR
@@ -61,6 +59,7 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer
 
+    load_at_start = os.getloadavg()[0]
     texts = [d.full_text for d in list(load_beir(SCIFACT_DIR, "test").corpus.values())]
     texts = texts[: args.docs]
     ours = BiEncoder.from_pretrained(packaged_model_path())
@@ -101,7 +100,7 @@ def main() -> None:
     if bf16_supported(torch.device("cpu")):
         encoders["ours, bf16 autocast, unpadded"] = run_ours(unpadded=True, precision="bf16")
     else:
-        skipped = "- bf16 not run: torch reports no bfloat16 support on this CPU"
+        skipped = "bf16 not run: torch reports no bfloat16 support on this CPU"
     outputs = {name: fn() for name, fn in encoders.items()}  # warm-up, and the parity check
     seconds: dict[str, list[float]] = {name: [] for name in encoders}
     for _ in range(args.repeats):
@@ -119,21 +118,18 @@ def main() -> None:
             f"| {name} | {len(texts) / median:.2f} | {median:.1f} | {baseline / median:.2f}× "
             f"| {diff:.2e} |"
         )
+    notes = [
+        f"{torch.get_num_threads()} threads",
+        f"{len(texts)} SciFact docs, max 256 tokens, batch {args.batch_size}, "
+        f"median of {args.repeats} runs after a warm-up, encoders alternating",
+        "max abs diff: the largest coordinate difference from sentence-transformers' "
+        "embeddings (unit vectors), over all of them",
+        *([skipped] if skipped else []),
+    ]
+    title = "Encoding throughput: BiEncoder vs sentence-transformers"
     report = "\n".join(
         [
-            "# Encoding throughput: BiEncoder vs sentence-transformers",
-            "",
-            f"- device: CPU {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-            f"- date: {datetime.date.today().isoformat()}",
-            f"- load average at start: {os.getloadavg()[0]:.1f}",
-            f"- command: `python bench/encode.py {' '.join(sys.argv[1:])}`",
-            f"- {len(texts)} SciFact docs, max 256 tokens, batch {args.batch_size}, "
-            f"median of {args.repeats} runs after a warm-up, encoders alternating",
-            "- max abs diff: the largest coordinate difference from sentence-transformers' "
-            "embeddings (unit vectors), over all of them",
-            *([skipped] if skipped else []),
-            "",
+            *report_header(title, "cpu", load_at_start, notes),
             "| encoder | docs/s | seconds | speed vs sentence-transformers "
             "| max abs diff vs sentence-transformers |",
             "|---|---|---|---|---|",

@@ -124,8 +124,14 @@ def torchrun(*args: str) -> list[str]:
     ]
 
 
+# One thread per rank, as torchrun sets when the caller has not: runs compared bit for bit
+# must not pick their thread counts from the caller's environment (OMP_NUM_THREADS=2
+# exported reorders sums in one run and not the other).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run(command: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -182,7 +188,6 @@ def _children(pid: int) -> list[int]:
 
 def test_a_killed_rank_resumes_to_the_uninterrupted_run(tiny_model_path, triplets_file, tmp_path):
     args = ("trainer.max_steps=12", "trainer.save_every=4", "trainer.deterministic=true")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole"
     run(torchrun(*contract(tiny_model_path, triplets_file, whole, *args)))
 
@@ -190,7 +195,7 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_run(tiny_model_path, triplet
     proc = subprocess.Popen(
         torchrun(*contract(tiny_model_path, triplets_file, killed, *args)),
         cwd=ROOT,
-        env=env,
+        env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
