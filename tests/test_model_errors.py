@@ -36,7 +36,8 @@ def test_folder_without_tokenizer_files_is_refused(tiny_copy):
         BiEncoder.from_pretrained(tiny_copy)
     assert str(err.value) == (
         f"{tiny_copy}: no tokenizer vocabulary; looked for tokenizer.json or vocab.txt or "
-        "vocab.json. Copy in the tokenizer files of the model this one was trained from"
+        "vocab.json or sentencepiece.bpe.model. Copy in the tokenizer files of the model this "
+        "one was trained from"
     )
 
 

@@ -109,6 +109,9 @@ def test_local_launcher_composes_to_joblib():
     assert launcher.n_jobs == 2
 
 
+# `slow` (12 s): the default run's time limit (README); test_sweeps.py runs a multirun and
+# the test above checks that hydra/launcher=local composes the joblib launcher.
+@pytest.mark.slow
 def test_local_multirun_runs_two_jobs_in_parallel(tiny_run, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep_dir = tmp_path / "sweep"
